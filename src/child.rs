@@ -1,0 +1,547 @@
+//! The consumer loop each forked child runs: claim a batch, run each job, acknowledge, heartbeat.
+//!
+//! One job at a time per child. Acknowledgements of finished jobs are sent together with the next
+//! claim in one round trip, or on their own once they have waited `FORKQ_ACK_DELAY_MS`. The
+//! connection is re-opened with backoff when it drops; the slot heartbeat keeps going meanwhile,
+//! because liveness must not depend on the database.
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
+
+use crate::backoff;
+use crate::config::Config;
+use crate::handler::{Handler, Job, JobContext, Outcome};
+use crate::queue::consumer::{Ack, Claimed, Consumer, Settlement};
+use crate::queue::{maintenance, QueueError};
+use crate::slots::{monotonic_ms, Header, Slot, SlotState};
+
+/// Set by SIGTERM/SIGINT: finish the current job, hand back the rest, exit.
+static STOP: AtomicBool = AtomicBool::new(false);
+/// Set by SIGQUIT: abandon the current job too (it goes back to the queue uncharged).
+static IMMEDIATE: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+extern "C" fn on_immediate(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+    IMMEDIATE.store(true, Ordering::SeqCst);
+}
+
+/// Installs the child's own signal handlers. Called right after the fork, once the supervisor's
+/// dispositions have been reset, so a child never runs the supervisor's handlers.
+pub fn install_signal_handlers() {
+    let stop = SigAction::new(
+        SigHandler::Handler(on_stop),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    let immediate = SigAction::new(
+        SigHandler::Handler(on_immediate),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    // SAFETY: the handlers only store to atomics, which is async-signal-safe.
+    unsafe {
+        for sig in [Signal::SIGTERM, Signal::SIGINT] {
+            let _ = signal::sigaction(sig, &stop);
+        }
+        let _ = signal::sigaction(Signal::SIGQUIT, &immediate);
+    }
+}
+
+/// Whether this child was asked to stop.
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+/// Whether this child was asked to stop at once, abandoning its job.
+pub fn immediate_stop_requested() -> bool {
+    IMMEDIATE.load(Ordering::SeqCst)
+}
+
+/// Who this child is and what it inherits from its slot.
+pub struct ChildSpec<'a> {
+    /// The validated configuration.
+    pub config: &'a Config,
+    /// This child's slot.
+    pub slot: &'a Slot,
+    /// The fleet header (maintenance coordination).
+    pub header: &'a Header,
+    /// This child's lease owner: host, supervisor boot, slot, generation.
+    pub owner: String,
+    /// The lease owner of the previous occupant of this slot, whose jobs are released at once.
+    pub predecessor: Option<Predecessor>,
+    /// Exit cleanly after this many jobs (recycling); `None` never.
+    pub recycle_after_jobs: Option<u64>,
+}
+
+/// The previous occupant of a slot, as its successor needs to know it.
+pub struct Predecessor {
+    /// Its lease owner.
+    pub owner: String,
+    /// The job it was running when it died, if any.
+    pub in_flight: Option<i64>,
+    /// How it ended, for the error recorded on that job.
+    pub how_it_ended: String,
+}
+
+/// Runs the consumer loop until asked to stop; returns the process exit code.
+pub fn run(spec: ChildSpec<'_>, handler: &mut dyn Handler) -> i32 {
+    let mut worker = Worker {
+        config: spec.config,
+        slot: spec.slot,
+        header: spec.header,
+        owner: spec.owner,
+        recycle_after_jobs: spec.recycle_after_jobs,
+        db: None,
+        buffer: VecDeque::new(),
+        acks: Vec::new(),
+        oldest_ack: None,
+        last_renewal: Instant::now(),
+        last_job_took: Duration::ZERO,
+        jobs_done: 0,
+    };
+    worker.slot.set_state(SlotState::Starting);
+    match worker.work(spec.predecessor, handler) {
+        Ok(()) => 0,
+        Err(e) => {
+            log::error!(
+                "worker {} stopping on an error it cannot recover from: {e}",
+                worker.owner
+            );
+            1
+        }
+    }
+}
+
+/// How long one idle wait lasts at most, so the heartbeat and stop flags stay fresh.
+const IDLE_SLICE: Duration = Duration::from_millis(1000);
+/// Resident memory is checked after every this many jobs (reading /proc costs a little).
+const RSS_CHECK_EVERY: u64 = 64;
+
+struct Worker<'a> {
+    config: &'a Config,
+    slot: &'a Slot,
+    header: &'a Header,
+    owner: String,
+    recycle_after_jobs: Option<u64>,
+    db: Option<Consumer>,
+    /// Claimed jobs not started yet.
+    buffer: VecDeque<Claimed>,
+    /// Finished jobs whose acknowledgement has not been sent.
+    acks: Vec<Ack>,
+    oldest_ack: Option<Instant>,
+    last_renewal: Instant,
+    last_job_took: Duration,
+    jobs_done: u64,
+}
+
+impl Worker<'_> {
+    fn work(
+        &mut self,
+        predecessor: Option<Predecessor>,
+        handler: &mut dyn Handler,
+    ) -> Result<(), QueueError> {
+        // The in-flight job left in the slot by a dead predecessor is that predecessor's, not ours.
+        self.slot.job_id.store(0, Ordering::Release);
+        if let Some(p) = predecessor {
+            let back = self.db(|db| db.release(&p.owner, p.in_flight, Some(&p.how_it_ended)))?;
+            if back > 0 || p.in_flight.is_some() {
+                log::info!(
+                    "released {back} job(s) of the previous worker in this slot ({}); in flight: {:?}",
+                    p.how_it_ended,
+                    p.in_flight
+                );
+            }
+        }
+        while !stop_requested() && !self.recycle_due() {
+            self.maybe_run_maintenance();
+            let acks = std::mem::take(&mut self.acks);
+            let limit = self.config.prefetch;
+            let round = match self.db(|db| db.settle_and_claim(&acks, limit)) {
+                Ok(round) => round,
+                Err(e) => {
+                    self.acks = acks;
+                    return Err(e);
+                }
+            };
+            self.oldest_ack = None;
+            self.report_refused(&round.refused);
+            if round.claimed.is_empty() {
+                self.wait_idle()?;
+                continue;
+            }
+            self.buffer.extend(round.claimed);
+            while let Some(claimed) = self.buffer.pop_front() {
+                if stop_requested() || self.recycle_due() {
+                    self.buffer.push_front(claimed);
+                    break;
+                }
+                self.renew_if_due();
+                self.run_job(claimed, handler);
+                if self.ack_flush_due() {
+                    self.flush_acks()?;
+                }
+            }
+        }
+        self.shut_down()
+    }
+
+    /// Sends pending acks and gives back the jobs not started (and, on an immediate stop, the one
+    /// abandoned), uncharged.
+    fn shut_down(&mut self) -> Result<(), QueueError> {
+        self.slot.set_state(SlotState::Stopping);
+        if !self.acks.is_empty() {
+            self.flush_acks()?;
+        }
+        let holds_jobs = !self.buffer.is_empty() || immediate_stop_requested();
+        if holds_jobs && self.db.is_some() {
+            let owner = self.owner.clone();
+            let back = self.db(|db| db.release(&owner, None, None))?;
+            log::info!(
+                "worker {} handed back {back} job(s) it had not finished",
+                self.owner
+            );
+        }
+        Ok(())
+    }
+
+    fn recycle_due(&self) -> bool {
+        if self
+            .recycle_after_jobs
+            .is_some_and(|max| self.jobs_done >= max)
+        {
+            log::info!(
+                "worker {} recycling after {} jobs",
+                self.owner,
+                self.jobs_done
+            );
+            return true;
+        }
+        if let Some(limit_mb) = self.config.max_child_rss_mb {
+            if self.jobs_done > 0 && self.jobs_done % RSS_CHECK_EVERY == 0 {
+                if let Some(rss) = resident_mb() {
+                    if rss > limit_mb {
+                        log::info!("worker {} recycling: resident memory {rss} MiB is above {limit_mb} MiB", self.owner);
+                        return true;
+                    }
+                }
+            }
+        }
+        false
+    }
+
+    /// Runs one job through the handler and queues its acknowledgement.
+    fn run_job(&mut self, claimed: Claimed, handler: &mut dyn Handler) {
+        let job = claimed.job;
+        self.slot.start_job(job.id);
+        let started = Instant::now();
+        let outcome = {
+            let mut ctx = Context { worker: self };
+            catch_unwind(AssertUnwindSafe(|| handler.handle(&job, &mut ctx))).unwrap_or_else(
+                |panic| Outcome::Failure(format!("handler panicked: {}", panic_message(&panic))),
+            )
+        };
+        let elapsed = started.elapsed();
+        self.last_job_took = elapsed;
+        self.slot.finish_job(elapsed.as_micros() as u64);
+        self.jobs_done += 1;
+        if immediate_stop_requested() && !matches!(outcome, Outcome::Success(_)) {
+            // Abandoned by an immediate stop: released uncharged at shut-down, not failed.
+            self.buffer.push_front(Claimed {
+                job,
+                lease_token: claimed.lease_token,
+            });
+            return;
+        }
+        let settlement = self.settlement_for(&job, outcome, elapsed);
+        self.acks.push(Ack {
+            id: job.id,
+            lease_token: claimed.lease_token,
+            settlement,
+        });
+        self.oldest_ack.get_or_insert_with(Instant::now);
+    }
+
+    /// Turns a handler's outcome into what the queue should do, and counts it.
+    fn settlement_for(&self, job: &Job, outcome: Outcome, elapsed: Duration) -> Settlement {
+        let exhausted = job.attempt >= job.max_attempts;
+        let retry_delay = || {
+            backoff::retry_delay(
+                job.attempt,
+                self.config.retry_backoff_base,
+                self.config.retry_backoff_max,
+            )
+        };
+        let counters = &self.slot;
+        match outcome {
+            Outcome::Success(result) => {
+                counters.succeeded.fetch_add(1, Ordering::Relaxed);
+                log::debug!("job {} ({}) succeeded in {elapsed:?}", job.id, job.task);
+                Settlement::Completed(result)
+            }
+            Outcome::Failure(error) if !exhausted => {
+                counters.retried.fetch_add(1, Ordering::Relaxed);
+                let delay = retry_delay();
+                log::warn!(
+                    "job {} ({}) failed on attempt {}/{}, retrying in {delay:.1?}: {error}",
+                    job.id,
+                    job.task,
+                    job.attempt,
+                    job.max_attempts
+                );
+                Settlement::Retry {
+                    error: Some(error),
+                    delay,
+                }
+            }
+            Outcome::Retry(reason) if !exhausted => {
+                counters.retried.fetch_add(1, Ordering::Relaxed);
+                let delay = retry_delay();
+                log::info!(
+                    "job {} ({}) asked to be retried in {delay:.1?}: {reason}",
+                    job.id,
+                    job.task
+                );
+                Settlement::Retry { error: None, delay }
+            }
+            Outcome::Failure(error) | Outcome::Fatal(error) => {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "job {} ({}) failed for good after attempt {}: {error}",
+                    job.id,
+                    job.task,
+                    job.attempt
+                );
+                Settlement::Failed(error)
+            }
+            Outcome::Retry(reason) => {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                let error = format!("gave up after {} attempts; last: {reason}", job.attempt);
+                log::warn!("job {} ({}) {error}", job.id, job.task);
+                Settlement::Failed(error)
+            }
+        }
+    }
+
+    /// Acks are sent early when batching them would only add latency: durable mode, a slow job
+    /// (batching gains nothing), or the oldest one waited `FORKQ_ACK_DELAY_MS`.
+    fn ack_flush_due(&self) -> bool {
+        match self.oldest_ack {
+            None => false,
+            Some(oldest) => {
+                self.config.durable
+                    || self.last_job_took >= self.config.ack_delay
+                    || oldest.elapsed() >= self.config.ack_delay
+            }
+        }
+    }
+
+    fn flush_acks(&mut self) -> Result<(), QueueError> {
+        let acks = std::mem::take(&mut self.acks);
+        match self.db(|db| db.settle_and_claim(&acks, 0)) {
+            Ok(round) => {
+                self.oldest_ack = None;
+                self.report_refused(&round.refused);
+                Ok(())
+            }
+            Err(e) => {
+                self.acks = acks;
+                Err(e)
+            }
+        }
+    }
+
+    fn report_refused(&self, refused: &[i64]) {
+        if !refused.is_empty() {
+            log::warn!(
+                "worker {}: the queue refused the result of job(s) {refused:?}: their lease had \
+                 expired or was taken over, so another worker runs them again",
+                self.owner
+            );
+        }
+    }
+
+    /// Renews leases every third of the lease while this child holds jobs.
+    fn renew_if_due(&mut self) {
+        if self.last_renewal.elapsed() < self.config.lease / 3 {
+            return;
+        }
+        self.last_renewal = Instant::now();
+        match self.db(|db| db.renew()) {
+            Ok(held) => {
+                let before = self.buffer.len();
+                self.buffer.retain(|c| held.contains(&c.job.id));
+                if self.buffer.len() < before {
+                    log::warn!(
+                        "worker {}: {} prefetched job(s) were taken back by the queue",
+                        self.owner,
+                        before - self.buffer.len()
+                    );
+                }
+            }
+            Err(e) => log::warn!("worker {}: lease renewal failed: {e}", self.owner),
+        }
+    }
+
+    /// Waits for work: a notification, or the poll interval.
+    fn wait_idle(&mut self) -> Result<(), QueueError> {
+        self.slot.set_state(SlotState::Idle);
+        self.slot.beat();
+        let poll = self.config.poll_interval;
+        let deadline = Instant::now() + poll;
+        loop {
+            if stop_requested() {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(());
+            }
+            let slice = (deadline - now).min(IDLE_SLICE);
+            if self.config.listen {
+                if self.db(|db| db.wait_for_notification(slice))? {
+                    return Ok(());
+                }
+            } else {
+                std::thread::sleep(slice);
+            }
+            self.slot.beat();
+        }
+    }
+
+    /// Runs the maintenance pass when this host's turn has come.
+    fn maybe_run_maintenance(&mut self) {
+        let now = monotonic_ms();
+        let last = self.header.maintenance_ms.load(Ordering::Acquire);
+        if now.saturating_sub(last) < maintenance::INTERVAL.as_millis() as u64
+            || self
+                .header
+                .maintenance_ms
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return;
+        }
+        let schema = self.config.schema.clone();
+        let retention = self.config.retention;
+        match self.db(|db| maintenance::run_pass(db.client(), &schema, retention)) {
+            Ok(Some(report)) if report != maintenance::Report::default() => {
+                log::info!("maintenance: {report:?}");
+            }
+            Ok(_) => {}
+            Err(e) => log::warn!("maintenance pass failed: {e}"),
+        }
+    }
+
+    /// Runs `op` on the connection, opening or re-opening it with backoff while the database is
+    /// unreachable (heartbeating meanwhile). Errors other than a lost connection are returned.
+    fn db<T>(
+        &mut self,
+        mut op: impl FnMut(&mut Consumer) -> Result<T, QueueError>,
+    ) -> Result<T, QueueError> {
+        let mut failures = 0u32;
+        loop {
+            if self.db.is_none() {
+                match Consumer::connect(self.config, &self.owner) {
+                    Ok(mut db) => {
+                        if self.config.listen {
+                            db.listen()?;
+                        }
+                        if failures > 0 {
+                            log::info!("worker {} reconnected to the database", self.owner);
+                        }
+                        self.db = Some(db);
+                    }
+                    Err(e) if e.is_connection_lost() => {
+                        failures += 1;
+                        self.reconnect_pause(&e, failures)?;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let db = self.db.as_mut().expect("connected above");
+            match op(db) {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_connection_lost() => {
+                    self.db = None;
+                    failures += 1;
+                    self.reconnect_pause(&e, failures)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn reconnect_pause(&self, error: &QueueError, failures: u32) -> Result<(), QueueError> {
+        let pause = backoff::with_jitter(
+            backoff::exponential(Duration::from_millis(100), Duration::from_secs(5), failures),
+            fastrand::f64(),
+        );
+        if failures == 1 || failures % 10 == 0 {
+            log::warn!(
+                "worker {}: database unavailable ({error}); retrying in {pause:.1?}",
+                self.owner
+            );
+        }
+        let deadline = Instant::now() + pause;
+        while Instant::now() < deadline {
+            if immediate_stop_requested() || (stop_requested() && self.acks.is_empty()) {
+                return Err(QueueError::InvalidJob(
+                    "stopped while the database was unavailable".into(),
+                ));
+            }
+            self.slot.beat();
+            std::thread::sleep(Duration::from_millis(50).min(deadline - Instant::now()));
+        }
+        Ok(())
+    }
+}
+
+/// What a handler sees of the worker while it runs a job.
+struct Context<'w, 'a> {
+    worker: &'w mut Worker<'a>,
+}
+
+impl JobContext for Context<'_, '_> {
+    fn heartbeat(&mut self) -> bool {
+        self.worker.slot.beat();
+        self.worker.renew_if_due();
+        if self.worker.ack_flush_due() {
+            if let Err(e) = self.worker.flush_acks() {
+                log::warn!(
+                    "worker {}: could not send acknowledgements: {e}",
+                    self.worker.owner
+                );
+            }
+        }
+        !immediate_stop_requested()
+    }
+
+    fn timeout(&self) -> Option<Duration> {
+        self.worker.config.job_timeout
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// This process's resident memory in MiB, from /proc.
+fn resident_mb() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let page_size = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok()??;
+    Some(pages * page_size as u64 / (1024 * 1024))
+}

@@ -1,0 +1,75 @@
+//! The Rust producer API: a small connection pool and enqueue calls.
+//!
+//! For use in applications, never in the supervisor (r2d2 starts threads).
+
+use postgres::{NoTls, Transaction};
+use r2d2_postgres::PostgresConnectionManager;
+
+use crate::config::Config;
+use crate::queue::producer::{self, Limits, NewJob};
+use crate::queue::{migrations, QueueError};
+
+/// Enqueues jobs from an application. Cheap to clone; the pool is shared.
+#[derive(Clone)]
+pub struct Client {
+    pool: r2d2::Pool<PostgresConnectionManager<NoTls>>,
+    schema: String,
+    limits: Limits,
+}
+
+impl Client {
+    /// Connects with the settings of `config` (database URL, schema, payload limit, default
+    /// attempts) and checks that the schema is migrated.
+    pub fn new(config: &Config) -> Result<Client, QueueError> {
+        let pg: postgres::Config = config.database_url.parse()?;
+        let pool = r2d2::Pool::builder()
+            .max_size(4)
+            .build(PostgresConnectionManager::new(pg, NoTls))
+            .map_err(|e| QueueError::InvalidJob(format!("cannot open the connection pool: {e}")))?;
+        let client = Client {
+            pool,
+            schema: config.schema.clone(),
+            limits: Limits {
+                max_payload_bytes: config.max_payload_bytes,
+                default_max_attempts: config.max_attempts,
+            },
+        };
+        migrations::require_current(&mut *client.connection()?, &client.schema)?;
+        Ok(client)
+    }
+
+    fn connection(
+        &self,
+    ) -> Result<r2d2::PooledConnection<PostgresConnectionManager<NoTls>>, QueueError> {
+        self.pool
+            .get()
+            .map_err(|e| QueueError::InvalidJob(format!("no database connection available: {e}")))
+    }
+
+    /// Enqueues one job; returns its id.
+    pub fn enqueue(&self, job: &NewJob) -> Result<i64, QueueError> {
+        producer::enqueue(&mut *self.connection()?, &self.schema, &self.limits, job)
+    }
+
+    /// Enqueues one job inside the caller's transaction: it exists only if that transaction
+    /// commits, and workers are notified only then.
+    pub fn enqueue_in(&self, tx: &mut Transaction<'_>, job: &NewJob) -> Result<i64, QueueError> {
+        producer::enqueue(tx, &self.schema, &self.limits, job)
+    }
+
+    /// Enqueues many jobs in one transaction; returns how many were inserted.
+    pub fn enqueue_many(&self, jobs: &[NewJob]) -> Result<u64, QueueError> {
+        producer::enqueue_many(
+            &mut *self.connection()?,
+            &self.schema,
+            &self.limits,
+            jobs,
+            None,
+        )
+    }
+
+    /// The schema this client enqueues into.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+}

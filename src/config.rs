@@ -1,0 +1,488 @@
+//! Configuration from the environment: parsed once, validated, passed down.
+//!
+//! Every setting is an environment variable (`FORKQ_*` plus `DATABASE_URL`), because forkq is run by
+//! systemd, docker-compose and Kubernetes, which all speak environment. A bad value is a
+//! [`ConfigError`] naming the variable, the value and what is allowed; the CLI turns it into exit
+//! code 78 (`EX_CONFIG`). Limits that are merely too large are clamped and the clamp is logged.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::handler::HandlerSpec;
+
+/// Exit code for configuration errors (`EX_CONFIG` from sysexits.h), which systemd and operators
+/// recognise as "fix the settings, restarting will not help".
+pub const EX_CONFIG: i32 = 78;
+
+/// The largest fleet one supervisor will run; the shared slot table has this many slots.
+pub const MAX_CONCURRENCY: usize = 256;
+
+/// A setting that cannot be used, with everything the operator needs to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The environment variable at fault.
+    pub variable: String,
+    /// The value it had (or a note that it was missing).
+    pub value: String,
+    /// What would have been accepted.
+    pub allowed: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid configuration: {}={:?}: {}",
+            self.variable, self.value, self.allowed
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Every setting forkq reads, already validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// PostgreSQL connection string (`DATABASE_URL` or `FORKQ_DATABASE_URL`).
+    pub database_url: String,
+    /// Schema holding forkq's tables, so tests and tenants can share one database.
+    pub schema: String,
+    /// Queues this daemon consumes, in strict priority order.
+    pub queues: Vec<String>,
+    /// Number of consumer children.
+    pub concurrency: usize,
+    /// Jobs claimed per round trip.
+    pub prefetch: usize,
+    /// Longest time a finished job's acknowledgement may wait to be sent with others.
+    pub ack_delay: Duration,
+    /// Commit every acknowledgement before the next job starts (prefetch 1, no ack delay).
+    pub durable: bool,
+    /// How long a claimed job is leased; renewed every third of it while the job runs.
+    pub lease: Duration,
+    /// Default attempts for jobs enqueued by this process.
+    pub max_attempts: i32,
+    /// First retry delay; doubles with every attempt.
+    pub retry_backoff_base: Duration,
+    /// Longest retry delay.
+    pub retry_backoff_max: Duration,
+    /// Idle polling period (the fallback when no notification arrives).
+    pub poll_interval: Duration,
+    /// Wake idle children with LISTEN/NOTIFY (off behind PgBouncer in transaction mode).
+    pub listen: bool,
+    /// Largest accepted payload, in bytes of JSON text.
+    pub max_payload_bytes: usize,
+    /// How long completed jobs stay in the archive; zero deletes them on completion.
+    pub retention: Duration,
+    /// The handler for tasks without a route.
+    pub handler: HandlerSpec,
+    /// Per-task handlers (`task=handler;task=handler`).
+    pub routes: Vec<(String, HandlerSpec)>,
+    /// Environment variables handlers may see although they look like secrets.
+    pub handler_pass_env: Vec<String>,
+    /// Hard limit on one job's run time; `None` for no limit.
+    pub job_timeout: Option<Duration>,
+    /// Where the probe serves `/livez`, `/readyz` and `/metrics`.
+    pub health_addr: SocketAddr,
+    /// A child whose heartbeat is older than this is stale (liveness 503, then replaced).
+    pub health_stale: Duration,
+    /// Consecutive fast deaths that make a slot crash-looping.
+    pub crash_loop_threshold: u32,
+    /// A child that lived at least this long did not crash "fast".
+    pub healthy_uptime: Duration,
+    /// Exit the supervisor (non-zero) instead of reporting a crash loop through liveness.
+    pub crash_loop_exit: bool,
+    /// First re-fork delay after a fast crash; doubles with every consecutive one.
+    pub restart_backoff_base: Duration,
+    /// Longest re-fork delay.
+    pub restart_backoff_max: Duration,
+    /// Recycle a child after about this many jobs; `None` never.
+    pub max_jobs_per_child: Option<u64>,
+    /// Recycle a child whose resident memory exceeds this many MiB; `None` never.
+    pub max_child_rss_mb: Option<u64>,
+    /// One deadline for all children to stop on SIGTERM before they are killed.
+    pub shutdown_grace: Duration,
+}
+
+/// Reads variables from a map so parsing can be tested without touching the process environment.
+struct Vars<'a>(&'a HashMap<String, String>);
+
+impl Vars<'_> {
+    /// The trimmed value, or `None` when unset or empty (empty means "use the default").
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(|v| v.trim()).filter(|v| !v.is_empty())
+    }
+
+    fn error(&self, name: &str, allowed: impl Into<String>) -> ConfigError {
+        ConfigError {
+            variable: name.to_string(),
+            value: self.0.get(name).cloned().unwrap_or_default(),
+            allowed: allowed.into(),
+        }
+    }
+
+    /// An integer in `min..=max`, or the default when unset.
+    fn int(&self, name: &str, default: i64, min: i64, max: i64) -> Result<i64, ConfigError> {
+        let Some(raw) = self.get(name) else {
+            return Ok(default);
+        };
+        match raw.parse::<i64>() {
+            Ok(v) if (min..=max).contains(&v) => Ok(v),
+            _ => Err(self.error(name, format!("an integer from {min} to {max}"))),
+        }
+    }
+
+    /// A flag: `1/true/yes/on` or `0/false/no/off`.
+    fn flag(&self, name: &str, default: bool) -> Result<bool, ConfigError> {
+        let Some(raw) = self.get(name) else {
+            return Ok(default);
+        };
+        match raw.to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(true),
+            "0" | "false" | "no" | "off" => Ok(false),
+            _ => Err(self.error(name, "1 or 0 (also true/false, yes/no, on/off)")),
+        }
+    }
+
+    fn seconds(
+        &self,
+        name: &str,
+        default: i64,
+        min: i64,
+        max: i64,
+    ) -> Result<Duration, ConfigError> {
+        Ok(Duration::from_secs(
+            self.int(name, default, min, max)? as u64
+        ))
+    }
+
+    fn millis(
+        &self,
+        name: &str,
+        default: i64,
+        min: i64,
+        max: i64,
+    ) -> Result<Duration, ConfigError> {
+        Ok(Duration::from_millis(
+            self.int(name, default, min, max)? as u64
+        ))
+    }
+
+    /// A positive limit where 0 means "off".
+    fn optional_limit(&self, name: &str, max: i64) -> Result<Option<u64>, ConfigError> {
+        let v = self.int(name, 0, 0, max)?;
+        Ok((v > 0).then_some(v as u64))
+    }
+}
+
+/// Whether `name` is a safe SQL identifier for the schema: it is spliced into statements, so only
+/// lower-case letters, digits and underscores, starting with a letter or underscore, are allowed.
+pub fn is_valid_schema_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.len() <= 63
+}
+
+/// Whether `name` can be a queue name: printable, no commas (the list separator), at most 128 bytes.
+pub fn is_valid_queue_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| !c.is_control() && !c.is_whitespace() && c != ',')
+}
+
+/// The default number of children: one per CPU the process may run on.
+fn default_concurrency() -> i64 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as i64)
+        .unwrap_or(1)
+}
+
+impl Config {
+    /// Reads and validates the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Config::from_vars(std::env::vars().collect())
+    }
+
+    /// Reads and validates settings from `vars` (the environment, in tests a literal map).
+    pub fn from_vars(vars: HashMap<String, String>) -> Result<Config, ConfigError> {
+        let v = Vars(&vars);
+        let database_url = match (v.get("DATABASE_URL"), v.get("FORKQ_DATABASE_URL")) {
+            (_, Some(url)) | (Some(url), None) => url.to_string(),
+            (None, None) => {
+                return Err(v.error(
+                    "DATABASE_URL",
+                    "a PostgreSQL URL such as postgres://user@127.0.0.1:5432/db \
+                     (set DATABASE_URL or FORKQ_DATABASE_URL)",
+                ))
+            }
+        };
+        if !(database_url.starts_with("postgres://")
+            || database_url.starts_with("postgresql://")
+            || database_url.contains('='))
+        {
+            let name = if v.get("FORKQ_DATABASE_URL").is_some() {
+                "FORKQ_DATABASE_URL"
+            } else {
+                "DATABASE_URL"
+            };
+            return Err(v.error(
+                name,
+                "a postgres:// or postgresql:// URL, or a key=value connection string",
+            ));
+        }
+
+        let schema = v.get("FORKQ_SCHEMA").unwrap_or("forkq").to_string();
+        if !is_valid_schema_name(&schema) {
+            return Err(v.error(
+                "FORKQ_SCHEMA",
+                "a lower-case identifier: letters, digits and _, starting with a letter or _, at most 63 bytes",
+            ));
+        }
+
+        let queues: Vec<String> = v
+            .get("FORKQ_QUEUES")
+            .unwrap_or("default")
+            .split(',')
+            .map(|q| q.trim().to_string())
+            .collect();
+        if queues.iter().any(|q| !is_valid_queue_name(q)) {
+            return Err(v.error(
+                "FORKQ_QUEUES",
+                "a comma-separated list of non-empty queue names (no spaces or control characters, at most 128 bytes each)",
+            ));
+        }
+
+        let requested = v
+            .int("FORKQ_CONCURRENCY", default_concurrency(), 1, i64::MAX)
+            .map_err(|_| {
+                v.error(
+                    "FORKQ_CONCURRENCY",
+                    format!("an integer from 1 to {MAX_CONCURRENCY}"),
+                )
+            })?;
+        let concurrency = if requested as usize > MAX_CONCURRENCY {
+            log::warn!("FORKQ_CONCURRENCY={requested} is above the limit; using {MAX_CONCURRENCY}");
+            MAX_CONCURRENCY
+        } else {
+            requested as usize
+        };
+
+        let durable = v.flag("FORKQ_DURABLE", false)?;
+        let mut prefetch = v.int("FORKQ_PREFETCH", 10, 1, 1000)? as usize;
+        let mut ack_delay = v.millis("FORKQ_ACK_DELAY_MS", 5, 0, 10_000)?;
+        if durable && (prefetch != 1 || !ack_delay.is_zero()) {
+            log::info!("FORKQ_DURABLE=1: using FORKQ_PREFETCH=1 and FORKQ_ACK_DELAY_MS=0");
+            prefetch = 1;
+            ack_delay = Duration::ZERO;
+        }
+
+        let lease = v.seconds("FORKQ_LEASE_SECONDS", 30, 3, 86_400)?;
+        let retry_backoff_base = v.seconds("FORKQ_RETRY_BACKOFF_BASE_SECONDS", 2, 0, 86_400)?;
+        let retry_backoff_max =
+            v.seconds("FORKQ_RETRY_BACKOFF_MAX_SECONDS", 3_600, 0, 30 * 86_400)?;
+        if retry_backoff_max < retry_backoff_base {
+            return Err(v.error(
+                "FORKQ_RETRY_BACKOFF_MAX_SECONDS",
+                "a value not below FORKQ_RETRY_BACKOFF_BASE_SECONDS",
+            ));
+        }
+
+        let handler = match v.get("FORKQ_HANDLER") {
+            None => HandlerSpec::Builtin,
+            Some(raw) => HandlerSpec::parse(raw).map_err(|why| v.error("FORKQ_HANDLER", why))?,
+        };
+        let routes = match v.get("FORKQ_ROUTES") {
+            None => Vec::new(),
+            Some(raw) => parse_routes(raw).map_err(|why| v.error("FORKQ_ROUTES", why))?,
+        };
+
+        let health_addr = match v.get("FORKQ_HEALTH_ADDR") {
+            None => SocketAddr::from(([0, 0, 0, 0], 9280)),
+            Some(raw) => raw.parse().map_err(|_| {
+                v.error(
+                    "FORKQ_HEALTH_ADDR",
+                    "an IP address and port such as 0.0.0.0:9280 or 127.0.0.1:0 (port 0 picks a free port)",
+                )
+            })?,
+        };
+
+        let job_timeout = v.optional_limit("FORKQ_JOB_TIMEOUT_SECONDS", 7 * 86_400)?;
+        let health_stale = v.seconds("FORKQ_HEALTH_STALE_SECONDS", 30, 2, 86_400)?;
+
+        let restart_backoff_base = v.millis("FORKQ_RESTART_BACKOFF_BASE_MS", 100, 0, 60_000)?;
+        let restart_backoff_max = v.millis("FORKQ_RESTART_BACKOFF_MAX_MS", 30_000, 0, 3_600_000)?;
+        if restart_backoff_max < restart_backoff_base {
+            return Err(v.error(
+                "FORKQ_RESTART_BACKOFF_MAX_MS",
+                "a value not below FORKQ_RESTART_BACKOFF_BASE_MS",
+            ));
+        }
+
+        Ok(Config {
+            database_url,
+            schema,
+            queues,
+            concurrency,
+            prefetch,
+            ack_delay,
+            durable,
+            lease,
+            max_attempts: v.int("FORKQ_MAX_ATTEMPTS", 25, 1, 1000)? as i32,
+            retry_backoff_base,
+            retry_backoff_max,
+            poll_interval: v.millis("FORKQ_POLL_INTERVAL_MS", 1000, 10, 60_000)?,
+            listen: v.flag("FORKQ_LISTEN", true)?,
+            max_payload_bytes: v.int("FORKQ_MAX_PAYLOAD_BYTES", 1 << 20, 2, 64 << 20)? as usize,
+            retention: v.seconds("FORKQ_RETENTION_SECONDS", 86_400, 0, 3_650 * 86_400)?,
+            handler,
+            routes,
+            handler_pass_env: v
+                .get("FORKQ_HANDLER_PASS_ENV")
+                .map(|raw| {
+                    raw.split(',')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            job_timeout: job_timeout.map(Duration::from_secs),
+            health_addr,
+            health_stale,
+            crash_loop_threshold: v.int("FORKQ_CRASH_LOOP_THRESHOLD", 3, 1, 1000)? as u32,
+            healthy_uptime: v.seconds("FORKQ_HEALTHY_UPTIME_SECONDS", 10, 1, 86_400)?,
+            crash_loop_exit: v.flag("FORKQ_CRASH_LOOP_EXIT", false)?,
+            restart_backoff_base,
+            restart_backoff_max,
+            max_jobs_per_child: v.optional_limit("FORKQ_MAX_JOBS_PER_CHILD", i64::MAX)?,
+            max_child_rss_mb: v.optional_limit("FORKQ_MAX_CHILD_RSS_MB", 1 << 20)?,
+            shutdown_grace: v.seconds("FORKQ_SHUTDOWN_GRACE_SECONDS", 30, 0, 86_400)?,
+        })
+    }
+
+    /// The handler for `task`: its route, or the default handler.
+    pub fn handler_for(&self, task: &str) -> &HandlerSpec {
+        self.routes
+            .iter()
+            .find(|(name, _)| name == task)
+            .map(|(_, spec)| spec)
+            .unwrap_or(&self.handler)
+    }
+}
+
+/// Parses `task=handler;task=handler`.
+fn parse_routes(raw: &str) -> Result<Vec<(String, HandlerSpec)>, String> {
+    let mut routes = Vec::new();
+    for entry in raw.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+        let (task, spec) = entry.split_once('=').ok_or_else(|| {
+            format!("entries of the form task=handler separated by ';' (got {entry:?})")
+        })?;
+        let task = task.trim();
+        if task.is_empty() {
+            return Err(format!("a task name before '=' (got {entry:?})"));
+        }
+        let spec =
+            HandlerSpec::parse(spec.trim()).map_err(|why| format!("route {task:?}: {why}"))?;
+        routes.push((task.to_string(), spec));
+    }
+    Ok(routes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut vars: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        vars.entry("DATABASE_URL".into())
+            .or_insert_with(|| "postgres://u@127.0.0.1/db".into());
+        Config::from_vars(vars)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.schema, "forkq");
+        assert_eq!(c.queues, vec!["default"]);
+        assert_eq!(c.prefetch, 10);
+        assert_eq!(c.lease, Duration::from_secs(30));
+        assert_eq!(c.max_payload_bytes, 1 << 20);
+        assert!(c.listen);
+        assert_eq!(c.handler, HandlerSpec::Builtin);
+    }
+
+    #[test]
+    fn forkq_database_url_wins() {
+        let c = parse(&[("FORKQ_DATABASE_URL", "postgres://other@127.0.0.1/x")]).unwrap();
+        assert_eq!(c.database_url, "postgres://other@127.0.0.1/x");
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (name, value) in [
+            ("FORKQ_PREFETCH", "0"),
+            ("FORKQ_PREFETCH", "ten"),
+            ("FORKQ_SCHEMA", "bad\"name"),
+            ("FORKQ_SCHEMA", "Upper"),
+            ("FORKQ_QUEUES", "a,,b"),
+            ("FORKQ_LISTEN", "maybe"),
+            ("FORKQ_HANDLER", "ftp:/x"),
+            ("FORKQ_HEALTH_ADDR", "nowhere"),
+            ("FORKQ_CONCURRENCY", "0"),
+            ("FORKQ_LEASE_SECONDS", "1"),
+        ] {
+            let err = parse(&[(name, value)]).unwrap_err();
+            assert_eq!(err.variable, name, "{value}");
+            assert_eq!(err.value, value);
+            assert!(err.to_string().contains(name));
+        }
+    }
+
+    #[test]
+    fn concurrency_is_clamped() {
+        assert_eq!(
+            parse(&[("FORKQ_CONCURRENCY", "100000")])
+                .unwrap()
+                .concurrency,
+            MAX_CONCURRENCY
+        );
+    }
+
+    #[test]
+    fn durable_forces_prefetch_one() {
+        let c = parse(&[("FORKQ_DURABLE", "1"), ("FORKQ_PREFETCH", "50")]).unwrap();
+        assert_eq!((c.prefetch, c.ack_delay), (1, Duration::ZERO));
+    }
+
+    #[test]
+    fn missing_database_url_is_an_error() {
+        let err = Config::from_vars(HashMap::new()).unwrap_err();
+        assert_eq!(err.variable, "DATABASE_URL");
+    }
+
+    #[test]
+    fn routes_pick_handlers() {
+        let c = parse(&[(
+            "FORKQ_ROUTES",
+            "resize=exec:/usr/bin/resize --fast;mail=coproc:/srv/mailer",
+        )])
+        .unwrap();
+        assert!(
+            matches!(c.handler_for("resize"), HandlerSpec::Exec(argv) if argv == &["/usr/bin/resize", "--fast"])
+        );
+        assert!(matches!(c.handler_for("mail"), HandlerSpec::Coproc(_)));
+        assert_eq!(c.handler_for("other"), &HandlerSpec::Builtin);
+        assert_eq!(
+            parse(&[("FORKQ_ROUTES", "nohandler")])
+                .unwrap_err()
+                .variable,
+            "FORKQ_ROUTES"
+        );
+    }
+}

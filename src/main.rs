@@ -1,0 +1,363 @@
+//! The `forkq` command line: the daemon (`run`) and the admin commands.
+//!
+//! Settings come from the environment (see `config.example.env`); flags only say what to do.
+
+use std::io::Read;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+
+use forkq::config::{Config, EX_CONFIG};
+use forkq::handler::{builtin::Builtin, Handler};
+use forkq::queue::producer::{self, Limits, NewJob};
+use forkq::queue::{self, admin, migrations, QueueError};
+
+/// Exit code for refused input (`EX_DATAERR`).
+const EX_DATAERR: u8 = 65;
+
+#[derive(Parser)]
+#[command(
+    name = "forkq",
+    version,
+    about = "A prefork worker daemon for a job queue in PostgreSQL",
+    long_about = "A prefork worker daemon for a job queue in PostgreSQL.\n\n\
+        Every setting is an environment variable (DATABASE_URL, FORKQ_*); see config.example.env.",
+    after_help = "Examples:\n  forkq migrate\n  forkq enqueue --queue default --task noop\n  forkq run"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the supervisor and its children until SIGTERM.
+    #[command(
+        after_help = "Example:\n  DATABASE_URL=postgres://postgres@127.0.0.1/test FORKQ_CONCURRENCY=4 forkq run\n\n\
+        Signals: TERM/INT graceful stop, QUIT immediate stop, HUP rolling restart, TTIN/TTOU one child more/less."
+    )]
+    Run,
+    /// Apply pending schema migrations (safe to run concurrently).
+    #[command(after_help = "Examples:\n  forkq migrate\n  forkq migrate --status")]
+    Migrate {
+        /// List migrations and whether each is applied, without changing anything.
+        #[arg(long)]
+        status: bool,
+    },
+    /// Enqueue one job, or many from JSON lines.
+    #[command(
+        after_help = "Examples:\n  forkq enqueue --queue default --task sleep --payload '{\"ms\": 500}'\n  \
+        forkq enqueue --queue mail --task send --delay 60 --unique-key welcome-42\n  \
+        forkq enqueue --queue default --jsonl jobs.jsonl   # each line {\"task\":..,\"payload\":..}"
+    )]
+    Enqueue(EnqueueArgs),
+    /// Show counts per queue and state.
+    #[command(after_help = "Examples:\n  forkq status\n  forkq status --json")]
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one job (live or archived).
+    #[command(after_help = "Example:\n  forkq job 42 --json")]
+    Job {
+        /// The job id.
+        id: i64,
+        /// Print compact JSON instead of pretty JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a failed (dead-lettered) or cancelled job back to the queue.
+    #[command(after_help = "Examples:\n  forkq retry 42\n  forkq retry --failed --queue default")]
+    Retry {
+        /// The job id.
+        #[arg(required_unless_present = "failed", conflicts_with = "failed")]
+        id: Option<i64>,
+        /// Retry every failed job of --queue.
+        #[arg(long, requires = "queue")]
+        failed: bool,
+        /// The queue for --failed.
+        #[arg(long)]
+        queue: Option<String>,
+    },
+    /// Cancel a job: at once when waiting, after its current run when running.
+    #[command(after_help = "Example:\n  forkq cancel 42")]
+    Cancel {
+        /// The job id.
+        id: i64,
+    },
+    /// Exit 0 when the fleet's /livez answers 200 (for container HEALTHCHECKs).
+    #[command(after_help = "Example:\n  forkq health --addr 127.0.0.1:9280")]
+    Health {
+        /// Address of the probe; defaults to FORKQ_HEALTH_ADDR (0.0.0.0 is asked as 127.0.0.1).
+        #[arg(long)]
+        addr: Option<String>,
+    },
+}
+
+#[derive(Args)]
+struct EnqueueArgs {
+    /// The queue.
+    #[arg(long, default_value = "default")]
+    queue: String,
+    /// The task name (picks the handler).
+    #[arg(long, required_unless_present = "jsonl", conflicts_with = "jsonl")]
+    task: Option<String>,
+    /// The payload, any JSON value.
+    #[arg(long, default_value = "{}")]
+    payload: String,
+    /// Lower runs first (-32768..32767).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    priority: i16,
+    /// Run no earlier than this many seconds from now.
+    #[arg(long, conflicts_with = "run_at")]
+    delay: Option<f64>,
+    /// Run no earlier than this RFC 3339 time.
+    #[arg(long)]
+    run_at: Option<String>,
+    /// Attempts before the dead letter (default FORKQ_MAX_ATTEMPTS).
+    #[arg(long)]
+    max_attempts: Option<i32>,
+    /// While a live job has this key, return its id instead of enqueueing another.
+    #[arg(long)]
+    unique_key: Option<String>,
+    /// Enqueue every line of FILE (or - for stdin) in one transaction.
+    #[arg(long, value_name = "FILE")]
+    jsonl: Option<String>,
+}
+
+/// A failure with its exit code; the message is printed once, prefixed with "forkq: ".
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<QueueError> for Failure {
+    fn from(e: QueueError) -> Self {
+        let code = match &e {
+            QueueError::InvalidJob(_) => EX_DATAERR,
+            QueueError::SchemaOutdated { .. } | QueueError::SchemaTooNew { .. } => EX_CONFIG as u8,
+            e if e.is_connection_lost() => EX_CONFIG as u8,
+            _ => 1,
+        };
+        let message = if e.is_connection_lost() {
+            format!("{e}; check DATABASE_URL and that PostgreSQL is running")
+        } else {
+            e.to_string()
+        };
+        Failure { code, message }
+    }
+}
+
+fn fail(code: u8, message: impl Into<String>) -> Failure {
+    Failure {
+        code,
+        message: message.into(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => forkq::exit_on_config_error(e),
+    };
+    init_logging();
+    if let Command::Run = cli.command {
+        let code = forkq::run(config, |_| Box::new(Builtin) as Box<dyn Handler>);
+        return ExitCode::from(code.clamp(0, 255) as u8);
+    }
+    match command(cli.command, &config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("forkq: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = std::env::var("FORKQ_LOG").unwrap_or_else(|_| "info".into());
+    env_logger::Builder::new()
+        .parse_filters(&filter)
+        .format_timestamp_millis()
+        .init();
+}
+
+fn connect(config: &Config) -> Result<postgres::Client, Failure> {
+    Ok(queue::connect(&config.database_url, "forkq cli")?)
+}
+
+fn command(command: Command, config: &Config) -> Result<(), Failure> {
+    let schema = config.schema.as_str();
+    match command {
+        Command::Run => unreachable!("handled in main"),
+        Command::Migrate { status } => {
+            let mut client = connect(config)?;
+            if status {
+                for m in migrations::status(&mut client, schema)? {
+                    let state = m
+                        .applied_at
+                        .map_or("pending".to_string(), |at| format!("applied {at}"));
+                    println!("{:>4}  {:<40} {state}", m.version, m.name);
+                }
+            } else {
+                let applied = migrations::migrate(&mut client, schema)?;
+                if applied.is_empty() {
+                    println!(
+                        "schema {schema:?} is up to date (version {})",
+                        migrations::latest_version()
+                    );
+                } else {
+                    println!("schema {schema:?}: applied migration(s) {applied:?}");
+                }
+            }
+        }
+        Command::Enqueue(args) => enqueue(args, config)?,
+        Command::Status { json } => {
+            let mut client = connect(config)?;
+            migrations::require_current(&mut client, schema)?;
+            let queues = admin::status(&mut client, schema)?;
+            if json {
+                println!("{}", json!({ "queues": queues }));
+            } else {
+                println!(
+                    "{:<20} {}  oldest_available_s",
+                    "queue",
+                    admin::STATES.map(|s| format!("{s:>10}")).join(" ")
+                );
+                for (name, q) in &queues {
+                    let counts = admin::STATES
+                        .map(|s| format!("{:>10}", q.count(s)))
+                        .join(" ");
+                    println!("{name:<20} {counts}  {:.1}", q.oldest_available_seconds);
+                }
+            }
+        }
+        Command::Job { id, json } => {
+            let mut client = connect(config)?;
+            migrations::require_current(&mut client, schema)?;
+            let job = admin::job(&mut client, schema, id)?
+                .ok_or_else(|| fail(1, format!("no job {id}")))?;
+            if json {
+                println!("{job}");
+            } else {
+                println!("{}", serde_json::to_string_pretty(&job).unwrap_or_default());
+            }
+        }
+        Command::Retry { id, failed, queue } => {
+            let mut client = connect(config)?;
+            migrations::require_current(&mut client, schema)?;
+            if failed {
+                let queue = queue.expect("clap requires --queue with --failed");
+                let n = admin::retry_failed(&mut client, schema, &queue)?;
+                println!("{n} failed job(s) of queue {queue:?} are back in the queue");
+            } else {
+                let id = id.expect("clap requires an id without --failed");
+                if !admin::retry(&mut client, schema, id)? {
+                    return Err(fail(1, format!(
+                        "job {id} is not in the dead letter (not failed or cancelled, or a live job holds its unique key)"
+                    )));
+                }
+                println!("job {id} is back in the queue");
+            }
+        }
+        Command::Cancel { id } => {
+            let mut client = connect(config)?;
+            migrations::require_current(&mut client, schema)?;
+            match admin::cancel(&mut client, schema, id, !config.retention.is_zero())? {
+                None => return Err(fail(1, format!("no job {id}"))),
+                Some(state) if state == "cancelling" => {
+                    println!("job {id} is running; it will not be retried")
+                }
+                Some(state) if state == "cancelled" => println!("job {id} cancelled"),
+                Some(state) => return Err(fail(1, format!("job {id} is already {state}"))),
+            }
+        }
+        Command::Health { addr } => health(addr, config)?,
+    }
+    Ok(())
+}
+
+fn enqueue(args: EnqueueArgs, config: &Config) -> Result<(), Failure> {
+    let limits = Limits {
+        max_payload_bytes: config.max_payload_bytes,
+        default_max_attempts: config.max_attempts,
+    };
+    if let Some(path) = &args.jsonl {
+        let mut input = String::new();
+        let read = if path == "-" {
+            std::io::stdin().read_to_string(&mut input)
+        } else {
+            std::fs::File::open(path).and_then(|mut f| f.read_to_string(&mut input))
+        };
+        read.map_err(|e| fail(EX_DATAERR, format!("cannot read {path}: {e}")))?;
+        let jobs = producer::parse_jsonl(&input, &args.queue, &limits).map_err(|e| {
+            fail(
+                EX_DATAERR,
+                format!(
+                    "{path}: line {}: {}; nothing was enqueued",
+                    e.line, e.reason
+                ),
+            )
+        })?;
+        let mut client = connect(config)?;
+        migrations::require_current(&mut client, &config.schema)?;
+        let n = producer::enqueue_many(&mut client, &config.schema, &limits, &jobs, None)?;
+        println!("{n}");
+        return Ok(());
+    }
+    let payload: Value = serde_json::from_str(&args.payload)
+        .map_err(|e| fail(EX_DATAERR, format!("--payload is not valid JSON: {e}")))?;
+    let job = NewJob {
+        queue: args.queue,
+        task: args.task.expect("clap requires --task without --jsonl"),
+        payload,
+        priority: args.priority,
+        run_at: args.run_at,
+        delay: args.delay,
+        max_attempts: args.max_attempts,
+        unique_key: args.unique_key,
+    };
+    let mut client = connect(config)?;
+    migrations::require_current(&mut client, &config.schema)?;
+    println!(
+        "{}",
+        producer::enqueue(&mut client, &config.schema, &limits, &job)?
+    );
+    Ok(())
+}
+
+fn health(addr: Option<String>, config: &Config) -> Result<(), Failure> {
+    use std::io::Write;
+    let addr = match addr {
+        Some(a) => a,
+        None if config.health_addr.ip().is_unspecified() => {
+            format!("127.0.0.1:{}", config.health_addr.port())
+        }
+        None => config.health_addr.to_string(),
+    };
+    let target: std::net::SocketAddr = addr.parse().map_err(|_| {
+        fail(
+            EX_CONFIG as u8,
+            format!("--addr {addr:?} is not an address such as 127.0.0.1:9280"),
+        )
+    })?;
+    let timeout = std::time::Duration::from_secs(3);
+    let mut stream = std::net::TcpStream::connect_timeout(&target, timeout)
+        .map_err(|e| fail(1, format!("cannot reach the probe at {addr}: {e}")))?;
+    let _ = stream.set_read_timeout(Some(timeout));
+    write!(stream, "GET /livez HTTP/1.0\r\nHost: {addr}\r\n\r\n")
+        .map_err(|e| fail(1, e.to_string()))?;
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let status_line = response.lines().next().unwrap_or("");
+    if status_line.split_whitespace().nth(1) == Some("200") {
+        println!("healthy");
+        Ok(())
+    } else {
+        let body = response.split("\r\n\r\n").nth(1).unwrap_or("");
+        Err(fail(1, format!("unhealthy: {status_line} {body}")))
+    }
+}

@@ -1,0 +1,58 @@
+//! Maintenance services: small periodic passes that keep the queue healthy.
+//!
+//! Any child may run them; an advisory lock makes one holder per database at a time, and the slot
+//! table's header makes one attempt per host per interval. Each service is one function with one
+//! job, in the spirit of River's maintenance services.
+
+use std::time::Duration;
+
+use postgres::Client;
+
+use super::sql::{self, render};
+use super::QueueError;
+
+/// How often a host attempts the maintenance pass.
+pub const INTERVAL: Duration = Duration::from_secs(2);
+
+/// What one pass changed, for the log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Expired leases returned to the queue (or dead-lettered).
+    pub rescued: i32,
+    /// Due scheduled or retryable jobs marked available.
+    pub promoted: u64,
+    /// Archived jobs deleted after their retention.
+    pub purged: u64,
+}
+
+/// Runs every service once, if no other process holds the maintenance lock. Returns `None`
+/// when another holder had it.
+pub fn run_pass(
+    client: &mut Client,
+    schema: &str,
+    retention: Duration,
+) -> Result<Option<Report>, QueueError> {
+    let mut tx = client.transaction()?;
+    let locked: bool = tx
+        .query_one(
+            sql::TRY_MAINTENANCE_LOCK,
+            &[&sql::advisory_key("maintenance", schema)],
+        )?
+        .get(0);
+    if !locked {
+        return Ok(None);
+    }
+    let retain = !retention.is_zero();
+    let report = Report {
+        rescued: tx
+            .query_one(&render(sql::RESCUE_EXPIRED, schema), &[&retain])?
+            .get(0),
+        promoted: tx.execute(&render(sql::PROMOTE_DUE, schema), &[])?,
+        purged: tx.execute(
+            &render(sql::PURGE_EXPIRED_ARCHIVE, schema),
+            &[&retention.as_secs_f64()],
+        )?,
+    };
+    tx.commit()?;
+    Ok(Some(report))
+}

@@ -1,0 +1,337 @@
+//! Producers: validated jobs into the queue, one at a time, in bulk, or inside the caller's
+//! own transaction.
+
+use postgres::types::ToSql;
+use postgres::GenericClient;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::sql::{self, render};
+use super::QueueError;
+use crate::config::is_valid_queue_name;
+
+/// A job to enqueue. Build with [`NewJob::new`] and the `with_*` methods.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewJob {
+    /// The queue; taken from the command line for JSON-lines input when absent.
+    #[serde(default)]
+    pub queue: String,
+    /// The task name, which picks the handler.
+    pub task: String,
+    /// Any JSON value.
+    #[serde(default = "empty_object")]
+    pub payload: Value,
+    /// Lower runs first (-32768..=32767, default 0).
+    #[serde(default)]
+    pub priority: i16,
+    /// Run no earlier than this RFC 3339 time.
+    #[serde(default)]
+    pub run_at: Option<String>,
+    /// Run no earlier than this many seconds from now (instead of `run_at`).
+    #[serde(default)]
+    pub delay: Option<f64>,
+    /// Attempts before the dead letter; the daemon's `FORKQ_MAX_ATTEMPTS` when absent.
+    #[serde(default)]
+    pub max_attempts: Option<i32>,
+    /// While a live job has this key, enqueueing another returns the existing job's id.
+    #[serde(default)]
+    pub unique_key: Option<String>,
+}
+
+fn empty_object() -> Value {
+    Value::Object(Default::default())
+}
+
+impl NewJob {
+    /// A job for `task` on `queue` with `payload` and default options.
+    pub fn new(queue: impl Into<String>, task: impl Into<String>, payload: Value) -> NewJob {
+        NewJob {
+            queue: queue.into(),
+            task: task.into(),
+            payload,
+            priority: 0,
+            run_at: None,
+            delay: None,
+            max_attempts: None,
+            unique_key: None,
+        }
+    }
+
+    /// Sets the priority (lower runs first).
+    pub fn with_priority(mut self, priority: i16) -> NewJob {
+        self.priority = priority;
+        self
+    }
+
+    /// Delays the first run by `seconds`.
+    pub fn with_delay(mut self, seconds: f64) -> NewJob {
+        self.delay = Some(seconds);
+        self
+    }
+
+    /// Sets the first run time (RFC 3339).
+    pub fn with_run_at(mut self, run_at: impl Into<String>) -> NewJob {
+        self.run_at = Some(run_at.into());
+        self
+    }
+
+    /// Sets the number of attempts.
+    pub fn with_max_attempts(mut self, max_attempts: i32) -> NewJob {
+        self.max_attempts = Some(max_attempts);
+        self
+    }
+
+    /// Sets a unique key.
+    pub fn with_unique_key(mut self, key: impl Into<String>) -> NewJob {
+        self.unique_key = Some(key.into());
+        self
+    }
+}
+
+/// Limits applied to every job before it reaches the database.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest payload, in bytes of compact JSON.
+    pub max_payload_bytes: usize,
+    /// Attempts for jobs that do not say.
+    pub default_max_attempts: i32,
+}
+
+/// A job that passed validation, in the shape the SQL wants.
+struct Row {
+    queue: String,
+    task: String,
+    payload: Value,
+    priority: i16,
+    run_at: Option<String>,
+    delay: Option<f64>,
+    max_attempts: i32,
+    unique_key: Option<String>,
+}
+
+fn check_text(what: &str, value: &str, max: usize) -> Result<(), QueueError> {
+    if value.is_empty() {
+        return Err(QueueError::InvalidJob(format!("the {what} is empty")));
+    }
+    if value.len() > max {
+        return Err(QueueError::InvalidJob(format!(
+            "the {what} is {} bytes long; at most {max} are allowed",
+            value.len()
+        )));
+    }
+    if value.contains('\0') {
+        return Err(QueueError::InvalidJob(format!(
+            "the {what} contains a NUL character, which PostgreSQL text cannot store"
+        )));
+    }
+    Ok(())
+}
+
+/// PostgreSQL's jsonb cannot hold `\u0000` in strings; find one before the database refuses.
+fn contains_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(contains_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        _ => false,
+    }
+}
+
+fn validate(job: &NewJob, limits: &Limits) -> Result<Row, QueueError> {
+    if !is_valid_queue_name(&job.queue) {
+        return Err(QueueError::InvalidJob(format!(
+            "queue name {:?} is not allowed: use 1-128 bytes without spaces, commas or control characters",
+            job.queue
+        )));
+    }
+    check_text("task name", &job.task, 256)?;
+    if job.task.chars().any(char::is_control) {
+        return Err(QueueError::InvalidJob(format!(
+            "task name {:?} contains control characters",
+            job.task
+        )));
+    }
+    let size = serde_json::to_vec(&job.payload)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    if size > limits.max_payload_bytes {
+        return Err(QueueError::InvalidJob(format!(
+            "the payload is {size} bytes; the limit is {} (FORKQ_MAX_PAYLOAD_BYTES). \
+             Store large data elsewhere and enqueue a reference to it",
+            limits.max_payload_bytes
+        )));
+    }
+    if contains_nul(&job.payload) {
+        return Err(QueueError::InvalidJob(
+            "the payload contains \\u0000, which PostgreSQL jsonb cannot store".into(),
+        ));
+    }
+    if let Some(key) = &job.unique_key {
+        check_text("unique key", key, 1024)?;
+    }
+    let max_attempts = job.max_attempts.unwrap_or(limits.default_max_attempts);
+    if !(1..=1000).contains(&max_attempts) {
+        return Err(QueueError::InvalidJob(format!(
+            "max_attempts is {max_attempts}; use 1 to 1000"
+        )));
+    }
+    if job.run_at.is_some() && job.delay.is_some() {
+        return Err(QueueError::InvalidJob(
+            "give either run_at or delay, not both".into(),
+        ));
+    }
+    if let Some(delay) = job.delay {
+        if !(0.0..=10.0 * 365.0 * 86_400.0).contains(&delay) {
+            return Err(QueueError::InvalidJob(format!(
+                "delay is {delay} seconds; use 0 to ten years"
+            )));
+        }
+    }
+    Ok(Row {
+        queue: job.queue.clone(),
+        task: job.task.clone(),
+        payload: job.payload.clone(),
+        priority: job.priority,
+        run_at: job.run_at.clone(),
+        delay: job.delay,
+        max_attempts,
+        unique_key: job.unique_key.clone(),
+    })
+}
+
+/// Enqueues one job through `client`, which may be the caller's own transaction: then the job
+/// is committed with the caller's rows or not at all, and workers are woken only after commit.
+/// Returns the job id (the existing job's id when its unique key is live already).
+pub fn enqueue(
+    client: &mut impl GenericClient,
+    schema: &str,
+    limits: &Limits,
+    job: &NewJob,
+) -> Result<i64, QueueError> {
+    enqueue_in_batch(client, schema, limits, job, None)
+}
+
+/// [`enqueue`] with a batch id, for the batch module.
+pub fn enqueue_in_batch(
+    client: &mut impl GenericClient,
+    schema: &str,
+    limits: &Limits,
+    job: &NewJob,
+    batch_id: Option<i64>,
+) -> Result<i64, QueueError> {
+    let row = validate(job, limits)?;
+    let priority = i32::from(row.priority);
+    let params: [&(dyn ToSql + Sync); 9] = [
+        &row.queue,
+        &row.task,
+        &row.payload,
+        &priority,
+        &row.run_at,
+        &row.delay,
+        &row.max_attempts,
+        &row.unique_key,
+        &batch_id,
+    ];
+    client
+        .query_one(&render(sql::ENQUEUE, schema), &params)
+        .map(|r| r.get(0))
+        .map_err(|e| bad_time(e, &row.run_at))
+}
+
+/// Turns PostgreSQL's refusal of a run_at text into a clear error about that value.
+fn bad_time(e: postgres::Error, run_at: &Option<String>) -> QueueError {
+    let is_datetime_error = e
+        .as_db_error()
+        .is_some_and(|db| db.code().code().starts_with("22007") || db.code().code() == "22008");
+    match run_at {
+        Some(at) if is_datetime_error => QueueError::InvalidJob(format!(
+            "run_at {at:?} is not a time PostgreSQL understands; use RFC 3339 such as 2030-01-31T09:00:00Z"
+        )),
+        _ => QueueError::Db(e),
+    }
+}
+
+/// A JSON-lines input that was refused, with the line at fault. Nothing of it was enqueued.
+#[derive(Debug)]
+pub struct LineError {
+    /// 1-based line number.
+    pub line: usize,
+    /// What was wrong.
+    pub reason: String,
+}
+
+/// Parses JSON lines (`{"task":..,"payload":..}` plus the optional [`NewJob`] fields) and
+/// validates every job; blank lines are skipped. `queue` fills in jobs that name none.
+pub fn parse_jsonl(input: &str, queue: &str, limits: &Limits) -> Result<Vec<NewJob>, LineError> {
+    let mut jobs = Vec::new();
+    for (index, line) in input.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let fail = |reason: String| LineError {
+            line: index + 1,
+            reason,
+        };
+        let mut job: NewJob = serde_json::from_str(line).map_err(|e| fail(e.to_string()))?;
+        if job.queue.is_empty() {
+            job.queue = queue.to_string();
+        }
+        validate(&job, limits).map_err(|e| fail(e.to_string()))?;
+        jobs.push(job);
+    }
+    Ok(jobs)
+}
+
+/// Inserts `jobs` (already validated by [`parse_jsonl`] or built in code) in one transaction
+/// owned by `client` (which may itself be the caller's transaction); chunks of 5,000 rows per
+/// statement. Jobs whose unique key is live are skipped. Returns how many were inserted.
+pub fn enqueue_many(
+    client: &mut impl GenericClient,
+    schema: &str,
+    limits: &Limits,
+    jobs: &[NewJob],
+    batch_id: Option<i64>,
+) -> Result<u64, QueueError> {
+    let rows: Vec<Row> = jobs
+        .iter()
+        .map(|job| validate(job, limits))
+        .collect::<Result<_, _>>()?;
+    let statement = render(sql::ENQUEUE_MANY, schema);
+    let mut tx = client.transaction()?;
+    let mut inserted = 0u64;
+    for chunk in rows.chunks(5_000) {
+        let queues: Vec<&str> = chunk.iter().map(|r| r.queue.as_str()).collect();
+        let tasks: Vec<&str> = chunk.iter().map(|r| r.task.as_str()).collect();
+        let payloads: Vec<&Value> = chunk.iter().map(|r| &r.payload).collect();
+        let priorities: Vec<i16> = chunk.iter().map(|r| r.priority).collect();
+        let run_ats: Vec<Option<&str>> = chunk.iter().map(|r| r.run_at.as_deref()).collect();
+        let delays: Vec<Option<f64>> = chunk.iter().map(|r| r.delay).collect();
+        let attempts: Vec<i32> = chunk.iter().map(|r| r.max_attempts).collect();
+        let keys: Vec<Option<&str>> = chunk.iter().map(|r| r.unique_key.as_deref()).collect();
+        let batches: Vec<Option<i64>> = vec![batch_id; chunk.len()];
+        let count: i64 = tx
+            .query_one(
+                &statement,
+                &[
+                    &queues,
+                    &tasks,
+                    &payloads,
+                    &priorities,
+                    &run_ats,
+                    &delays,
+                    &attempts,
+                    &keys,
+                    &batches,
+                ],
+            )
+            .map_err(|e| bad_time(e, &chunk.iter().find_map(|r| r.run_at.clone())))?
+            .get(0);
+        inserted += count as u64;
+    }
+    if inserted > 0 {
+        tx.execute(&render(sql::NOTIFY, schema), &[&""])?;
+    }
+    tx.commit()?;
+    Ok(inserted)
+}

@@ -1,0 +1,262 @@
+//! The shared-memory slot table: how the supervisor, its children and the probe see each other.
+//!
+//! One anonymous `MAP_SHARED` mapping created by the supervisor before it forks anything, so every
+//! child and the probe inherit the same physical pages. Every field is an atomic: no locks (a child
+//! killed while holding one would wedge the fleet) and no pointers (addresses mean nothing across
+//! processes). The supervisor owns a slot's lifecycle fields (generation, pid, state, restarts,
+//! crash counters); the child owns its progress fields (heartbeat, current job, counters).
+
+use std::ptr::NonNull;
+use std::sync::atomic::{
+    AtomicBool, AtomicI32, AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering,
+};
+
+use crate::config::MAX_CONCURRENCY;
+
+/// Upper bounds (in milliseconds) of the job duration histogram buckets; the last bucket is +Inf.
+pub const LATENCY_BUCKETS_MS: [u64; 11] = [1, 5, 10, 25, 50, 100, 250, 500, 1_000, 5_000, 30_000];
+
+/// Milliseconds on the system-wide monotonic clock, comparable between processes of one boot.
+pub fn monotonic_ms() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available on Linux");
+    ts.tv_sec() as u64 * 1000 + ts.tv_nsec() as u64 / 1_000_000
+}
+
+/// The lifecycle state of a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SlotState {
+    /// Not part of the fleet (above the current concurrency).
+    Unused = 0,
+    /// Forked, connecting to the database.
+    Starting = 1,
+    /// Waiting for jobs.
+    Idle = 2,
+    /// Running a job.
+    Running = 3,
+    /// Finishing its work before exiting.
+    Stopping = 4,
+    /// Dead; a replacement is scheduled after a backoff.
+    BackingOff = 5,
+    /// Dead too often too fast; still restarted, but the fleet is reported unhealthy.
+    CrashLooping = 6,
+}
+
+impl SlotState {
+    fn from_u8(v: u8) -> SlotState {
+        match v {
+            1 => SlotState::Starting,
+            2 => SlotState::Idle,
+            3 => SlotState::Running,
+            4 => SlotState::Stopping,
+            5 => SlotState::BackingOff,
+            6 => SlotState::CrashLooping,
+            _ => SlotState::Unused,
+        }
+    }
+
+    /// The lower-case name used in logs and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            SlotState::Unused => "unused",
+            SlotState::Starting => "starting",
+            SlotState::Idle => "idle",
+            SlotState::Running => "running",
+            SlotState::Stopping => "stopping",
+            SlotState::BackingOff => "backing_off",
+            SlotState::CrashLooping => "crash_looping",
+        }
+    }
+
+    /// Whether a process is supposed to be alive in a slot with this state.
+    pub fn is_alive(self) -> bool {
+        matches!(
+            self,
+            SlotState::Starting | SlotState::Idle | SlotState::Running | SlotState::Stopping
+        )
+    }
+}
+
+/// One child's slot. Aligned to a cache line so children never write to each other's lines.
+#[repr(C, align(64))]
+#[derive(Default)]
+pub struct Slot {
+    /// Bumped by the supervisor at every fork into this slot; part of the child's lease owner.
+    pub generation: AtomicU64,
+    /// The pid of the current occupant (0 when none).
+    pub pid: AtomicI32,
+    state: AtomicU8,
+    /// When the current occupant was forked.
+    pub forked_at_ms: AtomicU64,
+    /// The last time a child in this slot showed progress. Never reseeded at a fork, so a slot
+    /// whose children never get to poll keeps ageing.
+    pub heartbeat_ms: AtomicU64,
+    /// The job being run (0 when none). Left behind by a child that dies mid-job, so its successor
+    /// knows which job was in flight.
+    pub job_id: AtomicI64,
+    /// When the current job started.
+    pub job_started_ms: AtomicU64,
+    /// Jobs that succeeded in this slot (all generations).
+    pub succeeded: AtomicU64,
+    /// Jobs that failed (retried or dead-lettered) in this slot.
+    pub failed: AtomicU64,
+    /// Jobs sent back for a later retry in this slot.
+    pub retried: AtomicU64,
+    /// Jobs run by the current occupant, for recycling.
+    pub jobs_this_life: AtomicU64,
+    /// Deaths in a row that came before the healthy uptime.
+    pub fast_crashes: AtomicU32,
+    /// Times the supervisor re-forked this slot.
+    pub restarts: AtomicU64,
+    /// How the last occupant ended: exit code when >= 0, minus the signal number when < 0.
+    pub last_exit: AtomicI32,
+    /// Job duration histogram, one counter per [`LATENCY_BUCKETS_MS`] bucket plus +Inf.
+    pub duration_buckets: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+    /// Sum of job durations, in microseconds.
+    pub duration_sum_us: AtomicU64,
+}
+
+impl Slot {
+    /// The slot's lifecycle state.
+    pub fn state(&self) -> SlotState {
+        SlotState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// Sets the lifecycle state.
+    pub fn set_state(&self, state: SlotState) {
+        self.state.store(state as u8, Ordering::Release);
+    }
+
+    /// Records progress now.
+    pub fn beat(&self) {
+        self.heartbeat_ms.store(monotonic_ms(), Ordering::Release);
+    }
+
+    /// Milliseconds since this slot last showed progress, counted from the fork of the current
+    /// occupant at the latest when the slot never had a heartbeat before.
+    pub fn heartbeat_age_ms(&self, now_ms: u64) -> u64 {
+        let last = self.heartbeat_ms.load(Ordering::Acquire);
+        now_ms.saturating_sub(last)
+    }
+
+    /// Milliseconds since the current occupant last showed progress or was forked, whichever is
+    /// later: the window the supervisor grants each new child before it counts as wedged.
+    pub fn life_heartbeat_age_ms(&self, now_ms: u64) -> u64 {
+        let last = self
+            .heartbeat_ms
+            .load(Ordering::Acquire)
+            .max(self.forked_at_ms.load(Ordering::Acquire));
+        now_ms.saturating_sub(last)
+    }
+
+    /// Marks the start of `job_id`.
+    pub fn start_job(&self, job_id: i64) {
+        let now = monotonic_ms();
+        self.job_started_ms.store(now, Ordering::Release);
+        self.job_id.store(job_id, Ordering::Release);
+        self.heartbeat_ms.store(now, Ordering::Release);
+        self.set_state(SlotState::Running);
+    }
+
+    /// Marks the end of the current job and records its duration.
+    pub fn finish_job(&self, duration_us: u64) {
+        self.job_id.store(0, Ordering::Release);
+        self.jobs_this_life.fetch_add(1, Ordering::Relaxed);
+        let ms = duration_us / 1000;
+        let bucket = LATENCY_BUCKETS_MS
+            .iter()
+            .position(|&upper| ms < upper)
+            .unwrap_or(LATENCY_BUCKETS_MS.len());
+        self.duration_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.duration_sum_us
+            .fetch_add(duration_us, Ordering::Relaxed);
+        self.beat();
+        self.set_state(SlotState::Idle);
+    }
+}
+
+/// Fleet-wide fields.
+#[repr(C, align(64))]
+#[derive(Default)]
+pub struct Header {
+    /// The supervisor loop's last turn; a stale value means the supervisor itself is wedged.
+    pub supervisor_heartbeat_ms: AtomicU64,
+    /// Number of slots that make up the fleet now (changed by TTIN/TTOU).
+    pub concurrency: AtomicU32,
+    /// Set once a shutdown has begun; readiness turns 503.
+    pub shutting_down: AtomicBool,
+    /// Crash-looping makes the supervisor exit rather than report (`FORKQ_CRASH_LOOP_EXIT`).
+    pub crash_loop_exit: AtomicBool,
+    /// Last time any child of this host ran the maintenance pass, so only one does per interval.
+    pub maintenance_ms: AtomicU64,
+    /// Pid of the probe process.
+    pub probe_pid: AtomicI32,
+}
+
+/// The whole table: a header and [`MAX_CONCURRENCY`] slots.
+#[repr(C)]
+pub struct SlotTable {
+    /// Fleet-wide fields.
+    pub header: Header,
+    /// One slot per possible child.
+    pub slots: [Slot; MAX_CONCURRENCY],
+}
+
+impl SlotTable {
+    /// Maps a zeroed table shared with every process forked afterwards. It lives until the
+    /// process exits; it is never unmapped because children hold references to it.
+    pub fn create_shared() -> std::io::Result<&'static SlotTable> {
+        use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
+        let len = std::num::NonZeroUsize::new(std::mem::size_of::<SlotTable>())
+            .expect("the slot table has a size");
+        // SAFETY: a fresh anonymous mapping is zero-filled, and all-zero bytes are a valid value
+        // for every atomic in the table. The mapping is never unmapped, so 'static holds.
+        let ptr: NonNull<std::ffi::c_void> = unsafe {
+            mmap_anonymous(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+            )
+        }
+        .map_err(std::io::Error::from)?;
+        Ok(unsafe { &*(ptr.as_ptr() as *const SlotTable) })
+    }
+
+    /// The slots that currently make up the fleet.
+    pub fn active(&self) -> &[Slot] {
+        let n = self.header.concurrency.load(Ordering::Acquire) as usize;
+        &self.slots[..n.min(MAX_CONCURRENCY)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_do_not_share_cache_lines() {
+        assert_eq!(std::mem::align_of::<Slot>(), 64);
+        assert_eq!(std::mem::size_of::<Slot>() % 64, 0);
+    }
+
+    #[test]
+    fn shared_table_starts_zeroed_and_unused() {
+        let table = SlotTable::create_shared().unwrap();
+        assert!(table.slots.iter().all(|s| s.state() == SlotState::Unused));
+        assert!(table.active().is_empty());
+    }
+
+    #[test]
+    fn histogram_buckets_by_duration() {
+        let slot = Slot::default();
+        slot.finish_job(500); // 0.5 ms
+        slot.finish_job(60_000_000); // 60 s
+        assert_eq!(slot.duration_buckets[0].load(Ordering::Relaxed), 1);
+        assert_eq!(
+            slot.duration_buckets[LATENCY_BUCKETS_MS.len()].load(Ordering::Relaxed),
+            1
+        );
+    }
+}

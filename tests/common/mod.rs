@@ -1,0 +1,280 @@
+//! Shared test harness: a private schema per test, the real `forkq` binary, real HTTP.
+//!
+//! Every wait is bounded; every process started here is killed by pid when its guard drops.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The database the tests use: `DATABASE_URL`, or the machine's PostgreSQL.
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// The forkq binary built for this test run.
+pub fn forkq_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_forkq")
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A free TCP port on loopback (bound and released; tests pass it to the daemon at once).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+static SCHEMA_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A schema of its own for one test, migrated, dropped when the guard drops.
+pub struct TestSchema {
+    pub name: String,
+}
+
+impl TestSchema {
+    /// Creates and migrates `t_<prefix>_<pid>_<n>`.
+    pub fn new(prefix: &str) -> TestSchema {
+        let name = format!(
+            "t_{prefix}_{}_{}",
+            std::process::id(),
+            SCHEMA_COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let mut client = connect();
+        client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
+            .unwrap();
+        forkq::queue::migrations::migrate(&mut client, &name).expect("migrate");
+        TestSchema { name }
+    }
+
+    /// The environment every forkq process of this test gets.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("DATABASE_URL".into(), database_url()),
+            ("FORKQ_SCHEMA".into(), self.name.clone()),
+        ]
+    }
+
+    /// A configuration for in-process use, with extra variables.
+    pub fn config(&self, extra: &[(&str, &str)]) -> forkq::Config {
+        let mut vars: std::collections::HashMap<String, String> = self.env().into_iter().collect();
+        for (k, v) in extra {
+            vars.insert(k.to_string(), v.to_string());
+        }
+        forkq::Config::from_vars(vars).expect("valid test config")
+    }
+
+    /// A fresh connection.
+    pub fn client(&self) -> postgres::Client {
+        connect()
+    }
+
+    /// Enqueues one job; returns its id.
+    pub fn enqueue(&self, queue: &str, task: &str, payload: Value) -> i64 {
+        let limits = forkq::queue::producer::Limits { max_payload_bytes: 1 << 20, default_max_attempts: 25 };
+        let job = forkq::NewJob::new(queue, task, payload);
+        forkq::queue::producer::enqueue(&mut connect(), &self.name, &limits, &job).unwrap()
+    }
+
+    /// Enqueues `n` copies of one job in one transaction.
+    pub fn enqueue_n(&self, queue: &str, task: &str, payload: Value, n: usize) {
+        let limits = forkq::queue::producer::Limits { max_payload_bytes: 1 << 20, default_max_attempts: 25 };
+        let jobs: Vec<_> = (0..n).map(|_| forkq::NewJob::new(queue, task, payload.clone())).collect();
+        forkq::queue::producer::enqueue_many(&mut connect(), &self.name, &limits, &jobs, None).unwrap();
+    }
+
+    /// Runs a query returning one bigint.
+    pub fn count(&self, sql: &str) -> i64 {
+        let sql = sql.replace("{s}", &format!("\"{}\"", self.name));
+        connect().query_one(&sql, &[]).unwrap().get(0)
+    }
+
+    /// Jobs in the hot table in `state`.
+    pub fn live(&self, state: &str) -> i64 {
+        connect()
+            .query_one(&format!("SELECT count(*) FROM \"{}\".jobs WHERE state = $1", self.name), &[&state])
+            .unwrap()
+            .get(0)
+    }
+
+    /// Jobs in the archive in `state`.
+    pub fn archived(&self, state: &str) -> i64 {
+        connect()
+            .query_one(&format!("SELECT count(*) FROM \"{}\".jobs_archive WHERE state = $1", self.name), &[&state])
+            .unwrap()
+            .get(0)
+    }
+
+    /// A job's row (live or archived) as JSON.
+    pub fn job(&self, id: i64) -> Option<Value> {
+        forkq::queue::admin::job(&mut connect(), &self.name, id).unwrap()
+    }
+}
+
+impl Drop for TestSchema {
+    fn drop(&mut self) {
+        if let Ok(mut client) = postgres::Client::connect(&database_url(), postgres::NoTls) {
+            let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name));
+        }
+    }
+}
+
+/// A connection to the test database.
+pub fn connect() -> postgres::Client {
+    postgres::Client::connect(&database_url(), postgres::NoTls).expect("test database reachable")
+}
+
+/// A `forkq run` process, killed (with its whole process group) when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `forkq run` for `schema` with extra environment; waits until /livez answers 200
+    /// with every child alive (or panics with the log after 20 s).
+    pub fn start(schema: &TestSchema, extra: &[(&str, &str)]) -> Daemon {
+        let daemon = Daemon::spawn(schema, extra);
+        let concurrency: usize = extra
+            .iter()
+            .find(|(k, _)| *k == "FORKQ_CONCURRENCY")
+            .map(|(_, v)| v.parse().unwrap())
+            .unwrap_or(2);
+        let ok = wait_until(Duration::from_secs(20), || {
+            matches!(daemon.livez(), Some((200, ref body)) if body["alive_children"].as_u64() == Some(concurrency as u64)
+                && body["slots"].as_array().is_some_and(|s| s.iter().all(|s| s["state"] != "starting")))
+        });
+        assert!(ok, "daemon did not become healthy; log:\n{}", daemon.log_text());
+        daemon
+    }
+
+    /// Starts `forkq run` without waiting for anything.
+    pub fn spawn(schema: &TestSchema, extra: &[(&str, &str)]) -> Daemon {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let log = dir.join(format!("{}-{port}.log", schema.name));
+        let log_file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(forkq_bin());
+        cmd.arg("run")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("FORKQ_HEALTH_ADDR", addr.to_string())
+            .env("FORKQ_CONCURRENCY", "2")
+            .env("FORKQ_LOG", "info")
+            .envs(schema.env())
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file);
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd.spawn().expect("spawn forkq run");
+        Daemon { child, addr, log }
+    }
+
+    /// The supervisor's pid.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET `path` on the probe: (status, body), or `None` when it does not answer.
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.addr, path)
+    }
+
+    /// /livez as (status, JSON).
+    pub fn livez(&self) -> Option<(u16, Value)> {
+        let (code, body) = self.get("/livez")?;
+        Some((code, serde_json::from_str(&body).ok()?))
+    }
+
+    /// The pids of the children, by slot (0 for an empty slot).
+    pub fn child_pids(&self) -> Vec<i32> {
+        self.livez()
+            .map(|(_, body)| {
+                body["slots"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|s| s["pid"].as_i64().unwrap_or(0) as i32)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Sends `signal` to the supervisor.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).unwrap();
+    }
+
+    /// Waits up to `timeout` for the supervisor to exit; its exit code (or 128+signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let mut status = None;
+        wait_until(timeout, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status.map(|s| {
+            use std::os::unix::process::ExitStatusExt;
+            s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))
+        })
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let pgid = nix::unistd::Pid::from_raw(-(self.child.id() as i32));
+        let _ = nix::sys::signal::kill(pgid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- forkq log ({}) ----\n{}", self.log.display(), self.log_text());
+        }
+    }
+}
+
+/// A minimal HTTP/1.0 GET with a 5 s timeout.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let code = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((code, body))
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
