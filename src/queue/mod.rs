@@ -92,12 +92,20 @@ impl QueueError {
     /// caller should reconnect.
     pub fn is_connection_lost(&self) -> bool {
         match self {
-            QueueError::Db(e) | QueueError::Migration { source: e, .. } => {
-                e.is_closed() || e.as_db_error().is_none()
-            }
+            QueueError::Db(e) | QueueError::Migration { source: e, .. } => match e.as_db_error() {
+                None => true,
+                Some(db) => e.is_closed() || is_transient_server_state(db.code().code()),
+            },
             _ => false,
         }
     }
+}
+
+/// SQLSTATEs that mean "the server is going away or not ready yet", not "your statement is
+/// wrong": connection exceptions (class 08), an administrator or crash shutdown, a server still
+/// starting up, and too many connections. Retrying on a fresh connection is the cure for all.
+fn is_transient_server_state(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
 }
 
 /// Opens one connection, shown as `application` in `pg_stat_activity`.

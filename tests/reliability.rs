@@ -1,0 +1,668 @@
+//! Fault injection: forkq broken the way production breaks it, against real processes and a real
+//! PostgreSQL. `make test` runs the short versions; `make chaos` (FORKQ_CHAOS=long) the long ones.
+//! Figures are printed (run with --nocapture) and collected in RELIABILITY.md.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{wait_until, Daemon, TestSchema};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::json;
+
+fn long_run() -> bool {
+    std::env::var("FORKQ_CHAOS").is_ok_and(|v| v == "long")
+}
+
+/// A coproc handler that appends "<job id>\n" to `record` for every execution (O_APPEND, one
+/// write per line, so concurrent children never interleave) and succeeds.
+fn recording_coproc(dir: &Path, record: &Path) -> String {
+    let script = dir.join("record.py");
+    std::fs::write(
+        &script,
+        format!(
+            r#"import json, os, sys
+fd = os.open({record:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+for line in sys.stdin:
+    job = json.loads(line)
+    os.write(fd, (str(job["id"]) + "\n").encode())
+    sys.stdout.write(json.dumps({{"id": job["id"], "ok": True, "result": None}}) + "\n")
+    sys.stdout.flush()
+"#,
+            record = record.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    format!("coproc:python3 {}", script.display())
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn total_attempts_beyond_first(schema: &TestSchema) -> i64 {
+    schema.count("SELECT coalesce(sum(attempt - 1), 0)::bigint FROM {s}.jobs_archive")
+}
+
+/// Kill storm: a random child is killed with SIGKILL every 50 ms while jobs drain. Every job must
+/// complete exactly once in the archive, none lost or failed; re-runs are bounded by
+/// kills × prefetch, and only the job in flight at each kill is charged an attempt.
+#[test]
+fn kill_storm_loses_nothing() {
+    let jobs = if long_run() { 20_000 } else { 3_000 };
+    let schema = TestSchema::new("storm");
+    let dir = temp_dir("storm");
+    let record = dir.join("executions");
+    let handler = recording_coproc(&dir, &record);
+    schema.enqueue_n("default", "record", json!({}), jobs);
+    let prefetch = 10;
+    let daemon = Daemon::start(
+        &schema,
+        &[
+            ("FORKQ_CONCURRENCY", "4"),
+            ("FORKQ_PREFETCH", "10"),
+            ("FORKQ_HANDLER", &handler),
+            ("FORKQ_HEALTHY_UPTIME_SECONDS", "1"),
+            ("FORKQ_CRASH_LOOP_THRESHOLD", "1000"),
+            ("FORKQ_RESTART_BACKOFF_MAX_MS", "50"),
+            ("FORKQ_LEASE_SECONDS", "5"),
+        ],
+    );
+    let started = Instant::now();
+    let mut kills = 0u64;
+    let drained = wait_until(
+        Duration::from_secs(if long_run() { 600 } else { 120 }),
+        || {
+            let pids: Vec<i32> = daemon.child_pids().into_iter().filter(|&p| p > 0).collect();
+            if !pids.is_empty() {
+                let victim = pids[fastrand::usize(..pids.len())];
+                if kill(Pid::from_raw(victim), Signal::SIGKILL).is_ok() {
+                    kills += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(30));
+            schema.archived("completed") == jobs as i64
+        },
+    );
+    let elapsed = started.elapsed();
+    assert!(
+        drained,
+        "drain did not finish: {} of {jobs} completed",
+        schema.archived("completed")
+    );
+    let executions = std::fs::read_to_string(&record).unwrap().lines().count() as i64;
+    let reruns = executions - jobs as i64;
+    let charged = total_attempts_beyond_first(&schema);
+    println!(
+        "kill storm: {jobs} jobs, {kills} kills in {elapsed:.1?}, {executions} executions, \
+         {reruns} re-runs, {charged} extra attempts charged, 0 lost, {} failed",
+        schema.archived("failed")
+    );
+    assert_eq!(
+        schema.count("SELECT count(*) FROM {s}.jobs"),
+        0,
+        "jobs left in the hot table"
+    );
+    assert_eq!(schema.archived("failed"), 0);
+    assert_eq!(schema.archived("completed"), jobs as i64);
+    assert!(
+        reruns >= 0,
+        "fewer executions than jobs: a job completed without running"
+    );
+    assert!(
+        reruns as u64 <= kills * prefetch,
+        "{reruns} re-runs for {kills} kills"
+    );
+    assert!(
+        charged as u64 <= kills,
+        "{charged} attempts charged for {kills} kills: innocent jobs were charged"
+    );
+}
+
+/// The supervisor is killed with SIGKILL mid-drain: its children die with it, and a new
+/// `forkq run` recovers every leased job within one lease and finishes the drain.
+#[test]
+fn supervisor_killed_mid_drain_recovers_within_one_lease() {
+    let schema = TestSchema::new("supkill");
+    schema.enqueue_n("default", "sleep", json!({"ms": 20}), 400);
+    let env = [
+        ("FORKQ_CONCURRENCY", "4"),
+        ("FORKQ_LEASE_SECONDS", "3"),
+        ("FORKQ_PREFETCH", "5"),
+    ];
+    let mut first = Daemon::start(&schema, &env);
+    assert!(wait_until(Duration::from_secs(30), || schema
+        .archived("completed")
+        >= 50));
+    let children: Vec<i32> = first.child_pids();
+    first.signal(Signal::SIGKILL);
+    first.wait_exit(Duration::from_secs(5));
+    assert!(
+        wait_until(Duration::from_secs(3), || children
+            .iter()
+            .all(|&p| !common::process_alive(p))),
+        "children outlived the supervisor"
+    );
+    let leased = schema.live("running");
+    println!("supervisor killed with {leased} job(s) leased");
+    let restarted = Instant::now();
+    let _second = Daemon::start(&schema, &env);
+    assert!(
+        wait_until(Duration::from_secs(60), || schema.archived("completed")
+            == 400),
+        "drain did not finish after restart"
+    );
+    let recovered_after = restarted.elapsed();
+    println!("new daemon finished the drain {recovered_after:.1?} after start (lease 3 s)");
+    assert_eq!(schema.archived("failed"), 0);
+}
+
+/// A private PostgreSQL cluster on its own port, stopped and removed when dropped.
+struct PrivateCluster {
+    dir: PathBuf,
+    bin: PathBuf,
+    port: u16,
+}
+
+impl PrivateCluster {
+    fn start(name: &str) -> PrivateCluster {
+        let bin = ["/usr/lib/postgresql/15/bin", "/usr/local/bin"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|d| d.join("initdb").exists() && d.join("pg_ctl").exists())
+            .expect("initdb and pg_ctl installed");
+        let dir = temp_dir(name);
+        let port = common::free_port();
+        Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        let ok = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(bin.join("initdb"))
+            .args(["-D"])
+            .arg(dir.join("data"))
+            .args(["-U", "postgres", "--auth=trust", "--no-sync"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "initdb failed");
+        let cluster = PrivateCluster { dir, bin, port };
+        cluster.pg_ctl(&["start", "-w"]);
+        cluster
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        let ok = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("server.log"))
+            .args(["-o", &options])
+            .args(args)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "pg_ctl {args:?} failed");
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["stop", "-m", "immediate"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `forkq` against the private cluster.
+fn forkq_on(url: &str, args: &[&str]) {
+    let out = Command::new(common::forkq_bin())
+        .args(args)
+        .env("DATABASE_URL", url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "forkq {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The default schema on a private cluster, migrated.
+struct ClusterSchema {
+    url: String,
+}
+
+impl ClusterSchema {
+    fn migrate(url: &str) -> ClusterSchema {
+        let mut client = postgres::Client::connect(url, postgres::NoTls).unwrap();
+        forkq::queue::migrations::migrate(&mut client, "forkq").unwrap();
+        ClusterSchema {
+            url: url.to_string(),
+        }
+    }
+
+    fn count(&self, sql: &str) -> Option<i64> {
+        let mut client = postgres::Client::connect(&self.url, postgres::NoTls).ok()?;
+        client.query_one(sql, &[]).ok().map(|r| r.get(0))
+    }
+}
+
+fn spawn_on(
+    url: &str,
+    extra: &[(&str, &str)],
+) -> (std::process::Child, std::net::SocketAddr, PathBuf) {
+    let port = common::free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("private-{port}.log"));
+    let file = std::fs::File::create(&log).unwrap();
+    let mut cmd = Command::new(common::forkq_bin());
+    cmd.arg("run")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", url)
+        .env("FORKQ_HEALTH_ADDR", addr.to_string())
+        .env("FORKQ_CONCURRENCY", "4")
+        .envs(extra.iter().copied())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file);
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    (cmd.spawn().unwrap(), addr, log)
+}
+
+struct Killed(std::process::Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(-(self.0.id() as i32)), Signal::SIGKILL);
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Samples /livez and /readyz every 50 ms while `during` runs; returns (livez codes, readyz codes).
+fn sample_probes(
+    addr: std::net::SocketAddr,
+    mut during: impl FnMut() -> bool,
+) -> (Vec<u16>, Vec<u16>) {
+    let mut live = Vec::new();
+    let mut ready = Vec::new();
+    while during() {
+        live.push(common::http_get(addr, "/livez").map_or(0, |(c, _)| c));
+        ready.push(common::http_get(addr, "/readyz").map_or(0, |(c, _)| c));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (live, ready)
+}
+
+/// PostgreSQL restarted mid-drain, then every forkq connection terminated: children reconnect,
+/// liveness stays 200, readiness goes 503 and back, nothing is lost.
+#[test]
+fn database_restart_and_connection_loss_lose_nothing() {
+    let cluster = PrivateCluster::start("pgrestart");
+    let url = cluster.url();
+    let db = ClusterSchema::migrate(&url);
+    let jobs = 3_000;
+    let lines: String = (0..jobs)
+        .map(|_| "{\"task\":\"sleep\",\"payload\":{\"ms\":2}}\n")
+        .collect();
+    let file = cluster.dir.join("jobs.jsonl");
+    std::fs::write(&file, lines).unwrap();
+    forkq_on(&url, &["enqueue", "--jsonl", file.to_str().unwrap()]);
+    let (child, addr, log) = spawn_on(&url, &[("FORKQ_LEASE_SECONDS", "5")]);
+    let _guard = Killed(child);
+    assert!(wait_until(Duration::from_secs(20), || db
+        .count("SELECT count(*) FROM forkq.jobs_archive")
+        .unwrap_or(0)
+        >= 300));
+
+    // 1. The server goes away and comes back (a restart, held down for two seconds).
+    let stopped = Instant::now();
+    cluster.pg_ctl(&["stop", "-m", "fast", "-w"]);
+    let (live_down, ready_down) =
+        sample_probes(addr, || stopped.elapsed() < Duration::from_secs(2));
+    cluster.pg_ctl(&["start", "-w"]);
+    let restarted = Instant::now();
+    let mut ready_after = None;
+    let (live_up, _) = sample_probes(addr, || {
+        let ok = common::http_get(addr, "/readyz").is_some_and(|(c, _)| c == 200);
+        if ok && ready_after.is_none() {
+            ready_after = Some(restarted.elapsed());
+        }
+        !ok && restarted.elapsed() < Duration::from_secs(20)
+    });
+    println!("database down: livez {live_down:?}, readyz {ready_down:?}; ready again {ready_after:?} after start");
+    assert!(
+        live_down.iter().chain(&live_up).all(|&c| c == 200),
+        "liveness depended on the database"
+    );
+    assert!(
+        ready_down.iter().all(|&c| c == 503),
+        "readiness stayed 200 without a database: {ready_down:?}"
+    );
+    assert!(ready_after.is_some(), "readiness did not come back");
+
+    // 2. Every forkq connection terminated by an administrator.
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    assert!(wait_until(Duration::from_secs(20), || {
+        client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'forkq worker'",
+                &[],
+            )
+            .map(|r| r.get::<_, i64>(0))
+            .unwrap_or(0)
+            == 4
+    }));
+    let terminated: i64 = client
+        .query_one(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name LIKE 'forkq%') t",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    println!("terminated {terminated} forkq connections");
+    assert!(terminated >= 4);
+    let t = Instant::now();
+    let (live, _) = sample_probes(addr, || t.elapsed() < Duration::from_secs(2));
+    assert!(
+        live.iter().all(|&c| c == 200),
+        "liveness failed after connections were terminated: {live:?}"
+    );
+
+    let done = wait_until(Duration::from_secs(90), || {
+        db.count("SELECT count(*) FROM forkq.jobs_archive WHERE state = 'completed'") == Some(jobs)
+    });
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(done, "drain did not finish; log:\n{log_text}");
+    assert_eq!(db.count("SELECT count(*) FROM forkq.jobs"), Some(0));
+    assert_eq!(
+        db.count("SELECT count(*) FROM forkq.jobs_archive WHERE state = 'failed'"),
+        Some(0)
+    );
+}
+
+/// A job longer than its lease runs once: the lease is renewed while it runs.
+#[test]
+fn long_job_outlives_its_lease_and_runs_once() {
+    let schema = TestSchema::new("longlease");
+    let id = schema.enqueue("default", "sleep", json!({"ms": 7000}));
+    let _daemon = Daemon::start(
+        &schema,
+        &[("FORKQ_LEASE_SECONDS", "3"), ("FORKQ_CONCURRENCY", "2")],
+    );
+    assert!(wait_until(Duration::from_secs(30), || schema
+        .archived("completed")
+        == 1));
+    let job = schema.job(id).unwrap();
+    assert_eq!(job["attempt"], 1, "the job ran more than once: {job}");
+}
+
+/// A child frozen past its lease: the job is rescued and completed by another child, and the
+/// frozen child's late acknowledgement is refused when it wakes up.
+#[test]
+fn frozen_child_late_ack_is_refused() {
+    let schema = TestSchema::new("frozen");
+    let daemon = Daemon::start(
+        &schema,
+        &[
+            ("FORKQ_LEASE_SECONDS", "3"),
+            ("FORKQ_CONCURRENCY", "2"),
+            ("FORKQ_HEALTH_STALE_SECONDS", "300"),
+        ],
+    );
+    let id = schema.enqueue("default", "sleep", json!({"ms": 1500}));
+    let mut holder = 0;
+    assert!(wait_until(Duration::from_secs(10), || {
+        daemon.livez().is_some_and(|(_, body)| {
+            body["slots"].as_array().unwrap().iter().any(|s| {
+                if s["job_id"].as_i64() == Some(id) {
+                    holder = s["pid"].as_i64().unwrap() as i32;
+                    true
+                } else {
+                    false
+                }
+            })
+        })
+    }));
+    kill(Pid::from_raw(holder), Signal::SIGSTOP).unwrap();
+    // Rescued after the lease (3 s) by the maintenance pass, run by the other child.
+    let rescued = wait_until(Duration::from_secs(20), || {
+        schema.archived("completed") == 1
+    });
+    kill(Pid::from_raw(holder), Signal::SIGCONT).unwrap();
+    assert!(
+        rescued,
+        "the frozen child's job was not rescued; log:\n{}",
+        daemon.log_text()
+    );
+    let job = schema.job(id).unwrap();
+    assert_eq!(job["attempt"], 2, "{job}");
+    assert!(
+        wait_until(Duration::from_secs(10), || daemon
+            .log_text()
+            .contains("refused the result of job(s)")),
+        "the late ack was not reported as refused; log:\n{}",
+        daemon.log_text()
+    );
+    assert_eq!(schema.archived("completed"), 1);
+}
+
+/// SIGTERM while 8 children run jobs: exit within the shared deadline, every job either
+/// completed or back in the queue, none stuck in running.
+#[test]
+fn shutdown_under_load_leaves_nothing_running() {
+    let schema = TestSchema::new("shutload");
+    schema.enqueue_n("default", "sleep", json!({"ms": 400}), 200);
+    schema.enqueue_n("default", "sleep", json!({"ms": 30000}), 4);
+    let mut daemon = Daemon::start(
+        &schema,
+        &[
+            ("FORKQ_CONCURRENCY", "8"),
+            ("FORKQ_SHUTDOWN_GRACE_SECONDS", "4"),
+            ("FORKQ_PREFETCH", "3"),
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let t = Instant::now();
+    daemon.signal(Signal::SIGTERM);
+    let code = daemon.wait_exit(Duration::from_secs(15));
+    let took = t.elapsed();
+    println!("shutdown under load took {took:.1?}, exit {code:?}");
+    assert_eq!(code, Some(0));
+    assert!(
+        took < Duration::from_secs(7),
+        "shutdown took {took:?} with a 4 s deadline"
+    );
+    assert_eq!(
+        schema.live("running"),
+        0,
+        "jobs left running after shutdown"
+    );
+    let total = schema.archived("completed") + schema.count("SELECT count(*) FROM {s}.jobs");
+    assert_eq!(total, 204, "jobs lost");
+}
+
+/// Twenty-odd invalid settings: each stops `forkq run` with exit 78 and names the variable.
+#[test]
+fn invalid_settings_exit_78_naming_the_variable() {
+    let cases: &[(&str, &str)] = &[
+        ("FORKQ_CONCURRENCY", "zero"),
+        ("FORKQ_CONCURRENCY", "0"),
+        ("FORKQ_PREFETCH", "0"),
+        ("FORKQ_PREFETCH", "100000"),
+        ("FORKQ_ACK_DELAY_MS", "-1"),
+        ("FORKQ_DURABLE", "perhaps"),
+        ("FORKQ_LEASE_SECONDS", "1"),
+        ("FORKQ_MAX_ATTEMPTS", "0"),
+        ("FORKQ_RETRY_BACKOFF_BASE_SECONDS", "x"),
+        ("FORKQ_POLL_INTERVAL_MS", "1"),
+        ("FORKQ_LISTEN", "2"),
+        ("FORKQ_MAX_PAYLOAD_BYTES", "1"),
+        ("FORKQ_RETENTION_SECONDS", "-5"),
+        ("FORKQ_HANDLER", "shell:rm"),
+        ("FORKQ_HANDLER", "exec:"),
+        ("FORKQ_ROUTES", "resize"),
+        ("FORKQ_JOB_TIMEOUT_SECONDS", "1e3"),
+        ("FORKQ_HEALTH_ADDR", "localhost"),
+        ("FORKQ_HEALTH_STALE_SECONDS", "0"),
+        ("FORKQ_CRASH_LOOP_THRESHOLD", "0"),
+        ("FORKQ_HEALTHY_UPTIME_SECONDS", "0"),
+        ("FORKQ_CRASH_LOOP_EXIT", "yes please"),
+        ("FORKQ_SHUTDOWN_GRACE_SECONDS", "forever"),
+        ("FORKQ_SCHEMA", "a\"; DROP TABLE x; --"),
+        ("FORKQ_QUEUES", "a,,b"),
+        ("DATABASE_URL", "mysql://x"),
+    ];
+    for (name, value) in cases {
+        let out = Command::new(common::forkq_bin())
+            .arg("run")
+            .env_clear()
+            .env("DATABASE_URL", common::database_url())
+            .env(name, value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{name}={value:?}: {stderr}");
+        assert!(
+            stderr.contains(name),
+            "{name}={value:?}: message does not name it: {stderr}"
+        );
+    }
+}
+
+/// Bad input at enqueue is refused with a clear message and nothing is inserted.
+#[test]
+fn malformed_input_is_refused_at_enqueue() {
+    let schema = TestSchema::new("badinput");
+    let enqueue = |args: &[&str], stdin: &[u8]| {
+        let mut child = Command::new(common::forkq_bin())
+            .arg("enqueue")
+            .args(args)
+            .envs(schema.env())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let cases: Vec<(Vec<&str>, Vec<u8>, &str)> = vec![
+        (
+            vec!["--task", "noop", "--payload", "{not json"],
+            vec![],
+            "not valid JSON",
+        ),
+        (
+            vec!["--task", "noop", "--payload", r#"{"a":"\u0000"}"#],
+            vec![],
+            "\\u0000",
+        ),
+        (vec!["--task", "no\u{1}op"], vec![], "control"),
+        (vec!["--task", ""], vec![], "empty"),
+        (
+            vec!["--jsonl", "-"],
+            b"{\"task\":\"noop\"}\n{\"task\":\"noop\"\n".to_vec(),
+            "line 2",
+        ),
+        (
+            vec!["--jsonl", "-"],
+            b"{\"task\":\"noop\",\"payload\":\"\xff\xfe\"}\n".to_vec(),
+            "UTF-8",
+        ),
+        (
+            vec!["--jsonl", "-"],
+            b"{\"task\":\"noop\",\"bogus\":1}\n".to_vec(),
+            "bogus",
+        ),
+    ];
+    for (args, stdin, expect) in cases {
+        let (code, stderr) = enqueue(&args, &stdin);
+        assert_eq!(code, Some(65), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(expect),
+            "{args:?}: expected {expect:?} in {stderr:?}"
+        );
+    }
+    let big = format!("{{\"blob\":\"{}\"}}", "x".repeat(2 << 20));
+    let (code, stderr) = enqueue(
+        &["--jsonl", "-"],
+        format!("{{\"task\":\"noop\",\"payload\":{big}}}\n").as_bytes(),
+    );
+    assert_eq!(code, Some(65));
+    assert!(stderr.contains("FORKQ_MAX_PAYLOAD_BYTES"), "{stderr}");
+    assert_eq!(
+        schema.count("SELECT count(*) FROM {s}.jobs"),
+        0,
+        "a refused job was inserted"
+    );
+}
+
+/// The probe answers only GET/HEAD on its paths and keeps answering liveness while 1,000 slow
+/// clients hold connections open (loopback, bounded in count and time).
+#[test]
+fn probe_survives_slow_clients() {
+    let schema = TestSchema::new("slowloris");
+    let daemon = Daemon::start(&schema, &[]);
+    let mut slow = Vec::new();
+    for _ in 0..1000 {
+        match std::net::TcpStream::connect_timeout(&daemon.addr, Duration::from_secs(2)) {
+            Ok(mut s) => {
+                let _ = s.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n");
+                slow.push(s);
+            }
+            Err(_) => break,
+        }
+    }
+    println!("{} slow connections open", slow.len());
+    let t = Instant::now();
+    let answer = daemon.get("/livez");
+    let took = t.elapsed();
+    println!("/livez answered in {took:.1?} with 1,000 slow clients connected");
+    assert_eq!(answer.map(|(c, _)| c), Some(200));
+    drop(slow);
+    let post = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
+        .arg(format!("http://{}/livez", daemon.addr))
+        .output();
+    if let Ok(out) = post {
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "405");
+    }
+    assert_eq!(daemon.get("/nope").map(|(c, _)| c), Some(404));
+}
