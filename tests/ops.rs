@@ -754,8 +754,12 @@ fn compose() -> Yaml {
 /// A compose service's environment as the container sees it: env_file, then environment:.
 fn compose_env(service: &Yaml) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
-    if let Some(file) = service.get("env_file") {
-        let file = yaml_str(file);
+    let files = match service.get("env_file") {
+        None => Vec::new(),
+        Some(Yaml::Sequence(files)) => files.iter().map(yaml_str).collect(),
+        Some(file) => vec![yaml_str(file)],
+    };
+    for file in files {
         for var in parse_env_file(&read(&format!("docker/{file}"))) {
             if var.active {
                 env.insert(var.name, var.default);
