@@ -67,15 +67,24 @@ fn enqueue_claim_ack_round_trip() {
     let claimed = claim(&mut c, 10);
     assert_eq!(claimed.len(), 1);
     let job = &claimed[0].job;
-    assert_eq!((job.id, job.task.as_str(), job.queue.as_str()), (id, "noop", "default"));
+    assert_eq!(
+        (job.id, job.task.as_str(), job.queue.as_str()),
+        (id, "noop", "default")
+    );
     assert_eq!(job.payload, json!({"n": 7}));
     assert_eq!((job.attempt, job.max_attempts), (1, 25));
     let row = schema.job(id).unwrap();
     assert_eq!(row["state"], "running");
     assert_eq!(row["lease_owner"], "w1");
-    assert!(row.get("lease_token").is_none(), "the token is never shown: {row}");
+    assert!(
+        row.get("lease_token").is_none(),
+        "the token is never shown: {row}"
+    );
 
-    assert!(claim(&mut c, 10).is_empty(), "a running job is not claimed twice");
+    assert!(
+        claim(&mut c, 10).is_empty(),
+        "a running job is not claimed twice"
+    );
     let round = settle(&mut c, id, claimed[0].lease_token, done());
     assert!(round.refused.is_empty());
     assert_eq!(schema.count("SELECT count(*) FROM {s}.jobs"), 0);
@@ -199,9 +208,14 @@ fn stale_lease_token_is_refused() {
     assert_eq!(round.claimed.len(), 1);
     assert_eq!(round.claimed[0].job.id, other);
     let row = schema.job(id).unwrap();
-    assert_eq!((row["state"].as_str(), row["lease_owner"].as_str()), (Some("running"), Some("b")));
+    assert_eq!(
+        (row["state"].as_str(), row["lease_owner"].as_str()),
+        (Some("running"), Some("b"))
+    );
 
-    assert!(settle(&mut b, id, second.lease_token, done()).refused.is_empty());
+    assert!(settle(&mut b, id, second.lease_token, done())
+        .refused
+        .is_empty());
     assert_eq!(schema.job(id).unwrap()["state"], "completed");
 }
 
@@ -255,7 +269,12 @@ fn retry_backs_off_then_dead_letters_with_the_error() {
             // Let the backoff pass without sleeping through it.
             exec(&schema, "UPDATE {s}.jobs SET run_at = now()");
         } else {
-            settle(&mut c, id, claimed[0].lease_token, Settlement::Failed(error));
+            settle(
+                &mut c,
+                id,
+                claimed[0].lease_token,
+                Settlement::Failed(error),
+            );
         }
     }
     let row = schema.job(id).unwrap();
@@ -275,13 +294,22 @@ fn scheduled_jobs_wait_for_their_time() {
         )
         .unwrap()
         .get(0);
-    let delayed = enqueue(&schema, NewJob::new("default", "noop", json!({})).with_delay(30.0));
-    let at = enqueue(&schema, NewJob::new("default", "noop", json!({})).with_run_at(in_an_hour));
+    let delayed = enqueue(
+        &schema,
+        NewJob::new("default", "noop", json!({})).with_delay(30.0),
+    );
+    let at = enqueue(
+        &schema,
+        NewJob::new("default", "noop", json!({})).with_run_at(in_an_hour),
+    );
     let past = enqueue(
         &schema,
         NewJob::new("default", "noop", json!({})).with_run_at("2001-01-01T00:00:00Z"),
     );
-    let soon = enqueue(&schema, NewJob::new("default", "noop", json!({})).with_delay(1.0));
+    let soon = enqueue(
+        &schema,
+        NewJob::new("default", "noop", json!({})).with_delay(1.0),
+    );
     assert_eq!(schema.job(delayed).unwrap()["state"], "scheduled");
     assert_eq!(schema.job(at).unwrap()["state"], "scheduled");
     assert_eq!(schema.job(past).unwrap()["state"], "available");
@@ -313,7 +341,10 @@ fn lower_priority_runs_first() {
     let schema = TestSchema::new("priority");
     let mut expected = Vec::new();
     for p in [5i16, -3, 0, 10, -3, 0] {
-        let id = enqueue(&schema, NewJob::new("default", "noop", json!({})).with_priority(p));
+        let id = enqueue(
+            &schema,
+            NewJob::new("default", "noop", json!({})).with_priority(p),
+        );
         expected.push((p, id));
     }
     expected.sort();
@@ -331,15 +362,14 @@ fn lower_priority_runs_first() {
 
     // ...and within one batch, in the order they are to run.
     for p in [5i16, -3, 0, 10, -3, 0] {
-        enqueue(&schema, NewJob::new("default", "noop", json!({})).with_priority(p));
+        enqueue(
+            &schema,
+            NewJob::new("default", "noop", json!({})).with_priority(p),
+        );
     }
     let batch: Vec<i16> = claim(&mut c, 10)
         .iter()
-        .map(|cl| {
-            schema.job(cl.job.id).unwrap()["priority"]
-                .as_i64()
-                .unwrap() as i16
-        })
+        .map(|cl| schema.job(cl.job.id).unwrap()["priority"].as_i64().unwrap() as i16)
         .collect();
     assert_eq!(batch, vec![-3, -3, 0, 0, 5, 10]);
 }
@@ -393,13 +423,34 @@ fn cancel_waiting_and_running_jobs() {
     let mut client = connect();
     let s = schema.name.as_str();
     let waiting = enqueue(&schema, NewJob::new("default", "noop", json!({})));
-    let scheduled = enqueue(&schema, NewJob::new("default", "noop", json!({})).with_delay(600.0));
-    assert_eq!(admin::cancel(&mut client, s, waiting, true).unwrap().as_deref(), Some("cancelled"));
-    assert_eq!(admin::cancel(&mut client, s, scheduled, true).unwrap().as_deref(), Some("cancelled"));
+    let scheduled = enqueue(
+        &schema,
+        NewJob::new("default", "noop", json!({})).with_delay(600.0),
+    );
+    assert_eq!(
+        admin::cancel(&mut client, s, waiting, true)
+            .unwrap()
+            .as_deref(),
+        Some("cancelled")
+    );
+    assert_eq!(
+        admin::cancel(&mut client, s, scheduled, true)
+            .unwrap()
+            .as_deref(),
+        Some("cancelled")
+    );
     assert_eq!(schema.archived("cancelled"), 2);
     assert_eq!(schema.count("SELECT count(*) FROM {s}.jobs"), 0);
-    assert_eq!(admin::cancel(&mut client, s, waiting, true).unwrap().as_deref(), Some("cancelled"));
-    assert_eq!(admin::cancel(&mut client, s, 999_999_999, true).unwrap(), None);
+    assert_eq!(
+        admin::cancel(&mut client, s, waiting, true)
+            .unwrap()
+            .as_deref(),
+        Some("cancelled")
+    );
+    assert_eq!(
+        admin::cancel(&mut client, s, 999_999_999, true).unwrap(),
+        None
+    );
 
     // Running jobs are marked; whatever the run asks for afterwards, they are not retried.
     let mut c = consumer(&schema, "w", &[]);
@@ -412,7 +463,10 @@ fn cancel_waiting_and_running_jobs() {
     ] {
         let id = enqueue(&schema, NewJob::new("default", "noop", json!({})));
         let cl = claim(&mut c, 1).remove(0);
-        assert_eq!(admin::cancel(&mut client, s, id, true).unwrap().as_deref(), Some("cancelling"));
+        assert_eq!(
+            admin::cancel(&mut client, s, id, true).unwrap().as_deref(),
+            Some("cancelling")
+        );
         assert_eq!(schema.job(id).unwrap()["state"], "running");
         let round = settle(&mut c, id, cl.lease_token, settlement);
         assert!(round.refused.is_empty());
@@ -425,7 +479,10 @@ fn cancel_waiting_and_running_jobs() {
     admin::cancel(&mut client, s, id, true).unwrap();
     settle(&mut c, id, cl.lease_token, done());
     assert_eq!(schema.job(id).unwrap()["state"], "completed");
-    assert_eq!(admin::cancel(&mut client, s, id, true).unwrap().as_deref(), Some("completed"));
+    assert_eq!(
+        admin::cancel(&mut client, s, id, true).unwrap().as_deref(),
+        Some("completed")
+    );
 }
 
 #[test]
@@ -439,20 +496,34 @@ fn retry_moves_a_failed_job_back() {
     );
     let mut c = consumer(&schema, "w", &[]);
     let cl = claim(&mut c, 1).remove(0);
-    settle(&mut c, id, cl.lease_token, Settlement::Failed("no luck".into()));
+    settle(
+        &mut c,
+        id,
+        cl.lease_token,
+        Settlement::Failed("no luck".into()),
+    );
     assert_eq!(schema.archived("failed"), 1);
 
     assert!(admin::retry(&mut client, s, id).unwrap());
     let row = schema.job(id).unwrap();
-    assert_eq!((row["state"].as_str(), row["attempt"].as_i64()), (Some("available"), Some(0)));
+    assert_eq!(
+        (row["state"].as_str(), row["attempt"].as_i64()),
+        (Some("available"), Some(0))
+    );
     assert_eq!(row["last_error"], "no luck", "the last error stays visible");
     assert_eq!(schema.count("SELECT count(*) FROM {s}.jobs_archive"), 0);
-    assert!(!admin::retry(&mut client, s, id).unwrap(), "a live job is not retried");
+    assert!(
+        !admin::retry(&mut client, s, id).unwrap(),
+        "a live job is not retried"
+    );
 
     let cl = claim(&mut c, 1).remove(0);
     assert_eq!((cl.job.id, cl.job.attempt), (id, 1));
     settle(&mut c, id, cl.lease_token, done());
-    assert!(!admin::retry(&mut client, s, id).unwrap(), "a completed job is not retried");
+    assert!(
+        !admin::retry(&mut client, s, id).unwrap(),
+        "a completed job is not retried"
+    );
     assert!(!admin::retry(&mut client, s, 999_999_999).unwrap());
 }
 
@@ -480,13 +551,26 @@ fn transactional_enqueue_commits_or_vanishes_with_the_callers_rows() {
     let id = client
         .enqueue_in(&mut tx, &NewJob::new("default", "noop", json!({})))
         .unwrap();
-    let id2 = producer::enqueue(&mut tx, &schema.name, &limits(), &NewJob::new("default", "noop", json!({}))).unwrap();
-    assert_eq!(schema.count("SELECT count(*) FROM {s}.jobs"), 0, "visible before commit");
+    let id2 = producer::enqueue(
+        &mut tx,
+        &schema.name,
+        &limits(),
+        &NewJob::new("default", "noop", json!({})),
+    )
+    .unwrap();
+    assert_eq!(
+        schema.count("SELECT count(*) FROM {s}.jobs"),
+        0,
+        "visible before commit"
+    );
     tx.rollback().unwrap();
     assert!(schema.job(id).is_none() && schema.job(id2).is_none());
     assert_eq!(schema.count("SELECT count(*) FROM {s}.jobs"), 0);
     assert_eq!(schema.count("SELECT count(*) FROM {s}.orders"), 0);
-    assert!(!notified(&mut listener, Duration::from_millis(300)), "notified for a rolled-back job");
+    assert!(
+        !notified(&mut listener, Duration::from_millis(300)),
+        "notified for a rolled-back job"
+    );
 
     let mut tx = app.transaction().unwrap();
     tx.batch_execute(&orders).unwrap();
@@ -496,7 +580,10 @@ fn transactional_enqueue_commits_or_vanishes_with_the_callers_rows() {
     tx.commit().unwrap();
     assert_eq!(schema.job(id).unwrap()["state"], "available");
     assert_eq!(schema.count("SELECT count(*) FROM {s}.orders"), 1);
-    assert!(notified(&mut listener, Duration::from_secs(5)), "no notification after commit");
+    assert!(
+        notified(&mut listener, Duration::from_secs(5)),
+        "no notification after commit"
+    );
 
     // A bad job inside the caller's transaction is refused before it touches the database.
     let mut tx = app.transaction().unwrap();
@@ -504,7 +591,8 @@ fn transactional_enqueue_commits_or_vanishes_with_the_callers_rows() {
         .enqueue_in(&mut tx, &NewJob::new("default", "", json!({})))
         .unwrap_err();
     assert!(matches!(err, QueueError::InvalidJob(_)), "{err}");
-    tx.batch_execute("SELECT 1").expect("the caller's transaction is still usable");
+    tx.batch_execute("SELECT 1")
+        .expect("the caller's transaction is still usable");
 }
 
 #[test]
@@ -532,17 +620,28 @@ fn bulk_enqueue_is_all_or_nothing() {
     let good = NewJob::new("default", "noop", json!({}));
     let mut jobs = vec![good.clone(); 7_000];
     jobs.push(NewJob::new("default", "noop", json!({})).with_run_at("not a time"));
-    let err = producer::enqueue_many(&mut connect(), &schema.name, &limits(), &jobs, None).unwrap_err();
+    let err =
+        producer::enqueue_many(&mut connect(), &schema.name, &limits(), &jobs, None).unwrap_err();
     assert!(err.to_string().contains("RFC 3339"), "{err}");
-    assert_eq!(schema.count("SELECT count(*) FROM {s}.jobs"), 0, "the first chunk was kept");
+    assert_eq!(
+        schema.count("SELECT count(*) FROM {s}.jobs"),
+        0,
+        "the first chunk was kept"
+    );
 
     let input = "{\"task\":\"a\"}\n\n{\"task\":\"b\",\"payload\":[1]}\n{\"task\":\"c\",\"payload\":{\"x\":\n";
     let err = producer::parse_jsonl(input, "default", &limits()).unwrap_err();
     assert_eq!(err.line, 4, "{}", err.reason);
-    let err = producer::parse_jsonl("{\"task\":\"a\"}\n{\"tusk\":\"a\"}\n", "q", &limits()).unwrap_err();
+    let err =
+        producer::parse_jsonl("{\"task\":\"a\"}\n{\"tusk\":\"a\"}\n", "q", &limits()).unwrap_err();
     assert_eq!(err.line, 2);
     assert!(err.reason.contains("tusk"), "{}", err.reason);
-    let jobs = producer::parse_jsonl("{\"task\":\"a\",\"queue\":\"x\"}\n{\"task\":\"b\"}", "q", &limits()).unwrap();
+    let jobs = producer::parse_jsonl(
+        "{\"task\":\"a\",\"queue\":\"x\"}\n{\"task\":\"b\"}",
+        "q",
+        &limits(),
+    )
+    .unwrap();
     assert_eq!((jobs[0].queue.as_str(), jobs[1].queue.as_str()), ("x", "q"));
 }
 
@@ -559,26 +658,49 @@ fn invalid_jobs_are_refused_clearly() {
             other => panic!("{job:?} was not refused: {other:?}"),
         }
     };
-    let why = refuse(NewJob::new("default", "noop", json!({"blob": "x".repeat(100)})), &small);
-    assert!(why.contains("FORKQ_MAX_PAYLOAD_BYTES") && why.contains("limit is 64"), "{why}");
-    let why = refuse(NewJob::new("default", "noop", json!({"a": "x\u{0}y"})), &limits());
+    let why = refuse(
+        NewJob::new("default", "noop", json!({"blob": "x".repeat(100)})),
+        &small,
+    );
+    assert!(
+        why.contains("FORKQ_MAX_PAYLOAD_BYTES") && why.contains("limit is 64"),
+        "{why}"
+    );
+    let why = refuse(
+        NewJob::new("default", "noop", json!({"a": "x\u{0}y"})),
+        &limits(),
+    );
     assert!(why.contains("\\u0000"), "{why}");
-    let why = refuse(NewJob::new("default", "noop", json!({"k\u{0}": 1})), &limits());
+    let why = refuse(
+        NewJob::new("default", "noop", json!({"k\u{0}": 1})),
+        &limits(),
+    );
     assert!(why.contains("\\u0000"), "{why}");
     let why = refuse(NewJob::new("default", "no\u{0}op", json!({})), &limits());
     assert!(why.contains("NUL"), "{why}");
-    let why = refuse(NewJob::new("default", "noop", json!({})).with_unique_key("k\u{0}"), &limits());
+    let why = refuse(
+        NewJob::new("default", "noop", json!({})).with_unique_key("k\u{0}"),
+        &limits(),
+    );
     assert!(why.contains("NUL"), "{why}");
     let why = refuse(NewJob::new("", "noop", json!({})), &limits());
     assert!(why.contains("queue name"), "{why}");
     let why = refuse(NewJob::new("a,b", "noop", json!({})), &limits());
     assert!(why.contains("queue name"), "{why}");
-    let why = refuse(NewJob::new("default", "noop", json!({})).with_max_attempts(0), &limits());
+    let why = refuse(
+        NewJob::new("default", "noop", json!({})).with_max_attempts(0),
+        &limits(),
+    );
     assert!(why.contains("max_attempts"), "{why}");
-    let why = refuse(NewJob::new("default", "noop", json!({})).with_delay(-1.0), &limits());
+    let why = refuse(
+        NewJob::new("default", "noop", json!({})).with_delay(-1.0),
+        &limits(),
+    );
     assert!(why.contains("delay"), "{why}");
     let why = refuse(
-        NewJob::new("default", "noop", json!({})).with_delay(1.0).with_run_at("2030-01-01T00:00:00Z"),
+        NewJob::new("default", "noop", json!({}))
+            .with_delay(1.0)
+            .with_run_at("2030-01-01T00:00:00Z"),
         &limits(),
     );
     assert!(why.contains("not both"), "{why}");
@@ -586,7 +708,10 @@ fn invalid_jobs_are_refused_clearly() {
     // The SQL function has PostgreSQL's own guard for NUL.
     let err = connect()
         .query_one(
-            &render("SELECT {s}.enqueue('default', 'noop', '{\"a\": \"\\u0000\"}')", &schema.name),
+            &render(
+                "SELECT {s}.enqueue('default', 'noop', '{\"a\": \"\\u0000\"}')",
+                &schema.name,
+            ),
             &[],
         )
         .unwrap_err();
@@ -599,7 +724,10 @@ fn migrations_are_idempotent_and_safe_concurrently() {
     let name = schema.0.clone();
     let mut client = connect();
     let outdated = migrations::require_current(&mut client, &name).unwrap_err();
-    assert!(outdated.to_string().contains("run `forkq migrate`"), "{outdated}");
+    assert!(
+        outdated.to_string().contains("run `forkq migrate`"),
+        "{outdated}"
+    );
     let pending = migrations::status(&mut client, &name).unwrap();
     assert!(pending.iter().all(|m| m.applied_at.is_none()));
 
@@ -620,7 +748,10 @@ fn migrations_are_idempotent_and_safe_concurrently() {
     let applied = migrations::status(&mut client, &name).unwrap();
     assert!(applied.iter().all(|m| m.applied_at.is_some()));
     let rows: i64 = client
-        .query_one(&render("SELECT count(*) FROM {s}.schema_migrations", &name), &[])
+        .query_one(
+            &render("SELECT count(*) FROM {s}.schema_migrations", &name),
+            &[],
+        )
         .unwrap()
         .get(0);
     assert_eq!(rows, migrations::MIGRATIONS.len() as i64);
@@ -634,7 +765,10 @@ fn consumer_refuses_an_unmigrated_schema() {
     vars.insert("FORKQ_SCHEMA".into(), schema.0.clone());
     let config = forkq::Config::from_vars(vars).unwrap();
     let err = Consumer::connect(&config, "w").err().expect("refused");
-    assert!(matches!(err, QueueError::SchemaOutdated { found: 0, .. }), "{err}");
+    assert!(
+        matches!(err, QueueError::SchemaOutdated { found: 0, .. }),
+        "{err}"
+    );
     assert!(forkq::Client::new(&config).is_err());
 }
 
@@ -642,20 +776,31 @@ fn consumer_refuses_an_unmigrated_schema() {
 fn release_returns_unstarted_jobs_uncharged() {
     let schema = TestSchema::new("release");
     for _ in 0..3 {
-        enqueue(&schema, NewJob::new("default", "noop", json!({})).with_max_attempts(2));
+        enqueue(
+            &schema,
+            NewJob::new("default", "noop", json!({})).with_max_attempts(2),
+        );
     }
     let mut c = consumer(&schema, "w", &[]);
     let claimed = claim(&mut c, 3);
     assert_eq!(claimed.len(), 3);
     let in_flight = claimed[0].job.id;
-    let back = c.release("w", Some(in_flight), Some("worker stopped")).unwrap();
+    let back = c
+        .release("w", Some(in_flight), Some("worker stopped"))
+        .unwrap();
     assert_eq!(back, 3);
     let row = schema.job(in_flight).unwrap();
-    assert_eq!((row["state"].as_str(), row["attempt"].as_i64()), (Some("available"), Some(1)));
+    assert_eq!(
+        (row["state"].as_str(), row["attempt"].as_i64()),
+        (Some("available"), Some(1))
+    );
     assert_eq!(row["last_error"], "worker stopped");
     for cl in &claimed[1..] {
         let row = schema.job(cl.job.id).unwrap();
-        assert_eq!((row["state"].as_str(), row["attempt"].as_i64()), (Some("available"), Some(0)));
+        assert_eq!(
+            (row["state"].as_str(), row["attempt"].as_i64()),
+            (Some("available"), Some(0))
+        );
         assert!(row["last_error"].is_null() && row["lease_owner"].is_null());
     }
 
@@ -664,12 +809,22 @@ fn release_returns_unstarted_jobs_uncharged() {
     let claimed = claim(&mut c, 3);
     let in_flight = claimed.iter().find(|cl| cl.job.id == in_flight).unwrap();
     assert_eq!(in_flight.job.attempt, 2);
-    let cancelled = claimed.iter().find(|cl| cl.job.id != in_flight.job.id).unwrap().job.id;
+    let cancelled = claimed
+        .iter()
+        .find(|cl| cl.job.id != in_flight.job.id)
+        .unwrap()
+        .job
+        .id;
     admin::cancel(&mut connect(), &schema.name, cancelled, true).unwrap();
-    let back = c.release("w", Some(in_flight.job.id), Some("killed")).unwrap();
+    let back = c
+        .release("w", Some(in_flight.job.id), Some("killed"))
+        .unwrap();
     assert_eq!(back, 1);
     let row = schema.job(in_flight.job.id).unwrap();
-    assert_eq!((row["state"].as_str(), row["last_error"].as_str()), (Some("failed"), Some("killed")));
+    assert_eq!(
+        (row["state"].as_str(), row["last_error"].as_str()),
+        (Some("failed"), Some("killed"))
+    );
     assert_eq!(schema.job(cancelled).unwrap()["state"], "cancelled");
     assert_eq!(schema.live("available"), 1);
     // Another owner's jobs are never touched.
@@ -684,7 +839,9 @@ fn rescue_returns_expired_leases_only() {
     let schema = TestSchema::new("rescue");
     let rescue_sql = render(sql::RESCUE_EXPIRED, &schema.name);
     let mut rescuer = connect();
-    rescuer.batch_execute("SET statement_timeout = '10s'").unwrap();
+    rescuer
+        .batch_execute("SET statement_timeout = '10s'")
+        .unwrap();
     let mut rescue = move || -> i32 { rescuer.query_one(&rescue_sql, &[&true]).unwrap().get(0) };
     let expire = |id: i64| {
         exec(
@@ -706,11 +863,19 @@ fn rescue_returns_expired_leases_only() {
     assert_eq!(b.renew().unwrap(), vec![renewed]);
     assert_eq!(rescue(), 1);
     let row = schema.job(expired).unwrap();
-    assert_eq!((row["state"].as_str(), row["attempt"].as_i64()), (Some("available"), Some(1)));
-    assert!(row["last_error"].as_str().unwrap().contains("lease expired"));
+    assert_eq!(
+        (row["state"].as_str(), row["attempt"].as_i64()),
+        (Some("available"), Some(1))
+    );
+    assert!(row["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("lease expired"));
     assert_eq!(schema.job(renewed).unwrap()["state"], "running");
     assert!(settle(&mut a, expired, ca.lease_token, done()).refused == vec![expired]);
-    assert!(settle(&mut b, renewed, cb.lease_token, done()).refused.is_empty());
+    assert!(settle(&mut b, renewed, cb.lease_token, done())
+        .refused
+        .is_empty());
 
     // An ack in flight: its transaction holds the row while rescue runs. Rescue must neither wait
     // for it nor touch the row; the ack then commits as if rescue had never run.
@@ -733,7 +898,10 @@ fn rescue_returns_expired_leases_only() {
     assert!(stale.is_empty());
     let started = Instant::now();
     assert_eq!(rescue(), 0);
-    assert!(started.elapsed() < Duration::from_secs(5), "rescue waited for the ack");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "rescue waited for the ack"
+    );
     tx.commit().unwrap();
     assert_eq!(schema.job(expired).unwrap()["state"], "completed");
 
@@ -744,20 +912,29 @@ fn rescue_returns_expired_leases_only() {
     expire(renewing);
     let mut renewer = connect();
     let mut tx = renewer.transaction().unwrap();
-    tx.execute(&render(sql::RENEW, &schema.name), &[&"b", &30f64]).unwrap();
+    tx.execute(&render(sql::RENEW, &schema.name), &[&"b", &30f64])
+        .unwrap();
     assert_eq!(rescue(), 0);
     tx.commit().unwrap();
     assert_eq!(rescue(), 0, "the committed renewal keeps the lease");
-    assert!(settle(&mut b, renewing, cl.lease_token, done()).refused.is_empty());
+    assert!(settle(&mut b, renewing, cl.lease_token, done())
+        .refused
+        .is_empty());
 
     // No attempts left: the dead letter, with the reason.
-    let last = enqueue(&schema, NewJob::new("default", "noop", json!({})).with_max_attempts(1));
+    let last = enqueue(
+        &schema,
+        NewJob::new("default", "noop", json!({})).with_max_attempts(1),
+    );
     claim(&mut a, 1);
     expire(last);
     assert_eq!(rescue(), 1);
     let row = schema.job(last).unwrap();
     assert_eq!(row["state"], "failed");
-    assert!(row["last_error"].as_str().unwrap().contains("lease expired"));
+    assert!(row["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("lease expired"));
 }
 
 #[test]
@@ -780,7 +957,10 @@ fn retention_zero_deletes_completed_jobs_but_keeps_failed() {
         })
         .collect();
     assert!(c.settle_and_claim(&acks, 0).unwrap().refused.is_empty());
-    assert!(schema.job(ok).is_none(), "completed job kept with retention 0");
+    assert!(
+        schema.job(ok).is_none(),
+        "completed job kept with retention 0"
+    );
     assert_eq!(schema.job(bad).unwrap()["state"], "failed");
     assert_eq!(schema.count("SELECT count(*) FROM {s}.jobs"), 0);
 }
@@ -823,25 +1003,42 @@ fn maintenance_purges_archived_jobs_after_retention() {
     assert_eq!(report.purged, 2);
     assert!(schema.job(ids[0]).is_none() && schema.job(ids[3]).is_none());
     assert_eq!(schema.job(ids[1]).unwrap()["state"], "completed");
-    assert_eq!(schema.job(ids[2]).unwrap()["state"], "failed", "the dead letter is kept");
+    assert_eq!(
+        schema.job(ids[2]).unwrap()["state"],
+        "failed",
+        "the dead letter is kept"
+    );
 
     // Only one holder at a time.
     let mut holder = connect();
     let mut tx = holder.transaction().unwrap();
     let locked: bool = tx
-        .query_one(sql::TRY_MAINTENANCE_LOCK, &[&sql::advisory_key("maintenance", s)])
+        .query_one(
+            sql::TRY_MAINTENANCE_LOCK,
+            &[&sql::advisory_key("maintenance", s)],
+        )
         .unwrap()
         .get(0);
     assert!(locked);
-    assert!(maintenance::run_pass(&mut connect(), s, Duration::from_secs(1)).unwrap().is_none());
+    assert!(
+        maintenance::run_pass(&mut connect(), s, Duration::from_secs(1))
+            .unwrap()
+            .is_none()
+    );
     tx.rollback().unwrap();
 }
 
 #[test]
 fn maintenance_promotes_due_jobs() {
     let schema = TestSchema::new("promote");
-    let id = enqueue(&schema, NewJob::new("default", "noop", json!({})).with_delay(600.0));
-    exec(&schema, "UPDATE {s}.jobs SET run_at = now() - interval '1 second'");
+    let id = enqueue(
+        &schema,
+        NewJob::new("default", "noop", json!({})).with_delay(600.0),
+    );
+    exec(
+        &schema,
+        "UPDATE {s}.jobs SET run_at = now() - interval '1 second'",
+    );
     let report = maintenance::run_pass(&mut connect(), &schema.name, Duration::from_secs(60))
         .unwrap()
         .unwrap();
@@ -855,7 +1052,10 @@ fn sql_function_enqueues_from_plain_sql() {
     let mut client = connect();
     let positional: i64 = client
         .query_one(
-            &render("SELECT {s}.enqueue('default', 'noop', '{\"a\": 1}')", &schema.name),
+            &render(
+                "SELECT {s}.enqueue('default', 'noop', '{\"a\": 1}')",
+                &schema.name,
+            ),
             &[],
         )
         .unwrap()
@@ -881,22 +1081,34 @@ fn sql_function_enqueues_from_plain_sql() {
     assert_eq!(named, again);
     let later: i64 = client
         .query_one(
-            &render("SELECT {s}.enqueue('default', 'noop', run_at => now() + interval '1 hour')", &schema.name),
+            &render(
+                "SELECT {s}.enqueue('default', 'noop', run_at => now() + interval '1 hour')",
+                &schema.name,
+            ),
             &[],
         )
         .unwrap()
         .get(0);
     assert_eq!(schema.job(later).unwrap()["state"], "scheduled");
     let row = schema.job(named).unwrap();
-    assert_eq!((row["priority"].as_i64(), row["max_attempts"].as_i64()), (Some(-5), Some(3)));
+    assert_eq!(
+        (row["priority"].as_i64(), row["max_attempts"].as_i64()),
+        (Some(-5), Some(3))
+    );
 
     let mut c = consumer(&schema, "w", &[]);
     let ids: Vec<i64> = claim(&mut c, 10).iter().map(|cl| cl.job.id).collect();
     assert_eq!(ids, vec![named, positional]);
     let err = client
-        .query_one(&render("SELECT {s}.enqueue('default', '')", &schema.name), &[])
+        .query_one(
+            &render("SELECT {s}.enqueue('default', '')", &schema.name),
+            &[],
+        )
         .unwrap_err();
-    assert!(err.as_db_error().unwrap().message().contains("non-empty"), "{err}");
+    assert!(
+        err.as_db_error().unwrap().message().contains("non-empty"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -919,7 +1131,9 @@ fn claim_plan_stays_on_the_index_with_stale_statistics() {
         .batch_execute(&format!("PREPARE claim_inner(text, int) AS {inner}"))
         .unwrap();
     for mode in ["force_custom_plan", "force_generic_plan"] {
-        client.batch_execute(&format!("SET plan_cache_mode = {mode}")).unwrap();
+        client
+            .batch_execute(&format!("SET plan_cache_mode = {mode}"))
+            .unwrap();
         let plan: Vec<String> = client
             .query("EXPLAIN EXECUTE claim_inner('default', 10)", &[])
             .unwrap()
@@ -928,7 +1142,10 @@ fn claim_plan_stays_on_the_index_with_stale_statistics() {
             .collect();
         let plan = plan.join("\n");
         println!("claim plan ({mode}):\n{plan}");
-        assert!(plan.contains("jobs_claim_idx"), "{mode} plan does not use the claim index:\n{plan}");
+        assert!(
+            plan.contains("jobs_claim_idx"),
+            "{mode} plan does not use the claim index:\n{plan}"
+        );
         assert!(!plan.contains("Sort"), "{mode} plan sorts:\n{plan}");
     }
     // The function body must be the statement checked above.
@@ -942,7 +1159,10 @@ fn claim_plan_stays_on_the_index_with_stale_statistics() {
         .get(0);
     let squeeze = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
     let expected_where = "WHERE c.queue = q AND c.state <> 'running' AND c.run_at <= now() ORDER BY c.priority, c.run_at, c.id";
-    assert!(squeeze(&body).contains(expected_where), "claim changed: update this test\n{body}");
+    assert!(
+        squeeze(&body).contains(expected_where),
+        "claim changed: update this test\n{body}"
+    );
 
     let mut c = consumer(&schema, "w", &[("FORKQ_PREFETCH", "100")]);
     let started = Instant::now();
