@@ -1208,3 +1208,88 @@ fn single_enqueue_round_trip_time() {
     );
     assert_eq!(schema.live("available"), 1000);
 }
+
+#[test]
+fn racing_enqueues_of_one_unique_key_get_one_job() {
+    let schema = TestSchema::new("uniquerace");
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let name = schema.name.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let mut client = connect();
+                let job = NewJob::new("default", "noop", json!({})).with_unique_key("once");
+                barrier.wait();
+                (0..20)
+                    .map(|_| producer::enqueue(&mut client, &name, &limits(), &job).unwrap())
+                    .collect::<Vec<i64>>()
+            })
+        })
+        .collect();
+    let ids: HashSet<i64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert_eq!(schema.count("SELECT count(*) FROM {s}.jobs"), 1);
+}
+
+#[test]
+fn consumer_wakes_on_notify_and_times_out_without() {
+    let schema = TestSchema::new("notify");
+    let mut c = consumer(&schema, "w", &[]);
+    c.listen().unwrap();
+    let started = Instant::now();
+    assert!(!c.wait_for_notification(Duration::from_millis(300)).unwrap());
+    assert!(started.elapsed() >= Duration::from_millis(250));
+
+    // Scheduled jobs do not wake anyone; due ones do, bulk ones once.
+    enqueue(
+        &schema,
+        NewJob::new("default", "noop", json!({})).with_delay(600.0),
+    );
+    assert!(!c.wait_for_notification(Duration::from_millis(300)).unwrap());
+    let producer = std::thread::spawn({
+        let name = schema.name.clone();
+        move || {
+            std::thread::sleep(Duration::from_millis(200));
+            producer::enqueue(
+                &mut connect(),
+                &name,
+                &limits(),
+                &NewJob::new("default", "noop", json!({})),
+            )
+            .unwrap()
+        }
+    });
+    let started = Instant::now();
+    assert!(c.wait_for_notification(Duration::from_secs(10)).unwrap());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    producer.join().unwrap();
+    schema.enqueue_n("default", "noop", json!({}), 3);
+    assert!(c.wait_for_notification(Duration::from_secs(5)).unwrap());
+    assert!(
+        !c.wait_for_notification(Duration::from_millis(200)).unwrap(),
+        "buffered notifications were drained"
+    );
+    assert!(c.is_alive());
+}
+
+#[test]
+fn client_api_enqueues_through_its_pool() {
+    let schema = TestSchema::new("clientapi");
+    let client = forkq::Client::new(&schema.config(&[("FORKQ_MAX_ATTEMPTS", "7")])).unwrap();
+    assert_eq!(client.schema(), schema.name);
+    let id = client
+        .enqueue(&NewJob::new("default", "noop", json!({"a": 1})))
+        .unwrap();
+    assert_eq!(schema.job(id).unwrap()["max_attempts"], 7);
+    let jobs = vec![NewJob::new("default", "noop", json!({})); 10];
+    assert_eq!(client.clone().enqueue_many(&jobs).unwrap(), 10);
+    assert_eq!(schema.live("available"), 11);
+    let err = client
+        .enqueue(&NewJob::new("default", "noop", json!("x".repeat(2 << 20))))
+        .unwrap_err();
+    assert!(err.to_string().contains("FORKQ_MAX_PAYLOAD_BYTES"), "{err}");
+}
