@@ -334,6 +334,18 @@ fn scheduled_jobs_wait_for_their_time() {
     )
     .unwrap_err();
     assert!(bad.to_string().contains("RFC 3339"), "{bad}");
+    // The right shape but no such day: PostgreSQL's calendar check, with the same clear error.
+    let bad = producer::enqueue(
+        &mut connect(),
+        &schema.name,
+        &limits(),
+        &NewJob::new("default", "noop", json!({})).with_run_at("2030-02-30T00:00:00Z"),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&bad, QueueError::InvalidJob(why) if why.contains("2030-02-30")),
+        "{bad}"
+    );
 }
 
 #[test]
