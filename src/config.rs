@@ -194,6 +194,27 @@ pub fn is_valid_queue_name(name: &str) -> bool {
             .all(|c| !c.is_control() && !c.is_whitespace() && c != ',')
 }
 
+/// `url` with its password replaced by `***`, for messages and logs.
+pub fn redacted_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        // userinfo ends at the last '@' before the host part.
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@') {
+            if let Some(colon) = rest[..at].find(':') {
+                return format!("{scheme}://{}:***{}", &rest[..colon], &rest[at..]);
+            }
+        }
+        return url.to_string();
+    }
+    url.split_whitespace()
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.trim() == "password" => format!("{key}=***"),
+            _ => pair.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// The default number of children: one per CPU the process may run on.
 fn default_concurrency() -> i64 {
     std::thread::available_parallelism()
@@ -442,6 +463,19 @@ mod tests {
             assert_eq!(err.value, value);
             assert!(err.to_string().contains(name));
         }
+    }
+
+    #[test]
+    fn passwords_are_hidden() {
+        assert_eq!(
+            redacted_url("postgres://app:s3cr@t@db:5432/x?sslmode=off"),
+            "postgres://app:***@db:5432/x?sslmode=off"
+        );
+        assert_eq!(redacted_url("postgres://app@db/x"), "postgres://app@db/x");
+        assert_eq!(
+            redacted_url("host=db user=app password=hunter2"),
+            "host=db user=app password=***"
+        );
     }
 
     #[test]

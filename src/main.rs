@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
-use forkq::config::{Config, EX_CONFIG};
+use forkq::config::{redacted_url, Config, EX_CONFIG};
 use forkq::handler::{builtin::Builtin, Handler};
 use forkq::queue::producer::{self, Limits, NewJob};
 use forkq::queue::{self, admin, migrations, QueueError};
@@ -185,8 +185,23 @@ fn init_logging() {
         .init();
 }
 
+/// Connects, or fails with exit code 78 naming the variable that holds the URL (password hidden):
+/// a database that cannot be reached is a setting to fix, not a passing fault.
 fn connect(config: &Config) -> Result<postgres::Client, Failure> {
-    Ok(queue::connect(&config.database_url, "forkq cli")?)
+    queue::connect(&config.database_url, "forkq cli").map_err(|e| {
+        let variable = if std::env::var("FORKQ_DATABASE_URL").is_ok_and(|v| !v.trim().is_empty()) {
+            "FORKQ_DATABASE_URL"
+        } else {
+            "DATABASE_URL"
+        };
+        fail(
+            EX_CONFIG as u8,
+            format!(
+                "cannot connect with {variable}={:?}: {e}; check the URL and that PostgreSQL is running",
+                redacted_url(&config.database_url)
+            ),
+        )
+    })
 }
 
 fn command(command: Command, config: &Config) -> Result<(), Failure> {

@@ -54,7 +54,12 @@ impl fmt::Display for QueueError {
         match self {
             QueueError::Db(e) => match e.as_db_error() {
                 Some(db) => write!(f, "database error: {}", db.message()),
-                None => write!(f, "database error: {e}"),
+                // The driver's own message is terse ("error connecting to server"); the
+                // cause (refused, timed out, name unknown) is what the operator needs.
+                None => match std::error::Error::source(e) {
+                    Some(cause) => write!(f, "database error: {e}: {cause}"),
+                    None => write!(f, "database error: {e}"),
+                },
             },
             QueueError::Migration { version, source } => {
                 write!(f, "migration {version} failed and was rolled back: {source}")

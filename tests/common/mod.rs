@@ -321,3 +321,30 @@ pub fn process_alive(pid: i32) -> bool {
         Err(_) => false,
     }
 }
+
+/// A schema name of its own that is dropped at the end but never migrated, for tests of the
+/// migrations themselves and of commands run against an un-migrated schema.
+pub struct FreshSchema(pub String);
+
+impl FreshSchema {
+    /// Picks `t_<prefix>_<pid>_<n>` and makes sure it does not exist.
+    pub fn new(prefix: &str) -> FreshSchema {
+        let name = format!(
+            "t_{prefix}_{}_{}",
+            std::process::id(),
+            SCHEMA_COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        connect()
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
+            .unwrap();
+        FreshSchema(name)
+    }
+}
+
+impl Drop for FreshSchema {
+    fn drop(&mut self) {
+        if let Ok(mut client) = postgres::Client::connect(&database_url(), postgres::NoTls) {
+            let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.0));
+        }
+    }
+}

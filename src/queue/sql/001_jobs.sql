@@ -147,23 +147,29 @@ DECLARE
 BEGIN
     FOREACH q IN ARRAY p_queues LOOP
         EXIT WHEN remaining <= 0;
+        -- RETURNING follows the join, not the pick: sort again so jobs run in claim order.
         RETURN QUERY
-        UPDATE {s}.jobs j
-        SET state = 'running',
-            attempt = j.attempt + 1,
-            lease_owner = p_owner,
-            lease_token = (random() * 9.2e18)::bigint,
-            lease_expires_at = now() + make_interval(secs => p_lease_seconds)
-        FROM (
-            SELECT c.id FROM {s}.jobs c
-            WHERE c.queue = q AND c.state <> 'running' AND c.run_at <= now()
-            ORDER BY c.priority, c.run_at, c.id
-            LIMIT remaining
-            FOR UPDATE SKIP LOCKED
-        ) picked
-        WHERE j.id = picked.id
-        RETURNING j.id, j.queue, j.task, j.payload, j.priority, j.attempt, j.max_attempts,
-                  j.lease_token, j.batch_id, NULL::bigint[];
+        WITH claimed AS (
+            UPDATE {s}.jobs j
+            SET state = 'running',
+                attempt = j.attempt + 1,
+                lease_owner = p_owner,
+                lease_token = (random() * 9.2e18)::bigint,
+                lease_expires_at = now() + make_interval(secs => p_lease_seconds)
+            FROM (
+                SELECT c.id FROM {s}.jobs c
+                WHERE c.queue = q AND c.state <> 'running' AND c.run_at <= now()
+                ORDER BY c.priority, c.run_at, c.id
+                LIMIT remaining
+                FOR UPDATE SKIP LOCKED
+            ) picked
+            WHERE j.id = picked.id
+            RETURNING j.*
+        )
+        SELECT c.id, c.queue, c.task, c.payload, c.priority, c.attempt, c.max_attempts,
+               c.lease_token, c.batch_id, NULL::bigint[]
+        FROM claimed c
+        ORDER BY c.priority, c.run_at, c.id;
         GET DIAGNOSTICS got = ROW_COUNT;
         remaining := remaining - got;
     END LOOP;
@@ -250,22 +256,33 @@ $$;
 
 -- Gives back the jobs a worker holds. The job in flight (p_in_flight, 0 for none) keeps the attempt
 -- it was charged and is dead-lettered with p_error when it has no attempts left; jobs that were
--- claimed but never started go back uncharged. Returns how many jobs went back to the queue.
+-- claimed but never started go back uncharged, except those cancelled meanwhile, which end
+-- cancelled instead of running later. Returns how many jobs went back to the queue.
 CREATE FUNCTION {s}.release(p_owner text, p_in_flight bigint, p_error text, p_retain boolean)
 RETURNS int LANGUAGE plpgsql AS $$
 DECLARE
-    exhausted_id    bigint;
-    exhausted_token bigint;
-    released        int;
+    done_ids    bigint[];
+    done_tokens bigint[];
+    done_errors text[];
+    released    int;
 BEGIN
-    SELECT j.id, j.lease_token INTO exhausted_id, exhausted_token
-    FROM {s}.jobs j
-    WHERE j.lease_owner = p_owner AND j.state = 'running' AND j.id = p_in_flight
-      AND (j.attempt >= j.max_attempts OR j.cancel_requested)
-    FOR UPDATE;
-    IF exhausted_id IS NOT NULL THEN
-        PERFORM {s}.retire(ARRAY[exhausted_id], ARRAY[exhausted_token], ARRAY['failed'],
-                           ARRAY[p_error], ARRAY[NULL::jsonb], p_retain);
+    SELECT coalesce(array_agg(d.id), '{}'), coalesce(array_agg(d.lease_token), '{}'),
+           coalesce(array_agg(CASE WHEN d.id = p_in_flight THEN p_error
+                                   ELSE 'cancelled by request' END), '{}')
+    INTO done_ids, done_tokens, done_errors
+    FROM (
+        SELECT j.id, j.lease_token
+        FROM {s}.jobs j
+        WHERE j.lease_owner = p_owner AND j.state = 'running'
+          AND (j.cancel_requested OR (j.id = p_in_flight AND j.attempt >= j.max_attempts))
+        FOR UPDATE
+    ) d;
+    IF cardinality(done_ids) > 0 THEN
+        PERFORM {s}.retire(done_ids, done_tokens,
+                           array_fill('failed'::text, ARRAY[cardinality(done_ids)]),
+                           done_errors,
+                           array_fill(NULL::jsonb, ARRAY[cardinality(done_ids)]),
+                           p_retain);
     END IF;
     UPDATE {s}.jobs j
     SET state = 'available',

@@ -1,0 +1,1307 @@
+//! The queue core against the real PostgreSQL: every test in its own schema.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::*;
+use forkq::queue::consumer::{Ack, Claimed, Consumer, Round, Settlement};
+use forkq::queue::producer::{self, Limits};
+use forkq::queue::sql::{self, render};
+use forkq::queue::{admin, maintenance, migrations, QueueError};
+use forkq::NewJob;
+use postgres::fallible_iterator::FallibleIterator;
+use serde_json::{json, Value};
+
+fn limits() -> Limits {
+    Limits {
+        max_payload_bytes: 1 << 20,
+        default_max_attempts: 25,
+    }
+}
+
+fn consumer(schema: &TestSchema, owner: &str, extra: &[(&str, &str)]) -> Consumer {
+    Consumer::connect(&schema.config(extra), owner).expect("consumer connects")
+}
+
+fn enqueue(schema: &TestSchema, job: NewJob) -> i64 {
+    producer::enqueue(&mut connect(), &schema.name, &limits(), &job).expect("enqueue")
+}
+
+fn claim(c: &mut Consumer, limit: usize) -> Vec<Claimed> {
+    c.settle_and_claim(&[], limit).expect("claim").claimed
+}
+
+fn settle(c: &mut Consumer, id: i64, token: i64, settlement: Settlement) -> Round {
+    let ack = Ack {
+        id,
+        lease_token: token,
+        settlement,
+    };
+    c.settle_and_claim(&[ack], 0).expect("settle")
+}
+
+fn done() -> Settlement {
+    Settlement::Completed(json!({"ok": true}))
+}
+
+/// A float from SQL with `{s}` for the schema.
+fn float(schema: &TestSchema, query: &str) -> f64 {
+    let query = query.replace("{s}", &format!("\"{}\"", schema.name));
+    connect().query_one(&query, &[]).unwrap().get(0)
+}
+
+fn exec(schema: &TestSchema, statement: &str) {
+    let statement = statement.replace("{s}", &format!("\"{}\"", schema.name));
+    connect().batch_execute(&statement).unwrap();
+}
+
+#[test]
+fn enqueue_claim_ack_round_trip() {
+    let schema = TestSchema::new("roundtrip");
+    let id = enqueue(&schema, NewJob::new("default", "noop", json!({"n": 7})));
+    assert_eq!(schema.live("available"), 1);
+
+    let mut c = consumer(&schema, "w1", &[]);
+    let claimed = claim(&mut c, 10);
+    assert_eq!(claimed.len(), 1);
+    let job = &claimed[0].job;
+    assert_eq!(
+        (job.id, job.task.as_str(), job.queue.as_str()),
+        (id, "noop", "default")
+    );
+    assert_eq!(job.payload, json!({"n": 7}));
+    assert_eq!((job.attempt, job.max_attempts), (1, 25));
+    let row = schema.job(id).unwrap();
+    assert_eq!(row["state"], "running");
+    assert_eq!(row["lease_owner"], "w1");
+    assert!(
+        row.get("lease_token").is_none(),
+        "the token is never shown: {row}"
+    );
+
+    assert!(
+        claim(&mut c, 10).is_empty(),
+        "a running job is not claimed twice"
+    );
+    let round = settle(&mut c, id, claimed[0].lease_token, done());
+    assert!(round.refused.is_empty());
+    assert_eq!(schema.count("SELECT count(*) FROM {s}.jobs"), 0);
+    let row = schema.job(id).unwrap();
+    assert_eq!(row["state"], "completed");
+    assert_eq!(row["result"], json!({"ok": true}));
+    assert_eq!(row["attempt"], 1);
+}
+
+#[test]
+fn concurrent_claimers_never_share_a_job() {
+    const JOBS: usize = 10_000;
+    let schema = TestSchema::new("concurrent");
+    schema.enqueue_n("default", "noop", json!({}), JOBS);
+    let started = Instant::now();
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            let config = schema.config(&[]);
+            let check = render(
+                "SELECT count(*) FROM {s}.jobs WHERE state <> 'running'",
+                &schema.name,
+            );
+            std::thread::spawn(move || {
+                let mut c = Consumer::connect(&config, &format!("w{w}")).unwrap();
+                let mut seen = Vec::new();
+                let mut acks: Vec<Ack> = Vec::new();
+                loop {
+                    let round = c.settle_and_claim(&acks, 25).unwrap();
+                    assert!(round.refused.is_empty(), "{:?}", round.refused);
+                    if round.claimed.is_empty() {
+                        let waiting: i64 = c.client().query_one(&check, &[]).unwrap().get(0);
+                        if waiting == 0 {
+                            return seen;
+                        }
+                    }
+                    acks = round
+                        .claimed
+                        .iter()
+                        .map(|cl| {
+                            assert_eq!(cl.job.attempt, 1, "job {} claimed again", cl.job.id);
+                            seen.push(cl.job.id);
+                            Ack {
+                                id: cl.job.id,
+                                lease_token: cl.lease_token,
+                                settlement: Settlement::Completed(Value::Null),
+                            }
+                        })
+                        .collect();
+                }
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut per_worker = Vec::new();
+    for w in workers {
+        let ids = w.join().expect("worker panicked");
+        per_worker.push(ids.len());
+        all.extend(ids);
+    }
+    let elapsed = started.elapsed();
+    let unique: HashSet<i64> = all.iter().copied().collect();
+    assert_eq!(all.len(), JOBS, "claims: {}", all.len());
+    assert_eq!(unique.len(), JOBS, "some job was claimed twice");
+    assert_eq!(schema.archived("completed"), JOBS as i64);
+    assert_eq!(schema.count("SELECT count(*) FROM {s}.jobs"), 0);
+    println!(
+        "8 claimers drained {JOBS} jobs in {elapsed:.2?} ({:.0} jobs/s); per worker {per_worker:?}",
+        JOBS as f64 / elapsed.as_secs_f64()
+    );
+}
+
+#[test]
+fn stale_lease_token_is_refused() {
+    let schema = TestSchema::new("fence");
+    let id = enqueue(&schema, NewJob::new("default", "noop", json!({})));
+    let mut a = consumer(&schema, "a", &[]);
+    let first = claim(&mut a, 1).remove(0);
+
+    // A made-up token changes nothing and is reported.
+    let round = settle(&mut a, id, first.lease_token ^ 1, done());
+    assert_eq!(round.refused, vec![id]);
+    assert_eq!(schema.live("running"), 1);
+
+    // A's lease expires, the job is rescued and B claims it: A's late ack must be refused.
+    exec(
+        &schema,
+        "UPDATE {s}.jobs SET lease_expires_at = now() - interval '1 second'",
+    );
+    let rescued: i32 = connect()
+        .query_one(&render(sql::RESCUE_EXPIRED, &schema.name), &[&true])
+        .unwrap()
+        .get(0);
+    assert_eq!(rescued, 1);
+    let mut b = consumer(&schema, "b", &[]);
+    let second = claim(&mut b, 1).remove(0);
+    assert_eq!(second.job.attempt, 2);
+    for settlement in [
+        done(),
+        Settlement::Failed("late".into()),
+        Settlement::Retry {
+            error: None,
+            delay: Duration::ZERO,
+        },
+    ] {
+        let round = settle(&mut a, id, first.lease_token, settlement);
+        assert_eq!(round.refused, vec![id]);
+    }
+    // Refusals also travel with a round that claims jobs.
+    let other = enqueue(&schema, NewJob::new("default", "noop", json!({})));
+    let round = a
+        .settle_and_claim(
+            &[Ack {
+                id,
+                lease_token: first.lease_token,
+                settlement: done(),
+            }],
+            5,
+        )
+        .unwrap();
+    assert_eq!(round.refused, vec![id]);
+    assert_eq!(round.claimed.len(), 1);
+    assert_eq!(round.claimed[0].job.id, other);
+    let row = schema.job(id).unwrap();
+    assert_eq!(
+        (row["state"].as_str(), row["lease_owner"].as_str()),
+        (Some("running"), Some("b"))
+    );
+
+    assert!(settle(&mut b, id, second.lease_token, done())
+        .refused
+        .is_empty());
+    assert_eq!(schema.job(id).unwrap()["state"], "completed");
+}
+
+#[test]
+fn retry_backs_off_then_dead_letters_with_the_error() {
+    let schema = TestSchema::new("retry");
+    let id = enqueue(
+        &schema,
+        NewJob::new("default", "flaky", json!({})).with_max_attempts(3),
+    );
+    let config = schema.config(&[]);
+    let mut c = consumer(&schema, "w", &[]);
+    for attempt in 1..=3 {
+        let claimed = claim(&mut c, 1);
+        assert_eq!(claimed.len(), 1, "attempt {attempt}");
+        let job = &claimed[0].job;
+        assert_eq!((job.attempt, job.max_attempts), (attempt, 3));
+        let error = format!("boom {attempt}");
+        if attempt < 3 {
+            let delay = forkq::backoff::retry_delay(
+                attempt,
+                config.retry_backoff_base,
+                config.retry_backoff_max,
+            );
+            let round = settle(
+                &mut c,
+                id,
+                claimed[0].lease_token,
+                Settlement::Retry {
+                    error: Some(error.clone()),
+                    delay,
+                },
+            );
+            assert!(round.refused.is_empty());
+            let row = schema.job(id).unwrap();
+            assert_eq!(row["state"], "retryable");
+            assert_eq!(row["attempt"], attempt);
+            assert_eq!(row["last_error"], error.as_str());
+            assert!(row["lease_owner"].is_null());
+            // Base 2 s doubling with ±25 % jitter: 1.5-2.5 s, then 3-5 s.
+            let ahead = float(
+                &schema,
+                &format!("SELECT extract(epoch FROM run_at - now())::float8 FROM {{s}}.jobs WHERE id = {id}"),
+            );
+            let nominal = 2f64 * f64::from(1 << (attempt - 1));
+            assert!(
+                ahead > nominal * 0.75 - 0.5 && ahead <= nominal * 1.25 + 0.01,
+                "attempt {attempt}: run_at {ahead:.2} s ahead"
+            );
+            assert!(claim(&mut c, 1).is_empty(), "claimed before its retry time");
+            // Let the backoff pass without sleeping through it.
+            exec(&schema, "UPDATE {s}.jobs SET run_at = now()");
+        } else {
+            settle(
+                &mut c,
+                id,
+                claimed[0].lease_token,
+                Settlement::Failed(error),
+            );
+        }
+    }
+    let row = schema.job(id).unwrap();
+    assert_eq!(row["state"], "failed");
+    assert_eq!(row["attempt"], 3);
+    assert_eq!(row["last_error"], "boom 3");
+    assert_eq!(schema.count("SELECT count(*) FROM {s}.jobs"), 0);
+}
+
+#[test]
+fn scheduled_jobs_wait_for_their_time() {
+    let schema = TestSchema::new("scheduled");
+    let in_an_hour: String = connect()
+        .query_one(
+            "SELECT to_char((now() + interval '1 hour') AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let delayed = enqueue(
+        &schema,
+        NewJob::new("default", "noop", json!({})).with_delay(30.0),
+    );
+    let at = enqueue(
+        &schema,
+        NewJob::new("default", "noop", json!({})).with_run_at(in_an_hour),
+    );
+    let past = enqueue(
+        &schema,
+        NewJob::new("default", "noop", json!({})).with_run_at("2001-01-01T00:00:00Z"),
+    );
+    let soon = enqueue(
+        &schema,
+        NewJob::new("default", "noop", json!({})).with_delay(1.0),
+    );
+    assert_eq!(schema.job(delayed).unwrap()["state"], "scheduled");
+    assert_eq!(schema.job(at).unwrap()["state"], "scheduled");
+    assert_eq!(schema.job(past).unwrap()["state"], "available");
+
+    let mut c = consumer(&schema, "w", &[]);
+    let ids: Vec<i64> = claim(&mut c, 10).iter().map(|cl| cl.job.id).collect();
+    assert_eq!(ids, vec![past]);
+    // The one-second job becomes claimable on its own; the others stay put.
+    let mut got = Vec::new();
+    assert!(wait_until(Duration::from_secs(10), || {
+        got.extend(claim(&mut c, 10).iter().map(|cl| cl.job.id));
+        !got.is_empty()
+    }));
+    assert_eq!(got, vec![soon]);
+    assert_eq!(schema.live("scheduled"), 2);
+
+    let bad = producer::enqueue(
+        &mut connect(),
+        &schema.name,
+        &limits(),
+        &NewJob::new("default", "noop", json!({})).with_run_at("next tuesday"),
+    )
+    .unwrap_err();
+    assert!(bad.to_string().contains("RFC 3339"), "{bad}");
+    // The right shape but no such day: PostgreSQL's calendar check, with the same clear error.
+    let bad = producer::enqueue(
+        &mut connect(),
+        &schema.name,
+        &limits(),
+        &NewJob::new("default", "noop", json!({})).with_run_at("2030-02-30T00:00:00Z"),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&bad, QueueError::InvalidJob(why) if why.contains("2030-02-30")),
+        "{bad}"
+    );
+}
+
+#[test]
+fn lower_priority_runs_first() {
+    let schema = TestSchema::new("priority");
+    let mut expected = Vec::new();
+    for p in [5i16, -3, 0, 10, -3, 0] {
+        let id = enqueue(
+            &schema,
+            NewJob::new("default", "noop", json!({})).with_priority(p),
+        );
+        expected.push((p, id));
+    }
+    expected.sort();
+    let expected: Vec<i64> = expected.into_iter().map(|(_, id)| id).collect();
+
+    // One at a time...
+    let mut c = consumer(&schema, "w", &[]);
+    let mut one_by_one = Vec::new();
+    for _ in 0..expected.len() {
+        let cl = claim(&mut c, 1).remove(0);
+        one_by_one.push(cl.job.id);
+        settle(&mut c, cl.job.id, cl.lease_token, done());
+    }
+    assert_eq!(one_by_one, expected);
+
+    // ...and within one batch, in the order they are to run.
+    for p in [5i16, -3, 0, 10, -3, 0] {
+        enqueue(
+            &schema,
+            NewJob::new("default", "noop", json!({})).with_priority(p),
+        );
+    }
+    let batch: Vec<i16> = claim(&mut c, 10)
+        .iter()
+        .map(|cl| schema.job(cl.job.id).unwrap()["priority"].as_i64().unwrap() as i16)
+        .collect();
+    assert_eq!(batch, vec![-3, -3, 0, 0, 5, 10]);
+}
+
+#[test]
+fn queues_are_served_in_the_configured_order() {
+    let schema = TestSchema::new("queues");
+    let low = enqueue(&schema, NewJob::new("low", "noop", json!({})));
+    let high = enqueue(&schema, NewJob::new("high", "noop", json!({})));
+    enqueue(&schema, NewJob::new("other", "noop", json!({})));
+    let mut c = consumer(&schema, "w", &[("FORKQ_QUEUES", "high,low")]);
+    let ids: Vec<i64> = claim(&mut c, 10).iter().map(|cl| cl.job.id).collect();
+    assert_eq!(ids, vec![high, low]);
+}
+
+#[test]
+fn unique_key_returns_the_live_job() {
+    let schema = TestSchema::new("unique");
+    let job = NewJob::new("default", "noop", json!({"v": 1})).with_unique_key("user-42");
+    let first = enqueue(&schema, job.clone());
+    let again = enqueue(&schema, job.clone().with_priority(3));
+    assert_eq!(first, again);
+    assert_eq!(schema.count("SELECT count(*) FROM {s}.jobs"), 1);
+    // Bulk enqueue skips it too.
+    let n = producer::enqueue_many(
+        &mut connect(),
+        &schema.name,
+        &limits(),
+        &[job.clone(), NewJob::new("default", "noop", json!({}))],
+        None,
+    )
+    .unwrap();
+    assert_eq!(n, 1);
+
+    // Still live while running.
+    let mut c = consumer(&schema, "w", &[]);
+    let claimed = claim(&mut c, 1).remove(0);
+    assert_eq!(claimed.job.id, first);
+    assert_eq!(enqueue(&schema, job.clone()), first);
+    settle(&mut c, first, claimed.lease_token, done());
+
+    // Archived: the key is free again.
+    let next = enqueue(&schema, job.clone());
+    assert_ne!(next, first);
+    assert_eq!(enqueue(&schema, job), next);
+}
+
+#[test]
+fn cancel_waiting_and_running_jobs() {
+    let schema = TestSchema::new("cancel");
+    let mut client = connect();
+    let s = schema.name.as_str();
+    let waiting = enqueue(&schema, NewJob::new("default", "noop", json!({})));
+    let scheduled = enqueue(
+        &schema,
+        NewJob::new("default", "noop", json!({})).with_delay(600.0),
+    );
+    assert_eq!(
+        admin::cancel(&mut client, s, waiting, true)
+            .unwrap()
+            .as_deref(),
+        Some("cancelled")
+    );
+    assert_eq!(
+        admin::cancel(&mut client, s, scheduled, true)
+            .unwrap()
+            .as_deref(),
+        Some("cancelled")
+    );
+    assert_eq!(schema.archived("cancelled"), 2);
+    assert_eq!(schema.count("SELECT count(*) FROM {s}.jobs"), 0);
+    assert_eq!(
+        admin::cancel(&mut client, s, waiting, true)
+            .unwrap()
+            .as_deref(),
+        Some("cancelled")
+    );
+    assert_eq!(
+        admin::cancel(&mut client, s, 999_999_999, true).unwrap(),
+        None
+    );
+
+    // Running jobs are marked; whatever the run asks for afterwards, they are not retried.
+    let mut c = consumer(&schema, "w", &[]);
+    for settlement in [
+        Settlement::Retry {
+            error: Some("flaky".into()),
+            delay: Duration::ZERO,
+        },
+        Settlement::Failed("broken".into()),
+    ] {
+        let id = enqueue(&schema, NewJob::new("default", "noop", json!({})));
+        let cl = claim(&mut c, 1).remove(0);
+        assert_eq!(
+            admin::cancel(&mut client, s, id, true).unwrap().as_deref(),
+            Some("cancelling")
+        );
+        assert_eq!(schema.job(id).unwrap()["state"], "running");
+        let round = settle(&mut c, id, cl.lease_token, settlement);
+        assert!(round.refused.is_empty());
+        assert_eq!(schema.job(id).unwrap()["state"], "cancelled");
+        assert!(claim(&mut c, 1).is_empty());
+    }
+    // A cancelled job that completes anyway stays completed (its work was done).
+    let id = enqueue(&schema, NewJob::new("default", "noop", json!({})));
+    let cl = claim(&mut c, 1).remove(0);
+    admin::cancel(&mut client, s, id, true).unwrap();
+    settle(&mut c, id, cl.lease_token, done());
+    assert_eq!(schema.job(id).unwrap()["state"], "completed");
+    assert_eq!(
+        admin::cancel(&mut client, s, id, true).unwrap().as_deref(),
+        Some("completed")
+    );
+}
+
+#[test]
+fn retry_moves_a_failed_job_back() {
+    let schema = TestSchema::new("retryjob");
+    let mut client = connect();
+    let s = schema.name.as_str();
+    let id = enqueue(
+        &schema,
+        NewJob::new("default", "noop", json!({})).with_max_attempts(1),
+    );
+    let mut c = consumer(&schema, "w", &[]);
+    let cl = claim(&mut c, 1).remove(0);
+    settle(
+        &mut c,
+        id,
+        cl.lease_token,
+        Settlement::Failed("no luck".into()),
+    );
+    assert_eq!(schema.archived("failed"), 1);
+
+    assert!(admin::retry(&mut client, s, id).unwrap());
+    let row = schema.job(id).unwrap();
+    assert_eq!(
+        (row["state"].as_str(), row["attempt"].as_i64()),
+        (Some("available"), Some(0))
+    );
+    assert_eq!(row["last_error"], "no luck", "the last error stays visible");
+    assert_eq!(schema.count("SELECT count(*) FROM {s}.jobs_archive"), 0);
+    assert!(
+        !admin::retry(&mut client, s, id).unwrap(),
+        "a live job is not retried"
+    );
+
+    let cl = claim(&mut c, 1).remove(0);
+    assert_eq!((cl.job.id, cl.job.attempt), (id, 1));
+    settle(&mut c, id, cl.lease_token, done());
+    assert!(
+        !admin::retry(&mut client, s, id).unwrap(),
+        "a completed job is not retried"
+    );
+    assert!(!admin::retry(&mut client, s, 999_999_999).unwrap());
+}
+
+#[test]
+fn transactional_enqueue_commits_or_vanishes_with_the_callers_rows() {
+    let schema = TestSchema::new("txenqueue");
+    let client = forkq::Client::new(&schema.config(&[])).unwrap();
+    let mut listener = connect();
+    listener
+        .batch_execute(&format!("LISTEN \"{}\"", sql::channel(&schema.name)))
+        .unwrap();
+    let notified = |listener: &mut postgres::Client, wait: Duration| {
+        let mut n = listener.notifications();
+        let got = n.timeout_iter(wait).next().unwrap().is_some();
+        while n.iter().next().unwrap().is_some() {}
+        got
+    };
+
+    let mut app = connect();
+    exec(&schema, "CREATE TABLE {s}.orders (id int)");
+    let orders = format!("INSERT INTO \"{}\".orders VALUES (1)", schema.name);
+
+    let mut tx = app.transaction().unwrap();
+    tx.batch_execute(&orders).unwrap();
+    let id = client
+        .enqueue_in(&mut tx, &NewJob::new("default", "noop", json!({})))
+        .unwrap();
+    let id2 = producer::enqueue(
+        &mut tx,
+        &schema.name,
+        &limits(),
+        &NewJob::new("default", "noop", json!({})),
+    )
+    .unwrap();
+    assert_eq!(
+        schema.count("SELECT count(*) FROM {s}.jobs"),
+        0,
+        "visible before commit"
+    );
+    tx.rollback().unwrap();
+    assert!(schema.job(id).is_none() && schema.job(id2).is_none());
+    assert_eq!(schema.count("SELECT count(*) FROM {s}.jobs"), 0);
+    assert_eq!(schema.count("SELECT count(*) FROM {s}.orders"), 0);
+    assert!(
+        !notified(&mut listener, Duration::from_millis(300)),
+        "notified for a rolled-back job"
+    );
+
+    let mut tx = app.transaction().unwrap();
+    tx.batch_execute(&orders).unwrap();
+    let id = client
+        .enqueue_in(&mut tx, &NewJob::new("default", "noop", json!({})))
+        .unwrap();
+    tx.commit().unwrap();
+    assert_eq!(schema.job(id).unwrap()["state"], "available");
+    assert_eq!(schema.count("SELECT count(*) FROM {s}.orders"), 1);
+    assert!(
+        notified(&mut listener, Duration::from_secs(5)),
+        "no notification after commit"
+    );
+
+    // A bad job inside the caller's transaction is refused before it touches the database.
+    let mut tx = app.transaction().unwrap();
+    let err = client
+        .enqueue_in(&mut tx, &NewJob::new("default", "", json!({})))
+        .unwrap_err();
+    assert!(matches!(err, QueueError::InvalidJob(_)), "{err}");
+    tx.batch_execute("SELECT 1")
+        .expect("the caller's transaction is still usable");
+}
+
+#[test]
+fn bulk_enqueue_of_100k() {
+    const JOBS: usize = 100_000;
+    let schema = TestSchema::new("bulk");
+    let jobs: Vec<NewJob> = (0..JOBS)
+        .map(|i| NewJob::new("default", "noop", json!({"i": i})))
+        .collect();
+    let mut client = connect();
+    let started = Instant::now();
+    let n = producer::enqueue_many(&mut client, &schema.name, &limits(), &jobs, None).unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(n, JOBS as u64);
+    assert_eq!(schema.live("available"), JOBS as i64);
+    println!(
+        "bulk enqueue (producer::enqueue_many): {JOBS} jobs in {elapsed:.2?} = {:.0} jobs/s",
+        JOBS as f64 / elapsed.as_secs_f64()
+    );
+}
+
+#[test]
+fn bulk_enqueue_is_all_or_nothing() {
+    let schema = TestSchema::new("bulkatomic");
+    let good = NewJob::new("default", "noop", json!({}));
+    let mut jobs = vec![good.clone(); 7_000];
+    jobs.push(NewJob::new("default", "noop", json!({})).with_run_at("not a time"));
+    let err =
+        producer::enqueue_many(&mut connect(), &schema.name, &limits(), &jobs, None).unwrap_err();
+    assert!(err.to_string().contains("RFC 3339"), "{err}");
+    assert_eq!(
+        schema.count("SELECT count(*) FROM {s}.jobs"),
+        0,
+        "the first chunk was kept"
+    );
+
+    let input = "{\"task\":\"a\"}\n\n{\"task\":\"b\",\"payload\":[1]}\n{\"task\":\"c\",\"payload\":{\"x\":\n";
+    let err = producer::parse_jsonl(input, "default", &limits()).unwrap_err();
+    assert_eq!(err.line, 4, "{}", err.reason);
+    let err =
+        producer::parse_jsonl("{\"task\":\"a\"}\n{\"tusk\":\"a\"}\n", "q", &limits()).unwrap_err();
+    assert_eq!(err.line, 2);
+    assert!(err.reason.contains("tusk"), "{}", err.reason);
+    let jobs = producer::parse_jsonl(
+        "{\"task\":\"a\",\"queue\":\"x\"}\n{\"task\":\"b\"}",
+        "q",
+        &limits(),
+    )
+    .unwrap();
+    assert_eq!((jobs[0].queue.as_str(), jobs[1].queue.as_str()), ("x", "q"));
+}
+
+#[test]
+fn invalid_jobs_are_refused_clearly() {
+    let schema = TestSchema::new("invalid");
+    let small = Limits {
+        max_payload_bytes: 64,
+        default_max_attempts: 25,
+    };
+    let refuse = |job: NewJob, limits: &Limits| -> String {
+        match producer::enqueue(&mut connect(), &schema.name, limits, &job) {
+            Err(QueueError::InvalidJob(why)) => why,
+            other => panic!("{job:?} was not refused: {other:?}"),
+        }
+    };
+    let why = refuse(
+        NewJob::new("default", "noop", json!({"blob": "x".repeat(100)})),
+        &small,
+    );
+    assert!(
+        why.contains("FORKQ_MAX_PAYLOAD_BYTES") && why.contains("limit is 64"),
+        "{why}"
+    );
+    let why = refuse(
+        NewJob::new("default", "noop", json!({"a": "x\u{0}y"})),
+        &limits(),
+    );
+    assert!(why.contains("\\u0000"), "{why}");
+    let why = refuse(
+        NewJob::new("default", "noop", json!({"k\u{0}": 1})),
+        &limits(),
+    );
+    assert!(why.contains("\\u0000"), "{why}");
+    let why = refuse(NewJob::new("default", "no\u{0}op", json!({})), &limits());
+    assert!(why.contains("NUL"), "{why}");
+    let why = refuse(
+        NewJob::new("default", "noop", json!({})).with_unique_key("k\u{0}"),
+        &limits(),
+    );
+    assert!(why.contains("NUL"), "{why}");
+    let why = refuse(NewJob::new("", "noop", json!({})), &limits());
+    assert!(why.contains("queue name"), "{why}");
+    let why = refuse(NewJob::new("a,b", "noop", json!({})), &limits());
+    assert!(why.contains("queue name"), "{why}");
+    let why = refuse(
+        NewJob::new("default", "noop", json!({})).with_max_attempts(0),
+        &limits(),
+    );
+    assert!(why.contains("max_attempts"), "{why}");
+    let why = refuse(
+        NewJob::new("default", "noop", json!({})).with_delay(-1.0),
+        &limits(),
+    );
+    assert!(why.contains("delay"), "{why}");
+    let why = refuse(
+        NewJob::new("default", "noop", json!({}))
+            .with_delay(1.0)
+            .with_run_at("2030-01-01T00:00:00Z"),
+        &limits(),
+    );
+    assert!(why.contains("not both"), "{why}");
+    assert_eq!(schema.count("SELECT count(*) FROM {s}.jobs"), 0);
+    // The SQL function has PostgreSQL's own guard for NUL.
+    let err = connect()
+        .query_one(
+            &render(
+                "SELECT {s}.enqueue('default', 'noop', '{\"a\": \"\\u0000\"}')",
+                &schema.name,
+            ),
+            &[],
+        )
+        .unwrap_err();
+    assert!(err.as_db_error().is_some(), "{err}");
+}
+
+#[test]
+fn migrations_are_idempotent_and_safe_concurrently() {
+    let schema = FreshSchema::new("migrate");
+    let name = schema.0.clone();
+    let mut client = connect();
+    let outdated = migrations::require_current(&mut client, &name).unwrap_err();
+    assert!(
+        outdated.to_string().contains("run `forkq migrate`"),
+        "{outdated}"
+    );
+    let pending = migrations::status(&mut client, &name).unwrap();
+    assert!(pending.iter().all(|m| m.applied_at.is_none()));
+
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let name = name.clone();
+            std::thread::spawn(move || migrations::migrate(&mut connect(), &name))
+        })
+        .collect();
+    let mut results: Vec<Vec<i32>> = threads
+        .into_iter()
+        .map(|t| t.join().unwrap().expect("concurrent migrate"))
+        .collect();
+    results.sort();
+    assert_eq!(results, vec![vec![], vec![migrations::latest_version()]]);
+    assert!(migrations::migrate(&mut client, &name).unwrap().is_empty());
+    migrations::require_current(&mut client, &name).unwrap();
+    let applied = migrations::status(&mut client, &name).unwrap();
+    assert!(applied.iter().all(|m| m.applied_at.is_some()));
+    let rows: i64 = client
+        .query_one(
+            &render("SELECT count(*) FROM {s}.schema_migrations", &name),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, migrations::MIGRATIONS.len() as i64);
+}
+
+#[test]
+fn consumer_refuses_an_unmigrated_schema() {
+    let schema = FreshSchema::new("unmigrated");
+    let mut vars: std::collections::HashMap<String, String> = Default::default();
+    vars.insert("DATABASE_URL".into(), database_url());
+    vars.insert("FORKQ_SCHEMA".into(), schema.0.clone());
+    let config = forkq::Config::from_vars(vars).unwrap();
+    let err = Consumer::connect(&config, "w").err().expect("refused");
+    assert!(
+        matches!(err, QueueError::SchemaOutdated { found: 0, .. }),
+        "{err}"
+    );
+    assert!(forkq::Client::new(&config).is_err());
+}
+
+#[test]
+fn release_returns_unstarted_jobs_uncharged() {
+    let schema = TestSchema::new("release");
+    for _ in 0..3 {
+        enqueue(
+            &schema,
+            NewJob::new("default", "noop", json!({})).with_max_attempts(2),
+        );
+    }
+    let mut c = consumer(&schema, "w", &[]);
+    let claimed = claim(&mut c, 3);
+    assert_eq!(claimed.len(), 3);
+    let in_flight = claimed[0].job.id;
+    let back = c
+        .release("w", Some(in_flight), Some("worker stopped"))
+        .unwrap();
+    assert_eq!(back, 3);
+    let row = schema.job(in_flight).unwrap();
+    assert_eq!(
+        (row["state"].as_str(), row["attempt"].as_i64()),
+        (Some("available"), Some(1))
+    );
+    assert_eq!(row["last_error"], "worker stopped");
+    for cl in &claimed[1..] {
+        let row = schema.job(cl.job.id).unwrap();
+        assert_eq!(
+            (row["state"].as_str(), row["attempt"].as_i64()),
+            (Some("available"), Some(0))
+        );
+        assert!(row["last_error"].is_null() && row["lease_owner"].is_null());
+    }
+
+    // Second round: the in-flight job has used its last attempt and goes to the dead letter;
+    // a prefetched job that was cancelled meanwhile ends cancelled instead of running later.
+    let claimed = claim(&mut c, 3);
+    let in_flight = claimed.iter().find(|cl| cl.job.id == in_flight).unwrap();
+    assert_eq!(in_flight.job.attempt, 2);
+    let cancelled = claimed
+        .iter()
+        .find(|cl| cl.job.id != in_flight.job.id)
+        .unwrap()
+        .job
+        .id;
+    admin::cancel(&mut connect(), &schema.name, cancelled, true).unwrap();
+    let back = c
+        .release("w", Some(in_flight.job.id), Some("killed"))
+        .unwrap();
+    assert_eq!(back, 1);
+    let row = schema.job(in_flight.job.id).unwrap();
+    assert_eq!(
+        (row["state"].as_str(), row["last_error"].as_str()),
+        (Some("failed"), Some("killed"))
+    );
+    assert_eq!(schema.job(cancelled).unwrap()["state"], "cancelled");
+    assert_eq!(schema.live("available"), 1);
+    // Another owner's jobs are never touched.
+    let mut other = consumer(&schema, "x", &[]);
+    claim(&mut other, 1);
+    assert_eq!(c.release("w", None, None).unwrap(), 0);
+    assert_eq!(schema.live("running"), 1);
+}
+
+#[test]
+fn rescue_returns_expired_leases_only() {
+    let schema = TestSchema::new("rescue");
+    let rescue_sql = render(sql::RESCUE_EXPIRED, &schema.name);
+    let mut rescuer = connect();
+    rescuer
+        .batch_execute("SET statement_timeout = '10s'")
+        .unwrap();
+    let mut rescue = move || -> i32 { rescuer.query_one(&rescue_sql, &[&true]).unwrap().get(0) };
+    let expire = |id: i64| {
+        exec(
+            &schema,
+            &format!("UPDATE {{s}}.jobs SET lease_expires_at = now() - interval '1 second' WHERE id = {id}"),
+        )
+    };
+
+    let expired = enqueue(&schema, NewJob::new("default", "noop", json!({})));
+    let renewed = enqueue(&schema, NewJob::new("default", "noop", json!({})));
+    let mut a = consumer(&schema, "a", &[]);
+    let mut b = consumer(&schema, "b", &[]);
+    let ca = claim(&mut a, 1).remove(0);
+    let cb = claim(&mut b, 1).remove(0);
+    assert_eq!((ca.job.id, cb.job.id), (expired, renewed));
+    assert_eq!(rescue(), 0, "nothing expired yet");
+    expire(expired);
+    expire(renewed);
+    assert_eq!(b.renew().unwrap(), vec![renewed]);
+    assert_eq!(rescue(), 1);
+    let row = schema.job(expired).unwrap();
+    assert_eq!(
+        (row["state"].as_str(), row["attempt"].as_i64()),
+        (Some("available"), Some(1))
+    );
+    assert!(row["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("lease expired"));
+    assert_eq!(schema.job(renewed).unwrap()["state"], "running");
+    assert!(settle(&mut a, expired, ca.lease_token, done()).refused == vec![expired]);
+    assert!(settle(&mut b, renewed, cb.lease_token, done())
+        .refused
+        .is_empty());
+
+    // An ack in flight: its transaction holds the row while rescue runs. Rescue must neither wait
+    // for it nor touch the row; the ack then commits as if rescue had never run.
+    let id = claim(&mut a, 1).remove(0);
+    assert_eq!(id.job.id, expired);
+    expire(expired);
+    let mut acker = connect();
+    let mut tx = acker.transaction().unwrap();
+    let stale: Vec<i64> = tx
+        .query_one(
+            &render(
+                "SELECT {s}.settle(ARRAY[$1::bigint], ARRAY[$2::bigint], ARRAY['completed'], \
+                 ARRAY[NULL::jsonb], ARRAY[NULL::text], ARRAY[0::float8], true)",
+                &schema.name,
+            ),
+            &[&expired, &id.lease_token],
+        )
+        .unwrap()
+        .get(0);
+    assert!(stale.is_empty());
+    let started = Instant::now();
+    assert_eq!(rescue(), 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "rescue waited for the ack"
+    );
+    tx.commit().unwrap();
+    assert_eq!(schema.job(expired).unwrap()["state"], "completed");
+
+    // A renewal in flight, likewise.
+    let renewing = enqueue(&schema, NewJob::new("default", "noop", json!({})));
+    let cl = claim(&mut b, 1).remove(0);
+    assert_eq!(cl.job.id, renewing);
+    expire(renewing);
+    let mut renewer = connect();
+    let mut tx = renewer.transaction().unwrap();
+    tx.execute(&render(sql::RENEW, &schema.name), &[&"b", &30f64])
+        .unwrap();
+    assert_eq!(rescue(), 0);
+    tx.commit().unwrap();
+    assert_eq!(rescue(), 0, "the committed renewal keeps the lease");
+    assert!(settle(&mut b, renewing, cl.lease_token, done())
+        .refused
+        .is_empty());
+
+    // No attempts left: the dead letter, with the reason.
+    let last = enqueue(
+        &schema,
+        NewJob::new("default", "noop", json!({})).with_max_attempts(1),
+    );
+    claim(&mut a, 1);
+    expire(last);
+    assert_eq!(rescue(), 1);
+    let row = schema.job(last).unwrap();
+    assert_eq!(row["state"], "failed");
+    assert!(row["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("lease expired"));
+}
+
+#[test]
+fn retention_zero_deletes_completed_jobs_but_keeps_failed() {
+    let schema = TestSchema::new("retention0");
+    let ok = enqueue(&schema, NewJob::new("default", "noop", json!({})));
+    let bad = enqueue(&schema, NewJob::new("default", "fail", json!({})));
+    let mut c = consumer(&schema, "w", &[("FORKQ_RETENTION_SECONDS", "0")]);
+    let claimed = claim(&mut c, 2);
+    let acks: Vec<Ack> = claimed
+        .iter()
+        .map(|cl| Ack {
+            id: cl.job.id,
+            lease_token: cl.lease_token,
+            settlement: if cl.job.id == ok {
+                done()
+            } else {
+                Settlement::Failed("broken".into())
+            },
+        })
+        .collect();
+    assert!(c.settle_and_claim(&acks, 0).unwrap().refused.is_empty());
+    assert!(
+        schema.job(ok).is_none(),
+        "completed job kept with retention 0"
+    );
+    assert_eq!(schema.job(bad).unwrap()["state"], "failed");
+    assert_eq!(schema.count("SELECT count(*) FROM {s}.jobs"), 0);
+}
+
+#[test]
+fn maintenance_purges_archived_jobs_after_retention() {
+    let schema = TestSchema::new("purge");
+    let s = schema.name.as_str();
+    let ids: Vec<i64> = (0..4)
+        .map(|_| enqueue(&schema, NewJob::new("default", "noop", json!({}))))
+        .collect();
+    let mut c = consumer(&schema, "w", &[]);
+    let claimed = claim(&mut c, 3);
+    let acks: Vec<Ack> = claimed
+        .iter()
+        .enumerate()
+        .map(|(i, cl)| Ack {
+            id: cl.job.id,
+            lease_token: cl.lease_token,
+            settlement: if i == 2 {
+                Settlement::Failed("x".into())
+            } else {
+                done()
+            },
+        })
+        .collect();
+    c.settle_and_claim(&acks, 0).unwrap();
+    admin::cancel(&mut connect(), s, ids[3], true).unwrap();
+    // ids[0] completed, ids[2] failed and ids[3] cancelled finished two days ago; ids[1] now.
+    exec(
+        &schema,
+        &format!(
+            "UPDATE {{s}}.jobs_archive SET finished_at = now() - interval '2 days' WHERE id IN ({}, {}, {})",
+            ids[0], ids[2], ids[3]
+        ),
+    );
+    let report = maintenance::run_pass(&mut connect(), s, Duration::from_secs(86_400))
+        .unwrap()
+        .expect("the maintenance lock was free");
+    assert_eq!(report.purged, 2);
+    assert!(schema.job(ids[0]).is_none() && schema.job(ids[3]).is_none());
+    assert_eq!(schema.job(ids[1]).unwrap()["state"], "completed");
+    assert_eq!(
+        schema.job(ids[2]).unwrap()["state"],
+        "failed",
+        "the dead letter is kept"
+    );
+
+    // Only one holder at a time.
+    let mut holder = connect();
+    let mut tx = holder.transaction().unwrap();
+    let locked: bool = tx
+        .query_one(
+            sql::TRY_MAINTENANCE_LOCK,
+            &[&sql::advisory_key("maintenance", s)],
+        )
+        .unwrap()
+        .get(0);
+    assert!(locked);
+    assert!(
+        maintenance::run_pass(&mut connect(), s, Duration::from_secs(1))
+            .unwrap()
+            .is_none()
+    );
+    tx.rollback().unwrap();
+}
+
+#[test]
+fn maintenance_promotes_due_jobs() {
+    let schema = TestSchema::new("promote");
+    let id = enqueue(
+        &schema,
+        NewJob::new("default", "noop", json!({})).with_delay(600.0),
+    );
+    exec(
+        &schema,
+        "UPDATE {s}.jobs SET run_at = now() - interval '1 second'",
+    );
+    let report = maintenance::run_pass(&mut connect(), &schema.name, Duration::from_secs(60))
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.promoted, 1);
+    assert_eq!(schema.job(id).unwrap()["state"], "available");
+}
+
+#[test]
+fn sql_function_enqueues_from_plain_sql() {
+    let schema = TestSchema::new("sqlfn");
+    let mut client = connect();
+    let positional: i64 = client
+        .query_one(
+            &render(
+                "SELECT {s}.enqueue('default', 'noop', '{\"a\": 1}')",
+                &schema.name,
+            ),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let named: i64 = client
+        .query_one(
+            &render(
+                "SELECT {s}.enqueue(queue => 'default', task => 'sleep', payload => '{\"ms\": 1}', \
+                 priority => -5, max_attempts => 3, unique_key => 'only-once')",
+                &schema.name,
+            ),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let again: i64 = client
+        .query_one(
+            &render("SELECT {s}.enqueue(queue => 'default', task => 'sleep', unique_key => 'only-once')", &schema.name),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(named, again);
+    let later: i64 = client
+        .query_one(
+            &render(
+                "SELECT {s}.enqueue('default', 'noop', run_at => now() + interval '1 hour')",
+                &schema.name,
+            ),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(schema.job(later).unwrap()["state"], "scheduled");
+    let row = schema.job(named).unwrap();
+    assert_eq!(
+        (row["priority"].as_i64(), row["max_attempts"].as_i64()),
+        (Some(-5), Some(3))
+    );
+
+    let mut c = consumer(&schema, "w", &[]);
+    let ids: Vec<i64> = claim(&mut c, 10).iter().map(|cl| cl.job.id).collect();
+    assert_eq!(ids, vec![named, positional]);
+    let err = client
+        .query_one(
+            &render("SELECT {s}.enqueue('default', '')", &schema.name),
+            &[],
+        )
+        .unwrap_err();
+    assert!(
+        err.as_db_error().unwrap().message().contains("non-empty"),
+        "{err}"
+    );
+}
+
+#[test]
+fn claim_plan_stays_on_the_index_with_stale_statistics() {
+    const JOBS: usize = 50_000;
+    let schema = TestSchema::new("plan");
+    exec(&schema, "ANALYZE {s}.jobs");
+    schema.enqueue_n("default", "noop", json!({}), JOBS);
+
+    // The claim's inner SELECT, as PL/pgSQL runs it: a prepared statement whose parameters are
+    // the queue and the limit, planned both custom and generic.
+    let inner = render(
+        "SELECT c.id FROM {s}.jobs c \
+         WHERE c.queue = $1 AND c.state <> 'running' AND c.run_at <= now() \
+         ORDER BY c.priority, c.run_at, c.id LIMIT $2 FOR UPDATE SKIP LOCKED",
+        &schema.name,
+    );
+    let mut client = connect();
+    client
+        .batch_execute(&format!("PREPARE claim_inner(text, int) AS {inner}"))
+        .unwrap();
+    for mode in ["force_custom_plan", "force_generic_plan"] {
+        client
+            .batch_execute(&format!("SET plan_cache_mode = {mode}"))
+            .unwrap();
+        let plan: Vec<String> = client
+            .query("EXPLAIN EXECUTE claim_inner('default', 10)", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let plan = plan.join("\n");
+        println!("claim plan ({mode}):\n{plan}");
+        assert!(
+            plan.contains("jobs_claim_idx"),
+            "{mode} plan does not use the claim index:\n{plan}"
+        );
+        assert!(!plan.contains("Sort"), "{mode} plan sorts:\n{plan}");
+    }
+    // The function body must be the statement checked above.
+    let body: String = client
+        .query_one(
+            "SELECT prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+             WHERE n.nspname = $1 AND p.proname = 'claim'",
+            &[&schema.name],
+        )
+        .unwrap()
+        .get(0);
+    let squeeze = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    let expected_where = "WHERE c.queue = q AND c.state <> 'running' AND c.run_at <= now() ORDER BY c.priority, c.run_at, c.id";
+    assert!(
+        squeeze(&body).contains(expected_where),
+        "claim changed: update this test\n{body}"
+    );
+
+    let mut c = consumer(&schema, "w", &[("FORKQ_PREFETCH", "100")]);
+    let started = Instant::now();
+    let mut drained = 0;
+    let mut acks = Vec::new();
+    while drained < 20_000 {
+        let round = c.settle_and_claim(&acks, 100).unwrap();
+        drained += round.claimed.len();
+        acks = round
+            .claimed
+            .iter()
+            .map(|cl| Ack {
+                id: cl.job.id,
+                lease_token: cl.lease_token,
+                settlement: Settlement::Completed(Value::Null),
+            })
+            .collect();
+    }
+    c.settle_and_claim(&acks, 0).unwrap();
+    let elapsed = started.elapsed();
+    println!(
+        "one consumer, batches of 100, stale statistics: {drained} jobs in {elapsed:.2?} = {:.0} jobs/s",
+        drained as f64 / elapsed.as_secs_f64()
+    );
+    assert_eq!(schema.archived("completed"), drained as i64);
+}
+
+#[test]
+fn single_enqueue_round_trip_time() {
+    let schema = TestSchema::new("rtt");
+    let mut client = connect();
+    let job = NewJob::new("default", "noop", json!({"n": 1}));
+    let mut samples = Vec::with_capacity(1000);
+    for _ in 0..1000 {
+        let started = Instant::now();
+        producer::enqueue(&mut client, &schema.name, &limits(), &job).unwrap();
+        samples.push(started.elapsed());
+    }
+    samples.sort();
+    println!(
+        "single enqueue (producer::enqueue, one connection, 1000 calls): p50 {:.2?} p99 {:.2?} max {:.2?}",
+        samples[499], samples[989], samples[999]
+    );
+    assert_eq!(schema.live("available"), 1000);
+}
+
+#[test]
+fn racing_enqueues_of_one_unique_key_get_one_job() {
+    let schema = TestSchema::new("uniquerace");
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let name = schema.name.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let mut client = connect();
+                let job = NewJob::new("default", "noop", json!({})).with_unique_key("once");
+                barrier.wait();
+                (0..20)
+                    .map(|_| producer::enqueue(&mut client, &name, &limits(), &job).unwrap())
+                    .collect::<Vec<i64>>()
+            })
+        })
+        .collect();
+    let ids: HashSet<i64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert_eq!(schema.count("SELECT count(*) FROM {s}.jobs"), 1);
+}
+
+#[test]
+fn consumer_wakes_on_notify_and_times_out_without() {
+    let schema = TestSchema::new("notify");
+    let mut c = consumer(&schema, "w", &[]);
+    c.listen().unwrap();
+    let started = Instant::now();
+    assert!(!c.wait_for_notification(Duration::from_millis(300)).unwrap());
+    assert!(started.elapsed() >= Duration::from_millis(250));
+
+    // Scheduled jobs do not wake anyone; due ones do, bulk ones once.
+    enqueue(
+        &schema,
+        NewJob::new("default", "noop", json!({})).with_delay(600.0),
+    );
+    assert!(!c.wait_for_notification(Duration::from_millis(300)).unwrap());
+    let producer = std::thread::spawn({
+        let name = schema.name.clone();
+        move || {
+            std::thread::sleep(Duration::from_millis(200));
+            producer::enqueue(
+                &mut connect(),
+                &name,
+                &limits(),
+                &NewJob::new("default", "noop", json!({})),
+            )
+            .unwrap()
+        }
+    });
+    let started = Instant::now();
+    assert!(c.wait_for_notification(Duration::from_secs(10)).unwrap());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    producer.join().unwrap();
+    schema.enqueue_n("default", "noop", json!({}), 3);
+    assert!(c.wait_for_notification(Duration::from_secs(5)).unwrap());
+    assert!(
+        !c.wait_for_notification(Duration::from_millis(200)).unwrap(),
+        "buffered notifications were drained"
+    );
+    assert!(c.is_alive());
+}
+
+#[test]
+fn client_api_enqueues_through_its_pool() {
+    let schema = TestSchema::new("clientapi");
+    let client = forkq::Client::new(&schema.config(&[("FORKQ_MAX_ATTEMPTS", "7")])).unwrap();
+    assert_eq!(client.schema(), schema.name);
+    let id = client
+        .enqueue(&NewJob::new("default", "noop", json!({"a": 1})))
+        .unwrap();
+    assert_eq!(schema.job(id).unwrap()["max_attempts"], 7);
+    let jobs = vec![NewJob::new("default", "noop", json!({})); 10];
+    assert_eq!(client.clone().enqueue_many(&jobs).unwrap(), 10);
+    assert_eq!(schema.live("available"), 11);
+    let err = client
+        .enqueue(&NewJob::new("default", "noop", json!("x".repeat(2 << 20))))
+        .unwrap_err();
+    assert!(err.to_string().contains("FORKQ_MAX_PAYLOAD_BYTES"), "{err}");
+}
