@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use forkq::config::{Config, EX_CONFIG};
 use forkq::handler::{builtin::Builtin, Handler};
-use forkq::queue::batch::{self, NewBatch};
+use forkq::queue::batch::{self, CancelOutcome, NewBatch};
 use forkq::queue::producer::{self, Limits, NewJob};
 use forkq::queue::{self, admin, migrations, QueueError};
 
@@ -444,14 +444,16 @@ fn batch_command(command: BatchCommand, config: &Config) -> Result<(), Failure> 
         }
         BatchCommand::Cancel { id } => match batch::cancel(&mut client, schema, id, retain)? {
             None => return Err(fail(1, format!("no batch {id}"))),
-            Some(state) if state == "cancelled" => {
+            Some(CancelOutcome::Cancelled) => {
                 let pending =
                     batch::status(&mut client, schema, id)?.map_or(0, |b| b.status.pending);
                 println!(
                         "batch {id} cancelled; {pending} running child(ren) will finish without retries"
                     );
             }
-            Some(state) => return Err(fail(1, format!("batch {id} is already {state}"))),
+            Some(CancelOutcome::AlreadyFinished(state)) => {
+                return Err(fail(1, format!("batch {id} is already {state}")))
+            }
         },
         BatchCommand::List { state, limit, json } => {
             let batches = batch::list(&mut client, schema, state.as_deref(), limit)?;

@@ -9,7 +9,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use common::{connect, forkq_bin, http_get, wait_until, Daemon, TestSchema};
-use forkq::queue::batch::{self, BatchInfo};
+use forkq::queue::batch::{self, BatchInfo, CancelOutcome};
 use forkq::queue::maintenance;
 use forkq::{NewBatch, NewJob};
 use postgres::fallible_iterator::FallibleIterator;
@@ -51,7 +51,7 @@ fn jobs(queue: &str, task: &str, n: usize) -> Vec<NewJob> {
 /// Ends `ids` through retire(), the path every terminal ack takes, in its own transaction.
 fn retire(schema: &TestSchema, ids: &[i64], state: &str) {
     let sql = format!(
-        "SELECT count(*) FROM \"{s}\".retire($1, array_fill(NULL::bigint, ARRAY[cardinality($1)]),
+        "SELECT count(*) FROM \"{s}\".retire($1::bigint[], array_fill(NULL::bigint, ARRAY[cardinality($1)]),
              array_fill($2::text, ARRAY[cardinality($1)]), array_fill(NULL::text, ARRAY[cardinality($1)]),
              array_fill(NULL::jsonb, ARRAY[cardinality($1)]), true)",
         s = schema.name
@@ -599,10 +599,8 @@ fn cancelling_a_batch_cancels_waiting_children_and_stops_retries_of_running_ones
     let mut worker = connect();
     let (job, token) = claim(&mut worker, &schema, "w");
     assert_eq!(
-        batch::cancel(&mut connect(), &schema.name, id, true)
-            .unwrap()
-            .as_deref(),
-        Some("cancelled")
+        batch::cancel(&mut connect(), &schema.name, id, true).unwrap(),
+        Some(CancelOutcome::Cancelled)
     );
     assert_eq!(counts(&info(&schema, id)), ("cancelled", 4, 1, 0, 0, 3));
     assert_eq!(completions(&schema, "c-done").len(), 1);
@@ -622,10 +620,12 @@ fn cancelling_a_batch_cancels_waiting_children_and_stops_retries_of_running_ones
     assert_eq!(counts(&info(&schema, id)), ("cancelled", 4, 0, 0, 0, 4));
     assert_eq!(completions(&schema, "c-done").len(), 1);
     assert_eq!(
-        batch::cancel(&mut connect(), &schema.name, id, true)
-            .unwrap()
-            .as_deref(),
-        Some("cancelled")
+        batch::cancel(&mut connect(), &schema.name, id, true).unwrap(),
+        Some(CancelOutcome::AlreadyFinished("cancelled".into()))
+    );
+    assert_eq!(
+        batch::cancel(&mut connect(), &schema.name, 987_654, true).unwrap(),
+        None
     );
     assert_eq!(completions(&schema, "c-done").len(), 1);
 }

@@ -221,18 +221,32 @@ pub fn list(
         .collect())
 }
 
+/// What [`cancel`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The batch was open and is now cancelled.
+    Cancelled,
+    /// The batch had finished already, in this state; nothing changed.
+    AlreadyFinished(String),
+}
+
 /// Cancels an open batch: waiting children are cancelled, running ones finish without retries,
-/// the completion job is enqueued. Returns the batch's state afterwards (`cancelled`, or the
-/// state it had already), `None` when there is no such batch.
+/// the completion job is enqueued. `None` when there is no such batch.
 pub fn cancel(
     client: &mut impl GenericClient,
     schema: &str,
     id: i64,
     retain: bool,
-) -> Result<Option<String>, QueueError> {
+) -> Result<Option<CancelOutcome>, QueueError> {
     Ok(client
-        .query_one(&render(sql::BATCH_CANCEL, schema), &[&id, &retain])?
-        .get(0))
+        .query_opt(&render(sql::BATCH_CANCEL, schema), &[&id, &retain])?
+        .map(|row| {
+            if row.get::<_, bool>(1) {
+                CancelOutcome::Cancelled
+            } else {
+                CancelOutcome::AlreadyFinished(row.get(0))
+            }
+        }))
 }
 
 /// What the repair changed in one batch.

@@ -157,7 +157,7 @@ pub const BATCH_LIST: &str = "
     ORDER BY id DESC LIMIT $2";
 
 /// Cancels a batch (see `batch_cancel` in the batches migration).
-pub const BATCH_CANCEL: &str = "SELECT {s}.batch_cancel($1, $2)";
+pub const BATCH_CANCEL: &str = "SELECT state, changed FROM {s}.batch_cancel($1, $2)";
 
 /// Repairs open batches whose counters disagree with their children (see `batch_repair`).
 pub const BATCH_REPAIR: &str = "

@@ -285,21 +285,31 @@ $$;
 
 -- Cancels an open batch: it becomes 'cancelled', its waiting children are cancelled, its running
 -- children finish their current run without retries, and its completion job is enqueued. Returns
--- the batch's state afterwards ('cancelled' or the state it had already), null when there is no
--- such batch.
-CREATE FUNCTION {s}.batch_cancel(p_batch bigint, p_retain boolean) RETURNS text
-LANGUAGE plpgsql AS $$
+-- the batch's state afterwards and whether this call changed it (false for a batch that had
+-- finished already); no row when there is no such batch.
+CREATE FUNCTION {s}.batch_cancel(p_batch bigint, p_retain boolean,
+                                 OUT state text, OUT changed boolean)
+RETURNS SETOF record LANGUAGE plpgsql AS $$
+#variable_conflict use_column
 DECLARE
     current text;
 BEGIN
-    SELECT state INTO current FROM {s}.batches WHERE id = p_batch FOR UPDATE;
-    IF current IS DISTINCT FROM 'open' THEN
-        RETURN current;
+    SELECT b.state INTO current FROM {s}.batches b WHERE b.id = p_batch FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
     END IF;
-    UPDATE {s}.batches SET state = 'cancelled', finished_at = now() WHERE id = p_batch;
+    IF current <> 'open' THEN
+        state := current;
+        changed := false;
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    UPDATE {s}.batches b SET state = 'cancelled', finished_at = now() WHERE b.id = p_batch;
     PERFORM {s}.batch_stop_children(p_batch, 'cancelled with its batch', p_retain);
     PERFORM {s}.batch_finish(p_batch);
-    RETURN 'cancelled';
+    state := 'cancelled';
+    changed := true;
+    RETURN NEXT;
 END
 $$;
 
