@@ -430,7 +430,10 @@ fn batch_command(command: BatchCommand, config: &Config) -> Result<(), Failure> 
             let info = batch::status(&mut client, schema, id)?
                 .ok_or_else(|| fail(1, format!("no batch {id}")))?;
             if json {
-                println!("{}", json!(info.status));
+                println!(
+                    "{}",
+                    serde_json::to_string(&info.status).unwrap_or_default()
+                );
             } else {
                 let s = &info.status;
                 println!(
@@ -459,7 +462,7 @@ fn batch_command(command: BatchCommand, config: &Config) -> Result<(), Failure> 
             let batches = batch::list(&mut client, schema, state.as_deref(), limit)?;
             if json {
                 for b in &batches {
-                    println!("{}", json!(b));
+                    println!("{}", serde_json::to_string(b).unwrap_or_default());
                 }
             } else {
                 println!(
