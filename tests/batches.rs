@@ -1,5 +1,6 @@
 //! Batches against the real PostgreSQL and, where children are involved, the real daemon.
 
+#[rustfmt::skip]
 mod common;
 
 use std::io::Write;
