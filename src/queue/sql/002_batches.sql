@@ -369,9 +369,9 @@ BEGIN
                                          'succeeded', b.succeeded, 'failed', b.failed,
                                          'cancelled', b.cancelled);
         new_counts := jsonb_build_object('state', fixed.state, 'total', fixed.total,
-                                    'pending', fixed.pending, 'succeeded', fixed.succeeded,
-                                    'failed', fixed.failed, 'cancelled', fixed.cancelled,
-                                    'completion_job_id', fixed.completion_job_id);
+                                         'pending', fixed.pending, 'succeeded', fixed.succeeded,
+                                         'failed', fixed.failed, 'cancelled', fixed.cancelled,
+                                         'completion_job_id', fixed.completion_job_id);
         RETURN NEXT;
     END LOOP;
 END
