@@ -6,6 +6,7 @@ use postgres::{NoTls, Transaction};
 use r2d2_postgres::PostgresConnectionManager;
 
 use crate::config::Config;
+use crate::queue::batch::{self, NewBatch};
 use crate::queue::producer::{self, Limits, NewJob};
 use crate::queue::{migrations, QueueError};
 
@@ -66,6 +67,29 @@ impl Client {
             jobs,
             None,
         )
+    }
+
+    /// Creates a batch with `jobs` as its children, parent and children in one transaction;
+    /// returns the batch id. Workers are notified after commit. An empty batch completes at once.
+    pub fn enqueue_batch(&self, batch: &NewBatch, jobs: &[NewJob]) -> Result<i64, QueueError> {
+        batch::create(
+            &mut *self.connection()?,
+            &self.schema,
+            &self.limits,
+            batch,
+            jobs,
+        )
+    }
+
+    /// [`Client::enqueue_batch`] inside the caller's transaction: the batch and its children
+    /// exist only if that transaction commits, and workers are notified only then.
+    pub fn enqueue_batch_in(
+        &self,
+        tx: &mut Transaction<'_>,
+        batch: &NewBatch,
+        jobs: &[NewJob],
+    ) -> Result<i64, QueueError> {
+        batch::create(tx, &self.schema, &self.limits, batch, jobs)
     }
 
     /// The schema this client enqueues into.

@@ -34,6 +34,7 @@ pub mod supervisor;
 pub use client::Client;
 pub use config::Config;
 pub use handler::{Handler, Job, JobContext, Outcome};
+pub use queue::batch::NewBatch;
 pub use queue::producer::NewJob;
 pub use queue::QueueError;
 

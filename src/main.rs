@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use forkq::config::{redacted_url, Config, EX_CONFIG};
 use forkq::handler::{builtin::Builtin, Handler};
+use forkq::queue::batch::{self, CancelOutcome, NewBatch};
 use forkq::queue::producer::{self, Limits, NewJob};
 use forkq::queue::{self, admin, migrations, QueueError};
 
@@ -87,6 +88,9 @@ enum Command {
         /// The job id.
         id: i64,
     },
+    /// Create, inspect, list and cancel batches of jobs.
+    #[command(subcommand)]
+    Batch(BatchCommand),
     /// Exit 0 when the fleet's /livez answers 200 (for container HEALTHCHECKs).
     #[command(after_help = "Example:\n  forkq health --addr 127.0.0.1:9280")]
     Health {
@@ -125,6 +129,65 @@ struct EnqueueArgs {
     /// Enqueue every line of FILE (or - for stdin) in one transaction.
     #[arg(long, value_name = "FILE")]
     jsonl: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum BatchCommand {
+    /// Create a batch from JSON lines (parent and children in one transaction); prints its id.
+    #[command(
+        after_help = "Examples:\n  forkq batch create --queue pages --on-complete pdf.assemble --jsonl pages.jsonl\n  \
+        printf '{\"task\":\"noop\"}\\n' | forkq batch create --queue default --fail-fast --jsonl -"
+    )]
+    Create(BatchCreateArgs),
+    /// Show a batch's state and counts.
+    #[command(after_help = "Example:\n  forkq batch status 7 --json")]
+    Status {
+        /// The batch id.
+        id: i64,
+        /// Print {"id","state","total","pending","succeeded","failed","cancelled"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel an open batch: waiting children are cancelled, running ones finish without retries.
+    #[command(after_help = "Example:\n  forkq batch cancel 7")]
+    Cancel {
+        /// The batch id.
+        id: i64,
+    },
+    /// List the newest batches.
+    #[command(
+        after_help = "Examples:\n  forkq batch list\n  forkq batch list --state open --json"
+    )]
+    List {
+        /// Only batches in this state.
+        #[arg(long, value_parser = batch::STATES)]
+        state: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// Print one JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct BatchCreateArgs {
+    /// The queue of the children (unless a line names one) and of the completion job.
+    #[arg(long, default_value = "default")]
+    queue: String,
+    /// Enqueue this task when the batch ends (payload: batch id, state and counts).
+    #[arg(long, value_name = "TASK")]
+    on_complete: Option<String>,
+    /// The completion job's queue (default --queue).
+    #[arg(long, value_name = "QUEUE", requires = "on_complete")]
+    on_complete_queue: Option<String>,
+    /// Stop at the first child that fails for good: cancel the rest, fail the batch.
+    #[arg(long)]
+    fail_fast: bool,
+    /// The children, one JSON job per line, from FILE (or - for stdin).
+    #[arg(long, value_name = "FILE")]
+    jsonl: String,
 }
 
 /// A failure with its exit code; the message is printed once, prefixed with "forkq: ".
@@ -290,6 +353,7 @@ fn command(command: Command, config: &Config) -> Result<(), Failure> {
                 Some(state) => return Err(fail(1, format!("job {id} is already {state}"))),
             }
         }
+        Command::Batch(command) => batch_command(command, config)?,
         Command::Health { addr } => health(addr, config)?,
     }
     Ok(())
@@ -301,22 +365,7 @@ fn enqueue(args: EnqueueArgs, config: &Config) -> Result<(), Failure> {
         default_max_attempts: config.max_attempts,
     };
     if let Some(path) = &args.jsonl {
-        let mut input = String::new();
-        let read = if path == "-" {
-            std::io::stdin().read_to_string(&mut input)
-        } else {
-            std::fs::File::open(path).and_then(|mut f| f.read_to_string(&mut input))
-        };
-        read.map_err(|e| fail(EX_DATAERR, format!("cannot read {path}: {e}")))?;
-        let jobs = producer::parse_jsonl(&input, &args.queue, &limits).map_err(|e| {
-            fail(
-                EX_DATAERR,
-                format!(
-                    "{path}: line {}: {}; nothing was enqueued",
-                    e.line, e.reason
-                ),
-            )
-        })?;
+        let jobs = read_jsonl(path, &args.queue, &limits)?;
         let mut client = connect(config)?;
         migrations::require_current(&mut client, &config.schema)?;
         let n = producer::enqueue_many(&mut client, &config.schema, &limits, &jobs, None)?;
@@ -341,6 +390,118 @@ fn enqueue(args: EnqueueArgs, config: &Config) -> Result<(), Failure> {
         "{}",
         producer::enqueue(&mut client, &config.schema, &limits, &job)?
     );
+    Ok(())
+}
+
+/// Reads and validates JSON-lines jobs from `path` (or stdin for `-`).
+fn read_jsonl(path: &str, queue: &str, limits: &Limits) -> Result<Vec<NewJob>, Failure> {
+    let mut input = String::new();
+    let read = if path == "-" {
+        std::io::stdin().read_to_string(&mut input)
+    } else {
+        std::fs::File::open(path).and_then(|mut f| f.read_to_string(&mut input))
+    };
+    read.map_err(|e| fail(EX_DATAERR, format!("cannot read {path}: {e}")))?;
+    producer::parse_jsonl(&input, queue, limits).map_err(|e| {
+        fail(
+            EX_DATAERR,
+            format!(
+                "{path}: line {}: {}; nothing was enqueued",
+                e.line, e.reason
+            ),
+        )
+    })
+}
+
+fn batch_command(command: BatchCommand, config: &Config) -> Result<(), Failure> {
+    let schema = config.schema.as_str();
+    let retain = !config.retention.is_zero();
+    if let BatchCommand::Create(args) = &command {
+        // Read and validate the input before connecting: bad input fails without a database.
+        let limits = Limits {
+            max_payload_bytes: config.max_payload_bytes,
+            default_max_attempts: config.max_attempts,
+        };
+        let jobs = read_jsonl(&args.jsonl, &args.queue, &limits)?;
+        let spec = NewBatch {
+            queue: args.queue.clone(),
+            fail_fast: args.fail_fast,
+            on_complete_task: args.on_complete.clone(),
+            on_complete_queue: args.on_complete_queue.clone(),
+        };
+        let mut client = connect(config)?;
+        migrations::require_current(&mut client, schema)?;
+        println!(
+            "{}",
+            batch::create(&mut client, schema, &limits, &spec, &jobs)?
+        );
+        return Ok(());
+    }
+    let mut client = connect(config)?;
+    migrations::require_current(&mut client, schema)?;
+    match command {
+        BatchCommand::Create(_) => unreachable!("handled above"),
+        BatchCommand::Status { id, json } => {
+            let info = batch::status(&mut client, schema, id)?
+                .ok_or_else(|| fail(1, format!("no batch {id}")))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&info.status).unwrap_or_default()
+                );
+            } else {
+                let s = &info.status;
+                println!(
+                    "batch {} ({}): {}; {} total, {} pending, {} succeeded, {} failed, {} cancelled",
+                    s.id, info.queue, s.state, s.total, s.pending, s.succeeded, s.failed, s.cancelled
+                );
+                if let Some(job) = info.completion_job_id {
+                    println!("completion job: {job}");
+                }
+            }
+        }
+        BatchCommand::Cancel { id } => match batch::cancel(&mut client, schema, id, retain)? {
+            None => return Err(fail(1, format!("no batch {id}"))),
+            Some(CancelOutcome::Cancelled) => {
+                let pending =
+                    batch::status(&mut client, schema, id)?.map_or(0, |b| b.status.pending);
+                println!(
+                        "batch {id} cancelled; {pending} running child(ren) will finish without retries"
+                    );
+            }
+            Some(CancelOutcome::AlreadyFinished(state)) => {
+                return Err(fail(1, format!("batch {id} is already {state}")))
+            }
+        },
+        BatchCommand::List { state, limit, json } => {
+            let batches = batch::list(&mut client, schema, state.as_deref(), limit)?;
+            if json {
+                for b in &batches {
+                    println!("{}", serde_json::to_string(b).unwrap_or_default());
+                }
+            } else {
+                println!(
+                    "{:>8} {:<16} {:<10} {:>8} {:>8} {:>9} {:>8} {:>9}  created_at",
+                    "id", "queue", "state", "total", "pending", "succeeded", "failed", "cancelled"
+                );
+                for b in &batches {
+                    let s = &b.status;
+                    println!(
+                        "{:>8} {:<16} {:<10} {:>8} {:>8} {:>9} {:>8} {:>9}  {}",
+                        s.id,
+                        b.queue,
+                        s.state,
+                        s.total,
+                        s.pending,
+                        s.succeeded,
+                        s.failed,
+                        s.cancelled,
+                        b.created_at
+                    );
+                }
+            }
+        }
+    }
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use postgres::Client;
 
 use super::sql::{self, render};
-use super::QueueError;
+use super::{batch, QueueError};
 
 /// How often a host attempts the maintenance pass.
 pub const INTERVAL: Duration = Duration::from_secs(2);
@@ -23,6 +23,8 @@ pub struct Report {
     pub promoted: u64,
     /// Archived jobs deleted after their retention.
     pub purged: u64,
+    /// Open batches whose counters or state were repaired (each is logged).
+    pub batches_repaired: usize,
 }
 
 /// Runs every service once, if no other process holds the maintenance lock. Returns `None`
@@ -52,7 +54,27 @@ pub fn run_pass(
             &render(sql::PURGE_EXPIRED_ARCHIVE, schema),
             &[&retention.as_secs_f64()],
         )?,
+        batches_repaired: repair_batches(&mut tx, schema, retain)?,
     };
     tx.commit()?;
     Ok(Some(report))
+}
+
+/// The batch repair service: fixes open batches whose counters disagree with their children and
+/// logs each fix, since a repair means something bypassed `retire()` (a hand edit, a bug).
+fn repair_batches(
+    tx: &mut postgres::Transaction<'_>,
+    schema: &str,
+    retain: bool,
+) -> Result<usize, QueueError> {
+    let repairs = batch::repair(tx, schema, retain)?;
+    for r in &repairs {
+        log::warn!(
+            "batch repair: batch {} had {} and now has {}",
+            r.batch_id,
+            r.before,
+            r.after
+        );
+    }
+    Ok(repairs.len())
 }

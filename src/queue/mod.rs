@@ -4,6 +4,7 @@
 //! [`sql`] and the migrations.
 
 pub mod admin;
+pub mod batch;
 pub mod consumer;
 pub mod maintenance;
 pub mod migrations;

@@ -246,6 +246,12 @@ fn validate(job: &NewJob, limits: &Limits) -> Result<Row, QueueError> {
     })
 }
 
+/// Checks `job` against `limits` exactly as the enqueue paths do, without enqueueing it (the batch
+/// module checks a completion job up front this way).
+pub(crate) fn check(job: &NewJob, limits: &Limits) -> Result<(), QueueError> {
+    validate(job, limits).map(|_| ())
+}
+
 /// Enqueues one job through `client`, which may be the caller's own transaction: then the job
 /// is committed with the caller's rows or not at all, and workers are woken only after commit.
 /// Returns the job id (the existing job's id when its unique key is live already).

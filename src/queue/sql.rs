@@ -89,10 +89,14 @@ pub const PROMOTE_DUE: &str = "
                  LIMIT 10000 FOR UPDATE SKIP LOCKED)";
 
 /// Deletes completed and cancelled jobs older than the retention, a bounded chunk at a time.
+/// Children of open batches are kept: they are the rows the batch repair recomputes from.
 pub const PURGE_EXPIRED_ARCHIVE: &str = "
     DELETE FROM {s}.jobs_archive
-    WHERE id IN (SELECT id FROM {s}.jobs_archive
-                 WHERE state <> 'failed' AND finished_at < now() - make_interval(secs => $1)
+    WHERE id IN (SELECT a.id FROM {s}.jobs_archive a
+                 WHERE a.state <> 'failed' AND a.finished_at < now() - make_interval(secs => $1)
+                   AND (a.batch_id IS NULL
+                        OR NOT EXISTS (SELECT 1 FROM {s}.batches b
+                                       WHERE b.id = a.batch_id AND b.state = 'open'))
                  LIMIT 10000)";
 
 /// Takes the maintenance lock for the rest of the transaction, if no one else holds it.
@@ -132,3 +136,29 @@ pub const RETRY_FAILED_IN_QUEUE: &str = "
 
 /// Readiness: the database answers and the schema is at the version the code expects.
 pub const SCHEMA_VERSION: &str = "SELECT coalesce(max(version), 0) FROM {s}.schema_migrations";
+
+/// Opens an empty batch (see `batch_open` in the batches migration); returns its id.
+pub const BATCH_OPEN: &str = "SELECT {s}.batch_open($1, $2, $3, $4)";
+
+/// Counts the batch's children, sets its totals, completes it when empty; returns the count.
+pub const BATCH_SEAL: &str = "SELECT {s}.batch_seal($1)";
+
+/// One batch's state and counters.
+pub const BATCH_STATUS: &str = "
+    SELECT id, queue, state, total, pending, succeeded, failed, cancelled, fail_fast,
+           completion_job_id, created_at::text, finished_at::text
+    FROM {s}.batches WHERE id = $1";
+
+/// The newest batches, optionally in one state.
+pub const BATCH_LIST: &str = "
+    SELECT id, queue, state, total, pending, succeeded, failed, cancelled, fail_fast,
+           completion_job_id, created_at::text, finished_at::text
+    FROM {s}.batches WHERE $1::text IS NULL OR state = $1
+    ORDER BY id DESC LIMIT $2";
+
+/// Cancels a batch (see `batch_cancel` in the batches migration).
+pub const BATCH_CANCEL: &str = "SELECT state, changed FROM {s}.batch_cancel($1, $2)";
+
+/// Repairs open batches whose counters disagree with their children (see `batch_repair`).
+pub const BATCH_REPAIR: &str = "
+    SELECT batch_id, old_counts, new_counts FROM {s}.batch_repair($1, $2)";
