@@ -118,8 +118,9 @@ fn text(code: u16, body: &str) -> Response<std::io::Cursor<Vec<u8>>> {
     Response::from_string(body).with_status_code(code)
 }
 
-/// Liveness from shared memory only: the supervisor loop turns, and every slot is progressing,
-/// backing off after a crash, or (failing) crash-looping or stale. Returns (healthy, JSON body).
+/// Liveness from shared memory only: the supervisor loop turns, and every slot is progressing or
+/// backing off after a crash within the stale window; it fails when a slot is crash-looping or
+/// stale (DESIGN.md "Liveness semantics"). Returns (healthy, JSON body).
 pub fn liveness(table: &SlotTable, config: &Config) -> (bool, Value) {
     let now = monotonic_ms();
     let stale_ms = config.health_stale.as_millis() as u64;
@@ -136,10 +137,13 @@ pub fn liveness(table: &SlotTable, config: &Config) -> (bool, Value) {
         let job = slot.job_id.load(Ordering::Acquire);
         if state.is_alive() {
             alive += 1;
-            oldest_ms = oldest_ms.max(age);
-            if age > stale_ms {
-                stale.push(index);
-            }
+        }
+        // Backing off after a crash is legitimate only within the stale window: the age is that of
+        // the slot's last real heartbeat (a re-fork never reseeds it), so a slot whose children
+        // die or hang before their first poll turns red whatever state it is in between.
+        oldest_ms = oldest_ms.max(age);
+        if age > stale_ms {
+            stale.push(index);
         }
         if slot.fast_crashes.load(Ordering::Acquire) >= config.crash_loop_threshold {
             crash_looping.push(index);
@@ -194,7 +198,7 @@ fn with_database<T>(
         .try_lock()
         .map_err(|_| "another request is using the database connection".to_string())?;
     let state = &mut *guard;
-    if state.client.as_ref().is_none_or(|c| c.is_closed()) {
+    if !state.client.as_ref().is_some_and(|c| !c.is_closed()) {
         state.client = Some(
             queue::connect_with_timeout(
                 &config.database_url,

@@ -263,6 +263,9 @@ impl<'f> Supervisor<'f> {
                 plan.retiring = false;
                 if plan.pid.is_none() {
                     plan.restart_at = Some(Instant::now());
+                    // A slot joining the fleet again starts a new life, like a brand-new slot:
+                    // the time it spent retired is not staleness.
+                    self.table.slots[current].beat();
                 }
             }
             self.table
@@ -326,11 +329,16 @@ impl<'f> Supervisor<'f> {
         let slot = &self.table.slots[index];
         let heartbeated =
             slot.heartbeat_ms.load(Ordering::Acquire) > slot.forked_at_ms.load(Ordering::Acquire);
+        // A child that went through its own shut-down (recycling, a SIGTERM sent to it alone)
+        // exits 0 in state `stopping`: a clean exit, not a crash. A handler calling exit(0) in
+        // the middle of a job is still a crash.
+        let clean = signal.is_none() && code == 0 && slot.state() == SlotState::Stopping;
         slot.last_exit
             .store(signal.map_or(code, |s| -(s as i32)), Ordering::Release);
         slot.pid.store(0, Ordering::Release);
         let plan = &mut self.plans[index];
         let uptime = now.saturating_duration_since(plan.forked_at);
+        plan.exit_expected |= clean;
         let expected = plan.exit_expected;
         let reason = plan.kill_reason.take();
         if self.shutdown.is_some() {
@@ -350,9 +358,9 @@ impl<'f> Supervisor<'f> {
                 slot.set_state(SlotState::Unused);
                 return;
             }
-            (Some(_), true) if signal.is_none() && code == 0 => {
+            (Some(_), true) if clean => {
                 log::info!(
-                    "child {index} (pid {pid}) exited as asked after {uptime:.1?}; re-forking"
+                    "child {index} (pid {pid}) exited cleanly after {uptime:.1?}; re-forking"
                 );
             }
             (Some(delay), _) => {
@@ -420,6 +428,8 @@ impl<'f> Supervisor<'f> {
                     let _ = kill(pid, Signal::SIGTERM);
                     plan.kill_at = Some(now + TIMEOUT_KILL_GRACE);
                     plan.kill_reason = Some(reason);
+                    // The job overran, not the child: this death does not count as a crash.
+                    plan.exit_expected = true;
                     continue;
                 }
             }
@@ -464,7 +474,9 @@ impl<'f> Supervisor<'f> {
             let plan = &self.plans[index];
             if plan.pid.is_none() && plan.restart_at.is_some_and(|at| now >= at) {
                 if let Err(e) = self.fork_slot(index) {
-                    log::error!("cannot fork child {index}: {e}; retrying in 1 s");
+                    log::error!(
+                        "cannot fork child {index}: {e} (process limit or memory exhausted); retrying in 1 s"
+                    );
                     self.plans[index].restart_at = Some(now + Duration::from_secs(1));
                 }
             }
@@ -711,10 +723,11 @@ impl<'f> Supervisor<'f> {
         }
         let index = rolling.next;
         rolling.next += 1;
-        rolling.waiting_for = Some(index);
         let plan = &mut self.plans[index];
+        // A slot without an occupant (backing off) gets a fresh child anyway: nothing to wait for.
         if let Some(pid) = plan.pid {
             plan.exit_expected = true;
+            rolling.waiting_for = Some(index);
             log::info!("rolling restart: stopping child {index} (pid {pid})");
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
         }
@@ -738,7 +751,10 @@ impl<'f> Supervisor<'f> {
             self.last_status = status;
         }
         if let Some(interval) = self.watchdog {
-            if looping == 0 && self.last_watchdog.elapsed() >= interval {
+            // Same verdict as /livez: a wedged or crash-looping fleet stops petting the watchdog.
+            if self.last_watchdog.elapsed() >= interval
+                && probe::liveness(self.table, &self.config).0
+            {
                 let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
                 self.last_watchdog = Instant::now();
             }
@@ -776,7 +792,7 @@ fn preflight(config: &Config) -> Result<(), i32> {
             }
         },
         Err(e) => {
-            log::error!("cannot fork the start-up database check: {e}");
+            log::error!("cannot fork the start-up database check: {e}; raise the process limit (ulimit -u) or free memory");
             Err(EXIT_STARTUP)
         }
     }
