@@ -855,7 +855,16 @@ fn sigterm_to_one_child_replaces_that_child_only() {
         now[0] != 0 && now[0] != pids[0] && now[1] == pids[1]
     }));
     assert!(!process_alive(pids[0]));
+    // A SIGHUP meant for the supervisor but sent to a child must not reach the supervisor
+    // through an inherited handler and its pipe (no rolling restart): the child just ends.
+    signal_pid(pids[1], Signal::SIGHUP);
+    assert!(wait_until(Duration::from_secs(10), || {
+        let now = daemon.child_pids();
+        now[1] != 0 && now[1] != pids[1]
+    }));
+    std::thread::sleep(Duration::from_millis(300));
     let log = daemon.log_text();
+    assert!(!log.contains("rolling restart"), "{log}");
     assert!(
         log.contains(&format!("(pid {}) exited cleanly", pids[0])),
         "{log}"
@@ -981,6 +990,7 @@ fn systemd_notifications_come_from_the_supervisor_only() {
         &schema,
         &[
             ("FORKQ_CONCURRENCY", "2"),
+            ("FORKQ_PREFETCH", "1"),
             ("NOTIFY_SOCKET", &path),
             ("WATCHDOG_USEC", "400000"),
         ],
@@ -1024,6 +1034,28 @@ fn systemd_notifications_come_from_the_supervisor_only() {
         vec![Value::Null, Value::Null, json!(schema.name)],
         "children never see NOTIFY_SOCKET"
     );
+    // A crash-looping fleet stops petting the watchdog, so systemd restarts the service.
+    for _ in 0..6 {
+        enqueue_with_attempts(&schema, "crash", json!({}), 1);
+    }
+    assert!(wait_until(Duration::from_secs(20), || {
+        matches!(daemon.livez(), Some((503, ref b)) if b["check"] == "crash_looping")
+    }));
+    let pets = || {
+        messages
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m.contains("WATCHDOG=1"))
+            .count()
+    };
+    let before = pets();
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(
+        matches!(daemon.livez(), Some((503, _))),
+        "still crash-looping (healthy uptime 10 s)"
+    );
+    assert_eq!(pets(), before, "no WATCHDOG=1 while liveness fails");
     daemon.signal(Signal::SIGTERM);
     assert_eq!(daemon.wait_exit(Duration::from_secs(10)), Some(0));
     assert!(wait_until(Duration::from_secs(2), || has("STOPPING=1")));
