@@ -678,6 +678,20 @@ fn sighup_replaces_every_child_one_by_one() {
 fn ttin_and_ttou_change_the_number_of_children_never_below_one() {
     let schema = TestSchema::new("sup_ttin");
     let daemon = Daemon::start(&schema, &[("FORKQ_CONCURRENCY", "2")]);
+    // TTIN and TTOU at once: the new child is told to stop microseconds after its fork, before
+    // it has its own handlers; the signal must wait for them, not be lost.
+    daemon.signal(Signal::SIGTTIN);
+    daemon.signal(Signal::SIGTTOU);
+    assert!(
+        wait_until(Duration::from_secs(10), || daemon
+            .log_text()
+            .contains("slot retired")
+            && children_of(daemon.pid()).len() == 3),
+        "the child forked and retired at once is gone: {:?}\n{}",
+        children_of(daemon.pid()),
+        daemon.log_text()
+    );
+    assert!(healthy_with(&daemon, 2));
     daemon.signal(Signal::SIGTTIN);
     assert!(
         wait_until(Duration::from_secs(10), || healthy_with(&daemon, 3)),
@@ -697,7 +711,12 @@ fn ttin_and_ttou_change_the_number_of_children_never_below_one() {
     assert!(wait_until(Duration::from_secs(5), || daemon
         .log_text()
         .contains("SIGTTOU ignored")));
-    assert!(healthy_with(&daemon, 1) && daemon.child_pids() == vec![survivor]);
+    assert!(
+        healthy_with(&daemon, 1) && daemon.child_pids() == vec![survivor],
+        "{:?}\n{}",
+        daemon.livez(),
+        daemon.log_text()
+    );
     assert!(
         wait_until(Duration::from_secs(5), || children_of(daemon.pid()).len()
             == 2),
@@ -955,6 +974,15 @@ fn endpoints_cli_health_and_a_single_threaded_supervisor() {
         &daemon, 2
     )));
     assert_eq!(threads_of(daemon.pid()), 1, "after requests and a re-fork");
+    // The probe is re-forked when it dies; the endpoint comes back on the same address.
+    let probe = probe_pid(&daemon);
+    signal_pid(probe, Signal::SIGKILL);
+    assert!(wait_until(Duration::from_secs(10), || {
+        healthy_with(&daemon, 2) && probe_pid(&daemon) != probe
+    }));
+    assert!(daemon
+        .log_text()
+        .contains(&format!("probe process {probe} killed by signal 9")));
     let closed = common::free_port();
     let out = health(&format!("127.0.0.1:{closed}"));
     assert!(!out.status.success(), "nothing listens there: {out:?}");

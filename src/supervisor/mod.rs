@@ -204,9 +204,12 @@ impl<'f> Supervisor<'f> {
         for at in deadlines {
             wake = wake.min(at);
         }
-        let timeout = wake.saturating_duration_since(now);
-        let timeout = PollTimeout::try_from(timeout.as_millis().min(60_000) as i32)
-            .unwrap_or(PollTimeout::ZERO);
+        // Rounded up: waking a little after a deadline is fine, spinning until it is not.
+        let millis = wake
+            .saturating_duration_since(now)
+            .as_micros()
+            .div_ceil(1000);
+        let timeout = PollTimeout::try_from(millis.min(60_000) as i32).unwrap_or(PollTimeout::ZERO);
         let mut fds = [PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
         // EINTR is expected: a signal interrupted the wait, and its byte is in the pipe.
         let _ = poll(&mut fds, timeout);
@@ -515,9 +518,7 @@ impl<'f> Supervisor<'f> {
         if previous_generation == 0 {
             slot.heartbeat_ms.store(monotonic_ms(), Ordering::Release);
         }
-        // SAFETY: this process is single-threaded (no pool, runtime or logger thread ever runs
-        // here), so the child gets a consistent copy of every lock and allocator state.
-        match unsafe { fork() }? {
+        match self.fork()? {
             ForkResult::Child => {
                 let code = self.become_child(index, owner, predecessor, recycle_after_jobs);
                 std::process::exit(code);
@@ -540,8 +541,23 @@ impl<'f> Supervisor<'f> {
         }
     }
 
+    /// Forks with the handled signals blocked: a signal sent to a new process before it has its
+    /// own handlers waits for them, instead of running the supervisor's inherited handler (and
+    /// being lost). The parent unblocks at once; the new process in [`Self::detach_from_supervisor`].
+    fn fork(&self) -> nix::Result<ForkResult> {
+        let previous = signals::block()?;
+        // SAFETY: this process is single-threaded (no pool, runtime or logger thread ever runs
+        // here), so the child gets a consistent copy of every lock and allocator state.
+        let forked = unsafe { fork() };
+        if !matches!(forked, Ok(ForkResult::Child)) {
+            signals::restore(&previous);
+        }
+        forked
+    }
+
     /// The first steps of a forked process, shared by children and the probe: drop everything of
-    /// the supervisor's that must not survive the fork.
+    /// the supervisor's that must not survive the fork, install the process's own handlers, and
+    /// only then take the signals that arrived meanwhile.
     fn detach_from_supervisor(&self) {
         self.signals.forget_in_child();
         std::env::remove_var("NOTIFY_SOCKET");
@@ -552,6 +568,8 @@ impl<'f> Supervisor<'f> {
         if nix::unistd::getppid() != self.supervisor_pid {
             std::process::exit(1);
         }
+        child::install_signal_handlers();
+        signals::unblock_all();
     }
 
     fn become_child(
@@ -564,7 +582,6 @@ impl<'f> Supervisor<'f> {
         self.detach_from_supervisor();
         // SAFETY: the health listener belongs to the probe; this process never uses it.
         unsafe { libc::close(self.listener.as_raw_fd()) };
-        child::install_signal_handlers();
         let mut handler = (self.factory)(&self.config);
         child::run(
             ChildSpec {
@@ -580,11 +597,9 @@ impl<'f> Supervisor<'f> {
     }
 
     fn fork_probe(&mut self) -> nix::Result<()> {
-        // SAFETY: single-threaded, as for the children.
-        match unsafe { fork() }? {
+        match self.fork()? {
             ForkResult::Child => {
                 self.detach_from_supervisor();
-                child::install_signal_handlers();
                 let code = probe::serve(&self.listener, self.table, &self.config);
                 std::process::exit(code);
             }
