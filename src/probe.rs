@@ -156,6 +156,7 @@ pub fn liveness(table: &SlotTable, config: &Config) -> (bool, Value) {
             "job_id": (job != 0).then_some(job),
             "seconds_in_job": (job != 0).then(|| now.saturating_sub(slot.job_started_ms.load(Ordering::Acquire)) as f64 / 1000.0),
             "restarts": slot.restarts.load(Ordering::Relaxed),
+            "last_exit": last_exit(slot),
             "generation": slot.generation.load(Ordering::Acquire),
         }));
     }
@@ -184,6 +185,18 @@ pub fn liveness(table: &SlotTable, config: &Config) -> (bool, Value) {
             "slots": slots,
         }),
     )
+}
+
+/// How the previous occupant of a slot ended, for operators reading `/livez`; null before the
+/// first death.
+fn last_exit(slot: &crate::slots::Slot) -> Option<String> {
+    let never_died = slot.generation.load(Ordering::Acquire) == 0
+        || (slot.restarts.load(Ordering::Relaxed) == 0 && slot.pid.load(Ordering::Acquire) != 0);
+    match slot.last_exit.load(Ordering::Acquire) {
+        _ if never_died => None,
+        code if code >= 0 => Some(format!("exited with status {code}")),
+        signal => Some(format!("killed by signal {}", -signal)),
+    }
 }
 
 /// Runs `f` with the probe's connection, opening it when needed and dropping it on failure.

@@ -184,8 +184,6 @@ pub struct Header {
     pub concurrency: AtomicU32,
     /// Set once a shutdown has begun; readiness turns 503.
     pub shutting_down: AtomicBool,
-    /// Crash-looping makes the supervisor exit rather than report (`FORKQ_CRASH_LOOP_EXIT`).
-    pub crash_loop_exit: AtomicBool,
     /// Last time any child of this host ran the maintenance pass, so only one does per interval.
     pub maintenance_ms: AtomicU64,
     /// Pid of the probe process.

@@ -205,6 +205,14 @@ fn fleet_of_four_replaces_a_killed_child_and_reruns_its_job() {
     assert!(daemon
         .log_text()
         .contains(&format!("(pid {victim}) killed by signal 9")));
+    let (_, body) = daemon.livez().unwrap();
+    assert_eq!(
+        body["slots"][slot]["last_exit"], "killed by signal 9",
+        "{body}"
+    );
+    assert_eq!(body["slots"][slot]["restarts"], 1, "{body}");
+    let untouched = (slot + 1) % 4;
+    assert_eq!(body["slots"][untouched]["last_exit"], Value::Null, "{body}");
 }
 
 #[test]

@@ -342,7 +342,6 @@ impl<'f> Supervisor<'f> {
         let plan = &mut self.plans[index];
         let uptime = now.saturating_duration_since(plan.forked_at);
         plan.exit_expected |= clean;
-        let expected = plan.exit_expected;
         let reason = plan.kill_reason.take();
         if self.shutdown.is_some() {
             log::info!("child {index} (pid {pid}) {how} during shutdown");
@@ -355,18 +354,18 @@ impl<'f> Supervisor<'f> {
         slot.fast_crashes
             .store(plan.fast_crashes, Ordering::Release);
         let in_flight = slot.job_id.load(Ordering::Acquire);
-        match (&verdict.restart_in, expected) {
-            (None, _) => {
+        match verdict.restart_in {
+            None => {
                 log::info!("child {index} (pid {pid}) {how}; slot retired");
                 slot.set_state(SlotState::Unused);
                 return;
             }
-            (Some(_), true) if clean => {
+            Some(_) if clean => {
                 log::info!(
                     "child {index} (pid {pid}) exited cleanly after {uptime:.1?}; re-forking"
                 );
             }
-            (Some(delay), _) => {
+            Some(delay) => {
                 let job = if in_flight != 0 {
                     format!(" while running job {in_flight}")
                 } else {
