@@ -118,8 +118,9 @@ fn text(code: u16, body: &str) -> Response<std::io::Cursor<Vec<u8>>> {
     Response::from_string(body).with_status_code(code)
 }
 
-/// Liveness from shared memory only: the supervisor loop turns, and every slot is progressing,
-/// backing off after a crash, or (failing) crash-looping or stale. Returns (healthy, JSON body).
+/// Liveness from shared memory only: the supervisor loop turns, and every slot is progressing or
+/// backing off after a crash within the stale window; it fails when a slot is crash-looping or
+/// stale (DESIGN.md "Liveness semantics"). Returns (healthy, JSON body).
 pub fn liveness(table: &SlotTable, config: &Config) -> (bool, Value) {
     let now = monotonic_ms();
     let stale_ms = config.health_stale.as_millis() as u64;
@@ -136,10 +137,13 @@ pub fn liveness(table: &SlotTable, config: &Config) -> (bool, Value) {
         let job = slot.job_id.load(Ordering::Acquire);
         if state.is_alive() {
             alive += 1;
-            oldest_ms = oldest_ms.max(age);
-            if age > stale_ms {
-                stale.push(index);
-            }
+        }
+        // Backing off after a crash is legitimate only within the stale window: the age is that of
+        // the slot's last real heartbeat (a re-fork never reseeds it), so a slot whose children
+        // die or hang before their first poll turns red whatever state it is in between.
+        oldest_ms = oldest_ms.max(age);
+        if age > stale_ms {
+            stale.push(index);
         }
         if slot.fast_crashes.load(Ordering::Acquire) >= config.crash_loop_threshold {
             crash_looping.push(index);
@@ -152,6 +156,7 @@ pub fn liveness(table: &SlotTable, config: &Config) -> (bool, Value) {
             "job_id": (job != 0).then_some(job),
             "seconds_in_job": (job != 0).then(|| now.saturating_sub(slot.job_started_ms.load(Ordering::Acquire)) as f64 / 1000.0),
             "restarts": slot.restarts.load(Ordering::Relaxed),
+            "last_exit": last_exit(slot),
             "generation": slot.generation.load(Ordering::Acquire),
         }));
     }
@@ -180,6 +185,18 @@ pub fn liveness(table: &SlotTable, config: &Config) -> (bool, Value) {
             "slots": slots,
         }),
     )
+}
+
+/// How the previous occupant of a slot ended, for operators reading `/livez`; null before the
+/// first death.
+fn last_exit(slot: &crate::slots::Slot) -> Option<String> {
+    let never_died = slot.generation.load(Ordering::Acquire) == 0
+        || (slot.restarts.load(Ordering::Relaxed) == 0 && slot.pid.load(Ordering::Acquire) != 0);
+    match slot.last_exit.load(Ordering::Acquire) {
+        _ if never_died => None,
+        code if code >= 0 => Some(format!("exited with status {code}")),
+        signal => Some(format!("killed by signal {}", -signal)),
+    }
 }
 
 /// Runs `f` with the probe's connection, opening it when needed and dropping it on failure.

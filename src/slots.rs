@@ -103,8 +103,6 @@ pub struct Slot {
     pub failed: AtomicU64,
     /// Jobs sent back for a later retry in this slot.
     pub retried: AtomicU64,
-    /// Jobs run by the current occupant, for recycling.
-    pub jobs_this_life: AtomicU64,
     /// Deaths in a row that came before the healthy uptime.
     pub fast_crashes: AtomicU32,
     /// Times the supervisor re-forked this slot.
@@ -133,8 +131,9 @@ impl Slot {
         self.heartbeat_ms.store(monotonic_ms(), Ordering::Release);
     }
 
-    /// Milliseconds since this slot last showed progress, counted from the fork of the current
-    /// occupant at the latest when the slot never had a heartbeat before.
+    /// Milliseconds since any occupant of this slot last showed progress. A re-fork does not
+    /// reset it: a slot whose children keep dying or hanging before their first poll keeps
+    /// ageing, and liveness turns red (this is what `/livez` reports).
     pub fn heartbeat_age_ms(&self, now_ms: u64) -> u64 {
         let last = self.heartbeat_ms.load(Ordering::Acquire);
         now_ms.saturating_sub(last)
@@ -162,7 +161,6 @@ impl Slot {
     /// Marks the end of the current job and records its duration.
     pub fn finish_job(&self, duration_us: u64) {
         self.job_id.store(0, Ordering::Release);
-        self.jobs_this_life.fetch_add(1, Ordering::Relaxed);
         let ms = duration_us / 1000;
         let bucket = LATENCY_BUCKETS_MS
             .iter()
@@ -186,8 +184,6 @@ pub struct Header {
     pub concurrency: AtomicU32,
     /// Set once a shutdown has begun; readiness turns 503.
     pub shutting_down: AtomicBool,
-    /// Crash-looping makes the supervisor exit rather than report (`FORKQ_CRASH_LOOP_EXIT`).
-    pub crash_loop_exit: AtomicBool,
     /// Last time any child of this host ran the maintenance pass, so only one does per interval.
     pub maintenance_ms: AtomicU64,
     /// Pid of the probe process.

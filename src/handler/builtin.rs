@@ -7,7 +7,9 @@ use serde_json::Value;
 use super::{Handler, Job, JobContext, Outcome};
 
 /// `noop` succeeds at once, `sleep` waits `payload.ms` milliseconds, `fail` always fails, `crash`
-/// aborts the whole child process (to exercise crash recovery). Any other task fails for good with
+/// aborts the whole child process (to exercise crash recovery), `getenv` returns
+/// `{"value": ...}` for the environment variable `payload.name` as the worker sees it (null when
+/// unset; to check what reaches handlers). Any other task fails for good with
 /// "no handler for task X".
 #[derive(Debug, Default)]
 pub struct Builtin;
@@ -28,6 +30,14 @@ impl Handler for Builtin {
                     .to_string(),
             ),
             "crash" => std::process::abort(),
+            "getenv" => {
+                let name = job
+                    .payload
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                Outcome::Success(serde_json::json!({ "value": std::env::var(name).ok() }))
+            }
             other => Outcome::Fatal(format!("no handler for task {other}")),
         }
     }

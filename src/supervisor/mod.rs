@@ -204,9 +204,12 @@ impl<'f> Supervisor<'f> {
         for at in deadlines {
             wake = wake.min(at);
         }
-        let timeout = wake.saturating_duration_since(now);
-        let timeout = PollTimeout::try_from(timeout.as_millis().min(60_000) as i32)
-            .unwrap_or(PollTimeout::ZERO);
+        // Rounded up: waking a little after a deadline is fine, spinning until it is not.
+        let millis = wake
+            .saturating_duration_since(now)
+            .as_micros()
+            .div_ceil(1000);
+        let timeout = PollTimeout::try_from(millis.min(60_000) as i32).unwrap_or(PollTimeout::ZERO);
         let mut fds = [PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
         // EINTR is expected: a signal interrupted the wait, and its byte is in the pipe.
         let _ = poll(&mut fds, timeout);
@@ -263,6 +266,9 @@ impl<'f> Supervisor<'f> {
                 plan.retiring = false;
                 if plan.pid.is_none() {
                     plan.restart_at = Some(Instant::now());
+                    // A slot joining the fleet again starts a new life, like a brand-new slot:
+                    // the time it spent retired is not staleness.
+                    self.table.slots[current].beat();
                 }
             }
             self.table
@@ -326,12 +332,16 @@ impl<'f> Supervisor<'f> {
         let slot = &self.table.slots[index];
         let heartbeated =
             slot.heartbeat_ms.load(Ordering::Acquire) > slot.forked_at_ms.load(Ordering::Acquire);
+        // A child that went through its own shut-down (recycling, a SIGTERM sent to it alone)
+        // exits 0 in state `stopping`: a clean exit, not a crash. A handler calling exit(0) in
+        // the middle of a job is still a crash.
+        let clean = signal.is_none() && code == 0 && slot.state() == SlotState::Stopping;
         slot.last_exit
             .store(signal.map_or(code, |s| -(s as i32)), Ordering::Release);
         slot.pid.store(0, Ordering::Release);
         let plan = &mut self.plans[index];
         let uptime = now.saturating_duration_since(plan.forked_at);
-        let expected = plan.exit_expected;
+        plan.exit_expected |= clean;
         let reason = plan.kill_reason.take();
         if self.shutdown.is_some() {
             log::info!("child {index} (pid {pid}) {how} during shutdown");
@@ -344,18 +354,18 @@ impl<'f> Supervisor<'f> {
         slot.fast_crashes
             .store(plan.fast_crashes, Ordering::Release);
         let in_flight = slot.job_id.load(Ordering::Acquire);
-        match (&verdict.restart_in, expected) {
-            (None, _) => {
+        match verdict.restart_in {
+            None => {
                 log::info!("child {index} (pid {pid}) {how}; slot retired");
                 slot.set_state(SlotState::Unused);
                 return;
             }
-            (Some(_), true) if signal.is_none() && code == 0 => {
+            Some(_) if clean => {
                 log::info!(
-                    "child {index} (pid {pid}) exited as asked after {uptime:.1?}; re-forking"
+                    "child {index} (pid {pid}) exited cleanly after {uptime:.1?}; re-forking"
                 );
             }
-            (Some(delay), _) => {
+            Some(delay) => {
                 let job = if in_flight != 0 {
                     format!(" while running job {in_flight}")
                 } else {
@@ -420,6 +430,8 @@ impl<'f> Supervisor<'f> {
                     let _ = kill(pid, Signal::SIGTERM);
                     plan.kill_at = Some(now + TIMEOUT_KILL_GRACE);
                     plan.kill_reason = Some(reason);
+                    // The job overran, not the child: this death does not count as a crash.
+                    plan.exit_expected = true;
                     continue;
                 }
             }
@@ -464,7 +476,9 @@ impl<'f> Supervisor<'f> {
             let plan = &self.plans[index];
             if plan.pid.is_none() && plan.restart_at.is_some_and(|at| now >= at) {
                 if let Err(e) = self.fork_slot(index) {
-                    log::error!("cannot fork child {index}: {e}; retrying in 1 s");
+                    log::error!(
+                        "cannot fork child {index}: {e} (process limit or memory exhausted); retrying in 1 s"
+                    );
                     self.plans[index].restart_at = Some(now + Duration::from_secs(1));
                 }
             }
@@ -503,9 +517,7 @@ impl<'f> Supervisor<'f> {
         if previous_generation == 0 {
             slot.heartbeat_ms.store(monotonic_ms(), Ordering::Release);
         }
-        // SAFETY: this process is single-threaded (no pool, runtime or logger thread ever runs
-        // here), so the child gets a consistent copy of every lock and allocator state.
-        match unsafe { fork() }? {
+        match self.fork()? {
             ForkResult::Child => {
                 let code = self.become_child(index, owner, predecessor, recycle_after_jobs);
                 std::process::exit(code);
@@ -528,8 +540,23 @@ impl<'f> Supervisor<'f> {
         }
     }
 
+    /// Forks with the handled signals blocked: a signal sent to a new process before it has its
+    /// own handlers waits for them, instead of running the supervisor's inherited handler (and
+    /// being lost). The parent unblocks at once; the new process in [`Self::detach_from_supervisor`].
+    fn fork(&self) -> nix::Result<ForkResult> {
+        let previous = signals::block()?;
+        // SAFETY: this process is single-threaded (no pool, runtime or logger thread ever runs
+        // here), so the child gets a consistent copy of every lock and allocator state.
+        let forked = unsafe { fork() };
+        if !matches!(forked, Ok(ForkResult::Child)) {
+            signals::restore(&previous);
+        }
+        forked
+    }
+
     /// The first steps of a forked process, shared by children and the probe: drop everything of
-    /// the supervisor's that must not survive the fork.
+    /// the supervisor's that must not survive the fork, install the process's own handlers, and
+    /// only then take the signals that arrived meanwhile.
     fn detach_from_supervisor(&self) {
         self.signals.forget_in_child();
         std::env::remove_var("NOTIFY_SOCKET");
@@ -540,6 +567,8 @@ impl<'f> Supervisor<'f> {
         if nix::unistd::getppid() != self.supervisor_pid {
             std::process::exit(1);
         }
+        child::install_signal_handlers();
+        signals::unblock_all();
     }
 
     fn become_child(
@@ -552,7 +581,6 @@ impl<'f> Supervisor<'f> {
         self.detach_from_supervisor();
         // SAFETY: the health listener belongs to the probe; this process never uses it.
         unsafe { libc::close(self.listener.as_raw_fd()) };
-        child::install_signal_handlers();
         let mut handler = (self.factory)(&self.config);
         child::run(
             ChildSpec {
@@ -568,11 +596,9 @@ impl<'f> Supervisor<'f> {
     }
 
     fn fork_probe(&mut self) -> nix::Result<()> {
-        // SAFETY: single-threaded, as for the children.
-        match unsafe { fork() }? {
+        match self.fork()? {
             ForkResult::Child => {
                 self.detach_from_supervisor();
-                child::install_signal_handlers();
                 let code = probe::serve(&self.listener, self.table, &self.config);
                 std::process::exit(code);
             }
@@ -711,10 +737,11 @@ impl<'f> Supervisor<'f> {
         }
         let index = rolling.next;
         rolling.next += 1;
-        rolling.waiting_for = Some(index);
         let plan = &mut self.plans[index];
+        // A slot without an occupant (backing off) gets a fresh child anyway: nothing to wait for.
         if let Some(pid) = plan.pid {
             plan.exit_expected = true;
+            rolling.waiting_for = Some(index);
             log::info!("rolling restart: stopping child {index} (pid {pid})");
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
         }
@@ -738,7 +765,10 @@ impl<'f> Supervisor<'f> {
             self.last_status = status;
         }
         if let Some(interval) = self.watchdog {
-            if looping == 0 && self.last_watchdog.elapsed() >= interval {
+            // Same verdict as /livez: a wedged or crash-looping fleet stops petting the watchdog.
+            if self.last_watchdog.elapsed() >= interval
+                && probe::liveness(self.table, &self.config).0
+            {
                 let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
                 self.last_watchdog = Instant::now();
             }
@@ -776,7 +806,7 @@ fn preflight(config: &Config) -> Result<(), i32> {
             }
         },
         Err(e) => {
-            log::error!("cannot fork the start-up database check: {e}");
+            log::error!("cannot fork the start-up database check: {e}; raise the process limit (ulimit -u) or free memory");
             Err(EXIT_STARTUP)
         }
     }

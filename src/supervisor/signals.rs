@@ -64,19 +64,38 @@ impl SignalPipe {
             .collect()
     }
 
-    /// In a freshly forked child: restores default dispositions, unblocks every signal and
-    /// closes the inherited pipe ends, so nothing of the supervisor's signal handling remains.
+    /// In a freshly forked child (signals still blocked, see [`block`]): restores default
+    /// dispositions and closes the inherited pipe ends, so nothing of the supervisor's signal
+    /// handling remains. The caller installs its own handlers, then calls [`unblock_all`].
     pub fn forget_in_child(&self) {
         let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
         for sig in HANDLED {
             // SAFETY: installing SIG_DFL is always sound.
             let _ = unsafe { signal::sigaction(sig, &default) };
         }
-        let _ = signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
         for fd in [self.read.as_raw_fd(), self.write.as_raw_fd()] {
             // SAFETY: the child never uses these descriptors; the UnixStreams that own them are
             // the supervisor's, so closing here cannot double-close anything in this process.
             unsafe { libc::close(fd) };
         }
     }
+}
+
+/// Blocks every signal in [`HANDLED`] (around a fork); returns the mask to restore.
+pub fn block() -> nix::Result<SigSet> {
+    let mut previous = SigSet::empty();
+    let set: SigSet = HANDLED.iter().copied().collect();
+    signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut previous))?;
+    Ok(previous)
+}
+
+/// Restores the mask [`block`] returned (in the supervisor, right after the fork).
+pub fn restore(previous: &SigSet) {
+    let _ = signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(previous), None);
+}
+
+/// Unblocks every signal (in a forked process, once its own handlers are installed); signals
+/// that arrived since the fork are delivered now.
+pub fn unblock_all() {
+    let _ = signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
 }

@@ -180,7 +180,13 @@ impl Daemon {
     /// Starts `forkq run` for `schema` with extra environment; waits until /livez answers 200
     /// with every child alive (or panics with the log after 20 s).
     pub fn start(schema: &TestSchema, extra: &[(&str, &str)]) -> Daemon {
-        let daemon = Daemon::spawn(schema, extra);
+        Daemon::start_wrapped(schema, extra, &[])
+    }
+
+    /// [`Daemon::start`] through a wrapper command that execs its last argument (for example
+    /// `setpriv --reuid=65534 ...`), so the supervisor keeps the spawned pid.
+    pub fn start_wrapped(schema: &TestSchema, extra: &[(&str, &str)], wrapper: &[&str]) -> Daemon {
+        let daemon = Daemon::spawn_wrapped(schema, extra, wrapper);
         let concurrency: usize = extra
             .iter()
             .find(|(k, _)| *k == "FORKQ_CONCURRENCY")
@@ -200,12 +206,24 @@ impl Daemon {
 
     /// Starts `forkq run` without waiting for anything.
     pub fn spawn(schema: &TestSchema, extra: &[(&str, &str)]) -> Daemon {
+        Daemon::spawn_wrapped(schema, extra, &[])
+    }
+
+    /// [`Daemon::spawn`] through a wrapper command (see [`Daemon::start_wrapped`]).
+    pub fn spawn_wrapped(schema: &TestSchema, extra: &[(&str, &str)], wrapper: &[&str]) -> Daemon {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
         let log = dir.join(format!("{}-{port}.log", schema.name));
         let log_file = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(forkq_bin());
+        let mut cmd = match wrapper.split_first() {
+            None => Command::new(forkq_bin()),
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(forkq_bin());
+                cmd
+            }
+        };
         cmd.arg("run")
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
