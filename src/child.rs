@@ -3,7 +3,9 @@
 //! One job at a time per child. Acknowledgements of finished jobs are sent together with the next
 //! claim in one round trip, or on their own once they have waited `FORKQ_ACK_DELAY_MS`. The
 //! connection is re-opened with backoff when it drops; the slot heartbeat keeps going meanwhile,
-//! because liveness must not depend on the database.
+//! because liveness must not depend on the database. An idle child sleeps on its slot's futex
+//! word until the wake-up listener or a busy sibling rouses it ([`crate::wakeup`]), or until the
+//! poll interval passes.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -17,7 +19,8 @@ use crate::config::Config;
 use crate::handler::{Handler, Job, JobContext, Outcome};
 use crate::queue::consumer::{Ack, Claimed, Consumer, Settlement};
 use crate::queue::{maintenance, QueueError};
-use crate::slots::{monotonic_ms, Header, Slot, SlotState};
+use crate::slots::{monotonic_ms, Header, Slot, SlotState, SlotTable};
+use crate::wakeup;
 
 /// Set by SIGTERM/SIGINT: finish the current job, hand back the rest, exit.
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -69,10 +72,10 @@ pub fn immediate_stop_requested() -> bool {
 pub struct ChildSpec<'a> {
     /// The validated configuration.
     pub config: &'a Config,
-    /// This child's slot.
-    pub slot: &'a Slot,
-    /// The fleet header (maintenance coordination).
-    pub header: &'a Header,
+    /// The fleet's shared table (this child's slot, maintenance coordination, idle siblings).
+    pub table: &'a SlotTable,
+    /// This child's slot in the table.
+    pub index: usize,
     /// This child's lease owner: host, supervisor boot, slot, generation.
     pub owner: String,
     /// The lease owner of the previous occupant of this slot, whose jobs are released at once.
@@ -95,8 +98,10 @@ pub struct Predecessor {
 pub fn run(spec: ChildSpec<'_>, handler: &mut dyn Handler) -> i32 {
     let mut worker = Worker {
         config: spec.config,
-        slot: spec.slot,
-        header: spec.header,
+        table: spec.table,
+        index: spec.index,
+        slot: &spec.table.slots[spec.index],
+        header: &spec.table.header,
         owner: spec.owner,
         recycle_after_jobs: spec.recycle_after_jobs,
         db: None,
@@ -127,6 +132,8 @@ const RSS_CHECK_EVERY: u64 = 64;
 
 struct Worker<'a> {
     config: &'a Config,
+    table: &'a SlotTable,
+    index: usize,
     slot: &'a Slot,
     header: &'a Header,
     owner: String,
@@ -162,6 +169,9 @@ impl Worker<'_> {
         }
         while !stop_requested() && !self.recycle_due() {
             self.maybe_run_maintenance();
+            // Read before the claim: a wake-up that arrives during an empty claim then cuts the
+            // idle wait short instead of being lost.
+            let wake_seen = self.slot.wake.load(Ordering::Acquire);
             let acks = std::mem::take(&mut self.acks);
             let limit = self.config.prefetch;
             let round = match self.db(|db| db.settle_and_claim(&acks, limit)) {
@@ -174,8 +184,12 @@ impl Worker<'_> {
             self.oldest_ack = None;
             self.report_refused(&round.refused);
             if round.claimed.is_empty() {
-                self.wait_idle()?;
+                self.wait_idle(wake_seen);
                 continue;
+            }
+            if round.claimed.len() == limit {
+                // More work is probably waiting: pass the wake-up on to an idle sibling.
+                wakeup::wake_one_idle(self.table, Some(self.index));
             }
             self.buffer.extend(round.claimed);
             while let Some(claimed) = self.buffer.pop_front() {
@@ -390,28 +404,21 @@ impl Worker<'_> {
         }
     }
 
-    /// Waits for work: a notification, or the poll interval.
-    fn wait_idle(&mut self) -> Result<(), QueueError> {
+    /// Sleeps until woken (an enqueue notification relayed by the listener, or a sibling with
+    /// more work than it can take), a signal, or the poll interval; heartbeats meanwhile.
+    fn wait_idle(&mut self, wake_seen: u32) {
         self.slot.set_state(SlotState::Idle);
         self.slot.beat();
-        let poll = self.config.poll_interval;
-        let deadline = Instant::now() + poll;
+        let deadline = Instant::now() + self.config.poll_interval;
         loop {
-            if stop_requested() {
-                return Ok(());
-            }
             let now = Instant::now();
-            if now >= deadline {
-                return Ok(());
+            if stop_requested()
+                || now >= deadline
+                || self.slot.wake.load(Ordering::Acquire) != wake_seen
+            {
+                return;
             }
-            let slice = (deadline - now).min(IDLE_SLICE);
-            if self.config.listen {
-                if self.db(|db| db.wait_for_notification(slice))? {
-                    return Ok(());
-                }
-            } else {
-                std::thread::sleep(slice);
-            }
+            wakeup::wait(&self.slot.wake, wake_seen, (deadline - now).min(IDLE_SLICE));
             self.slot.beat();
         }
     }
@@ -450,10 +457,7 @@ impl Worker<'_> {
         loop {
             if self.db.is_none() {
                 match Consumer::connect(self.config, &self.owner) {
-                    Ok(mut db) => {
-                        if self.config.listen {
-                            db.listen()?;
-                        }
+                    Ok(db) => {
                         if failures > 0 {
                             log::info!("worker {} reconnected to the database", self.owner);
                         }

@@ -30,6 +30,7 @@ pub mod probe;
 pub mod queue;
 pub mod slots;
 pub mod supervisor;
+pub mod wakeup;
 
 pub use client::Client;
 pub use config::Config;

@@ -89,6 +89,8 @@ pub struct Slot {
     state: AtomicU8,
     /// When the current occupant was forked.
     pub forked_at_ms: AtomicU64,
+    /// The futex word an idle child sleeps on; bumped to wake it (see [`crate::wakeup`]).
+    pub wake: AtomicU32,
     /// The last time a child in this slot showed progress. Never reseeded at a fork, so a slot
     /// whose children never get to poll keeps ageing.
     pub heartbeat_ms: AtomicU64,

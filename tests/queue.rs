@@ -1249,20 +1249,22 @@ fn racing_enqueues_of_one_unique_key_get_one_job() {
 }
 
 #[test]
-fn consumer_wakes_on_notify_and_times_out_without() {
+fn listener_wakes_on_notify_and_times_out_without() {
     let schema = TestSchema::new("notify");
-    let mut c = consumer(&schema, "w", &[]);
-    c.listen().unwrap();
+    let config = schema.config(&[("FORKQ_QUEUES", "default,other")]);
+    let mut listener = forkq::queue::listener::Listener::connect(&config).unwrap();
     let started = Instant::now();
-    assert!(!c.wait_for_notification(Duration::from_millis(300)).unwrap());
+    assert_eq!(listener.wait(Duration::from_millis(300)).unwrap(), 0);
     assert!(started.elapsed() >= Duration::from_millis(250));
 
-    // Scheduled jobs do not wake anyone; due ones do, bulk ones once.
+    // Scheduled jobs do not wake anyone, nor jobs of queues this daemon does not serve; due ones
+    // do, and a bulk enqueue once.
     enqueue(
         &schema,
         NewJob::new("default", "noop", json!({})).with_delay(600.0),
     );
-    assert!(!c.wait_for_notification(Duration::from_millis(300)).unwrap());
+    enqueue(&schema, NewJob::new("elsewhere", "noop", json!({})));
+    assert_eq!(listener.wait(Duration::from_millis(300)).unwrap(), 0);
     let producer = std::thread::spawn({
         let name = schema.name.clone();
         move || {
@@ -1277,16 +1279,22 @@ fn consumer_wakes_on_notify_and_times_out_without() {
         }
     });
     let started = Instant::now();
-    assert!(c.wait_for_notification(Duration::from_secs(10)).unwrap());
+    assert_eq!(listener.wait(Duration::from_secs(10)).unwrap(), 1);
     assert!(started.elapsed() < Duration::from_secs(5));
     producer.join().unwrap();
     schema.enqueue_n("default", "noop", json!({}), 3);
-    assert!(c.wait_for_notification(Duration::from_secs(5)).unwrap());
-    assert!(
-        !c.wait_for_notification(Duration::from_millis(200)).unwrap(),
+    enqueue(&schema, NewJob::new("other", "noop", json!({})));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        listener.wait(Duration::from_secs(5)).unwrap(),
+        2,
+        "one for the bulk insert, one for queue other"
+    );
+    assert_eq!(
+        listener.wait(Duration::from_millis(200)).unwrap(),
+        0,
         "buffered notifications were drained"
     );
-    assert!(c.is_alive());
 }
 
 #[test]

@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, Statement};
 use serde_json::Value;
 
@@ -63,7 +62,6 @@ pub struct Consumer {
     queues: Vec<String>,
     lease_seconds: f64,
     retain: bool,
-    channel: String,
     settle_and_claim: Statement,
     renew: Statement,
     release: Statement,
@@ -85,18 +83,10 @@ impl Consumer {
             queues: config.queues.clone(),
             lease_seconds: config.lease.as_secs_f64(),
             retain: !config.retention.is_zero(),
-            channel: sql::channel(s),
             settle_and_claim,
             renew,
             release,
         })
-    }
-
-    /// Subscribes to enqueue notifications.
-    pub fn listen(&mut self) -> Result<(), QueueError> {
-        self.client
-            .batch_execute(&format!("LISTEN \"{}\"", self.channel))?;
-        Ok(())
     }
 
     /// The lease owner string.
@@ -197,23 +187,5 @@ impl Consumer {
             .client
             .query_one(&self.release, &[&owner, &in_flight, &error, &self.retain])?
             .get(0))
-    }
-
-    /// Waits up to `timeout` for an enqueue notification; true when one arrived (or several
-    /// were already buffered).
-    pub fn wait_for_notification(&mut self, timeout: Duration) -> Result<bool, QueueError> {
-        let mut notifications = self.client.notifications();
-        if notifications.iter().next()?.is_some() {
-            while notifications.iter().next()?.is_some() {}
-            return Ok(true);
-        }
-        let arrived = notifications.timeout_iter(timeout).next()?.is_some();
-        while notifications.iter().next()?.is_some() {}
-        Ok(arrived)
-    }
-
-    /// Checks the connection with a trivial query (used after idle waits when LISTEN is off).
-    pub fn is_alive(&mut self) -> bool {
-        !self.client.is_closed()
     }
 }

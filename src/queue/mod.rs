@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod batch;
 pub mod consumer;
+pub mod listener;
 pub mod maintenance;
 pub mod migrations;
 pub mod producer;

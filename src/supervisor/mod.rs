@@ -585,8 +585,8 @@ impl<'f> Supervisor<'f> {
         child::run(
             ChildSpec {
                 config: &self.config,
-                slot: &self.table.slots[index],
-                header: &self.table.header,
+                table: self.table,
+                index,
                 owner,
                 predecessor,
                 recycle_after_jobs,

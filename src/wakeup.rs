@@ -1,0 +1,162 @@
+//! Waking exactly one idle child when work arrives.
+//!
+//! Idle children do not LISTEN themselves: each sleeps on a futex word in its own slot of the
+//! shared table. One listener (a thread of the probe process, which has a connection anyway)
+//! receives the enqueue notifications and wakes a single idle child per notification, so one job
+//! wakes one child instead of the whole fleet. A child that claims a full batch wakes the next idle
+//! one, so a burst spreads over the fleet within a few hundred microseconds. The futex wait is also
+//! interrupted by signals (unlike a wait inside the PostgreSQL client), so an idle child reacts to
+//! SIGTERM at once. When the listener is down (probe re-forking, `FORKQ_LISTEN=0`), children fall
+//! back to polling every `FORKQ_POLL_INTERVAL_MS`.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use crate::backoff;
+use crate::config::Config;
+use crate::queue::listener::Listener;
+use crate::slots::{SlotState, SlotTable};
+
+/// How long one listener wait lasts; only bounds how fast a lost connection is noticed.
+const LISTEN_SLICE: Duration = Duration::from_secs(5);
+
+/// Sleeps while `word` still holds `expected`, at most `timeout`; returns early on a wake, a
+/// signal, or when the word changed before the call (no lost wake-ups: read the word before
+/// checking for work, then pass that value here).
+pub fn wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `word` is a valid, aligned u32 for the duration of the call; the futex is shared
+    // (no FUTEX_PRIVATE_FLAG) because the word lives in a MAP_SHARED mapping used by several
+    // processes. Errors (EAGAIN: the value changed; EINTR: a signal; ETIMEDOUT) all mean "go on".
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+            std::ptr::null::<u32>(),
+            0u32,
+        );
+    }
+}
+
+/// Bumps `word` and wakes whoever sleeps on it.
+pub fn wake(word: &AtomicU32) {
+    word.fetch_add(1, Ordering::AcqRel);
+    // SAFETY: as in `wait`; FUTEX_WAKE only reads the address.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            1i32,
+            std::ptr::null::<libc::timespec>(),
+            std::ptr::null::<u32>(),
+            0u32,
+        );
+    }
+}
+
+/// Wakes one idle child other than `except` (the caller's own slot, if a child calls it).
+/// Returns whether one was idle.
+pub fn wake_one_idle(table: &SlotTable, except: Option<usize>) -> bool {
+    let idle = table
+        .active()
+        .iter()
+        .enumerate()
+        .find(|(index, slot)| Some(*index) != except && slot.state() == SlotState::Idle);
+    match idle {
+        Some((_, slot)) => {
+            wake(&slot.wake);
+            true
+        }
+        None => false,
+    }
+}
+
+/// The listener loop: LISTEN on the schema's channel and wake one idle child per notification.
+/// Reconnects with backoff when the database goes away; never returns.
+pub fn run_listener(config: &Config, table: &SlotTable) -> ! {
+    let mut failures = 0u32;
+    loop {
+        let error = match Listener::connect(config) {
+            Ok(mut listener) => {
+                if failures > 0 {
+                    log::info!("wake-up listener reconnected");
+                }
+                failures = 0;
+                loop {
+                    match listener.wait(LISTEN_SLICE) {
+                        Ok(count) => {
+                            for _ in 0..count {
+                                if !wake_one_idle(table, None) {
+                                    break;
+                                }
+                            }
+                        }
+                        Err(e) => break e,
+                    }
+                }
+            }
+            Err(e) => e,
+        };
+        failures += 1;
+        let pause =
+            backoff::exponential(Duration::from_millis(200), Duration::from_secs(5), failures);
+        if failures == 1 || failures % 10 == 0 {
+            log::warn!("wake-up listener lost the database ({error}); children poll meanwhile; retrying in {pause:.1?}");
+        }
+        std::thread::sleep(pause);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn wait_returns_at_once_when_the_word_moved() {
+        let word = AtomicU32::new(5);
+        let t = Instant::now();
+        wait(&word, 4, Duration::from_secs(5));
+        assert!(t.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn wait_times_out() {
+        let word = AtomicU32::new(0);
+        let t = Instant::now();
+        wait(&word, 0, Duration::from_millis(50));
+        assert!(t.elapsed() >= Duration::from_millis(40));
+    }
+
+    #[test]
+    fn wake_reaches_another_process() {
+        let table = SlotTable::create_shared().unwrap();
+        let slot = &table.slots[0];
+        let before = slot.wake.load(Ordering::Acquire);
+        // SAFETY: the test thread forks a child that only sleeps on the futex and exits.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                let t = Instant::now();
+                wait(&slot.wake, before, Duration::from_secs(10));
+                std::process::exit(if t.elapsed() < Duration::from_secs(5) {
+                    0
+                } else {
+                    1
+                });
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                std::thread::sleep(Duration::from_millis(100));
+                wake(&slot.wake);
+                let status = nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 0));
+            }
+        }
+    }
+}
