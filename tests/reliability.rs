@@ -666,3 +666,40 @@ fn probe_survives_slow_clients() {
     }
     assert_eq!(daemon.get("/nope").map(|(c, _)| c), Some(404));
 }
+
+/// A child that cannot stop (frozen with SIGSTOP) is killed at the shutdown deadline, and its
+/// job goes back to the queue at once instead of waiting for its lease to expire.
+#[test]
+fn jobs_of_children_killed_at_the_deadline_go_back_at_once() {
+    let schema = TestSchema::new("deadline");
+    let mut daemon = Daemon::start(
+        &schema,
+        &[
+            ("FORKQ_SHUTDOWN_GRACE_SECONDS", "2"),
+            ("FORKQ_LEASE_SECONDS", "600"),
+            ("FORKQ_HEALTH_STALE_SECONDS", "300"),
+        ],
+    );
+    let id = schema.enqueue("default", "sleep", json!({"ms": 60000}));
+    let mut holder = 0;
+    assert!(wait_until(Duration::from_secs(10), || {
+        daemon.livez().is_some_and(|(_, body)| {
+            body["slots"].as_array().unwrap().iter().any(|s| {
+                holder = s["pid"].as_i64().unwrap_or(0) as i32;
+                s["job_id"].as_i64() == Some(id)
+            })
+        })
+    }));
+    kill(Pid::from_raw(holder), Signal::SIGSTOP).unwrap();
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(15)), Some(0));
+    let job = schema.job(id).unwrap();
+    assert_eq!(job["state"], "available", "{job}\n{}", daemon.log_text());
+    assert!(
+        job["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("shutdown deadline"),
+        "{job}"
+    );
+}

@@ -24,6 +24,7 @@ use crate::config::{Config, EX_CONFIG, MAX_CONCURRENCY};
 use crate::handler::Handler;
 use crate::probe;
 use crate::queue;
+use crate::queue::consumer::Consumer;
 use crate::slots::{monotonic_ms, SlotState, SlotTable};
 
 use fleet::{RestartPolicy, SlotPlan};
@@ -678,13 +679,26 @@ impl<'f> Supervisor<'f> {
         if now >= shutdown.deadline {
             // Poll once more before killing: a child that just exited must not be killed.
             self.reap();
+            let mut killed = Vec::new();
             for (index, plan) in self.plans.iter().enumerate() {
                 if let Some(pid) = plan.pid {
                     log::warn!("child {index} (pid {pid}) still running at the shutdown deadline; killing it");
                     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    let slot = &self.table.slots[index];
+                    let in_flight = slot.job_id.load(Ordering::Acquire);
+                    killed.push(Predecessor {
+                        owner: self.lease_owner(index, slot.generation.load(Ordering::Acquire)),
+                        in_flight: (in_flight != 0).then_some(in_flight),
+                        how_it_ended:
+                            "worker killed at the shutdown deadline (FORKQ_SHUTDOWN_GRACE_SECONDS)"
+                                .into(),
+                    });
                 }
             }
             self.wait_for_children(Duration::from_secs(2));
+            if !killed.is_empty() {
+                release_killed(&self.config, &killed);
+            }
         }
         if self.plans.iter().any(|p| p.pid.is_some()) {
             return None;
@@ -779,35 +793,84 @@ impl<'f> Supervisor<'f> {
 /// Checks the database and the schema in a short-lived forked process, so the supervisor itself
 /// never opens a connection. An unreachable database or an old schema stops start-up with 78.
 fn preflight(config: &Config) -> Result<(), i32> {
-    // SAFETY: nothing but this thread exists yet.
-    match unsafe { fork() } {
-        Ok(ForkResult::Child) => {
-            let code = match queue::connect(&config.database_url, "forkq preflight")
-                .and_then(|mut c| queue::migrations::require_current(&mut c, &config.schema))
-            {
-                Ok(()) => 0,
-                Err(e) if e.is_connection_lost() => {
-                    log::error!("cannot reach the database at start-up ({e}); check DATABASE_URL and that PostgreSQL is running");
-                    EX_CONFIG
-                }
-                Err(e) => {
-                    log::error!("{e}");
-                    EX_CONFIG
-                }
-            };
-            std::process::exit(code);
+    let check = || match queue::connect(&config.database_url, "forkq preflight")
+        .and_then(|mut c| queue::migrations::require_current(&mut c, &config.schema))
+    {
+        Ok(()) => 0,
+        Err(e) if e.is_connection_lost() => {
+            log::error!("cannot reach the database at start-up ({e}); check DATABASE_URL and that PostgreSQL is running");
+            EX_CONFIG
         }
-        Ok(ForkResult::Parent { child }) => match waitpid(child, None) {
-            Ok(WaitStatus::Exited(_, 0)) => Ok(()),
-            Ok(WaitStatus::Exited(_, code)) => Err(code),
-            other => {
-                log::error!("the start-up database check died: {other:?}");
-                Err(EXIT_STARTUP)
-            }
-        },
         Err(e) => {
-            log::error!("cannot fork the start-up database check: {e}; raise the process limit (ulimit -u) or free memory");
-            Err(EXIT_STARTUP)
+            log::error!("{e}");
+            EX_CONFIG
+        }
+    };
+    match run_forked(
+        "the start-up database check",
+        Duration::from_secs(30),
+        check,
+    ) {
+        Some(0) => Ok(()),
+        Some(code) => Err(code),
+        None => Err(EXIT_STARTUP),
+    }
+}
+
+/// Gives back the jobs of children killed at the shutdown deadline, from a short-lived forked
+/// process (the supervisor itself never connects), so they are not stuck until their lease
+/// expires. The job each was running is charged an attempt: it did not stop when asked.
+fn release_killed(config: &Config, killed: &[Predecessor]) {
+    let release = || {
+        let mut consumer = match Consumer::connect(config, "forkq shutdown") {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!("cannot release the jobs of killed children ({e}); they return when their lease expires");
+                return 1;
+            }
+        };
+        for p in killed {
+            match consumer.release(&p.owner, p.in_flight, Some(&p.how_it_ended)) {
+                Ok(n) => log::info!("released {n} job(s) of {} ({})", p.owner, p.how_it_ended),
+                Err(e) => log::warn!("cannot release the jobs of {}: {e}", p.owner),
+            }
+        }
+        0
+    };
+    run_forked("the shutdown releaser", Duration::from_secs(5), release);
+}
+
+/// Runs `work` in a forked process and waits for its exit code, at most `limit` (then kills it).
+/// `None` when it could not be forked or did not finish. The supervisor stays connection-free.
+fn run_forked(what: &str, limit: Duration, work: impl FnOnce() -> i32) -> Option<i32> {
+    // SAFETY: the supervisor is single-threaded, so the child gets a consistent copy.
+    let child = match unsafe { fork() } {
+        Ok(ForkResult::Child) => std::process::exit(work()),
+        Ok(ForkResult::Parent { child }) => child,
+        Err(e) => {
+            log::error!(
+                "cannot fork {what}: {e}; raise the process limit (ulimit -u) or free memory"
+            );
+            return None;
+        }
+    };
+    let deadline = Instant::now() + limit;
+    loop {
+        match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => return Some(code),
+            Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(WaitStatus::StillAlive) => {
+                log::error!("{what} did not finish within {limit:?}; killing it");
+                let _ = kill(child, Signal::SIGKILL);
+                let _ = waitpid(child, None);
+                return None;
+            }
+            other => {
+                log::error!("{what} died: {other:?}");
+                return None;
+            }
         }
     }
 }
