@@ -332,7 +332,7 @@ impl Config {
         };
 
         let job_timeout = v.optional_limit("FORKQ_JOB_TIMEOUT_SECONDS", 7 * 86_400)?;
-        let health_stale = v.seconds("FORKQ_HEALTH_STALE_SECONDS", 30, 2, 86_400)?;
+        let health_stale = v.seconds("FORKQ_HEALTH_STALE_SECONDS", 15, 2, 86_400)?;
 
         let restart_backoff_base = v.millis("FORKQ_RESTART_BACKOFF_BASE_MS", 100, 0, 60_000)?;
         let restart_backoff_max = v.millis("FORKQ_RESTART_BACKOFF_MAX_MS", 30_000, 0, 3_600_000)?;
