@@ -79,6 +79,16 @@ impl Coproc {
         self.restart(job, Outcome::Failure(error))
     }
 
+    /// The failure of the job in flight when the program wrote a line beyond the limit (whole,
+    /// or still growing without its end of line).
+    fn line_too_long(&mut self, job: &Job) -> Outcome {
+        let why = format!(
+            "a line longer than FORKQ_MAX_RESULT_BYTES={} bytes",
+            self.max_line_bytes
+        );
+        self.protocol_error(job, why)
+    }
+
     /// Takes the next whole line out of the buffer.
     fn next_line(&mut self) -> Option<Vec<u8>> {
         let end = self.buffer.iter().position(|&b| b == b'\n')?;
@@ -113,6 +123,9 @@ impl Handler for Coproc {
         let mut watch = Watch::start(ctx);
         loop {
             while let Some(line) = self.next_line() {
+                if line.len() > self.max_line_bytes {
+                    return self.line_too_long(job);
+                }
                 match parse_line(&line, job.id) {
                     Line::Blank => {}
                     Line::Heartbeat => {
@@ -125,11 +138,7 @@ impl Handler for Coproc {
                 }
             }
             if self.buffer.len() > self.max_line_bytes {
-                let why = format!(
-                    "a line longer than FORKQ_MAX_RESULT_BYTES={} bytes",
-                    self.max_line_bytes
-                );
-                return self.protocol_error(job, why);
+                return self.line_too_long(job);
             }
             if let Some(stop) = watch.check(ctx) {
                 return self.restart(job, stop);

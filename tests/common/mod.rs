@@ -15,7 +15,8 @@ use serde_json::Value;
 
 /// The database the tests use: `DATABASE_URL`, or the machine's PostgreSQL.
 pub fn database_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
 /// The forkq binary built for this test run.
@@ -39,7 +40,11 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// A free TCP port on loopback (bound and released; tests pass it to the daemon at once).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 static SCHEMA_COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -89,16 +94,25 @@ impl TestSchema {
 
     /// Enqueues one job; returns its id.
     pub fn enqueue(&self, queue: &str, task: &str, payload: Value) -> i64 {
-        let limits = forkq::queue::producer::Limits { max_payload_bytes: 1 << 20, default_max_attempts: 25 };
+        let limits = forkq::queue::producer::Limits {
+            max_payload_bytes: 1 << 20,
+            default_max_attempts: 25,
+        };
         let job = forkq::NewJob::new(queue, task, payload);
         forkq::queue::producer::enqueue(&mut connect(), &self.name, &limits, &job).unwrap()
     }
 
     /// Enqueues `n` copies of one job in one transaction.
     pub fn enqueue_n(&self, queue: &str, task: &str, payload: Value, n: usize) {
-        let limits = forkq::queue::producer::Limits { max_payload_bytes: 1 << 20, default_max_attempts: 25 };
-        let jobs: Vec<_> = (0..n).map(|_| forkq::NewJob::new(queue, task, payload.clone())).collect();
-        forkq::queue::producer::enqueue_many(&mut connect(), &self.name, &limits, &jobs, None).unwrap();
+        let limits = forkq::queue::producer::Limits {
+            max_payload_bytes: 1 << 20,
+            default_max_attempts: 25,
+        };
+        let jobs: Vec<_> = (0..n)
+            .map(|_| forkq::NewJob::new(queue, task, payload.clone()))
+            .collect();
+        forkq::queue::producer::enqueue_many(&mut connect(), &self.name, &limits, &jobs, None)
+            .unwrap();
     }
 
     /// Runs a query returning one bigint.
@@ -110,7 +124,13 @@ impl TestSchema {
     /// Jobs in the hot table in `state`.
     pub fn live(&self, state: &str) -> i64 {
         connect()
-            .query_one(&format!("SELECT count(*) FROM \"{}\".jobs WHERE state = $1", self.name), &[&state])
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM \"{}\".jobs WHERE state = $1",
+                    self.name
+                ),
+                &[&state],
+            )
             .unwrap()
             .get(0)
     }
@@ -118,7 +138,13 @@ impl TestSchema {
     /// Jobs in the archive in `state`.
     pub fn archived(&self, state: &str) -> i64 {
         connect()
-            .query_one(&format!("SELECT count(*) FROM \"{}\".jobs_archive WHERE state = $1", self.name), &[&state])
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM \"{}\".jobs_archive WHERE state = $1",
+                    self.name
+                ),
+                &[&state],
+            )
             .unwrap()
             .get(0)
     }
@@ -132,7 +158,8 @@ impl TestSchema {
 impl Drop for TestSchema {
     fn drop(&mut self) {
         if let Ok(mut client) = postgres::Client::connect(&database_url(), postgres::NoTls) {
-            let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name));
+            let _ =
+                client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name));
         }
     }
 }
@@ -153,7 +180,18 @@ impl Daemon {
     /// Starts `forkq run` for `schema` with extra environment; waits until /livez answers 200
     /// with every child alive (or panics with the log after 20 s).
     pub fn start(schema: &TestSchema, extra: &[(&str, &str)]) -> Daemon {
-        let daemon = Daemon::spawn(schema, extra);
+        Daemon::start_program(forkq_bin(), &["run"], schema, extra)
+    }
+
+    /// As [`Daemon::start`], for another program built on the library (an example calling
+    /// `forkq::run`), started with `args`.
+    pub fn start_program(
+        program: impl AsRef<std::ffi::OsStr>,
+        args: &[&str],
+        schema: &TestSchema,
+        extra: &[(&str, &str)],
+    ) -> Daemon {
+        let daemon = Daemon::spawn_program(program, args, schema, extra);
         let concurrency: usize = extra
             .iter()
             .find(|(k, _)| *k == "FORKQ_CONCURRENCY")
@@ -163,19 +201,33 @@ impl Daemon {
             matches!(daemon.livez(), Some((200, ref body)) if body["alive_children"].as_u64() == Some(concurrency as u64)
                 && body["slots"].as_array().is_some_and(|s| s.iter().all(|s| s["state"] != "starting")))
         });
-        assert!(ok, "daemon did not become healthy; log:\n{}", daemon.log_text());
+        assert!(
+            ok,
+            "daemon did not become healthy; log:\n{}",
+            daemon.log_text()
+        );
         daemon
     }
 
     /// Starts `forkq run` without waiting for anything.
     pub fn spawn(schema: &TestSchema, extra: &[(&str, &str)]) -> Daemon {
+        Daemon::spawn_program(forkq_bin(), &["run"], schema, extra)
+    }
+
+    /// As [`Daemon::spawn`], for another program started with `args`.
+    pub fn spawn_program(
+        program: impl AsRef<std::ffi::OsStr>,
+        args: &[&str],
+        schema: &TestSchema,
+        extra: &[(&str, &str)],
+    ) -> Daemon {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
         let log = dir.join(format!("{}-{port}.log", schema.name));
         let log_file = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(forkq_bin());
-        cmd.arg("run")
+        let mut cmd = Command::new(program);
+        cmd.args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("FORKQ_HEALTH_ADDR", addr.to_string())
@@ -254,7 +306,11 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!("---- forkq log ({}) ----\n{}", self.log.display(), self.log_text());
+            eprintln!(
+                "---- forkq log ({}) ----\n{}",
+                self.log.display(),
+                self.log_text()
+            );
         }
     }
 }
@@ -267,14 +323,22 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let code = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((code, body))
 }
 
 /// Whether a process exists (and is not a zombie).
 pub fn process_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }
