@@ -270,12 +270,60 @@ fn exec_timeout_kills_the_whole_group() {
     assert_eq!(done.state, "failed");
     assert_eq!(done.error.as_deref(), Some("timed out after 2 s"));
     assert!(
-        wait_until(Duration::from_secs(5), || !process_alive(leader)
-            && !process_alive(grandchild)),
-        "leader alive: {}, grandchild alive: {}",
+        wait_until(Duration::from_secs(5), || gone(leader) && gone(grandchild)),
+        "leader alive: {}, grandchild alive: {} (or left a zombie)",
         process_alive(leader),
         process_alive(grandchild)
     );
+}
+
+/// Whether a process is gone entirely: dead and reaped, not even a zombie.
+fn gone(pid: i32) -> bool {
+    !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn immediate_stop_abandons_the_program_and_hands_the_job_back() {
+    let schema = TestSchema::new("h_exec_quit");
+    let dir = temp_dir("exec-quit");
+    let hangs = program(
+        &dir,
+        "hangs.sh",
+        &format!(
+            "#!/bin/bash\nsleep 1000 &\necho $! > {dir}/grandchild\necho $$ > {dir}/leader\nwait\n",
+            dir = dir.display()
+        ),
+    );
+    let coproc = python_program(&dir, "noop.py", NOOP_COPROC);
+    let handler = format!("exec:{}", hangs.display());
+    let routes = format!("noop=coproc:{}", coproc.display());
+    let mut daemon = Daemon::start(
+        &schema,
+        &[
+            ("FORKQ_HANDLER", &handler),
+            ("FORKQ_ROUTES", &routes),
+            ("FORKQ_CONCURRENCY", "1"),
+        ],
+    );
+    let noop = schema.enqueue("default", "noop", json!({}));
+    let coproc_pid = wait_done(&schema, noop, Duration::from_secs(30))
+        .result
+        .unwrap()
+        .as_i64()
+        .unwrap() as i32;
+    let id = enqueue_with(&schema, "hang", json!({}), 5);
+    let leader = pid_of(&dir.join("leader"));
+    let grandchild = pid_of(&dir.join("grandchild"));
+    daemon.signal(nix::sys::signal::Signal::SIGQUIT);
+    assert!(daemon.wait_exit(Duration::from_secs(20)).is_some());
+    let job = schema.job(id).unwrap();
+    assert_eq!(job["state"], "available", "handed back: {job}");
+    for pid in [leader, grandchild, coproc_pid] {
+        assert!(
+            wait_until(Duration::from_secs(5), || !process_alive(pid)),
+            "{pid} outlived the daemon"
+        );
+    }
 }
 
 #[test]
@@ -456,6 +504,9 @@ for line in sys.stdin:
         time.sleep(1000)
     elif task == "long-line":
         print("x" * 5000, flush=True)
+    elif task == "reply-then-exit":
+        print(json.dumps({"id": id, "ok": True, "result": os.getpid()}), flush=True)
+        sys.exit(0)
     else:
         print(json.dumps({"id": id, "ok": True, "result": os.getpid()}), flush=True)
 "#,
@@ -510,6 +561,14 @@ for line in sys.stdin:
         }
         pids.push(pid);
     }
+    // A program that exits between jobs is replaced without failing the next job.
+    let done = run("reply-then-exit");
+    assert_eq!(done.state, "completed");
+    let pid = done.result.unwrap().as_i64().unwrap() as i32;
+    assert!(wait_until(Duration::from_secs(5), || !process_alive(pid)));
+    let done = run("ok");
+    assert_eq!(done.state, "completed", "{done:?}");
+    assert_ne!(done.result.unwrap().as_i64().unwrap() as i32, pid);
 }
 
 #[test]

@@ -45,6 +45,19 @@ impl Coproc {
 
     /// The running program, started if there is none.
     fn program(&mut self) -> std::io::Result<&mut Program> {
+        // A program that died between jobs is replaced before it is given one: no job was in
+        // flight, so none fails.
+        if let Some(program) = self.program.as_mut() {
+            if let Ok(Some(status)) = program.try_exit() {
+                log::warn!(
+                    "coproc {:?} (pid {}) exited between jobs ({status}); starting a fresh one",
+                    self.argv[0],
+                    program.pid()
+                );
+                program.finish();
+                self.program = None;
+            }
+        }
         if self.program.is_none() {
             let program = Program::spawn(&self.argv, &self.env, &[], false)?;
             log::info!("started coproc {:?} as pid {}", self.argv[0], program.pid());
