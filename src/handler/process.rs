@@ -320,6 +320,8 @@ impl Program {
         }
         self.stdin = None;
         self.signal_group(Signal::SIGKILL);
+        // The leader itself too, in case it left its group (setsid): waiting must not hang.
+        let _ = self.child.kill();
         let status = self.child.wait().unwrap_or_else(|e| {
             log::warn!("cannot wait for handler program {}: {e}", self.pid());
             std::os::unix::process::ExitStatusExt::from_raw(libc::SIGKILL)
