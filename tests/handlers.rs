@@ -141,7 +141,12 @@ fn exec_success_keeps_the_result() {
     let dir = temp_dir("exec-ok");
     let echo = python_program(&dir, "echo.py", ECHO_JOB);
     let text = program(&dir, "text.sh", "#!/bin/sh\necho 'plain words, not JSON'\n");
-    let routes = format!("text=exec:{}", text.display());
+    let nul = program(
+        &dir,
+        "nul.sh",
+        "#!/bin/sh\nprintf '{\"s\": \"a\\\\u0000b\"}'\n",
+    );
+    let routes = format!("text=exec:{};nul=exec:{}", text.display(), nul.display());
     let handler = format!("exec:{} 'two words' x", echo.display());
     let _daemon = Daemon::start(
         &schema,
@@ -160,6 +165,11 @@ fn exec_success_keeps_the_result() {
     let id = schema.enqueue("default", "text", json!({}));
     let done = wait_done(&schema, id, Duration::from_secs(30));
     assert_eq!(done.result, Some(json!("plain words, not JSON")));
+
+    // PostgreSQL cannot store NUL characters: they are replaced, and the job still completes.
+    let id = schema.enqueue("default", "nul", json!({}));
+    let done = wait_done(&schema, id, Duration::from_secs(30));
+    assert_eq!(done.result, Some(json!({"s": "a\u{FFFD}b"})));
 }
 
 #[test]

@@ -160,3 +160,74 @@ impl Handler for Router {
         process::storable(handler.handle(job, ctx))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    struct Ctx;
+
+    impl JobContext for Ctx {
+        fn heartbeat(&mut self) -> bool {
+            true
+        }
+        fn timeout(&self) -> Option<Duration> {
+            None
+        }
+    }
+
+    /// A library handler that answers with its name.
+    struct Named(&'static str);
+
+    impl Handler for Named {
+        fn handle(&mut self, _job: &Job, _ctx: &mut dyn JobContext) -> Outcome {
+            Outcome::Success(Value::from(self.0))
+        }
+    }
+
+    fn config(vars: &[(&str, &str)]) -> Config {
+        let mut map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        map.insert("DATABASE_URL".into(), "postgres://u@127.0.0.1/db".into());
+        Config::from_vars(map).unwrap()
+    }
+
+    fn job(task: &str, payload: Value) -> Job {
+        Job {
+            id: 1,
+            queue: "default".into(),
+            task: task.into(),
+            payload,
+            attempt: 1,
+            max_attempts: 3,
+            batch_id: None,
+        }
+    }
+
+    #[test]
+    fn the_library_handler_is_the_default_and_routes_win() {
+        let config = config(&[("FORKQ_ROUTES", "echo=exec:/bin/cat")]);
+        let mut router = Router::new(&config, || Box::new(Named("mine")));
+        assert_eq!(
+            router.handle(&job("anything", Value::Null), &mut Ctx),
+            Outcome::Success(Value::from("mine"))
+        );
+        assert_eq!(
+            router.handle(&job("echo", Value::from("hi")), &mut Ctx),
+            Outcome::Success(Value::from("hi"))
+        );
+    }
+
+    #[test]
+    fn a_program_handler_replaces_the_library_default() {
+        let config = config(&[("FORKQ_HANDLER", "exec:/bin/cat")]);
+        let mut router = Router::new(&config, || panic!("not asked for"));
+        assert_eq!(
+            router.handle(&job("anything", Value::from(7)), &mut Ctx),
+            Outcome::Success(Value::from(7))
+        );
+    }
+}
