@@ -105,6 +105,9 @@ impl Handler for Exec {
         // processes might still write is not the job's output.
         let _ = program.drain(&mut sink);
         program.finish();
+        if status.success() && log::log_enabled!(log::Level::Debug) {
+            log::debug!("job {} ({}) stderr: {}", job.id, job.task, stderr.text());
+        }
         outcome(status, stdout, &stderr)
     }
 }
