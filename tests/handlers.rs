@@ -287,6 +287,33 @@ fn exec_timeout_kills_the_whole_group() {
     );
 }
 
+#[test]
+fn exec_leftover_processes_end_with_the_job() {
+    let schema = TestSchema::new("h_exec_leftover");
+    let dir = temp_dir("exec-leftover");
+    // The background sleep keeps stdout open: the job must not wait for it, nor leave it behind.
+    let prog = program(
+        &dir,
+        "leaves.sh",
+        &format!(
+            "#!/bin/sh\nsleep 1000 &\necho $! > {}/background\necho '\"done\"'\n",
+            dir.display()
+        ),
+    );
+    let handler = format!("exec:{}", prog.display());
+    let _daemon = Daemon::start(&schema, &[("FORKQ_HANDLER", &handler)]);
+    let started = Instant::now();
+    let id = schema.enqueue("default", "leave", json!({}));
+    let done = wait_done(&schema, id, Duration::from_secs(30));
+    println!("settled after {:?}", started.elapsed());
+    assert_eq!(done.result, Some(json!("done")));
+    let background = pid_of(&dir.join("background"));
+    assert!(
+        wait_until(Duration::from_secs(5), || gone(background)),
+        "the background process outlived its job (or is an unreaped zombie)"
+    );
+}
+
 /// Whether a process is gone entirely: dead and reaped, not even a zombie.
 fn gone(pid: i32) -> bool {
     !Path::new(&format!("/proc/{pid}")).exists()
