@@ -1,6 +1,8 @@
 //! Handlers end to end: a real daemon runs real programs (shell, Python, Node) written to a
 //! temporary directory, and the results are read back from PostgreSQL.
 
+// The shared harness keeps its own formatting (it is merged from several branches).
+#[rustfmt::skip]
 mod common;
 
 use std::collections::HashSet;

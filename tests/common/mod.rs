@@ -15,8 +15,7 @@ use serde_json::Value;
 
 /// The database the tests use: `DATABASE_URL`, or the machine's PostgreSQL.
 pub fn database_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
 /// The forkq binary built for this test run.
@@ -40,11 +39,7 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// A free TCP port on loopback (bound and released; tests pass it to the daemon at once).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 static SCHEMA_COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -94,25 +89,16 @@ impl TestSchema {
 
     /// Enqueues one job; returns its id.
     pub fn enqueue(&self, queue: &str, task: &str, payload: Value) -> i64 {
-        let limits = forkq::queue::producer::Limits {
-            max_payload_bytes: 1 << 20,
-            default_max_attempts: 25,
-        };
+        let limits = forkq::queue::producer::Limits { max_payload_bytes: 1 << 20, default_max_attempts: 25 };
         let job = forkq::NewJob::new(queue, task, payload);
         forkq::queue::producer::enqueue(&mut connect(), &self.name, &limits, &job).unwrap()
     }
 
     /// Enqueues `n` copies of one job in one transaction.
     pub fn enqueue_n(&self, queue: &str, task: &str, payload: Value, n: usize) {
-        let limits = forkq::queue::producer::Limits {
-            max_payload_bytes: 1 << 20,
-            default_max_attempts: 25,
-        };
-        let jobs: Vec<_> = (0..n)
-            .map(|_| forkq::NewJob::new(queue, task, payload.clone()))
-            .collect();
-        forkq::queue::producer::enqueue_many(&mut connect(), &self.name, &limits, &jobs, None)
-            .unwrap();
+        let limits = forkq::queue::producer::Limits { max_payload_bytes: 1 << 20, default_max_attempts: 25 };
+        let jobs: Vec<_> = (0..n).map(|_| forkq::NewJob::new(queue, task, payload.clone())).collect();
+        forkq::queue::producer::enqueue_many(&mut connect(), &self.name, &limits, &jobs, None).unwrap();
     }
 
     /// Runs a query returning one bigint.
@@ -124,13 +110,7 @@ impl TestSchema {
     /// Jobs in the hot table in `state`.
     pub fn live(&self, state: &str) -> i64 {
         connect()
-            .query_one(
-                &format!(
-                    "SELECT count(*) FROM \"{}\".jobs WHERE state = $1",
-                    self.name
-                ),
-                &[&state],
-            )
+            .query_one(&format!("SELECT count(*) FROM \"{}\".jobs WHERE state = $1", self.name), &[&state])
             .unwrap()
             .get(0)
     }
@@ -138,13 +118,7 @@ impl TestSchema {
     /// Jobs in the archive in `state`.
     pub fn archived(&self, state: &str) -> i64 {
         connect()
-            .query_one(
-                &format!(
-                    "SELECT count(*) FROM \"{}\".jobs_archive WHERE state = $1",
-                    self.name
-                ),
-                &[&state],
-            )
+            .query_one(&format!("SELECT count(*) FROM \"{}\".jobs_archive WHERE state = $1", self.name), &[&state])
             .unwrap()
             .get(0)
     }
@@ -158,8 +132,7 @@ impl TestSchema {
 impl Drop for TestSchema {
     fn drop(&mut self) {
         if let Ok(mut client) = postgres::Client::connect(&database_url(), postgres::NoTls) {
-            let _ =
-                client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name));
+            let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name));
         }
     }
 }
@@ -201,11 +174,7 @@ impl Daemon {
             matches!(daemon.livez(), Some((200, ref body)) if body["alive_children"].as_u64() == Some(concurrency as u64)
                 && body["slots"].as_array().is_some_and(|s| s.iter().all(|s| s["state"] != "starting")))
         });
-        assert!(
-            ok,
-            "daemon did not become healthy; log:\n{}",
-            daemon.log_text()
-        );
+        assert!(ok, "daemon did not become healthy; log:\n{}", daemon.log_text());
         daemon
     }
 
@@ -306,11 +275,7 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!(
-                "---- forkq log ({}) ----\n{}",
-                self.log.display(),
-                self.log_text()
-            );
+            eprintln!("---- forkq log ({}) ----\n{}", self.log.display(), self.log_text());
         }
     }
 }
@@ -323,22 +288,14 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let code = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Some((code, body))
 }
 
 /// Whether a process exists (and is not a zombie).
 pub fn process_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
         Err(_) => false,
     }
 }
