@@ -81,6 +81,8 @@ pub struct Config {
     pub routes: Vec<(String, HandlerSpec)>,
     /// Environment variables handlers may see although they look like secrets.
     pub handler_pass_env: Vec<String>,
+    /// Largest result a handler program may return: an exec program's stdout, a coproc's line.
+    pub max_result_bytes: usize,
     /// Hard limit on one job's run time; `None` for no limit.
     pub job_timeout: Option<Duration>,
     /// Where the probe serves `/livez`, `/readyz` and `/metrics`.
@@ -370,6 +372,7 @@ impl Config {
                         .collect()
                 })
                 .unwrap_or_default(),
+            max_result_bytes: v.int("FORKQ_MAX_RESULT_BYTES", 1 << 20, 1024, 64 << 20)? as usize,
             job_timeout: job_timeout.map(Duration::from_secs),
             health_addr,
             health_stale,
@@ -457,6 +460,7 @@ mod tests {
             ("FORKQ_HEALTH_ADDR", "nowhere"),
             ("FORKQ_CONCURRENCY", "0"),
             ("FORKQ_LEASE_SECONDS", "1"),
+            ("FORKQ_MAX_RESULT_BYTES", "10"),
         ] {
             let err = parse(&[(name, value)]).unwrap_err();
             assert_eq!(err.variable, name, "{value}");

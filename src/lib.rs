@@ -41,13 +41,14 @@ pub use queue::QueueError;
 
 /// Runs the supervisor and its fleet until it is stopped; returns the exit code for
 /// `std::process::exit`. `factory` builds each child's default handler after the fork (tasks
-/// with a `FORKQ_ROUTES` entry go to their route instead).
+/// with a `FORKQ_ROUTES` entry go to their route instead; an `exec:` or `coproc:` handler in
+/// `FORKQ_HANDLER` replaces it).
 pub fn run<F>(config: Config, factory: F) -> i32
 where
     F: Fn(&Config) -> Box<dyn Handler> + 'static,
 {
     let routed = move |config: &Config| -> Box<dyn Handler> {
-        Box::new(handler::Router::new(config, factory(config)))
+        Box::new(handler::Router::new(config, || factory(config)))
     };
     supervisor::run(config, &routed)
 }

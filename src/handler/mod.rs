@@ -4,7 +4,11 @@
 //! handlers after the fork, so a handler may hold processes, sockets or threads of its own.
 
 pub mod builtin;
+pub mod coproc;
+pub mod exec;
+pub mod process;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -59,7 +63,7 @@ pub trait Handler {
 }
 
 /// The handler named by `FORKQ_HANDLER` or a route.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum HandlerSpec {
     /// The builtin tasks `noop`, `sleep`, `fail`, `crash`.
     Builtin,
@@ -102,21 +106,128 @@ impl fmt::Display for HandlerSpec {
     }
 }
 
-/// Dispatches each job to the handler of its task: a route from `FORKQ_ROUTES`, else the
-/// default handler.
+/// Dispatches each job to the handler of its task: its `FORKQ_ROUTES` entry, else the default
+/// handler (`FORKQ_HANDLER`; when that is `builtin`, the handler compiled into the program:
+/// forkq's builtin tasks for the `forkq` binary, your own for a program calling [`crate::run`]).
+///
+/// Handlers are built per child, after the fork, on the first job that needs them; routes naming
+/// the same handler share one instance (so one coproc serves all the tasks routed to it).
 pub struct Router {
-    default: Box<dyn Handler>,
+    routes: HashMap<String, HandlerSpec>,
+    default: HandlerSpec,
+    handlers: HashMap<HandlerSpec, Box<dyn Handler>>,
+    config: crate::config::Config,
 }
 
 impl Router {
-    /// Builds the router of one child from its configuration and its default handler.
-    pub fn new(_config: &crate::config::Config, default: Box<dyn Handler>) -> Router {
-        Router { default }
+    /// Builds the router of one child. `compiled_in` makes the handler that `builtin` stands
+    /// for; it is called only when `FORKQ_HANDLER` is `builtin` (the default).
+    pub fn new(
+        config: &crate::config::Config,
+        compiled_in: impl FnOnce() -> Box<dyn Handler>,
+    ) -> Router {
+        let mut handlers = HashMap::new();
+        if config.handler == HandlerSpec::Builtin {
+            handlers.insert(HandlerSpec::Builtin, compiled_in());
+        }
+        Router {
+            routes: config.routes.iter().cloned().collect(),
+            default: config.handler.clone(),
+            handlers,
+            config: config.clone(),
+        }
+    }
+}
+
+/// A fresh handler for `spec`.
+fn build(spec: &HandlerSpec, config: &crate::config::Config) -> Box<dyn Handler> {
+    match spec {
+        HandlerSpec::Builtin => Box::new(builtin::Builtin),
+        HandlerSpec::Exec(argv) => Box::new(exec::Exec::new(argv.clone(), config)),
+        HandlerSpec::Coproc(argv) => Box::new(coproc::Coproc::new(argv.clone(), config)),
     }
 }
 
 impl Handler for Router {
     fn handle(&mut self, job: &Job, ctx: &mut dyn JobContext) -> Outcome {
-        self.default.handle(job, ctx)
+        let spec = self.routes.get(&job.task).unwrap_or(&self.default);
+        if !self.handlers.contains_key(spec) {
+            self.handlers
+                .insert(spec.clone(), build(spec, &self.config));
+        }
+        let handler = self.handlers.get_mut(spec).expect("inserted above");
+        // Whatever the handler, its output must fit PostgreSQL's text and jsonb.
+        process::storable(handler.handle(job, ctx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    struct Ctx;
+
+    impl JobContext for Ctx {
+        fn heartbeat(&mut self) -> bool {
+            true
+        }
+        fn timeout(&self) -> Option<Duration> {
+            None
+        }
+    }
+
+    /// A library handler that answers with its name.
+    struct Named(&'static str);
+
+    impl Handler for Named {
+        fn handle(&mut self, _job: &Job, _ctx: &mut dyn JobContext) -> Outcome {
+            Outcome::Success(Value::from(self.0))
+        }
+    }
+
+    fn config(vars: &[(&str, &str)]) -> Config {
+        let mut map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        map.insert("DATABASE_URL".into(), "postgres://u@127.0.0.1/db".into());
+        Config::from_vars(map).unwrap()
+    }
+
+    fn job(task: &str, payload: Value) -> Job {
+        Job {
+            id: 1,
+            queue: "default".into(),
+            task: task.into(),
+            payload,
+            attempt: 1,
+            max_attempts: 3,
+            batch_id: None,
+        }
+    }
+
+    #[test]
+    fn the_library_handler_is_the_default_and_routes_win() {
+        let config = config(&[("FORKQ_ROUTES", "echo=exec:/bin/cat")]);
+        let mut router = Router::new(&config, || Box::new(Named("mine")));
+        assert_eq!(
+            router.handle(&job("anything", Value::Null), &mut Ctx),
+            Outcome::Success(Value::from("mine"))
+        );
+        assert_eq!(
+            router.handle(&job("echo", Value::from("hi")), &mut Ctx),
+            Outcome::Success(Value::from("hi"))
+        );
+    }
+
+    #[test]
+    fn a_program_handler_replaces_the_library_default() {
+        let config = config(&[("FORKQ_HANDLER", "exec:/bin/cat")]);
+        let mut router = Router::new(&config, || panic!("not asked for"));
+        assert_eq!(
+            router.handle(&job("anything", Value::from(7)), &mut Ctx),
+            Outcome::Success(Value::from(7))
+        );
     }
 }

@@ -40,7 +40,7 @@ pub const EXIT_STARTUP: i32 = 1;
 /// How long the probe waits before a re-fork after it died.
 const PROBE_RESTART_DELAY: Duration = Duration::from_millis(200);
 /// Grace between the SIGTERM and the SIGKILL of a child whose job exceeded its timeout.
-const TIMEOUT_KILL_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const TIMEOUT_KILL_GRACE: Duration = Duration::from_secs(2);
 /// The loop's longest sleep: stale heartbeats and job timeouts are checked at least this often.
 const TICK: Duration = Duration::from_millis(250);
 

@@ -169,6 +169,14 @@ pub fn connect() -> postgres::Client {
     postgres::Client::connect(&database_url(), postgres::NoTls).expect("test database reachable")
 }
 
+/// `wrapper` followed by `forkq run`, as (program, arguments).
+fn wrapped<'a>(wrapper: &[&'a str]) -> (&'a str, Vec<&'a str>) {
+    let (program, args) = wrapper.split_first().expect("a wrapper command");
+    let mut args = args.to_vec();
+    args.extend([forkq_bin(), "run"]);
+    (program, args)
+}
+
 /// A `forkq run` process, killed (with its whole process group) when dropped.
 pub struct Daemon {
     pub child: Child,
@@ -180,13 +188,25 @@ impl Daemon {
     /// Starts `forkq run` for `schema` with extra environment; waits until /livez answers 200
     /// with every child alive (or panics with the log after 20 s).
     pub fn start(schema: &TestSchema, extra: &[(&str, &str)]) -> Daemon {
-        Daemon::start_wrapped(schema, extra, &[])
+        Daemon::start_program(forkq_bin(), &["run"], schema, extra)
     }
 
     /// [`Daemon::start`] through a wrapper command that execs its last argument (for example
     /// `setpriv --reuid=65534 ...`), so the supervisor keeps the spawned pid.
     pub fn start_wrapped(schema: &TestSchema, extra: &[(&str, &str)], wrapper: &[&str]) -> Daemon {
-        let daemon = Daemon::spawn_wrapped(schema, extra, wrapper);
+        let (program, args) = wrapped(wrapper);
+        Daemon::start_program(program, &args, schema, extra)
+    }
+
+    /// As [`Daemon::start`], for another program built on the library (an example calling
+    /// `forkq::run`), started with `args`.
+    pub fn start_program(
+        program: impl AsRef<std::ffi::OsStr>,
+        args: &[&str],
+        schema: &TestSchema,
+        extra: &[(&str, &str)],
+    ) -> Daemon {
+        let daemon = Daemon::spawn_program(program, args, schema, extra);
         let concurrency: usize = extra
             .iter()
             .find(|(k, _)| *k == "FORKQ_CONCURRENCY")
@@ -206,25 +226,29 @@ impl Daemon {
 
     /// Starts `forkq run` without waiting for anything.
     pub fn spawn(schema: &TestSchema, extra: &[(&str, &str)]) -> Daemon {
-        Daemon::spawn_wrapped(schema, extra, &[])
+        Daemon::spawn_program(forkq_bin(), &["run"], schema, extra)
     }
 
     /// [`Daemon::spawn`] through a wrapper command (see [`Daemon::start_wrapped`]).
     pub fn spawn_wrapped(schema: &TestSchema, extra: &[(&str, &str)], wrapper: &[&str]) -> Daemon {
+        let (program, args) = wrapped(wrapper);
+        Daemon::spawn_program(program, &args, schema, extra)
+    }
+
+    /// As [`Daemon::spawn`], for another program started with `args`.
+    pub fn spawn_program(
+        program: impl AsRef<std::ffi::OsStr>,
+        args: &[&str],
+        schema: &TestSchema,
+        extra: &[(&str, &str)],
+    ) -> Daemon {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
         let log = dir.join(format!("{}-{port}.log", schema.name));
         let log_file = std::fs::File::create(&log).unwrap();
-        let mut cmd = match wrapper.split_first() {
-            None => Command::new(forkq_bin()),
-            Some((program, args)) => {
-                let mut cmd = Command::new(program);
-                cmd.args(args).arg(forkq_bin());
-                cmd
-            }
-        };
-        cmd.arg("run")
+        let mut cmd = Command::new(program);
+        cmd.args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("FORKQ_HEALTH_ADDR", addr.to_string())
