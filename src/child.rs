@@ -86,7 +86,8 @@ pub struct ChildSpec<'a> {
 
 /// The previous occupant of a slot, as its successor needs to know it.
 pub struct Predecessor {
-    /// Its lease owner.
+    /// Its lease owner, or the prefix shared by every past occupant of the slot (owners end
+    /// with '/', so a prefix never matches a longer generation number).
     pub owner: String,
     /// The job it was running when it died, if any.
     pub in_flight: Option<i64>,
@@ -155,18 +156,19 @@ impl Worker<'_> {
         predecessor: Option<Predecessor>,
         handler: &mut dyn Handler,
     ) -> Result<(), QueueError> {
-        // The in-flight job left in the slot by a dead predecessor is that predecessor's, not ours.
-        self.slot.job_id.store(0, Ordering::Release);
         if let Some(p) = predecessor {
             let back = self.db(|db| db.release(&p.owner, p.in_flight, Some(&p.how_it_ended)))?;
             if back > 0 || p.in_flight.is_some() {
                 log::info!(
-                    "released {back} job(s) of the previous worker in this slot ({}); in flight: {:?}",
+                    "released {back} job(s) of the previous worker(s) in this slot ({}); in flight: {:?}",
                     p.how_it_ended,
                     p.in_flight
                 );
             }
         }
+        // Until here the slot still named the predecessor's job in flight, so that if this child
+        // died before releasing, its successor would still charge the right job.
+        self.slot.job_id.store(0, Ordering::Release);
         while !stop_requested() && !self.recycle_due() {
             self.maybe_run_maintenance();
             // Read before the claim: a wake-up that arrives during an empty claim then cuts the

@@ -72,6 +72,7 @@ fn kill_storm_loses_nothing() {
             ("FORKQ_HANDLER", &handler),
             ("FORKQ_HEALTHY_UPTIME_SECONDS", "1"),
             ("FORKQ_CRASH_LOOP_THRESHOLD", "1000"),
+            ("FORKQ_RESTART_BACKOFF_BASE_MS", "10"),
             ("FORKQ_RESTART_BACKOFF_MAX_MS", "50"),
             ("FORKQ_LEASE_SECONDS", "5"),
         ],
@@ -88,7 +89,7 @@ fn kill_storm_loses_nothing() {
                     kills += 1;
                 }
             }
-            std::thread::sleep(Duration::from_millis(30));
+            std::thread::sleep(Duration::from_millis(20));
             schema.archived("completed") == jobs as i64
         },
     );

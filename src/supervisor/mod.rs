@@ -419,7 +419,11 @@ impl<'f> Supervisor<'f> {
             if plan.kill_reason.is_some() {
                 continue;
             }
-            let job = slot.job_id.load(Ordering::Acquire);
+            // A starting child's slot still names its predecessor's job until it released it.
+            let job = match slot.state() {
+                SlotState::Running => slot.job_id.load(Ordering::Acquire),
+                _ => 0,
+            };
             let job_ms = now_ms.saturating_sub(slot.job_started_ms.load(Ordering::Acquire));
             if let Some(timeout) = self.config.job_timeout {
                 if job != 0 && job_ms > timeout.as_millis() as u64 {
@@ -488,7 +492,13 @@ impl<'f> Supervisor<'f> {
 
     /// The lease owner of generation `generation` of slot `index` of this boot.
     fn lease_owner(&self, index: usize, generation: u64) -> String {
-        format!("{}/{index}/{generation}", self.lease_prefix)
+        format!("{}{generation}/", self.slot_owner_prefix(index))
+    }
+
+    /// The prefix of every lease owner slot `index` had in this boot: a successor releases all
+    /// of them, in case a predecessor died before releasing its own predecessor's jobs.
+    fn slot_owner_prefix(&self, index: usize) -> String {
+        format!("{}/{index}/", self.lease_prefix)
     }
 
     /// Forks a child into slot `index`. The previous occupant (if any) is described to the new
@@ -501,7 +511,7 @@ impl<'f> Supervisor<'f> {
         let predecessor = (previous_generation > 0).then(|| {
             let in_flight = slot.job_id.load(Ordering::Acquire);
             Predecessor {
-                owner: self.lease_owner(index, previous_generation),
+                owner: self.slot_owner_prefix(index),
                 in_flight: (in_flight != 0).then_some(in_flight),
                 how_it_ended: self.plans[index]
                     .kill_reason

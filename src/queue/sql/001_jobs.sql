@@ -254,7 +254,10 @@ BEGIN
 END
 $$;
 
--- Gives back the jobs a worker holds. The job in flight (p_in_flight, 0 for none) keeps the attempt
+-- Gives back the jobs held by every lease owner that starts with p_owner: one worker (owners end
+-- with '/', so a whole owner names only itself), or every past occupant of a slot (the slot's
+-- prefix), so jobs of a child that died before it could release its own predecessor's come back
+-- too. The job in flight (p_in_flight, 0 for none) keeps the attempt
 -- it was charged and is dead-lettered with p_error when it has no attempts left; jobs that were
 -- claimed but never started go back uncharged, except those cancelled meanwhile, which end
 -- cancelled instead of running later. Returns how many jobs went back to the queue.
@@ -273,7 +276,7 @@ BEGIN
     FROM (
         SELECT j.id, j.lease_token
         FROM {s}.jobs j
-        WHERE j.lease_owner = p_owner AND j.state = 'running'
+        WHERE starts_with(j.lease_owner, p_owner) AND j.state = 'running'
           AND (j.cancel_requested OR (j.id = p_in_flight AND j.attempt >= j.max_attempts))
         FOR UPDATE
     ) d;
@@ -291,7 +294,7 @@ BEGIN
         last_error = CASE WHEN j.id = p_in_flight THEN coalesce(p_error, j.last_error)
                           ELSE j.last_error END,
         lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
-    WHERE j.lease_owner = p_owner AND j.state = 'running';
+    WHERE starts_with(j.lease_owner, p_owner) AND j.state = 'running';
     GET DIAGNOSTICS released = ROW_COUNT;
     IF released > 0 THEN
         PERFORM pg_notify('{c}', '');
