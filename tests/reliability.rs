@@ -704,3 +704,72 @@ fn jobs_of_children_killed_at_the_deadline_go_back_at_once() {
         "{job}"
     );
 }
+
+/// A handler stuck in a loop that reports no progress: liveness turns 503 within the stale
+/// window, the child is killed and replaced, the job runs again (then goes to the dead letter),
+/// and the other child keeps draining meanwhile.
+#[test]
+fn wedged_handler_is_detected_killed_and_nothing_else_stalls() {
+    let schema = TestSchema::new("wedged");
+    let daemon = Daemon::start(
+        &schema,
+        &[
+            ("FORKQ_HEALTH_STALE_SECONDS", "3"),
+            ("FORKQ_CONCURRENCY", "2"),
+            ("FORKQ_PREFETCH", "1"),
+        ],
+    );
+    let limits = forkq::queue::producer::Limits {
+        max_payload_bytes: 1 << 20,
+        default_max_attempts: 25,
+    };
+    let wedged = forkq::queue::producer::enqueue(
+        &mut schema.client(),
+        &schema.name,
+        &limits,
+        &forkq::NewJob::new("default", "spin", json!({})).with_max_attempts(2),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut saw_stale = None;
+    let mut completed_meanwhile = 0;
+    let settled = wait_until(Duration::from_secs(40), || {
+        if saw_stale.is_none()
+            && daemon
+                .livez()
+                .is_some_and(|(code, body)| code == 503 && body["check"] == "stale")
+        {
+            saw_stale = Some(started.elapsed());
+        }
+        schema.enqueue("default", "sleep", json!({"ms": 10}));
+        completed_meanwhile = schema.archived("completed");
+        schema.archived("failed") == 1
+    });
+    assert!(
+        settled,
+        "the wedged job was not dead-lettered; log:\n{}",
+        daemon.log_text()
+    );
+    println!(
+        "wedged handler: liveness 503 stale after {saw_stale:?}, dead-lettered after 2 attempts in {:.1?}, \
+         {completed_meanwhile} other jobs completed meanwhile",
+        started.elapsed()
+    );
+    assert!(
+        saw_stale.is_some(),
+        "liveness never reported the wedged child"
+    );
+    let job = schema.job(wedged).unwrap();
+    assert_eq!(job["attempt"], 2, "{job}");
+    assert!(
+        job["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("heartbeat"),
+        "{job}"
+    );
+    assert!(completed_meanwhile > 10, "the healthy child stalled too");
+    assert!(wait_until(Duration::from_secs(10), || daemon
+        .livez()
+        .is_some_and(|(c, _)| c == 200)));
+}

@@ -7,7 +7,8 @@ use serde_json::Value;
 use super::{Handler, Job, JobContext, Outcome};
 
 /// `noop` succeeds at once, `sleep` waits `payload.ms` milliseconds, `fail` always fails, `crash`
-/// aborts the whole child process (to exercise crash recovery), `getenv` returns
+/// aborts the whole child process (to exercise crash recovery), `spin` loops forever without
+/// reporting progress (a wedged handler, to exercise the stale-heartbeat kill), `getenv` returns
 /// `{"value": ...}` for the environment variable `payload.name` as the worker sees it (null when
 /// unset; to check what reaches handlers). Any other task fails for good with
 /// "no handler for task X".
@@ -30,6 +31,9 @@ impl Handler for Builtin {
                     .to_string(),
             ),
             "crash" => std::process::abort(),
+            "spin" => loop {
+                std::hint::spin_loop();
+            },
             "getenv" => {
                 let name = job
                     .payload
