@@ -111,6 +111,7 @@ pub fn run(spec: ChildSpec<'_>, handler: &mut dyn Handler) -> i32 {
         oldest_ack: None,
         last_renewal: Instant::now(),
         last_job_took: Duration::ZERO,
+        average_job: None,
         jobs_done: 0,
     };
     worker.slot.set_state(SlotState::Starting);
@@ -122,6 +123,22 @@ pub fn run(spec: ChildSpec<'_>, handler: &mut dyn Handler) -> i32 {
                 worker.owner
             );
             1
+        }
+    }
+}
+
+/// A claim takes about this much work, judged by recent job durations: enough tiny jobs to make
+/// the round trip worth it, but never a pile of slow jobs that idle siblings could have run.
+const CLAIM_WORTH: Duration = Duration::from_millis(50);
+
+/// How many jobs to claim next: [`CLAIM_WORTH`] of jobs of the recent average duration, between
+/// one and `prefetch`; one while nothing is known yet.
+fn claim_size(average_job: Option<Duration>, prefetch: usize) -> usize {
+    match average_job {
+        None => 1,
+        Some(avg) => {
+            let fits = CLAIM_WORTH.as_secs_f64() / avg.as_secs_f64().max(1e-6);
+            (fits as usize).clamp(1, prefetch)
         }
     }
 }
@@ -147,6 +164,8 @@ struct Worker<'a> {
     oldest_ack: Option<Instant>,
     last_renewal: Instant,
     last_job_took: Duration,
+    /// Moving average of recent job durations, which sizes the next claim.
+    average_job: Option<Duration>,
     jobs_done: u64,
 }
 
@@ -175,7 +194,7 @@ impl Worker<'_> {
             // idle wait short instead of being lost.
             let wake_seen = self.slot.wake.load(Ordering::Acquire);
             let acks = std::mem::take(&mut self.acks);
-            let limit = self.config.prefetch;
+            let limit = claim_size(self.average_job, self.config.prefetch);
             let round = match self.db(|db| db.settle_and_claim(&acks, limit)) {
                 Ok(round) => round,
                 Err(e) => {
@@ -266,6 +285,10 @@ impl Worker<'_> {
         };
         let elapsed = started.elapsed();
         self.last_job_took = elapsed;
+        self.average_job = Some(match self.average_job {
+            None => elapsed,
+            Some(avg) => avg.mul_f64(0.8) + elapsed.mul_f64(0.2),
+        });
         self.slot.finish_job(elapsed.as_micros() as u64);
         self.jobs_done += 1;
         if immediate_stop_requested() && !matches!(outcome, Outcome::Success(_)) {
@@ -550,4 +573,19 @@ fn resident_mb() -> Option<u64> {
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     let page_size = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok()??;
     Some(pages * page_size as u64 / (1024 * 1024))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_about_fifty_milliseconds_of_work() {
+        assert_eq!(claim_size(None, 100), 1);
+        assert_eq!(claim_size(Some(Duration::from_micros(20)), 100), 100);
+        assert_eq!(claim_size(Some(Duration::from_millis(5)), 100), 10);
+        assert_eq!(claim_size(Some(Duration::from_millis(50)), 100), 1);
+        assert_eq!(claim_size(Some(Duration::from_secs(30)), 100), 1);
+        assert_eq!(claim_size(Some(Duration::ZERO), 7), 7);
+    }
 }

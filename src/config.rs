@@ -53,7 +53,7 @@ pub struct Config {
     pub queues: Vec<String>,
     /// Number of consumer children.
     pub concurrency: usize,
-    /// Jobs claimed per round trip.
+    /// The most jobs claimed per round trip (a child claims fewer when its jobs are slow).
     pub prefetch: usize,
     /// Longest time a finished job's acknowledgement may wait to be sent with others.
     pub ack_delay: Duration,
@@ -295,7 +295,7 @@ impl Config {
         };
 
         let durable = v.flag("FORKQ_DURABLE", false)?;
-        let mut prefetch = v.int("FORKQ_PREFETCH", 10, 1, 1000)? as usize;
+        let mut prefetch = v.int("FORKQ_PREFETCH", 100, 1, 1000)? as usize;
         let mut ack_delay = v.millis("FORKQ_ACK_DELAY_MS", 5, 0, 10_000)?;
         if durable && (prefetch != 1 || !ack_delay.is_zero()) {
             log::info!("FORKQ_DURABLE=1: using FORKQ_PREFETCH=1 and FORKQ_ACK_DELAY_MS=0");
@@ -434,7 +434,7 @@ mod tests {
         let c = parse(&[]).unwrap();
         assert_eq!(c.schema, "forkq");
         assert_eq!(c.queues, vec!["default"]);
-        assert_eq!(c.prefetch, 10);
+        assert_eq!(c.prefetch, 100);
         assert_eq!(c.lease, Duration::from_secs(30));
         assert_eq!(c.max_payload_bytes, 1 << 20);
         assert!(c.listen);

@@ -73,6 +73,13 @@ impl Consumer {
     pub fn connect(config: &Config, owner: &str) -> Result<Consumer, QueueError> {
         let mut client = connect(&config.database_url, "forkq worker")?;
         migrations::require_current(&mut client, &config.schema)?;
+        if !config.durable {
+            // Delivery is at least once anyway: an ack or claim lost in a database crash only
+            // makes its job run again, exactly as a worker crash before the ack would. Not
+            // waiting for the WAL flush at every round trip is what lets a child keep up with
+            // short jobs. FORKQ_DURABLE=1 keeps every acknowledgement durable before the next job.
+            client.batch_execute("SET synchronous_commit = off")?;
+        }
         let s = &config.schema;
         let settle_and_claim = client.prepare(&render(sql::SETTLE_AND_CLAIM, s))?;
         let renew = client.prepare(&render(sql::RENEW, s))?;
