@@ -194,7 +194,7 @@ fn with_database<T>(
         .try_lock()
         .map_err(|_| "another request is using the database connection".to_string())?;
     let state = &mut *guard;
-    if state.client.as_ref().is_none_or(|c| c.is_closed()) {
+    if state.client.as_ref().map_or(true, |c| c.is_closed()) {
         state.client = Some(
             queue::connect_with_timeout(
                 &config.database_url,
