@@ -198,8 +198,8 @@ fn run() -> BenchResult<()> {
                 true,
             ),
             (
-                format!("W1 {}k, archive (default retention)", large / 1000),
-                large,
+                format!("W1 {}k, archive (default retention)", small / 1000),
+                small,
                 vec![],
                 false,
             ),
@@ -207,6 +207,32 @@ fn run() -> BenchResult<()> {
                 format!("W1 {}k, FORKQ_PREFETCH=100", large / 1000),
                 large,
                 vec![retain0.clone(), ("FORKQ_PREFETCH", "100".into())],
+                false,
+            ),
+            (
+                format!(
+                    "W1 {}k, preview: workers with synchronous_commit=off",
+                    large / 1000
+                ),
+                large,
+                vec![retain0.clone(), async_commit()],
+                false,
+            ),
+            (
+                format!(
+                    "W1 {}k, preview: FORKQ_PREFETCH=100, workers with synchronous_commit=off \
+                     and plan_cache_mode=force_generic_plan",
+                    large / 1000
+                ),
+                large,
+                vec![
+                    retain0.clone(),
+                    ("FORKQ_PREFETCH", "100".into()),
+                    (
+                        daemon::PG_OPTIONS,
+                        "-c synchronous_commit=off -c plan_cache_mode=force_generic_plan".into(),
+                    ),
+                ],
                 false,
             ),
         ];
