@@ -176,7 +176,7 @@ fn run() -> BenchResult<()> {
             .iter()
             .filter(|(rb, _, _)| std::mem::discriminant(rb) == std::mem::discriminant(&b))
             .min_by_key(|(_, rn, _)| rn.abs_diff(n))
-            .map(|(_, _, r)| r.rate)
+            .map(|(_, _, r)| *r)
     };
 
     let retain0 = ("FORKQ_RETENTION_SECONDS", "0".to_string());
@@ -483,7 +483,7 @@ fn drain_row(
     report: &mut Report,
     label: &str,
     result: BenchResult<Drain>,
-    baseline: Option<f64>,
+    baseline: Option<RawResult>,
     baseline_name: &str,
     target: Option<f64>,
 ) {
@@ -503,16 +503,17 @@ fn drain_row(
         per_job(d.pg_cpu_s)
     );
     let (versus, goal) = match baseline {
-        Some(b) => (
+        Some(raw) => (
             format!(
-                "steady {:.2}x {baseline_name}; spawn→empty {:.2}x",
-                steady / b,
-                d.rate() / b
+                "steady {:.2}x {baseline_name}; spawn→empty {:.2}x; PG CPU/job {:.1}x",
+                steady / raw.rate,
+                d.rate() / raw.rate,
+                per_job(d.pg_cpu_s) / raw.pg_us_per_job
             ),
             target.map(|t| {
                 format!(
                     "steady ≥ {t}x {baseline_name}: {}",
-                    verdict(steady / b >= t)
+                    verdict(steady / raw.rate >= t)
                 )
             }),
         ),

@@ -55,29 +55,30 @@ pub fn run(url: &str, baseline: Baseline, n: usize) -> BenchResult<RawResult> {
     let mut backends = Vec::new();
     for worker in 0..2 {
         let mut client = connect(url, "forkq-bench raw")?;
-        backends.push(
-            client
-                .query_one("SELECT pg_backend_pid()", &[])?
-                .get::<_, i32>(0),
-        );
+        let backend: i32 = client.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+        backends.push(backend);
         let schema = Arc::clone(&schema);
         let barrier = Arc::clone(&barrier);
-        threads.push(std::thread::spawn(move || -> BenchResult<u64> {
+        threads.push(std::thread::spawn(move || -> BenchResult<(u64, f64)> {
             let owner = format!("raw-{worker}");
             let mut loop_ = Loop::prepare(&mut client, &schema, baseline)?;
             barrier.wait();
-            loop_.drain(&mut client, &owner)
+            let done = loop_.drain(&mut client, &owner)?;
+            // Read while the connection (and so its backend) is still alive.
+            Ok((done, sys::cpu_seconds(backend)))
         }));
     }
     let cpu_before = sys::cpu_total(&backends);
     barrier.wait();
     let started = Instant::now();
-    let mut done = 0;
+    let (mut done, mut cpu_after) = (0, 0.0);
     for t in threads {
-        done += t.join().map_err(|_| "a baseline thread panicked")??;
+        let (d, c) = t.join().map_err(|_| "a baseline thread panicked")??;
+        done += d;
+        cpu_after += c;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = sys::cpu_total(&backends) - cpu_before;
+    let cpu = cpu_after - cpu_before;
     if done as usize != n {
         return Err(format!("baseline finished {done} of {n} jobs").into());
     }
