@@ -279,6 +279,21 @@ fn run() -> BenchResult<()> {
         );
     }
     if wants("w2") {
+        match raw::notify_latency(&url, plan.w2.min(300)) {
+            Ok(v) => report.add(
+                "raw (d): bare NOTIFY → a LISTENing connection (floor under W2)",
+                format!(
+                    "p50 {:.2} / p95 {:.2} / p99 {:.2} / max {:.2} ms after the NOTIFY call returned",
+                    percentile(&v, 0.5),
+                    percentile(&v, 0.95),
+                    percentile(&v, 0.99),
+                    percentile(&v, 1.0)
+                ),
+                "baseline",
+                "",
+            ),
+            Err(e) => report.add("raw (d): NOTIFY", format!("error: {e}"), "", ""),
+        }
         for (variant, extra) in [
             ("", vec![]),
             (

@@ -2,6 +2,8 @@
 //! measured in the same run, so forkq's figures can be given as ratios to them.
 
 use std::sync::{Arc, Barrier};
+
+use postgres::fallible_iterator::FallibleIterator;
 use std::time::Instant;
 
 use crate::db::{connect, BenchResult, BenchSchema};
@@ -198,6 +200,49 @@ pub fn commit_latency(url: &str, n: usize) -> BenchResult<Vec<f64>> {
         client.execute(&insert, &[])?;
         out.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    out.sort_by(f64::total_cmp);
+    Ok(out)
+}
+
+/// The floor under W2: `n` bare `NOTIFY`s (autocommit, one every 10 ms) from one connection to
+/// another that LISTENs and blocks on its socket; milliseconds from the moment the notifying
+/// call returned to the moment the listener held the notification, sorted.
+pub fn notify_latency(url: &str, n: usize) -> BenchResult<Vec<f64>> {
+    let channel = format!("forkq_bench_{}", std::process::id());
+    let mut listener = connect(url, "forkq-bench raw")?;
+    listener.batch_execute(&format!("LISTEN {channel}"))?;
+    let waiter = std::thread::spawn(move || -> BenchResult<Vec<u64>> {
+        let mut arrivals = Vec::with_capacity(n);
+        let mut notifications = listener.notifications();
+        let mut it = notifications.blocking_iter();
+        while arrivals.len() < n {
+            if it.next()?.is_none() {
+                break;
+            }
+            arrivals.push(sys::mono_ns());
+        }
+        Ok(arrivals)
+    });
+    let mut sender = connect(url, "forkq-bench raw")?;
+    let notify = sender.prepare("SELECT pg_notify($1, '')")?;
+    let start = Instant::now();
+    let mut returned = Vec::with_capacity(n);
+    for i in 0..n {
+        let due = start + std::time::Duration::from_millis(10 * i as u64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        sender.execute(&notify, &[&channel])?;
+        returned.push(sys::mono_ns());
+    }
+    let arrivals = waiter
+        .join()
+        .map_err(|_| "the listener thread panicked")??;
+    let mut out: Vec<f64> = returned
+        .iter()
+        .zip(&arrivals)
+        .map(|(&r, &a)| (a as f64 - r as f64) / 1e6)
+        .collect();
     out.sort_by(f64::total_cmp);
     Ok(out)
 }
