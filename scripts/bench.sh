@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# `make bench` (after the release build): runs target/release/forkq-bench against DATABASE_URL, the
+# local PostgreSQL on 127.0.0.1:5432 (database `test`), or a private cluster (see pg.sh). Prints one
+# markdown table and writes BENCHMARKS.md. BENCH_QUICK=1 for a ~1 minute run; BENCH_ONLY=w1,w2,...
+# for a subset; BENCH_OUT=- to write nothing. Never fails on a number: only on errors.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/pg.sh
+if [ -z "${DATABASE_URL:-}" ] && pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+    export DATABASE_URL="postgres://postgres@127.0.0.1:5432/test"
+    psql "postgres://postgres@127.0.0.1:5432/postgres" -qtc "SELECT 1 FROM pg_database WHERE datname='test'" | grep -q 1 \
+        || psql "postgres://postgres@127.0.0.1:5432/postgres" -qc "CREATE DATABASE test"
+fi
+DATABASE_URL="$(database_url)"
+export DATABASE_URL
+export FORKQ_BIN="${FORKQ_BIN:-$PWD/target/release/forkq}"
+exec ./target/release/forkq-bench

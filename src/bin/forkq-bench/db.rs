@@ -1,0 +1,132 @@
+//! The benchmark's schemas: one fresh, migrated schema per workload, dropped afterwards.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use postgres::Client;
+
+/// Errors of the benchmark: anything, reported in the table instead of aborting the run.
+pub type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A migrated schema of its own; dropped with everything in it when the guard drops.
+pub struct BenchSchema {
+    /// The schema name.
+    pub name: String,
+    /// The database URL of the run.
+    pub url: String,
+}
+
+/// Opens a connection named `application` in `pg_stat_activity`.
+pub fn connect(url: &str, application: &str) -> BenchResult<Client> {
+    Ok(forkq::queue::connect(url, application)?)
+}
+
+impl BenchSchema {
+    /// Creates and migrates `bench_<label>_<pid>_<n>`.
+    pub fn new(url: &str, label: &str) -> BenchResult<BenchSchema> {
+        let name = format!(
+            "bench_{label}_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let mut client = connect(url, "forkq-bench")?;
+        client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))?;
+        forkq::queue::migrations::migrate(&mut client, &name)?;
+        Ok(BenchSchema {
+            name,
+            url: url.to_string(),
+        })
+    }
+
+    /// `sql` with `{s}` replaced by the quoted schema.
+    pub fn sql(&self, sql: &str) -> String {
+        sql.replace("{s}", &format!("\"{}\"", self.name))
+    }
+
+    /// The URL every process of this workload uses: tagged with an application name, so the
+    /// PostgreSQL backends serving this workload (and only those) can be found and measured.
+    pub fn tagged_url(&self) -> String {
+        let sep = if self.url.contains('?') { '&' } else { '?' };
+        format!("{}{sep}application_name={}", self.url, self.name)
+    }
+
+    /// Pre-enqueues `n` jobs of `task` in queue `default` in one statement, then analyzes the
+    /// table (what autovacuum does shortly after a bulk load), so runs start from the same plan.
+    pub fn fill(&self, n: usize, task: &str, payload: &serde_json::Value) -> BenchResult<()> {
+        let mut client = connect(&self.url, "forkq-bench")?;
+        client.execute(
+            &self.sql(
+                "INSERT INTO {s}.jobs (queue, task, payload)
+                 SELECT 'default', $1, $2 FROM generate_series(1, $3)",
+            ),
+            &[&task, payload, &(n as i32)],
+        )?;
+        client.batch_execute(&self.sql("ANALYZE {s}.jobs"))?;
+        Ok(())
+    }
+
+    /// Whether the hot table is empty (every job acknowledged).
+    pub fn is_empty(&self, client: &mut Client) -> BenchResult<bool> {
+        Ok(client
+            .query_one(&self.sql("SELECT NOT EXISTS (SELECT 1 FROM {s}.jobs)"), &[])?
+            .get(0))
+    }
+
+    /// The PostgreSQL backends serving this workload's tagged connections.
+    pub fn backend_pids(&self, client: &mut Client) -> BenchResult<Vec<i32>> {
+        Ok(client
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+                &[&self.name],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+}
+
+impl Drop for BenchSchema {
+    fn drop(&mut self) {
+        if let Ok(mut client) = connect(&self.url, "forkq-bench") {
+            let _ =
+                client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name));
+        }
+    }
+}
+
+/// PostgreSQL's version and the settings that bound queue throughput and latency.
+pub fn server_settings(url: &str) -> BenchResult<Vec<(String, String)>> {
+    let mut client = connect(url, "forkq-bench")?;
+    let mut out = vec![(
+        "version".to_string(),
+        client
+            .query_one("SELECT version()", &[])?
+            .get::<_, String>(0),
+    )];
+    for row in client.query(
+        "SELECT name, setting || coalesce(' ' || unit, '') FROM pg_settings
+         WHERE name = ANY($1) ORDER BY name",
+        &[&vec![
+            "shared_buffers",
+            "synchronous_commit",
+            "fsync",
+            "full_page_writes",
+            "wal_level",
+            "wal_sync_method",
+            "wal_buffers",
+            "wal_writer_delay",
+            "commit_delay",
+            "max_wal_size",
+            "checkpoint_timeout",
+            "max_connections",
+            "work_mem",
+            "jit",
+            "autovacuum",
+            "shared_preload_libraries",
+        ]],
+    )? {
+        out.push((row.get(0), row.get(1)));
+    }
+    Ok(out)
+}

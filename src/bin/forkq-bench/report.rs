@@ -1,0 +1,131 @@
+//! The result table and BENCHMARKS.md.
+
+use std::fmt::Write as _;
+
+/// One table row: workload, what was measured, the same-run comparison, the product target.
+pub struct Row {
+    /// What ran.
+    pub workload: String,
+    /// The measurement.
+    pub measured: String,
+    /// Ratio to a same-run baseline, or other context.
+    pub versus: String,
+    /// The issue's target and whether this run met it.
+    pub target: String,
+}
+
+/// Rows collected as workloads finish.
+#[derive(Default)]
+pub struct Report {
+    /// The rows, in run order.
+    pub rows: Vec<Row>,
+}
+
+impl Report {
+    /// Adds a row.
+    pub fn add(
+        &mut self,
+        workload: impl Into<String>,
+        measured: impl Into<String>,
+        versus: impl Into<String>,
+        target: impl Into<String>,
+    ) {
+        let row = Row {
+            workload: workload.into(),
+            measured: measured.into(),
+            versus: versus.into(),
+            target: target.into(),
+        };
+        eprintln!(
+            "  {} | {} | {} | {}",
+            row.workload, row.measured, row.versus, row.target
+        );
+        self.rows.push(row);
+    }
+
+    /// The markdown table.
+    pub fn table(&self) -> String {
+        let mut out = String::from(
+            "| Workload | Measured | Same-run comparison | Target (issue 6) |\n|---|---|---|---|\n",
+        );
+        for r in &self.rows {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} |",
+                r.workload, r.measured, r.versus, r.target
+            );
+        }
+        out
+    }
+}
+
+/// "met" or "missed" for a target check.
+pub fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "**missed**"
+    }
+}
+
+/// BENCHMARKS.md: machine, server settings, date, the table and how it was measured.
+pub fn document(
+    date: &str,
+    machine: &[(String, String)],
+    settings: &[(String, String)],
+    mode: &str,
+    elapsed_s: f64,
+    table: &str,
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# forkq benchmarks\n");
+    let _ = writeln!(
+        out,
+        "Written by `make bench` ({mode} run, {elapsed_s:.0} s) on {date}. Absolute rates vary about 2x \
+         between machines of the same kind and with whatever else the machine is doing; only the \
+         ratios to the raw-SQL baselines measured in the same run are meaningful.\n"
+    );
+    let _ = writeln!(out, "## Machine\n");
+    for (k, v) in machine {
+        let _ = writeln!(out, "* {k}: {v}");
+    }
+    let _ = writeln!(out, "\n## PostgreSQL\n");
+    for (k, v) in settings {
+        let _ = writeln!(out, "* {k}: {v}");
+    }
+    let _ = writeln!(out, "\n## Results\n\n{table}");
+    out.push_str(METHOD);
+    out
+}
+
+const METHOD: &str = "
+## How each figure is measured
+
+* Every workload runs on a fresh schema (migrated with `forkq::queue::migrations::migrate`, dropped
+  afterwards) against the release `forkq` binary, spawned as a real daemon and killed by its pid.
+  Jobs are pre-enqueued with one `INSERT … SELECT generate_series` and the table is analyzed.
+* **W1 / scale**: time from spawning `forkq run` to an empty hot table (start-up included), and the
+  steady rate between 10 % and 90 % done (sampled every 10 ms from `/metrics`, i.e. shared memory).
+  `FORKQ_RETENTION_SECONDS=0` (delete on completion) unless the row says *archive*, so the work
+  matches raw (a)/(b). CPU is the summed user+system time of all forkq processes and of the
+  PostgreSQL backends serving them (found by an `application_name` tag), per job.
+* **W1-durable**: `FORKQ_DURABLE=1` (prefetch 1, each ack committed before the next job starts);
+  compared with raw (b) (delete) and raw (c) (archive), the one-commit-per-job loops.
+* **W2**: the benchmark's own worker binary (`forkq-bench worker`: `forkq::run` with a Rust handler
+  whose first line writes CLOCK_MONOTONIC to a file), 2 idle children, jobs enqueued one by one
+  with the library's `forkq::queue::producer::enqueue` at a fixed rate. Two spans: from just before
+  the enqueue call, and from the moment the call (and so its commit) returned.
+* **W3**: builtin `sleep` jobs of 50 ms, 2 children, spawn to empty.
+* **Recovery**: a 5 s job in the stamping worker; 1.2 s into each run the child running it is
+  killed with SIGKILL; time to the handler's next start (any child) and to the replacement child's
+  first poll (its slot in `/livez` shows the new pid in state idle or running).
+* **Idle**: a builtin fleet of 2 on an empty queue, after 1 s of settling: CPU from
+  /proc/PID/stat of the supervisor, the probe and the children over the window; RSS/PSS from
+  /proc/PID/smaps_rollup.
+* **Raw baselines**: 2 threads of the bench binary, each with its own `postgres::Client`, on the
+  same tables and partial claim index as forkq. (a) `UPDATE … FROM (SELECT … LIMIT 100 FOR UPDATE
+  SKIP LOCKED)` setting a lease, then `DELETE … WHERE id = ANY($1)`; (b) `DELETE … WHERE id =
+  (SELECT … LIMIT 1 FOR UPDATE SKIP LOCKED)`, autocommit; (c) one statement of data-modifying CTEs:
+  delete the previous job (fenced by its lease token), insert it into `jobs_archive`, claim the
+  next. Nothing is timed in the raw loops but the loop itself.
+";

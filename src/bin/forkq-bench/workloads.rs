@@ -1,0 +1,363 @@
+//! The workloads of `make bench`, each on a fresh schema with a real fleet.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use forkq::queue::producer::{self, Limits};
+use serde_json::{json, Value};
+
+use crate::daemon::{Daemon, Program, Programs};
+use crate::db::{connect, BenchResult, BenchSchema};
+use crate::sys::{self, mono_ns};
+use crate::worker::{read_stamps, STAMPS_VAR};
+
+/// What every workload needs.
+pub struct Ctx {
+    /// The database.
+    pub url: String,
+    /// The binaries and the work directory.
+    pub programs: Programs,
+}
+
+/// A drain: pre-enqueued jobs, fleets started, time until the hot table is empty.
+#[derive(Debug, Clone)]
+pub struct Drain {
+    /// Jobs drained.
+    pub n: usize,
+    /// Seconds from spawning the first daemon to an empty hot table (start-up included).
+    pub total_s: f64,
+    /// Seconds from spawning to the first finished job (start-up).
+    pub first_job_s: f64,
+    /// Jobs per second between 10 % and 90 % done.
+    pub steady: Option<f64>,
+    /// CPU seconds of every forkq process (supervisors, probes, children).
+    pub forkq_cpu_s: f64,
+    /// CPU seconds of the PostgreSQL backends serving them.
+    pub pg_cpu_s: f64,
+}
+
+impl Drain {
+    /// Jobs per second from start to empty, start-up included.
+    pub fn rate(&self) -> f64 {
+        self.n as f64 / self.total_s
+    }
+}
+
+/// One drain: `fleets` daemons (their concurrency each) on one schema holding `n` jobs.
+pub fn drain(
+    ctx: &Ctx,
+    label: &str,
+    n: usize,
+    job: (&str, Value),
+    fleets: &[usize],
+    extra: &[(&str, String)],
+) -> BenchResult<Drain> {
+    let schema = BenchSchema::new(&ctx.url, label)?;
+    schema.fill(n, job.0, &job.1)?;
+    let mut monitor = connect(&ctx.url, "forkq-bench monitor")?;
+    let timeout = Duration::from_secs(60 + n as u64 / 500);
+    let started = Instant::now();
+    let mut daemons = Vec::new();
+    for &concurrency in fleets {
+        daemons.push(Daemon::spawn(
+            &ctx.programs,
+            Program::Forkq,
+            &schema,
+            concurrency,
+            extra,
+        )?);
+    }
+    let mut samples: Vec<(f64, u64)> = Vec::new();
+    let mut first_job_s = None;
+    loop {
+        let done: u64 = daemons.iter().map(|d| d.succeeded().unwrap_or(0)).sum();
+        let at = started.elapsed().as_secs_f64();
+        samples.push((at, done));
+        if done > 0 && first_job_s.is_none() {
+            first_job_s = Some(at);
+        }
+        if done >= n as u64 {
+            break;
+        }
+        if started.elapsed() > timeout {
+            return Err(format!(
+                "only {done} of {n} jobs done after {timeout:?}; log: {}",
+                crate::daemon::tail(&daemons[0].log)
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Every handler finished; the last acknowledgements may still be on their way.
+    while !schema.is_empty(&mut monitor)? {
+        if started.elapsed() > timeout {
+            return Err("jobs were run but never acknowledged".into());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let total_s = started.elapsed().as_secs_f64();
+    let pids: Vec<i32> = daemons.iter().flat_map(Daemon::all_pids).collect();
+    let forkq_cpu_s = sys::cpu_total(&pids);
+    let pg_cpu_s = sys::cpu_total(&schema.backend_pids(&mut monitor)?);
+    let crossing = |fraction: f64| {
+        let goal = fraction * n as f64;
+        samples.windows(2).find_map(|w| {
+            let ((t0, d0), (t1, d1)) = (w[0], w[1]);
+            ((d1 as f64) >= goal && (d0 as f64) < goal)
+                .then(|| t0 + (t1 - t0) * (goal - d0 as f64) / (d1 - d0) as f64)
+        })
+    };
+    let steady = match (crossing(0.1), crossing(0.9)) {
+        (Some(a), Some(b)) if b > a => Some(0.8 * n as f64 / (b - a)),
+        _ => None,
+    };
+    Ok(Drain {
+        n,
+        total_s,
+        first_job_s: first_job_s.unwrap_or(total_s),
+        steady,
+        forkq_cpu_s,
+        pg_cpu_s,
+    })
+}
+
+/// Start latencies of jobs enqueued one by one into an idle fleet, in milliseconds, sorted.
+pub struct Latency {
+    /// From just before the enqueue call to the handler's first line.
+    pub from_call: Vec<f64>,
+    /// From the moment the enqueue commit returned to the handler's first line.
+    pub from_commit: Vec<f64>,
+    /// The enqueue call itself (statement, commit, reply).
+    pub enqueue: Vec<f64>,
+}
+
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+/// Starts a fleet of the stamping worker on a fresh schema; the stamp file is returned too.
+fn stamp_fleet(
+    ctx: &Ctx,
+    label: &str,
+    extra: &[(&str, String)],
+) -> BenchResult<(BenchSchema, Daemon, std::path::PathBuf)> {
+    let schema = BenchSchema::new(&ctx.url, label)?;
+    let stamps = ctx
+        .programs
+        .work_dir
+        .join(format!("{}.stamps", schema.name));
+    let _ = std::fs::remove_file(&stamps);
+    let mut env = vec![(STAMPS_VAR, stamps.to_string_lossy().into_owned())];
+    env.extend(extra.iter().cloned());
+    let mut daemon = Daemon::spawn(&ctx.programs, Program::StampWorker, &schema, 2, &env)?;
+    daemon.wait_ready(2, Duration::from_secs(30))?;
+    Ok((schema, daemon, stamps))
+}
+
+/// W2: `n` jobs enqueued one by one at `per_second` into an idle fleet of 2.
+pub fn latency(
+    ctx: &Ctx,
+    n: usize,
+    per_second: u64,
+    extra: &[(&str, String)],
+) -> BenchResult<Latency> {
+    let (schema, _daemon, stamps) = stamp_fleet(ctx, "w2", extra)?;
+    // Let the children settle into their idle wait.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut producer_db = connect(&ctx.url, "forkq-bench producer")?;
+    let limits = Limits {
+        max_payload_bytes: 1 << 20,
+        default_max_attempts: 25,
+    };
+    let job = forkq::NewJob::new("default", "stamp", json!({}));
+    let interval = Duration::from_nanos(1_000_000_000 / per_second);
+    let start = Instant::now();
+    let mut sent = Vec::with_capacity(n);
+    for i in 0..n {
+        let due = start + interval * i as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let before = mono_ns();
+        let id = producer::enqueue(&mut producer_db, &schema.name, &limits, &job)?;
+        let after = mono_ns();
+        sent.push((id, before, after));
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let started = loop {
+        let s = read_stamps(&stamps);
+        if s.len() >= n || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if started.len() < n {
+        return Err(format!("only {} of {n} jobs started", started.len()).into());
+    }
+    let ms = |a: u64, b: u64| (b as f64 - a as f64) / 1e6;
+    let at = |id: i64| started[&id][0].at_ns;
+    Ok(Latency {
+        from_call: sorted(sent.iter().map(|&(id, b, _)| ms(b, at(id))).collect()),
+        from_commit: sorted(sent.iter().map(|&(id, _, a)| ms(a, at(id))).collect()),
+        enqueue: sorted(sent.iter().map(|&(_, b, a)| ms(b, a)).collect()),
+    })
+}
+
+/// Recovery after kill -9 of the child running a job, in milliseconds, one entry per kill.
+pub struct Recovery {
+    /// kill → the job's handler starts again (in any child).
+    pub job_again: Vec<f64>,
+    /// kill → the replacement child has polled (its slot left `starting`, seen in /livez).
+    pub child_polls: Vec<f64>,
+}
+
+/// Kills the child running a 5 s job `rounds` times, each time 1.2 s into the job.
+pub fn recovery(ctx: &Ctx, rounds: usize) -> BenchResult<Recovery> {
+    // A child that ran 1.2 s and heartbeated is not a "fast crash", so no restart backoff.
+    let extra = [("FORKQ_HEALTHY_UPTIME_SECONDS", "1".to_string())];
+    let (schema, daemon, stamps) = stamp_fleet(ctx, "recovery", &extra)?;
+    let mut db = connect(&ctx.url, "forkq-bench producer")?;
+    let limits = Limits {
+        max_payload_bytes: 1 << 20,
+        default_max_attempts: 100,
+    };
+    let id = producer::enqueue(
+        &mut db,
+        &schema.name,
+        &limits,
+        &forkq::NewJob::new("default", "stamp", json!({"ms": 5000})),
+    )?;
+    let wait_attempt = |attempt: usize| -> BenchResult<crate::worker::Stamp> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(s) = read_stamps(&stamps)
+                .get(&id)
+                .and_then(|v| v.iter().find(|s| s.attempt as usize >= attempt).copied())
+            {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("attempt {attempt} never started").into());
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    };
+    let mut out = Recovery {
+        job_again: Vec::new(),
+        child_polls: Vec::new(),
+    };
+    let mut running = wait_attempt(1)?;
+    for _ in 0..rounds {
+        let kill_at = running.at_ns + 1_200_000_000;
+        std::thread::sleep(Duration::from_nanos(kill_at.saturating_sub(mono_ns())));
+        let slots = daemon.slots();
+        let slot = slots
+            .iter()
+            .position(|(pid, _)| *pid == running.pid)
+            .ok_or("the child running the job is not in /livez")?;
+        let addr = daemon.addr;
+        let victim = running.pid;
+        let killed = mono_ns();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(victim),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        let watcher = std::thread::spawn(move || -> Option<u64> {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Some((_, body)) = sys::http_get(addr, "/livez") {
+                    let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                    let s = &v["slots"][slot];
+                    let pid = s["pid"].as_i64().unwrap_or(0) as i32;
+                    if pid > 0
+                        && pid != victim
+                        && matches!(s["state"].as_str(), Some("idle" | "running"))
+                    {
+                        return Some(mono_ns());
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            None
+        });
+        running = wait_attempt(running.attempt as usize + 1)?;
+        out.job_again.push((running.at_ns - killed) as f64 / 1e6);
+        let polled = watcher
+            .join()
+            .map_err(|_| "the /livez watcher panicked")?
+            .ok_or("the replacement child never polled")?;
+        out.child_polls.push((polled - killed) as f64 / 1e6);
+    }
+    out.job_again = sorted(out.job_again);
+    out.child_polls = sorted(out.child_polls);
+    Ok(out)
+}
+
+/// An idle fleet: CPU over a window, and memory per process.
+pub struct Idle {
+    /// The window, seconds.
+    pub seconds: f64,
+    /// CPU of all forkq processes, percent of one core.
+    pub forkq_cpu_pct: f64,
+    /// How many forkq processes that was.
+    pub forkq_processes: usize,
+    /// CPU of their PostgreSQL backends, percent of one core.
+    pub pg_cpu_pct: f64,
+    /// CPU percent per process: supervisor, probe, children.
+    pub per_process: Vec<(String, f64)>,
+    /// (process, RSS KiB, PSS KiB).
+    pub memory: Vec<(String, u64, u64)>,
+}
+
+/// Starts the builtin fleet of 2 on an empty queue and watches it for `seconds`.
+pub fn idle(ctx: &Ctx, seconds: f64) -> BenchResult<Idle> {
+    let schema = BenchSchema::new(&ctx.url, "idle")?;
+    let mut daemon = Daemon::spawn(&ctx.programs, Program::Forkq, &schema, 2, &[])?;
+    daemon.wait_ready(2, Duration::from_secs(30))?;
+    // Past start-up work (first claim, the first maintenance pass).
+    std::thread::sleep(Duration::from_secs(1));
+    let mut monitor = connect(&ctx.url, "forkq-bench monitor")?;
+    let children: Vec<i32> = daemon.slots().iter().map(|(p, _)| *p).collect();
+    let all = daemon.all_pids();
+    let known: HashSet<i32> = children.iter().copied().chain([daemon.pid()]).collect();
+    let probe = all.iter().copied().find(|p| !known.contains(p));
+    let backends = schema.backend_pids(&mut monitor)?;
+    let mut named: Vec<(String, i32)> = vec![("supervisor".into(), daemon.pid())];
+    named.extend(probe.map(|p| ("probe".to_string(), p)));
+    named.extend(
+        children
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| (format!("child {i}"), p)),
+    );
+    let before: Vec<f64> = named.iter().map(|(_, p)| sys::cpu_seconds(*p)).collect();
+    let (f0, p0) = (sys::cpu_total(&all), sys::cpu_total(&backends));
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    let window = t0.elapsed().as_secs_f64();
+    let (f1, p1) = (sys::cpu_total(&all), sys::cpu_total(&backends));
+    let per_process = named
+        .iter()
+        .zip(before)
+        .map(|((name, pid), b)| (name.clone(), (sys::cpu_seconds(*pid) - b) * 100.0 / window))
+        .collect();
+    let mut memory = Vec::new();
+    let mut add = |name: &str, pid: Option<i32>| {
+        if let Some((rss, pss)) = pid.and_then(sys::rss_pss_kib) {
+            memory.push((name.to_string(), rss, pss));
+        }
+    };
+    add("supervisor", Some(daemon.pid()));
+    add("probe", probe);
+    add("idle child", children.first().copied());
+    add("PostgreSQL backend of a child", backends.first().copied());
+    Ok(Idle {
+        seconds: window,
+        forkq_cpu_pct: (f1 - f0) * 100.0 / window,
+        forkq_processes: all.len(),
+        pg_cpu_pct: (p1 - p0) * 100.0 / window,
+        per_process,
+        memory,
+    })
+}
