@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::handler::{Handler, Job, JobContext, Outcome};
 use crate::queue::consumer::{Ack, Claimed, Consumer, Settlement};
 use crate::queue::{maintenance, QueueError};
-use crate::slots::{monotonic_ms, Header, Slot, SlotState, SlotTable};
+use crate::slots::{monotonic_ms, take_turn, Header, Slot, SlotState, SlotTable};
 use crate::wakeup;
 
 /// Set by SIGTERM/SIGINT: finish the current job, hand back the rest, exit.
@@ -205,6 +205,8 @@ impl Worker<'_> {
             self.oldest_ack = None;
             self.report_refused(&round.refused);
             if round.claimed.is_empty() {
+                // An empty claim is this host's latest poll.
+                self.header.poll_ms.store(monotonic_ms(), Ordering::Release);
                 self.wait_idle(wake_seen);
                 continue;
             }
@@ -220,7 +222,10 @@ impl Worker<'_> {
                 }
                 self.renew_if_due();
                 self.run_job(claimed, handler);
-                if self.ack_flush_due() {
+                // After the last buffered job the next claim is one step away and carries the
+                // acks: flushing them alone would cost a second round trip (and, in durable mode,
+                // a second commit) per batch.
+                if !self.buffer.is_empty() && self.ack_flush_due() {
                     self.flush_acks()?;
                 }
             }
@@ -430,35 +435,28 @@ impl Worker<'_> {
     }
 
     /// Sleeps until woken (an enqueue notification relayed by the listener, or a sibling with
-    /// more work than it can take), a signal, or the poll interval; heartbeats meanwhile.
+    /// more work than it can take), a signal, or this child's turn to poll; heartbeats meanwhile.
+    /// One idle child per host polls the database per `FORKQ_POLL_INTERVAL_MS` (for scheduled
+    /// jobs that became due, and as the fallback when notifications are off), not every child.
     fn wait_idle(&mut self, wake_seen: u32) {
         self.slot.set_state(SlotState::Idle);
         self.slot.beat();
-        let deadline = Instant::now() + self.config.poll_interval;
+        let slice = self.config.poll_interval.min(IDLE_SLICE);
         loop {
-            let now = Instant::now();
             if stop_requested()
-                || now >= deadline
                 || self.slot.wake.load(Ordering::Acquire) != wake_seen
+                || take_turn(&self.header.poll_ms, self.config.poll_interval)
             {
                 return;
             }
-            wakeup::wait(&self.slot.wake, wake_seen, (deadline - now).min(IDLE_SLICE));
+            wakeup::wait(&self.slot.wake, wake_seen, slice);
             self.slot.beat();
         }
     }
 
     /// Runs the maintenance pass when this host's turn has come.
     fn maybe_run_maintenance(&mut self) {
-        let now = monotonic_ms();
-        let last = self.header.maintenance_ms.load(Ordering::Acquire);
-        if now.saturating_sub(last) < maintenance::INTERVAL.as_millis() as u64
-            || self
-                .header
-                .maintenance_ms
-                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-        {
+        if !take_turn(&self.header.maintenance_ms, maintenance::INTERVAL) {
             return;
         }
         let schema = self.config.schema.clone();

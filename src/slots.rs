@@ -23,6 +23,17 @@ pub fn monotonic_ms() -> u64 {
     ts.tv_sec() as u64 * 1000 + ts.tv_nsec() as u64 / 1_000_000
 }
 
+/// Takes the turn recorded in `last` when at least `interval` has passed since it was last taken
+/// (and records now): how processes of one host share a periodic task without a lock.
+pub fn take_turn(last: &AtomicU64, interval: std::time::Duration) -> bool {
+    let now = monotonic_ms();
+    let previous = last.load(Ordering::Acquire);
+    now.saturating_sub(previous) >= interval.as_millis() as u64
+        && last
+            .compare_exchange(previous, now, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+}
+
 /// The lifecycle state of a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -188,6 +199,8 @@ pub struct Header {
     pub shutting_down: AtomicBool,
     /// Last time any child of this host ran the maintenance pass, so only one does per interval.
     pub maintenance_ms: AtomicU64,
+    /// Last time any child of this host polled for jobs, so idle children poll one at a time.
+    pub poll_ms: AtomicU64,
     /// Pid of the probe process.
     pub probe_pid: AtomicI32,
 }

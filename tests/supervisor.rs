@@ -977,10 +977,13 @@ fn endpoints_cli_health_and_a_single_threaded_supervisor() {
     let out = health(&daemon.addr.to_string());
     assert!(out.status.success(), "{out:?}");
     // Kill a child too, so the supervisor has forked after serving requests.
-    signal_pid(daemon.child_pids()[1], Signal::SIGKILL);
+    let killed = daemon.child_pids()[1];
+    signal_pid(killed, Signal::SIGKILL);
     assert!(wait_until(Duration::from_secs(10), || healthy_with(
         &daemon, 2
-    )));
+    ) && !daemon
+        .child_pids()
+        .contains(&killed)));
     assert_eq!(threads_of(daemon.pid()), 1, "after requests and a re-fork");
     // The probe is re-forked when it dies; the endpoint comes back on the same address.
     let probe = probe_pid(&daemon);

@@ -42,7 +42,7 @@ const PROBE_RESTART_DELAY: Duration = Duration::from_millis(200);
 /// Grace between the SIGTERM and the SIGKILL of a child whose job exceeded its timeout.
 pub(crate) const TIMEOUT_KILL_GRACE: Duration = Duration::from_secs(2);
 /// The loop's longest sleep: stale heartbeats and job timeouts are checked at least this often.
-const TICK: Duration = Duration::from_millis(250);
+const TICK: Duration = Duration::from_secs(1);
 
 /// Runs the fleet until it is stopped; returns the process exit code.
 pub fn run(config: Config, factory: &HandlerFactory) -> i32 {

@@ -180,7 +180,6 @@ fn run() -> BenchResult<()> {
     };
 
     let retain0 = ("FORKQ_RETENTION_SECONDS", "0".to_string());
-    let async_commit = || (daemon::PG_OPTIONS, "-c synchronous_commit=off".to_string());
     let noop = || ("noop", json!({}));
     if wants("w1") {
         let (small, large) = (plan.w1[0], plan.w1[1]);
@@ -204,35 +203,9 @@ fn run() -> BenchResult<()> {
                 false,
             ),
             (
-                format!("W1 {}k, FORKQ_PREFETCH=100", large / 1000),
+                format!("W1 {}k, FORKQ_PREFETCH=10", large / 1000),
                 large,
-                vec![retain0.clone(), ("FORKQ_PREFETCH", "100".into())],
-                false,
-            ),
-            (
-                format!(
-                    "W1 {}k, preview: workers with synchronous_commit=off",
-                    large / 1000
-                ),
-                large,
-                vec![retain0.clone(), async_commit()],
-                false,
-            ),
-            (
-                format!(
-                    "W1 {}k, preview: FORKQ_PREFETCH=100, workers with synchronous_commit=off \
-                     and plan_cache_mode=force_generic_plan",
-                    large / 1000
-                ),
-                large,
-                vec![
-                    retain0.clone(),
-                    ("FORKQ_PREFETCH", "100".into()),
-                    (
-                        daemon::PG_OPTIONS,
-                        "-c synchronous_commit=off -c plan_cache_mode=force_generic_plan".into(),
-                    ),
-                ],
+                vec![retain0.clone(), ("FORKQ_PREFETCH", "10".into())],
                 false,
             ),
         ];
@@ -294,13 +267,7 @@ fn run() -> BenchResult<()> {
             ),
             Err(e) => report.add("raw (d): NOTIFY", format!("error: {e}"), "", ""),
         }
-        for (variant, extra) in [
-            ("", vec![]),
-            (
-                ", preview: workers with synchronous_commit=off",
-                vec![async_commit()],
-            ),
-        ] {
+        for (variant, extra) in [("", Vec::<(&str, String)>::new())] {
             let label = format!(
                 "W2 {} jobs one by one at 100/s, idle fleet of 2{variant}",
                 plan.w2
@@ -341,13 +308,7 @@ fn run() -> BenchResult<()> {
     if wants("w3") {
         let n = plan.w3;
         let ideal = n as f64 * 0.05 / 2.0;
-        for (variant, extra) in [
-            ("", vec![]),
-            (
-                ", preview: workers with synchronous_commit=off",
-                vec![async_commit()],
-            ),
-        ] {
+        for (variant, extra) in [("", Vec::<(&str, String)>::new())] {
             let result =
                 workloads::drain(&ctx, "w3", n, ("sleep", json!({"ms": 50})), &[2], &extra);
             let label = format!("W3 {n} sleep jobs of 50 ms, 2 children{variant}");

@@ -112,7 +112,7 @@ BEGIN
             AS a(id, token, state, error, result)
     ), gone AS (
         DELETE FROM {s}.jobs j USING input a
-        WHERE j.id = a.id
+        WHERE j.id = a.id AND j.id = ANY(p_ids)
           AND (a.token IS NULL OR (j.lease_token = a.token AND j.state = 'running'))
         RETURNING j.*,
             CASE WHEN j.cancel_requested AND a.state <> 'completed' THEN 'cancelled'
@@ -194,6 +194,15 @@ BEGIN
     IF coalesce(cardinality(p_ids), 0) = 0 THEN
         RETURN '{}';
     END IF;
+    IF NOT 'retry' = ANY(p_outcomes) THEN
+        -- The common case, every job finished: one retire, no array rebuilding.
+        SELECT coalesce(array_agg(x), '{}') INTO retired
+        FROM {s}.retire(p_ids, p_tokens,
+                        ARRAY(SELECT CASE WHEN o = 'completed' THEN 'completed' ELSE 'failed' END
+                              FROM unnest(p_outcomes) WITH ORDINALITY u(o, n) ORDER BY n),
+                        p_errors, p_results, p_retain) AS x;
+        RETURN ARRAY(SELECT a.id FROM unnest(p_ids) a(id) WHERE a.id <> ALL(retired));
+    END IF;
     WITH r AS (
         UPDATE {s}.jobs j
         SET state = 'retryable',
@@ -203,6 +212,8 @@ BEGIN
         FROM unnest(p_ids, p_tokens, p_outcomes, p_errors, p_delays)
             AS a(id, token, outcome, error, delay)
         WHERE a.outcome = 'retry' AND j.id = a.id AND j.lease_token = a.token
+          -- Reach the rows through the primary key, whatever the planner thinks of unnest().
+          AND j.id = ANY(p_ids)
           AND j.state = 'running' AND NOT j.cancel_requested
         RETURNING j.id
     )

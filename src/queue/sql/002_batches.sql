@@ -139,7 +139,7 @@ BEGIN
             AS a(id, token, state, error, result)
     ), gone AS (
         DELETE FROM {s}.jobs j USING input a
-        WHERE j.id = a.id
+        WHERE j.id = a.id AND j.id = ANY(p_ids)
           AND (a.token IS NULL OR (j.lease_token = a.token AND j.state = 'running'))
         RETURNING j.*,
             CASE WHEN j.cancel_requested AND a.state <> 'completed' THEN 'cancelled'
