@@ -13,5 +13,5 @@ if [ -z "${DATABASE_URL:-}" ] && pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null;
 fi
 DATABASE_URL="$(database_url)"
 export DATABASE_URL
-export FORKQ_BIN="${FORKQ_BIN:-$PWD/target/release/forkq}"
+export BENCH_FORKQ_BIN="${BENCH_FORKQ_BIN:-$PWD/target/release/forkq}"
 exec ./target/release/forkq-bench

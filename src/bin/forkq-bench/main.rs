@@ -2,7 +2,7 @@
 //! table and writes BENCHMARKS.md. See the README's performance section.
 //!
 //! `forkq-bench` runs the whole plan; `forkq-bench worker` is the library worker the latency and
-//! recovery workloads spawn. Settings (environment): `DATABASE_URL`, `FORKQ_BIN` (the release
+//! recovery workloads spawn. Settings (environment): `DATABASE_URL`, `BENCH_FORKQ_BIN` (the release
 //! `forkq`, default: next to this binary), `BENCH_QUICK=1` (about a minute instead of about four),
 //! `BENCH_ONLY=raw,w1,durable,w2,w3,recovery,idle,scale` (a subset), `BENCH_OUT` (default
 //! `BENCHMARKS.md`; `-` writes nothing), `BENCH_DIR` (logs, default `target/bench`).
@@ -90,12 +90,12 @@ fn run() -> BenchResult<()> {
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let bench = std::env::current_exe()?;
-    let forkq = std::env::var("FORKQ_BIN")
+    let forkq = std::env::var("BENCH_FORKQ_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|_| bench.with_file_name("forkq"));
     if !forkq.is_file() {
         return Err(format!(
-            "no forkq binary at {} (build it with `cargo build --release` or set FORKQ_BIN)",
+            "no forkq binary at {} (build it with `cargo build --release` or set BENCH_FORKQ_BIN)",
             forkq.display()
         )
         .into());
@@ -267,11 +267,9 @@ fn run() -> BenchResult<()> {
             ),
             Err(e) => report.add("raw (d): NOTIFY", format!("error: {e}"), "", ""),
         }
-        for (variant, extra) in [("", Vec::<(&str, String)>::new())] {
-            let label = format!(
-                "W2 {} jobs one by one at 100/s, idle fleet of 2{variant}",
-                plan.w2
-            );
+        {
+            let extra: Vec<(&str, String)> = Vec::new();
+            let label = format!("W2 {} jobs one by one at 100/s, idle fleet of 2", plan.w2);
             match workloads::latency(&ctx, plan.w2, 100, &extra) {
                 Ok(l) => {
                     let spans = |v: &[f64]| {
@@ -308,10 +306,11 @@ fn run() -> BenchResult<()> {
     if wants("w3") {
         let n = plan.w3;
         let ideal = n as f64 * 0.05 / 2.0;
-        for (variant, extra) in [("", Vec::<(&str, String)>::new())] {
+        {
+            let extra: Vec<(&str, String)> = Vec::new();
             let result =
                 workloads::drain(&ctx, "w3", n, ("sleep", json!({"ms": 50})), &[2], &extra);
-            let label = format!("W3 {n} sleep jobs of 50 ms, 2 children{variant}");
+            let label = format!("W3 {n} sleep jobs of 50 ms, 2 children");
             match result {
                 Ok(d) => report.add(
                     label,
