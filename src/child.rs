@@ -16,7 +16,7 @@ use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
 use crate::backoff;
 use crate::config::Config;
-use crate::handler::{Handler, Job, JobContext, Outcome};
+use crate::handler::{process, Handler, Job, JobContext, Outcome};
 use crate::queue::consumer::{Ack, Claimed, Consumer, Settlement};
 use crate::queue::{maintenance, QueueError};
 use crate::slots::{monotonic_ms, take_turn, Header, Slot, SlotState, SlotTable};
@@ -113,6 +113,7 @@ pub fn run(spec: ChildSpec<'_>, handler: &mut dyn Handler) -> i32 {
         last_job_took: Duration::ZERO,
         average_job: None,
         jobs_done: 0,
+        recycling: false,
     };
     worker.slot.set_state(SlotState::Starting);
     match worker.work(spec.predecessor, handler) {
@@ -167,6 +168,8 @@ struct Worker<'a> {
     /// Moving average of recent job durations, which sizes the next claim.
     average_job: Option<Duration>,
     jobs_done: u64,
+    /// Set once this child has done its share (see `note_recycling`).
+    recycling: bool,
 }
 
 impl Worker<'_> {
@@ -188,7 +191,7 @@ impl Worker<'_> {
         // Until here the slot still named the predecessor's job in flight, so that if this child
         // died before releasing, its successor would still charge the right job.
         self.slot.job_id.store(0, Ordering::Release);
-        while !stop_requested() && !self.recycle_due() {
+        while !stop_requested() && !self.recycling {
             self.maybe_run_maintenance();
             // Read before the claim: a wake-up that arrives during an empty claim then cuts the
             // idle wait short instead of being lost.
@@ -216,7 +219,7 @@ impl Worker<'_> {
             }
             self.buffer.extend(round.claimed);
             while let Some(claimed) = self.buffer.pop_front() {
-                if stop_requested() || self.recycle_due() {
+                if stop_requested() || self.recycling {
                     self.buffer.push_front(claimed);
                     break;
                 }
@@ -252,29 +255,32 @@ impl Worker<'_> {
         Ok(())
     }
 
-    fn recycle_due(&self) -> bool {
-        if self
+    /// After each job: decides (once, and says so) whether this child has done its share and
+    /// should exit cleanly to be replaced: `FORKQ_MAX_JOBS_PER_CHILD` or `FORKQ_MAX_CHILD_RSS_MB`.
+    fn note_recycling(&mut self) {
+        if self.recycling {
+            return;
+        }
+        let reason = if self
             .recycle_after_jobs
             .is_some_and(|max| self.jobs_done >= max)
         {
-            log::info!(
-                "worker {} recycling after {} jobs",
-                self.owner,
-                self.jobs_done
-            );
-            return true;
+            Some(format!("after {} jobs", self.jobs_done))
+        } else {
+            self.config
+                .max_child_rss_mb
+                .filter(|_| self.jobs_done % RSS_CHECK_EVERY == 0)
+                .and_then(|limit| {
+                    resident_mb()
+                        .filter(|&rss| rss > limit)
+                        .map(|rss| (rss, limit))
+                })
+                .map(|(rss, limit)| format!("resident memory {rss} MiB is above {limit} MiB"))
+        };
+        if let Some(reason) = reason {
+            log::info!("worker {} recycling: {reason}", self.owner);
+            self.recycling = true;
         }
-        if let Some(limit_mb) = self.config.max_child_rss_mb {
-            if self.jobs_done > 0 && self.jobs_done % RSS_CHECK_EVERY == 0 {
-                if let Some(rss) = resident_mb() {
-                    if rss > limit_mb {
-                        log::info!("worker {} recycling: resident memory {rss} MiB is above {limit_mb} MiB", self.owner);
-                        return true;
-                    }
-                }
-            }
-        }
-        false
     }
 
     /// Runs one job through the handler and queues its acknowledgement.
@@ -284,9 +290,13 @@ impl Worker<'_> {
         let started = Instant::now();
         let outcome = {
             let mut ctx = Context { worker: self };
-            catch_unwind(AssertUnwindSafe(|| handler.handle(&job, &mut ctx))).unwrap_or_else(
-                |panic| Outcome::Failure(format!("handler panicked: {}", panic_message(&panic))),
-            )
+            let outcome = catch_unwind(AssertUnwindSafe(|| handler.handle(&job, &mut ctx)))
+                .unwrap_or_else(|panic| {
+                    Outcome::Failure(format!("handler panicked: {}", panic_message(&panic)))
+                });
+            // Whatever a handler (or its panic message) says must be storable, or the ack
+            // would fail again at every re-run.
+            process::storable(outcome)
         };
         let elapsed = started.elapsed();
         self.last_job_took = elapsed;
@@ -296,6 +306,7 @@ impl Worker<'_> {
         });
         self.slot.finish_job(elapsed.as_micros() as u64);
         self.jobs_done += 1;
+        self.note_recycling();
         if immediate_stop_requested() && !matches!(outcome, Outcome::Success(_)) {
             // Abandoned by an immediate stop: released uncharged at shut-down, not failed.
             self.buffer.push_front(Claimed {

@@ -36,7 +36,9 @@ enum Command {
     /// Run the supervisor and its children until SIGTERM.
     #[command(
         after_help = "Example:\n  DATABASE_URL=postgres://postgres@127.0.0.1/test FORKQ_CONCURRENCY=4 forkq run\n\n\
-        Signals: TERM/INT graceful stop, QUIT immediate stop, HUP rolling restart, TTIN/TTOU one child more/less."
+        Signals: TERM/INT graceful stop, QUIT immediate stop, HUP rolling restart, TTIN/TTOU one child more/less.\n\
+        Exit codes: 0 stopped cleanly, 1 start-up failure (health address taken, fork failed), \
+        70 crash loop with FORKQ_CRASH_LOOP_EXIT=1, 78 invalid configuration or database unreachable at start-up."
     )]
     Run,
     /// Apply pending schema migrations (safe to run concurrently).
@@ -222,11 +224,12 @@ fn fail(code: u8, message: impl Into<String>) -> Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before the configuration, so its clamps and overrides are logged.
+    init_logging();
     let config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => forkq::exit_on_config_error(e),
     };
-    init_logging();
     if let Command::Run = cli.command {
         let code = forkq::run(config, |_| Box::new(Builtin) as Box<dyn Handler>);
         return ExitCode::from(code.clamp(0, 255) as u8);

@@ -52,6 +52,9 @@ pub enum SlotState {
     BackingOff = 5,
     /// Dead too often too fast; still restarted, but the fleet is reported unhealthy.
     CrashLooping = 6,
+    /// Between jobs, or woken from idle: about to claim or run its next job (not woken again
+    /// until it is idle again).
+    Claiming = 7,
 }
 
 impl SlotState {
@@ -63,6 +66,7 @@ impl SlotState {
             4 => SlotState::Stopping,
             5 => SlotState::BackingOff,
             6 => SlotState::CrashLooping,
+            7 => SlotState::Claiming,
             _ => SlotState::Unused,
         }
     }
@@ -77,6 +81,7 @@ impl SlotState {
             SlotState::Stopping => "stopping",
             SlotState::BackingOff => "backing_off",
             SlotState::CrashLooping => "crash_looping",
+            SlotState::Claiming => "claiming",
         }
     }
 
@@ -84,7 +89,11 @@ impl SlotState {
     pub fn is_alive(self) -> bool {
         matches!(
             self,
-            SlotState::Starting | SlotState::Idle | SlotState::Running | SlotState::Stopping
+            SlotState::Starting
+                | SlotState::Idle
+                | SlotState::Claiming
+                | SlotState::Running
+                | SlotState::Stopping
         )
     }
 }
@@ -139,6 +148,14 @@ impl Slot {
         self.state.store(state as u8, Ordering::Release);
     }
 
+    /// Moves the slot from `from` to `to` if it is still in `from`; false if it was not, so of
+    /// several processes racing for one idle child only one wins it.
+    pub fn swap_state(&self, from: SlotState, to: SlotState) -> bool {
+        self.state
+            .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
     /// Records progress now.
     pub fn beat(&self) {
         self.heartbeat_ms.store(monotonic_ms(), Ordering::Release);
@@ -183,7 +200,8 @@ impl Slot {
         self.duration_sum_us
             .fetch_add(duration_us, Ordering::Relaxed);
         self.beat();
-        self.set_state(SlotState::Idle);
+        // Between jobs a child is busy, not idle: the waker must not spend a wake-up on it.
+        self.set_state(SlotState::Claiming);
     }
 }
 

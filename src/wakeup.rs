@@ -64,12 +64,14 @@ pub fn wake(word: &AtomicU32) {
 /// Wakes one idle child other than `except` (the caller's own slot, if a child calls it).
 /// Returns whether one was idle.
 pub fn wake_one_idle(table: &SlotTable, except: Option<usize>) -> bool {
-    let idle = table
+    let woken = table
         .active()
         .iter()
         .enumerate()
-        .find(|(index, slot)| Some(*index) != except && slot.state() == SlotState::Idle);
-    match idle {
+        .filter(|(index, _)| Some(*index) != except)
+        // Taking the slot out of Idle first means each wake-up rouses a different child.
+        .find(|(_, slot)| slot.swap_state(SlotState::Idle, SlotState::Claiming));
+    match woken {
         Some((_, slot)) => {
             wake(&slot.wake);
             true

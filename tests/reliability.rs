@@ -547,15 +547,28 @@ fn invalid_settings_exit_78_naming_the_variable() {
         ("DATABASE_URL", "mysql://x"),
     ];
     for (name, value) in cases {
-        let out = Command::new(common::forkq_bin())
-            .arg("run")
+        // Spawned in its own process group and killed after 10 s: if a validation ever regresses,
+        // the daemon would start and run, and the test must fail rather than hang.
+        let mut cmd = Command::new(common::forkq_bin());
+        cmd.arg("run")
             .env_clear()
             .env("DATABASE_URL", common::database_url())
+            .env("FORKQ_HEALTH_ADDR", "127.0.0.1:0")
             .env(name, value)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(78), "{name}={value:?}: {stderr}");
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut child = Killed(cmd.spawn().unwrap());
+        let pid = child.0.id() as i32;
+        let exited = wait_until(Duration::from_secs(10), || !common::process_alive(pid));
+        assert!(
+            exited,
+            "{name}={value:?}: forkq run started instead of refusing the setting"
+        );
+        let status = child.0.wait().unwrap();
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(78), "{name}={value:?}: {stderr}");
         assert!(
             stderr.contains(name),
             "{name}={value:?}: message does not name it: {stderr}"

@@ -6,7 +6,7 @@ use postgres::{Client, Statement};
 use serde_json::Value;
 
 use super::sql::{self, render};
-use super::{connect, migrations, QueueError};
+use super::{connect_with_timeout, migrations, QueueError};
 use crate::config::Config;
 use crate::handler::Job;
 
@@ -71,7 +71,12 @@ impl Consumer {
     /// Connects, checks the schema version and prepares statements. `owner` names this consumer's
     /// leases (host, supervisor boot, slot and generation).
     pub fn connect(config: &Config, owner: &str) -> Result<Consumer, QueueError> {
-        let mut client = connect(&config.database_url, "forkq worker")?;
+        // A worker cannot heartbeat while it waits on the database, so every wait on it is
+        // bounded well inside the stale window: a slow or partitioned database makes the child
+        // reconnect (heartbeating meanwhile), never look wedged.
+        let budget = (config.health_stale / 3).max(Duration::from_secs(2));
+        let mut client = connect_with_timeout(&config.database_url, "forkq worker", budget)?;
+        client.batch_execute(&format!("SET statement_timeout = {}", budget.as_millis()))?;
         migrations::require_current(&mut client, &config.schema)?;
         if !config.durable {
             // Delivery is at least once anyway: an ack or claim lost in a database crash only

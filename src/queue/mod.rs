@@ -108,11 +108,12 @@ impl QueueError {
     }
 }
 
-/// SQLSTATEs that mean "the server is going away or not ready yet", not "your statement is
+/// SQLSTATEs that mean "the server is going away, not ready, or too slow", not "your statement is
 /// wrong": connection exceptions (class 08), an administrator or crash shutdown, a server still
-/// starting up, and too many connections. Retrying on a fresh connection is the cure for all.
+/// starting up, too many connections, and a statement cancelled by a worker's statement timeout.
+/// Retrying on a fresh connection is the cure for all.
 fn is_transient_server_state(code: &str) -> bool {
-    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "57014")
 }
 
 /// Opens one connection, shown as `application` in `pg_stat_activity`.
@@ -121,7 +122,8 @@ pub fn connect(url: &str, application: &str) -> Result<Client, QueueError> {
 }
 
 /// [`connect`] with a connect timeout (unless the URL sets one). TCP keepalives and a user
-/// timeout make a connection to a vanished server fail within about 30 s instead of hours.
+/// timeout of the same length make a connection to a vanished server fail within about that
+/// time instead of hours.
 pub fn connect_with_timeout(
     url: &str,
     application: &str,
@@ -135,8 +137,8 @@ pub fn connect_with_timeout(
         config.connect_timeout(timeout);
     }
     if config.get_tcp_user_timeout().is_none() {
-        config.tcp_user_timeout(Duration::from_secs(30));
+        config.tcp_user_timeout(timeout);
     }
-    config.keepalives_idle(Duration::from_secs(15));
+    config.keepalives_idle(timeout);
     Ok(config.connect(NoTls)?)
 }

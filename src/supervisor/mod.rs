@@ -91,6 +91,14 @@ impl<'f> Supervisor<'f> {
     /// Everything that must succeed before the first child: shared memory, the health listener,
     /// the database check, the signal pipe and the initial forks.
     fn start(config: Config, factory: &'f HandlerFactory) -> Result<Supervisor<'f>, i32> {
+        if let Some(threads) = thread_count().filter(|&n| n > 1) {
+            log::error!(
+                "forkq::run found {threads} threads in this process: it forks, and forking a \
+                 process with threads can deadlock its children. Call forkq::run before starting \
+                 any thread (no async runtime, no connection pool or forkq::Client first)"
+            );
+            return Err(EXIT_STARTUP);
+        }
         let table = SlotTable::create_shared().map_err(|e| {
             log::error!("cannot create the shared slot table: {e}");
             EXIT_STARTUP
@@ -348,6 +356,8 @@ impl<'f> Supervisor<'f> {
             log::info!("child {index} (pid {pid}) {how} during shutdown");
             plan.pid = None;
             plan.restart_at = None;
+            // Recorded on its job in flight by the shutdown releaser, if it did not exit cleanly.
+            plan.kill_reason = Some(reason.unwrap_or_else(|| format!("worker process {how}")));
             slot.set_state(SlotState::Unused);
             return;
         }
@@ -689,34 +699,72 @@ impl<'f> Supervisor<'f> {
         if now >= shutdown.deadline {
             // Poll once more before killing: a child that just exited must not be killed.
             self.reap();
-            let mut killed = Vec::new();
-            for (index, plan) in self.plans.iter().enumerate() {
+            for (index, plan) in self.plans.iter_mut().enumerate() {
                 if let Some(pid) = plan.pid {
                     log::warn!("child {index} (pid {pid}) still running at the shutdown deadline; killing it");
                     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                    let slot = &self.table.slots[index];
-                    let in_flight = slot.job_id.load(Ordering::Acquire);
-                    killed.push(Predecessor {
-                        owner: self.lease_owner(index, slot.generation.load(Ordering::Acquire)),
-                        in_flight: (in_flight != 0).then_some(in_flight),
-                        how_it_ended:
-                            "worker killed at the shutdown deadline (FORKQ_SHUTDOWN_GRACE_SECONDS)"
-                                .into(),
-                    });
+                    plan.kill_reason = Some(
+                        "worker killed at the shutdown deadline (FORKQ_SHUTDOWN_GRACE_SECONDS)"
+                            .into(),
+                    );
                 }
             }
             self.wait_for_children(Duration::from_secs(2));
-            if !killed.is_empty() {
-                release_killed(&self.config, &killed);
-            }
         }
         if self.plans.iter().any(|p| p.pid.is_some()) {
             return None;
         }
+        self.release_unclean_slots();
         let code = self.shutdown.as_ref().map_or(0, |s| s.exit_code);
         self.stop_probe();
         log::info!("all children stopped; supervisor exiting with status {code}");
         Some(code)
+    }
+
+    /// Once the fleet is down: gives back the jobs of every slot whose last child did not exit
+    /// cleanly (killed at the deadline, or dead and not yet replaced when the stop began), so
+    /// nothing stays leased until its lease expires. Runs in a short-lived forked process (the
+    /// supervisor itself never connects); the job each was running is charged an attempt.
+    fn release_unclean_slots(&self) {
+        let unclean: Vec<Predecessor> = (0..self.plans.len())
+            .filter_map(|index| {
+                let slot = &self.table.slots[index];
+                let ran = slot.generation.load(Ordering::Acquire) > 0;
+                let clean = slot.last_exit.load(Ordering::Acquire) == 0;
+                (ran && !clean).then(|| {
+                    let in_flight = slot.job_id.load(Ordering::Acquire);
+                    Predecessor {
+                        owner: self.slot_owner_prefix(index),
+                        in_flight: (in_flight != 0).then_some(in_flight),
+                        how_it_ended: self.plans[index]
+                            .kill_reason
+                            .clone()
+                            .unwrap_or_else(|| "worker process ended abnormally".into()),
+                    }
+                })
+            })
+            .collect();
+        if unclean.is_empty() {
+            return;
+        }
+        let release = || {
+            self.signals.forget_in_child();
+            let mut consumer = match Consumer::connect(&self.config, "forkq shutdown") {
+                Ok(c) => c,
+                Err(e) => {
+                    log::warn!("cannot release the jobs of killed children ({e}); they return when their lease expires");
+                    return 1;
+                }
+            };
+            for p in &unclean {
+                match consumer.release(&p.owner, p.in_flight, Some(&p.how_it_ended)) {
+                    Ok(n) => log::info!("released {n} job(s) of {} ({})", p.owner, p.how_it_ended),
+                    Err(e) => log::warn!("cannot release the jobs of {}: {e}", p.owner),
+                }
+            }
+            0
+        };
+        run_forked("the shutdown releaser", Duration::from_secs(5), release);
     }
 
     /// Blocks until every child is reaped or `limit` passes (used only after SIGKILL).
@@ -827,27 +875,15 @@ fn preflight(config: &Config) -> Result<(), i32> {
     }
 }
 
-/// Gives back the jobs of children killed at the shutdown deadline, from a short-lived forked
-/// process (the supervisor itself never connects), so they are not stuck until their lease
-/// expires. The job each was running is charged an attempt: it did not stop when asked.
-fn release_killed(config: &Config, killed: &[Predecessor]) {
-    let release = || {
-        let mut consumer = match Consumer::connect(config, "forkq shutdown") {
-            Ok(c) => c,
-            Err(e) => {
-                log::warn!("cannot release the jobs of killed children ({e}); they return when their lease expires");
-                return 1;
-            }
-        };
-        for p in killed {
-            match consumer.release(&p.owner, p.in_flight, Some(&p.how_it_ended)) {
-                Ok(n) => log::info!("released {n} job(s) of {} ({})", p.owner, p.how_it_ended),
-                Err(e) => log::warn!("cannot release the jobs of {}: {e}", p.owner),
-            }
-        }
-        0
-    };
-    run_forked("the shutdown releaser", Duration::from_secs(5), release);
+/// The number of threads of this process, from /proc (None where it cannot be read).
+fn thread_count() -> Option<usize> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("Threads:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Runs `work` in a forked process and waits for its exit code, at most `limit` (then kills it).

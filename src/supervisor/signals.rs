@@ -14,7 +14,7 @@ use std::sync::Arc;
 use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal};
 
 /// The signals the supervisor acts on.
-pub const HANDLED: [Signal; 8] = [
+pub const HANDLED: [Signal; 7] = [
     Signal::SIGTERM,
     Signal::SIGINT,
     Signal::SIGQUIT,
@@ -22,7 +22,6 @@ pub const HANDLED: [Signal; 8] = [
     Signal::SIGCHLD,
     Signal::SIGTTIN,
     Signal::SIGTTOU,
-    Signal::SIGUSR1,
 ];
 
 /// Handlers installed, and the pipe they write to.

@@ -10,10 +10,6 @@ use serde_json::Value;
 use crate::db::{BenchResult, BenchSchema};
 use crate::sys;
 
-/// A pseudo variable in `extra`: server settings for the fleet's sessions (`-c name=value`),
-/// passed in the connection URL, to preview a change without touching forkq's code.
-pub const PG_OPTIONS: &str = "BENCH_PG_OPTIONS";
-
 /// Which program runs the fleet.
 #[derive(Clone, Copy)]
 pub enum Program {
@@ -69,15 +65,7 @@ impl Daemon {
                 c
             }
         };
-        let mut url = schema.tagged_url();
-        for (k, v) in extra {
-            if *k == PG_OPTIONS {
-                url.push_str(&format!(
-                    "&options={}",
-                    v.replace(' ', "%20").replace('=', "%3D")
-                ));
-            }
-        }
+        let url = schema.tagged_url();
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("DATABASE_URL", url)
@@ -88,7 +76,7 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
-        for (k, v) in extra.iter().filter(|(k, _)| *k != PG_OPTIONS) {
+        for (k, v) in extra {
             cmd.env(k, v);
         }
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
