@@ -17,7 +17,7 @@ use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use crate::backoff;
 use crate::config::Config;
 use crate::handler::{process, Handler, Job, JobContext, Outcome};
-use crate::queue::consumer::{Ack, Claimed, Consumer, Settlement};
+use crate::queue::consumer::{Ack, Claimed, Consumer, Round, Settlement};
 use crate::queue::{maintenance, QueueError};
 use crate::slots::{monotonic_ms, take_turn, Header, Slot, SlotState, SlotTable};
 use crate::wakeup;
@@ -118,6 +118,10 @@ pub fn run(spec: ChildSpec<'_>, handler: &mut dyn Handler) -> i32 {
     worker.slot.set_state(SlotState::Starting);
     match worker.work(spec.predecessor, handler) {
         Ok(()) => 0,
+        Err(e @ QueueError::Unavailable(_)) => {
+            log::warn!("worker {}: {e}", worker.owner);
+            0
+        }
         Err(e) => {
             log::error!(
                 "worker {} stopping on an error it cannot recover from: {e}",
@@ -196,17 +200,8 @@ impl Worker<'_> {
             // Read before the claim: a wake-up that arrives during an empty claim then cuts the
             // idle wait short instead of being lost.
             let wake_seen = self.slot.wake.load(Ordering::Acquire);
-            let acks = std::mem::take(&mut self.acks);
             let limit = claim_size(self.average_job, self.config.prefetch);
-            let round = match self.db(|db| db.settle_and_claim(&acks, limit)) {
-                Ok(round) => round,
-                Err(e) => {
-                    self.acks = acks;
-                    return Err(e);
-                }
-            };
-            self.oldest_ack = None;
-            self.report_refused(&round.refused);
+            let round = self.send_acks_and_claim(limit)?;
             if round.claimed.is_empty() {
                 // An empty claim is this host's latest poll.
                 self.header.poll_ms.store(monotonic_ms(), Ordering::Release);
@@ -399,17 +394,59 @@ impl Worker<'_> {
     }
 
     fn flush_acks(&mut self) -> Result<(), QueueError> {
-        let acks = std::mem::take(&mut self.acks);
-        match self.db(|db| db.settle_and_claim(&acks, 0)) {
+        self.send_acks_and_claim(0).map(|_| ())
+    }
+
+    /// Sends the pending acks and claims up to `limit` jobs in one round trip. If the database
+    /// refuses the statement itself (not a lost connection), the acks are sent one by one and
+    /// one it still refuses is dead-lettered with the database's reason, so a single bad result
+    /// can neither hold back the others nor crash this child at every re-run.
+    fn send_acks_and_claim(&mut self, limit: usize) -> Result<Round, QueueError> {
+        // Cloned, not taken: while the database is away, pending acks keep a stopping worker
+        // trying until its deadline (see reconnect_pause).
+        let acks = self.acks.clone();
+        let round = match self.db(|db| db.settle_and_claim(&acks, limit)) {
             Ok(round) => {
+                self.acks.clear();
                 self.oldest_ack = None;
-                self.report_refused(&round.refused);
-                Ok(())
+                round
             }
+            Err(e) if acks.is_empty() || matches!(e, QueueError::Unavailable(_)) => return Err(e),
             Err(e) => {
-                self.acks = acks;
-                Err(e)
+                self.acks.clear();
+                self.oldest_ack = None;
+                log::error!(
+                    "worker {}: the queue refused {} acknowledgement(s) together ({e}); sending them one by one",
+                    self.owner,
+                    acks.len()
+                );
+                for ack in acks {
+                    self.send_one_ack(ack);
+                }
+                self.db(|db| db.settle_and_claim(&[], limit))?
             }
+        };
+        self.report_refused(&round.refused);
+        Ok(round)
+    }
+
+    fn send_one_ack(&mut self, ack: Ack) {
+        let refused = match self.db(|db| db.settle_and_claim(std::slice::from_ref(&ack), 0)) {
+            Ok(round) => return self.report_refused(&round.refused),
+            Err(e) => e,
+        };
+        let failed = Ack {
+            settlement: Settlement::Failed(format!(
+                "forkq could not record this job's outcome, the database refused it: {refused}"
+            )),
+            ..ack
+        };
+        if let Err(e) = self.db(|db| db.settle_and_claim(std::slice::from_ref(&failed), 0)) {
+            log::error!(
+                "worker {}: job {} cannot be settled ({e}); it runs again when its lease expires",
+                self.owner,
+                failed.id
+            );
         }
     }
 
@@ -532,8 +569,10 @@ impl Worker<'_> {
         let deadline = Instant::now() + pause;
         while Instant::now() < deadline {
             if immediate_stop_requested() || (stop_requested() && self.acks.is_empty()) {
-                return Err(QueueError::InvalidJob(
-                    "stopped while the database was unavailable".into(),
+                return Err(QueueError::Unavailable(
+                    "told to stop while waiting for the database; the jobs this worker held run \
+                     again once their lease expires"
+                        .into(),
                 ));
             }
             self.slot.beat();

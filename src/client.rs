@@ -26,7 +26,11 @@ impl Client {
         let pool = r2d2::Pool::builder()
             .max_size(4)
             .build(PostgresConnectionManager::new(pg, NoTls))
-            .map_err(|e| QueueError::InvalidJob(format!("cannot open the connection pool: {e}")))?;
+            .map_err(|e| {
+                QueueError::Unavailable(format!(
+                    "cannot open the connection pool ({e}); check DATABASE_URL"
+                ))
+            })?;
         let client = Client {
             pool,
             schema: config.schema.clone(),
@@ -44,7 +48,7 @@ impl Client {
     ) -> Result<r2d2::PooledConnection<PostgresConnectionManager<NoTls>>, QueueError> {
         self.pool
             .get()
-            .map_err(|e| QueueError::InvalidJob(format!("no database connection available: {e}")))
+            .map_err(|e| QueueError::Unavailable(format!("no connection from the pool ({e}); check DATABASE_URL and that PostgreSQL is running")))
     }
 
     /// Enqueues one job; returns its id.

@@ -786,3 +786,52 @@ fn wedged_handler_is_detected_killed_and_nothing_else_stalls() {
         .livez()
         .is_some_and(|(c, _)| c == 200)));
 }
+
+/// The database refuses one job's result (a trigger stands in for any such refusal): the other
+/// acknowledgements sent with it still land, the refused job goes to the dead letter with the
+/// database's reason, and the child neither crashes nor loops on it.
+#[test]
+fn a_result_the_database_refuses_is_dead_lettered_alone() {
+    let schema = TestSchema::new("refused");
+    schema
+        .client()
+        .batch_execute(&format!(
+            r#"CREATE FUNCTION "{s}".refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN
+                   IF NEW.state = 'completed' AND NEW.payload->>'refuse' = 'yes' THEN
+                       RAISE EXCEPTION 'this result is refused on purpose';
+                   END IF;
+                   RETURN NEW;
+               END $$;
+               CREATE TRIGGER refuse BEFORE INSERT ON "{s}".jobs_archive
+                   FOR EACH ROW EXECUTE FUNCTION "{s}".refuse();"#,
+            s = schema.name
+        ))
+        .unwrap();
+    schema.enqueue_n("default", "noop", json!({}), 50);
+    let bad = schema.enqueue("default", "noop", json!({"refuse": "yes"}));
+    schema.enqueue_n("default", "noop", json!({}), 50);
+    let daemon = Daemon::start(&schema, &[("FORKQ_CONCURRENCY", "1")]);
+    assert!(
+        wait_until(Duration::from_secs(20), || schema.archived("completed")
+            == 100
+            && schema.archived("failed") == 1),
+        "log:\n{}",
+        daemon.log_text()
+    );
+    let job = schema.job(bad).unwrap();
+    assert_eq!(job["state"], "failed");
+    assert!(
+        job["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("refused on purpose"),
+        "{job}"
+    );
+    assert!(
+        !daemon.log_text().contains("cannot recover"),
+        "{}",
+        daemon.log_text()
+    );
+    assert_eq!(daemon.livez().map(|(c, _)| c), Some(200));
+}

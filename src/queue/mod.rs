@@ -49,6 +49,9 @@ pub enum QueueError {
     },
     /// A job was refused before it reached the database.
     InvalidJob(String),
+    /// The database could not be reached (a pool, or a worker that gave up waiting because it
+    /// was told to stop); says what was tried.
+    Unavailable(String),
 }
 
 impl fmt::Display for QueueError {
@@ -75,6 +78,7 @@ impl fmt::Display for QueueError {
                 "schema {schema:?} is at version {found}, newer than this forkq knows ({expected}): upgrade forkq"
             ),
             QueueError::InvalidJob(why) => write!(f, "invalid job: {why}"),
+            QueueError::Unavailable(why) => write!(f, "database unavailable: {why}"),
         }
     }
 }
