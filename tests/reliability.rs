@@ -284,22 +284,23 @@ fn spawn_on(
     url: &str,
     extra: &[(&str, &str)],
 ) -> (std::process::Child, std::net::SocketAddr, PathBuf) {
-    let port = common::free_port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("private-{port}.log"));
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("private-{}.log", std::process::id()));
     let file = std::fs::File::create(&log).unwrap();
     let mut cmd = Command::new(common::forkq_bin());
     cmd.arg("run")
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DATABASE_URL", url)
-        .env("FORKQ_HEALTH_ADDR", addr.to_string())
+        .env("FORKQ_HEALTH_ADDR", "127.0.0.1:0")
         .env("FORKQ_CONCURRENCY", "4")
         .envs(extra.iter().copied())
         .stdout(file.try_clone().unwrap())
         .stderr(file);
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    (cmd.spawn().unwrap(), addr, log)
+    let mut child = cmd.spawn().unwrap();
+    let addr = common::bound_address(&log, &mut child);
+    (child, addr, log)
 }
 
 struct Killed(std::process::Child);

@@ -242,16 +242,20 @@ impl Daemon {
         schema: &TestSchema,
         extra: &[(&str, &str)],
     ) -> Daemon {
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-        let log = dir.join(format!("{}-{port}.log", schema.name));
+        let log = dir.join(format!(
+            "{}-{}.log",
+            schema.name,
+            SCHEMA_COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
         let log_file = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(program);
         cmd.args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("FORKQ_HEALTH_ADDR", addr.to_string())
+            // Port 0: the daemon binds a free port itself (no race between parallel tests) and
+            // logs the address, which is read back below.
+            .env("FORKQ_HEALTH_ADDR", "127.0.0.1:0")
             .env("FORKQ_CONCURRENCY", "2")
             .env("FORKQ_LOG", "info")
             .envs(schema.env())
@@ -262,7 +266,13 @@ impl Daemon {
             cmd.env(k, v);
         }
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let child = cmd.spawn().expect("spawn forkq run");
+        let mut child = cmd.spawn().expect("spawn forkq run");
+        let addr = match extra.iter().find(|(k, _)| *k == "FORKQ_HEALTH_ADDR") {
+            Some((_, given)) => given
+                .parse()
+                .expect("FORKQ_HEALTH_ADDR in a test is ip:port"),
+            None => bound_address(&log, &mut child),
+        };
         Daemon { child, addr, log }
     }
 
@@ -334,6 +344,22 @@ impl Drop for Daemon {
             );
         }
     }
+}
+
+/// The health address a daemon logged at start-up; 127.0.0.1:0 (nothing answers) if it exited
+/// or said nothing within 20 s, so tests of failed start-ups go on to check the exit.
+pub fn bound_address(log: &std::path::Path, child: &mut Child) -> SocketAddr {
+    let marker = "health endpoint on http://";
+    let mut found = None;
+    wait_until(Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        found = text
+            .split(marker)
+            .nth(1)
+            .and_then(|rest| rest.split('/').next()?.parse().ok());
+        found.is_some() || child.try_wait().ok().flatten().is_some()
+    });
+    found.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap())
 }
 
 /// A minimal HTTP/1.0 GET with a 5 s timeout.
