@@ -466,13 +466,18 @@ fn drain_row(
         Ok(d) => d,
         Err(e) => return report.add(label, format!("error: {e}"), "", ""),
     };
-    let steady = d.steady.unwrap_or(f64::NAN);
+    // A drain too fast to sample between 10 % and 90 % has no steady rate: say so, and compare
+    // the whole run instead.
+    let steady = d.steady.unwrap_or_else(|| d.rate());
+    let steady_text = match d.steady {
+        Some(rate) => format!("{rate:.0} jobs/s"),
+        None => "n/a (too fast to sample)".into(),
+    };
     let per_job = |s: f64| s * 1e6 / d.n as f64;
     let measured = format!(
-        "{:.2} s spawn→empty = {:.0} jobs/s; steady {:.0} jobs/s; start-up {:.2} s; CPU/job: forkq {:.1} µs, PG {:.1} µs",
+        "{:.2} s spawn→empty = {:.0} jobs/s; steady {steady_text}; start-up {:.2} s; CPU/job: forkq {:.1} µs, PG {:.1} µs",
         d.total_s,
         d.rate(),
-        steady,
         d.first_job_s,
         per_job(d.forkq_cpu_s),
         per_job(d.pg_cpu_s)
