@@ -802,3 +802,51 @@ fn bench_batch_creation_and_drain_overhead() {
     );
     drop(daemon);
 }
+
+/// Fail-fast marks the running siblings it can lock; one whose row a lease renewal held at that
+/// moment is caught when it asks for a retry: a child of a failed batch is never sent back.
+#[test]
+fn a_running_sibling_missed_by_fail_fast_is_not_retried() {
+    let schema = TestSchema::new("bffrace");
+    let c = client(&schema);
+    let id = c
+        .enqueue_batch(&NewBatch::new("q").with_fail_fast(), &jobs("q", "noop", 2))
+        .unwrap();
+    let mut conn = connect();
+    let (first, first_token) = claim(&mut conn, &schema, "w1/");
+    let (second, second_token) = claim(&mut conn, &schema, "w2/");
+    // A renewal of the second child's lease holds its row while the first fails for good.
+    let mut renewal = connect();
+    let mut tx = renewal.transaction().unwrap();
+    tx.execute(
+        &format!(
+            "UPDATE \"{}\".jobs SET lease_expires_at = now() + interval '30 s' WHERE id = $1",
+            schema.name
+        ),
+        &[&second],
+    )
+    .unwrap();
+    let settle = |id: i64, token: i64, outcome: &str| {
+        connect()
+            .query_one(
+                &format!(
+                    "SELECT \"{}\".settle(ARRAY[$1::bigint], ARRAY[$2::bigint], ARRAY[$3::text],
+                            ARRAY[NULL::jsonb], ARRAY['boom'::text], ARRAY[0::float8], true)",
+                    schema.name
+                ),
+                &[&id, &token, &outcome],
+            )
+            .unwrap();
+    };
+    settle(first, first_token, "failed");
+    tx.commit().unwrap();
+    assert_eq!(info(&schema, id).status.state, "failed");
+    // The second child's handler asks for a retry: the batch is over, so it is not sent back.
+    settle(second, second_token, "retry");
+    assert_eq!(
+        schema.count("SELECT count(*) FROM {s}.jobs"),
+        0,
+        "a child of a failed batch went back to the queue"
+    );
+    assert_eq!(schema.job(second).unwrap()["state"], "failed");
+}

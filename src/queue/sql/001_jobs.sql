@@ -176,6 +176,33 @@ BEGIN
 END
 $$;
 
+-- Sends the jobs whose outcome is 'retry' back to the queue after their delay, fenced by lease
+-- token; a job marked for cancellation is not sent back (settle then retires it). Returns the ids
+-- sent back. Its own function so the batches migration can add its condition here alone.
+CREATE FUNCTION {s}.requeue(
+    p_ids      bigint[],
+    p_tokens   bigint[],
+    p_outcomes text[],
+    p_errors   text[],
+    p_delays   float8[]
+) RETURNS bigint[] LANGUAGE sql AS $$
+    WITH r AS (
+        UPDATE {s}.jobs j
+        SET state = 'retryable',
+            run_at = now() + make_interval(secs => a.delay),
+            last_error = coalesce(a.error, j.last_error),
+            lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
+        FROM unnest(p_ids, p_tokens, p_outcomes, p_errors, p_delays)
+            AS a(id, token, outcome, error, delay)
+        WHERE a.outcome = 'retry' AND j.id = a.id AND j.lease_token = a.token
+          -- Reach the rows through the primary key, whatever the planner thinks of unnest().
+          AND j.id = ANY(p_ids)
+          AND j.state = 'running' AND NOT j.cancel_requested
+        RETURNING j.id
+    )
+    SELECT coalesce(array_agg(r.id), '{}') FROM r;
+$$;
+
 -- Settles finished jobs, fenced by lease token: 'completed' and 'failed' retire them, 'retry'
 -- sends them back after p_delays seconds. Returns the ids it refused (stale leases).
 CREATE FUNCTION {s}.settle(
@@ -203,21 +230,7 @@ BEGIN
                         p_errors, p_results, p_retain) AS x;
         RETURN ARRAY(SELECT a.id FROM unnest(p_ids) a(id) WHERE a.id <> ALL(retired));
     END IF;
-    WITH r AS (
-        UPDATE {s}.jobs j
-        SET state = 'retryable',
-            run_at = now() + make_interval(secs => a.delay),
-            last_error = coalesce(a.error, j.last_error),
-            lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
-        FROM unnest(p_ids, p_tokens, p_outcomes, p_errors, p_delays)
-            AS a(id, token, outcome, error, delay)
-        WHERE a.outcome = 'retry' AND j.id = a.id AND j.lease_token = a.token
-          -- Reach the rows through the primary key, whatever the planner thinks of unnest().
-          AND j.id = ANY(p_ids)
-          AND j.state = 'running' AND NOT j.cancel_requested
-        RETURNING j.id
-    )
-    SELECT coalesce(array_agg(r.id), '{}') INTO retried FROM r;
+    retried := {s}.requeue(p_ids, p_tokens, p_outcomes, p_errors, p_delays);
 
     SELECT coalesce(array_agg(x), '{}') INTO retired
     FROM {s}.retire(

@@ -117,6 +117,35 @@ BEGIN
 END
 $$;
 
+-- requeue() as in 001, plus: a child of a batch that is no longer open is not sent back (settle
+-- then retires it). Fail-fast marks the running siblings it can lock; this catches the ones it
+-- could not (a lease renewal held the row at that moment), so no child of a failed batch retries.
+CREATE OR REPLACE FUNCTION {s}.requeue(
+    p_ids      bigint[],
+    p_tokens   bigint[],
+    p_outcomes text[],
+    p_errors   text[],
+    p_delays   float8[]
+) RETURNS bigint[] LANGUAGE sql AS $$
+    WITH r AS (
+        UPDATE {s}.jobs j
+        SET state = 'retryable',
+            run_at = now() + make_interval(secs => a.delay),
+            last_error = coalesce(a.error, j.last_error),
+            lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
+        FROM unnest(p_ids, p_tokens, p_outcomes, p_errors, p_delays)
+            AS a(id, token, outcome, error, delay)
+        WHERE a.outcome = 'retry' AND j.id = a.id AND j.lease_token = a.token
+          AND j.id = ANY(p_ids)
+          AND j.state = 'running' AND NOT j.cancel_requested
+          AND (j.batch_id IS NULL
+               OR NOT EXISTS (SELECT 1 FROM {s}.batches b
+                              WHERE b.id = j.batch_id AND b.state <> 'open'))
+        RETURNING j.id
+    )
+    SELECT coalesce(array_agg(r.id), '{}') FROM r;
+$$;
+
 -- retire() as in 001, plus: children of batches are always archived (even with retention 0, so an
 -- open batch's counters can be recomputed from its rows), and each batch's counters are updated
 -- here, in the transaction of the terminal ack. Batches are locked in id order (no deadlocks).
