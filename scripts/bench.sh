@@ -6,12 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/pg.sh
-if [ -z "${DATABASE_URL:-}" ] && pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
-    export DATABASE_URL="postgres://postgres@127.0.0.1:5432/test"
-    psql "postgres://postgres@127.0.0.1:5432/postgres" -qtc "SELECT 1 FROM pg_database WHERE datname='test'" | grep -q 1 \
-        || psql "postgres://postgres@127.0.0.1:5432/postgres" -qc "CREATE DATABASE test"
-fi
-DATABASE_URL="$(database_url)"
+DATABASE_URL="$(test_database_url)"
 export DATABASE_URL
 export BENCH_FORKQ_BIN="${BENCH_FORKQ_BIN:-$PWD/target/release/forkq}"
 exec ./target/release/forkq-bench

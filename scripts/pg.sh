@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prints a DATABASE_URL that answers: $DATABASE_URL, else the local server on 127.0.0.1:5432,
 # else a private throwaway cluster under target/pg started from the installed binaries.
-# Sourced by run.sh and test.sh.
+# Sourced by run.sh, test.sh and bench.sh.
 set -euo pipefail
 
 find_pg_bin() {
@@ -41,4 +41,17 @@ database_url() {
         echo "started a private PostgreSQL in $root/data on 127.0.0.1:$port (stop: pg_ctl -D $root/data stop)" >&2
     fi
     echo "postgres://postgres@127.0.0.1:$port/postgres"
+}
+
+# The database for tests and benchmarks: $DATABASE_URL, else the database `test` of the local
+# server (created when missing), else the private cluster of database_url.
+test_database_url() {
+    if [ -z "${DATABASE_URL:-}" ] && pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+        local admin="postgres://postgres@127.0.0.1:5432/postgres"
+        psql "$admin" -qtc "SELECT 1 FROM pg_database WHERE datname='test'" | grep -q 1 \
+            || psql "$admin" -qc "CREATE DATABASE test"
+        echo "postgres://postgres@127.0.0.1:5432/test"
+        return 0
+    fi
+    database_url
 }

@@ -536,21 +536,28 @@ fn a_job_over_its_timeout_kills_its_child_and_is_retried() {
     );
 }
 
-#[test]
-fn sigterm_stops_the_fleet_against_one_deadline_and_hands_jobs_back() {
-    let schema = TestSchema::new("sup_term");
-    let mut daemon = Daemon::start(
-        &schema,
+/// A fleet of `children`, each running one 60 s job, with the given shutdown grace (seconds).
+fn fleet_busy_with_minute_long_jobs(schema: &TestSchema, children: usize, grace: &str) -> Daemon {
+    let concurrency = children.to_string();
+    let daemon = Daemon::start(
+        schema,
         &[
-            ("FORKQ_CONCURRENCY", "4"),
-            ("FORKQ_SHUTDOWN_GRACE_SECONDS", "3"),
+            ("FORKQ_CONCURRENCY", &concurrency),
+            ("FORKQ_SHUTDOWN_GRACE_SECONDS", grace),
             ("FORKQ_PREFETCH", "1"),
         ],
     );
-    schema.enqueue_n("default", "sleep", json!({"ms": 60_000}), 4);
+    schema.enqueue_n("default", "sleep", json!({"ms": 60_000}), children);
     assert!(wait_until(Duration::from_secs(15), || schema
         .live("running")
-        == 4));
+        == children as i64));
+    daemon
+}
+
+#[test]
+fn sigterm_stops_the_fleet_against_one_deadline_and_hands_jobs_back() {
+    let schema = TestSchema::new("sup_term");
+    let mut daemon = fleet_busy_with_minute_long_jobs(&schema, 4, "3");
     assert!(wait_until(Duration::from_secs(5), || matches!(
         daemon.get("/readyz"),
         Some((200, _))
@@ -582,18 +589,7 @@ fn sigterm_stops_the_fleet_against_one_deadline_and_hands_jobs_back() {
 #[test]
 fn a_second_sigterm_stops_at_once() {
     let schema = TestSchema::new("sup_term2");
-    let mut daemon = Daemon::start(
-        &schema,
-        &[
-            ("FORKQ_CONCURRENCY", "2"),
-            ("FORKQ_SHUTDOWN_GRACE_SECONDS", "60"),
-            ("FORKQ_PREFETCH", "1"),
-        ],
-    );
-    schema.enqueue_n("default", "sleep", json!({"ms": 60_000}), 2);
-    assert!(wait_until(Duration::from_secs(15), || schema
-        .live("running")
-        == 2));
+    let mut daemon = fleet_busy_with_minute_long_jobs(&schema, 2, "60");
     let started = Instant::now();
     daemon.signal(Signal::SIGTERM);
     std::thread::sleep(Duration::from_millis(500));

@@ -518,17 +518,7 @@ impl<'f> Supervisor<'f> {
         let previous_generation = slot.generation.load(Ordering::Acquire);
         let generation = previous_generation + 1;
         let owner = self.lease_owner(index, generation);
-        let predecessor = (previous_generation > 0).then(|| {
-            let in_flight = slot.job_id.load(Ordering::Acquire);
-            Predecessor {
-                owner: self.slot_owner_prefix(index),
-                in_flight: (in_flight != 0).then_some(in_flight),
-                how_it_ended: self.plans[index]
-                    .kill_reason
-                    .clone()
-                    .unwrap_or_else(|| "worker process exited".into()),
-            }
-        });
+        let predecessor = (previous_generation > 0).then(|| self.past_occupants(index));
         let recycle_after_jobs = self
             .config
             .max_jobs_per_child
@@ -721,6 +711,21 @@ impl<'f> Supervisor<'f> {
         Some(code)
     }
 
+    /// The past occupants of slot `index`, as whoever releases their jobs needs them: every lease
+    /// owner the slot had in this boot, the job in flight the slot still names, and how the last
+    /// occupant ended (recorded on that job).
+    fn past_occupants(&self, index: usize) -> Predecessor {
+        let in_flight = self.table.slots[index].job_id.load(Ordering::Acquire);
+        Predecessor {
+            owner: self.slot_owner_prefix(index),
+            in_flight: (in_flight != 0).then_some(in_flight),
+            how_it_ended: self.plans[index]
+                .kill_reason
+                .clone()
+                .unwrap_or_else(|| "worker process ended".into()),
+        }
+    }
+
     /// Once the fleet is down: gives back the jobs of every slot whose last child did not exit
     /// cleanly (killed at the deadline, or dead and not yet replaced when the stop began), so
     /// nothing stays leased until its lease expires. Runs in a short-lived forked process (the
@@ -731,17 +736,7 @@ impl<'f> Supervisor<'f> {
                 let slot = &self.table.slots[index];
                 let ran = slot.generation.load(Ordering::Acquire) > 0;
                 let clean = slot.last_exit.load(Ordering::Acquire) == 0;
-                (ran && !clean).then(|| {
-                    let in_flight = slot.job_id.load(Ordering::Acquire);
-                    Predecessor {
-                        owner: self.slot_owner_prefix(index),
-                        in_flight: (in_flight != 0).then_some(in_flight),
-                        how_it_ended: self.plans[index]
-                            .kill_reason
-                            .clone()
-                            .unwrap_or_else(|| "worker process ended abnormally".into()),
-                    }
-                })
+                (ran && !clean).then(|| self.past_occupants(index))
             })
             .collect();
         if unclean.is_empty() {
