@@ -405,6 +405,9 @@ impl Worker<'_> {
         // Cloned, not taken: while the database is away, pending acks keep a stopping worker
         // trying until its deadline (see reconnect_pause).
         let acks = self.acks.clone();
+        if limit > 0 {
+            self.slot.claims.fetch_add(1, Ordering::Relaxed);
+        }
         let round = match self.db(|db| db.settle_and_claim(&acks, limit)) {
             Ok(round) => {
                 self.acks.clear();

@@ -273,6 +273,11 @@ fn metrics(table: &SlotTable, config: &Config, db: &Mutex<Database>) -> String {
             sum(&|s| s.retried.load(Ordering::Relaxed)),
         ),
         (
+            "forkq_claims_total",
+            "Claim round trips to the database (an idle fleet makes one per poll interval).",
+            sum(&|s| s.claims.load(Ordering::Relaxed)),
+        ),
+        (
             "forkq_child_restarts_total",
             "Children re-forked after they exited.",
             sum(&|s| s.restarts.load(Ordering::Relaxed)),

@@ -125,6 +125,8 @@ pub struct Slot {
     pub failed: AtomicU64,
     /// Jobs sent back for a later retry in this slot.
     pub retried: AtomicU64,
+    /// Claim round trips sent to the database from this slot (busy or idle polling).
+    pub claims: AtomicU64,
     /// Deaths in a row that came before the healthy uptime.
     pub fast_crashes: AtomicU32,
     /// Times the supervisor re-forked this slot.

@@ -1129,3 +1129,51 @@ fn measurements_livez_latency_and_memory() {
         assert!(rss > 0);
     }
 }
+
+/// The `forkq_claims_total` counter of a daemon's /metrics.
+fn claims_total(daemon: &Daemon) -> u64 {
+    let (_, metrics) = daemon.get("/metrics").unwrap();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("forkq_claims_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("forkq_claims_total in /metrics")
+}
+
+/// An idle fleet polls the database once per interval per host, not once per child; and one
+/// notification wakes one child, not all of them.
+#[test]
+fn an_idle_fleet_polls_once_per_interval_and_one_job_wakes_one_child() {
+    let schema = TestSchema::new("sup_idle");
+    let daemon = Daemon::start(
+        &schema,
+        &[
+            ("FORKQ_CONCURRENCY", "8"),
+            ("FORKQ_POLL_INTERVAL_MS", "200"),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let before = claims_total(&daemon);
+    std::thread::sleep(Duration::from_secs(2));
+    let polls = claims_total(&daemon) - before;
+    eprintln!("MEASURE idle: {polls} claims in 2 s by 8 idle children polling every 200 ms");
+    // About 10 for the host; 80 would be every child polling.
+    assert!(
+        polls <= 20,
+        "{polls} claims in 2 s: idle children poll one at a time"
+    );
+
+    let before = claims_total(&daemon);
+    schema.enqueue("default", "noop", json!({}));
+    assert!(wait_until(Duration::from_secs(10), || schema
+        .archived("completed")
+        == 1));
+    std::thread::sleep(Duration::from_millis(100));
+    let claims = claims_total(&daemon) - before;
+    eprintln!("MEASURE one job into an idle fleet of 8: {claims} claims");
+    // The woken child's claim and its next (empty) one, plus at most a poll or two.
+    assert!(
+        claims <= 5,
+        "one job cost {claims} claims: the whole fleet was woken"
+    );
+}
