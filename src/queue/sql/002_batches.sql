@@ -45,8 +45,9 @@ $$;
 -- Stops a batch's children: marks the running ones so they are not retried (they finish their
 -- current run) and cancels the waiting ones through retire(). Rows locked by someone else are
 -- skipped: a concurrent retire() is finishing them (and will count them), a concurrent claim is
--- starting them (they run once). Waiting on them instead could deadlock with a retire() that holds
--- them and waits for this batch's row lock.
+-- starting them (they run once), a concurrent lease renewal holds a running one (requeue() then
+-- refuses its retry, since the batch is no longer open). Waiting on them instead could deadlock
+-- with a retire() that holds them and waits for this batch's row lock.
 CREATE FUNCTION {s}.batch_stop_children(p_batch bigint, p_reason text, p_retain boolean)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
