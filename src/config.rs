@@ -323,15 +323,7 @@ impl Config {
             Some(raw) => parse_routes(raw).map_err(|why| v.error("FORKQ_ROUTES", why))?,
         };
 
-        let health_addr = match v.get("FORKQ_HEALTH_ADDR") {
-            None => SocketAddr::from(([0, 0, 0, 0], 9280)),
-            Some(raw) => raw.parse().map_err(|_| {
-                v.error(
-                    "FORKQ_HEALTH_ADDR",
-                    "an IP address and port such as 0.0.0.0:9280 or 127.0.0.1:0 (port 0 picks a free port)",
-                )
-            })?,
-        };
+        let health_addr = health_addr(&v)?;
 
         let job_timeout = v.optional_limit("FORKQ_JOB_TIMEOUT_SECONDS", 7 * 86_400)?;
         let health_stale = v.seconds("FORKQ_HEALTH_STALE_SECONDS", 15, 2, 86_400)?;
@@ -395,6 +387,25 @@ impl Config {
             .map(|(_, spec)| spec)
             .unwrap_or(&self.handler)
     }
+}
+
+/// `FORKQ_HEALTH_ADDR`, or 0.0.0.0:9280.
+fn health_addr(v: &Vars<'_>) -> Result<SocketAddr, ConfigError> {
+    match v.get("FORKQ_HEALTH_ADDR") {
+        None => Ok(SocketAddr::from(([0, 0, 0, 0], 9280))),
+        Some(raw) => raw.parse().map_err(|_| {
+            v.error(
+                "FORKQ_HEALTH_ADDR",
+                "an IP address and port such as 0.0.0.0:9280 or 127.0.0.1:0 (port 0 picks a free port)",
+            )
+        }),
+    }
+}
+
+/// The probe's address from the environment alone, for `forkq health`, which must work where
+/// the rest of the configuration (the database URL, say) is absent.
+pub fn health_addr_from_env() -> Result<SocketAddr, ConfigError> {
+    health_addr(&Vars(&std::env::vars().collect()))
 }
 
 /// Parses `task=handler;task=handler`.

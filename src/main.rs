@@ -226,6 +226,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Before the configuration, so its clamps and overrides are logged.
     init_logging();
+    if let Command::Health { addr } = cli.command {
+        return exit_code(health(addr));
+    }
     let config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => forkq::exit_on_config_error(e),
@@ -234,7 +237,12 @@ fn main() -> ExitCode {
         let code = forkq::run(config, |_| Box::new(Builtin) as Box<dyn Handler>);
         return ExitCode::from(code.clamp(0, 255) as u8);
     }
-    match command(cli.command, &config) {
+    exit_code(command(cli.command, &config))
+}
+
+/// Prints a failure once, prefixed with "forkq: ", and turns it into the exit code.
+fn exit_code(result: Result<(), Failure>) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             eprintln!("forkq: {}", f.message);
@@ -357,7 +365,7 @@ fn command(command: Command, config: &Config) -> Result<(), Failure> {
             }
         }
         Command::Batch(command) => batch_command(command, config)?,
-        Command::Health { addr } => health(addr, config)?,
+        Command::Health { .. } => unreachable!("handled in main"),
     }
     Ok(())
 }
@@ -508,14 +516,20 @@ fn batch_command(command: BatchCommand, config: &Config) -> Result<(), Failure> 
     Ok(())
 }
 
-fn health(addr: Option<String>, config: &Config) -> Result<(), Failure> {
+/// `forkq health` needs only the probe's address, not the rest of the configuration.
+fn health(addr: Option<String>) -> Result<(), Failure> {
     use std::io::Write;
     let addr = match addr {
         Some(a) => a,
-        None if config.health_addr.ip().is_unspecified() => {
-            format!("127.0.0.1:{}", config.health_addr.port())
+        None => {
+            let configured = forkq::config::health_addr_from_env()
+                .map_err(|e| fail(EX_CONFIG as u8, e.to_string()))?;
+            if configured.ip().is_unspecified() {
+                format!("127.0.0.1:{}", configured.port())
+            } else {
+                configured.to_string()
+            }
         }
-        None => config.health_addr.to_string(),
     };
     let target: std::net::SocketAddr = addr.parse().map_err(|_| {
         fail(
