@@ -114,6 +114,7 @@ pub fn run(spec: ChildSpec<'_>, handler: &mut dyn Handler) -> i32 {
         average_job: None,
         jobs_done: 0,
         recycling: false,
+        max_claimers: std::thread::available_parallelism().map_or(2, |n| n.get() * 2),
     };
     worker.slot.set_state(SlotState::Starting);
     match worker.work(spec.predecessor, handler) {
@@ -174,6 +175,8 @@ struct Worker<'a> {
     jobs_done: u64,
     /// Set once this child has done its share (see `note_recycling`).
     recycling: bool,
+    /// How many children of the host may be in a claim round trip at once: two per CPU.
+    max_claimers: usize,
 }
 
 impl Worker<'_> {
@@ -407,8 +410,13 @@ impl Worker<'_> {
         let acks = self.acks.clone();
         if limit > 0 {
             self.slot.claims.fetch_add(1, Ordering::Relaxed);
+            wakeup::claim_gate_enter(self.table, self.index, self.max_claimers);
         }
-        let round = match self.db(|db| db.settle_and_claim(&acks, limit)) {
+        let sent = self.db(|db| db.settle_and_claim(&acks, limit));
+        if limit > 0 {
+            wakeup::claim_gate_leave(self.table, self.index);
+        }
+        let round = match sent {
             Ok(round) => {
                 self.acks.clear();
                 self.oldest_ack = None;

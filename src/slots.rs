@@ -127,6 +127,8 @@ pub struct Slot {
     pub retried: AtomicU64,
     /// Claim round trips sent to the database from this slot (busy or idle polling).
     pub claims: AtomicU64,
+    /// Set while this slot's child waits on a claim round trip (see [`crate::wakeup::claim_gate_enter`]).
+    pub in_claim: AtomicBool,
     /// Deaths in a row that came before the healthy uptime.
     pub fast_crashes: AtomicU32,
     /// Times the supervisor re-forked this slot.
@@ -221,6 +223,8 @@ pub struct Header {
     pub maintenance_ms: AtomicU64,
     /// Last time any child of this host polled for jobs, so idle children poll one at a time.
     pub poll_ms: AtomicU64,
+    /// Bumped when a claim round trip ends, to wake children waiting for their turn to claim.
+    pub claim_done: AtomicU32,
     /// Pid of the probe process.
     pub probe_pid: AtomicI32,
 }

@@ -80,6 +80,35 @@ pub fn wake_one_idle(table: &SlotTable, except: Option<usize>) -> bool {
     }
 }
 
+/// Waits until fewer than `max` children of the host are in a claim round trip, then marks
+/// `index` as one of them; [`claim_gate_leave`] ends the turn. With many children on few cores,
+/// claimers that all walk the head of the claim index past each other's locked rows burn the
+/// database's CPU; taking turns keeps that walk short. The count is read, not locked, so it may
+/// admit one or two more than `max` in a race: it shapes load, it is no correctness bound. The
+/// supervisor clears a dead child's flag when it reaps it, so no turn is ever lost.
+pub fn claim_gate_enter(table: &SlotTable, index: usize, max: usize) {
+    let slot = &table.slots[index];
+    loop {
+        let seen = table.header.claim_done.load(Ordering::Acquire);
+        let busy = table
+            .active()
+            .iter()
+            .filter(|s| s.in_claim.load(Ordering::Acquire))
+            .count();
+        if busy < max {
+            slot.in_claim.store(true, Ordering::Release);
+            return;
+        }
+        wait(&table.header.claim_done, seen, Duration::from_millis(5));
+    }
+}
+
+/// Ends the claim turn taken by [`claim_gate_enter`] and wakes a child waiting for one.
+pub fn claim_gate_leave(table: &SlotTable, index: usize) {
+    table.slots[index].in_claim.store(false, Ordering::Release);
+    wake(&table.header.claim_done);
+}
+
 /// The listener loop: LISTEN on the schema's channel and wake one idle child per notification.
 /// Reconnects with backoff when the database goes away; never returns.
 pub fn run_listener(config: &Config, table: &SlotTable) -> ! {
@@ -120,6 +149,28 @@ pub fn run_listener(config: &Config, table: &SlotTable) -> ! {
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    #[test]
+    fn claim_gate_admits_max_then_waits_for_a_turn() {
+        let table = SlotTable::create_shared().unwrap();
+        table.header.concurrency.store(3, Ordering::Release);
+        claim_gate_enter(table, 0, 2);
+        claim_gate_enter(table, 1, 2);
+        let started = Instant::now();
+        let waiter = std::thread::spawn(move || {
+            claim_gate_enter(table, 2, 2);
+            started.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        claim_gate_leave(table, 0);
+        let waited = waiter.join().unwrap();
+        assert!(
+            waited >= Duration::from_millis(150),
+            "the third claimer did not wait: {waited:?}"
+        );
+        assert!(table.slots[2].in_claim.load(Ordering::Acquire));
+        assert!(!table.slots[0].in_claim.load(Ordering::Acquire));
+    }
 
     #[test]
     fn wait_returns_at_once_when_the_word_moved() {

@@ -348,6 +348,8 @@ impl<'f> Supervisor<'f> {
         slot.last_exit
             .store(signal.map_or(code, |s| -(s as i32)), Ordering::Release);
         slot.pid.store(0, Ordering::Release);
+        // A child killed in the middle of a claim must not keep its turn (see wakeup::claim_gate_enter).
+        slot.in_claim.store(false, Ordering::Release);
         let plan = &mut self.plans[index];
         let uptime = now.saturating_duration_since(plan.forked_at);
         plan.exit_expected |= clean;
