@@ -1177,3 +1177,45 @@ fn an_idle_fleet_polls_once_per_interval_and_one_job_wakes_one_child() {
         "one job cost {claims} claims: the whole fleet was woken"
     );
 }
+
+/// Behind PgBouncer in transaction mode LISTEN does not work: with `FORKQ_LISTEN=0` nothing
+/// listens, and polling alone still drains the queue.
+#[test]
+fn without_listen_polling_alone_drains_the_queue() {
+    let schema = TestSchema::new("sup_nolisten");
+    let daemon = Daemon::start(
+        &schema,
+        &[
+            ("FORKQ_CONCURRENCY", "4"),
+            ("FORKQ_LISTEN", "0"),
+            ("FORKQ_POLL_INTERVAL_MS", "100"),
+        ],
+    );
+    let listeners = || -> i64 {
+        common::connect()
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE application_name = 'forkq listener' AND query LIKE '%' || $1 || '%'",
+                &[&schema.name],
+            )
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(listeners(), 0, "FORKQ_LISTEN=0 but something LISTENs");
+    let started = Instant::now();
+    schema.enqueue("default", "noop", json!({}));
+    assert!(wait_until(Duration::from_secs(10), || schema
+        .archived("completed")
+        == 1));
+    eprintln!(
+        "MEASURE FORKQ_LISTEN=0, poll 100 ms: one job done {:?} after enqueue",
+        started.elapsed()
+    );
+    schema.enqueue_n("default", "noop", json!({}), 500);
+    assert!(
+        wait_until(Duration::from_secs(30), || schema.archived("completed")
+            == 501),
+        "{}",
+        daemon.log_text()
+    );
+}
