@@ -9,10 +9,8 @@
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
 use crate::backoff;
 use crate::config::Config;
@@ -22,51 +20,9 @@ use crate::queue::{maintenance, QueueError};
 use crate::slots::{monotonic_ms, take_turn, Header, Slot, SlotState, SlotTable};
 use crate::wakeup;
 
-/// Set by SIGTERM/SIGINT: finish the current job, hand back the rest, exit.
-static STOP: AtomicBool = AtomicBool::new(false);
-/// Set by SIGQUIT: abandon the current job too (it goes back to the queue uncharged).
-static IMMEDIATE: AtomicBool = AtomicBool::new(false);
+mod signals;
 
-extern "C" fn on_stop(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
-extern "C" fn on_immediate(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-    IMMEDIATE.store(true, Ordering::SeqCst);
-}
-
-/// Installs the child's own signal handlers. Called right after the fork, once the supervisor's
-/// dispositions have been reset, so a child never runs the supervisor's handlers.
-pub fn install_signal_handlers() {
-    let stop = SigAction::new(
-        SigHandler::Handler(on_stop),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    let immediate = SigAction::new(
-        SigHandler::Handler(on_immediate),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    // SAFETY: the handlers only store to atomics, which is async-signal-safe.
-    unsafe {
-        for sig in [Signal::SIGTERM, Signal::SIGINT] {
-            let _ = signal::sigaction(sig, &stop);
-        }
-        let _ = signal::sigaction(Signal::SIGQUIT, &immediate);
-    }
-}
-
-/// Whether this child was asked to stop.
-pub fn stop_requested() -> bool {
-    STOP.load(Ordering::SeqCst)
-}
-
-/// Whether this child was asked to stop at once, abandoning its job.
-pub fn immediate_stop_requested() -> bool {
-    IMMEDIATE.load(Ordering::SeqCst)
-}
+pub use signals::{immediate_stop_requested, install_signal_handlers, stop_requested};
 
 /// Who this child is and what it inherits from its slot.
 pub struct ChildSpec<'a> {
