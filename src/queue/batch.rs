@@ -3,7 +3,7 @@
 //! The parent row and its children are inserted in one transaction (workers are notified when it
 //! commits). Each child's terminal ack updates the parent's counters inside `retire()`, in the
 //! ack's own transaction; the ack that takes the batch out of `open` enqueues its completion job.
-//! See `sql/002_batches.sql` for why that happens exactly once.
+//! See `sql/001_schema.sql` (the batch functions) for why that happens exactly once.
 
 use std::borrow::Cow;
 

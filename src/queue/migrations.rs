@@ -20,18 +20,11 @@ pub struct Migration {
 }
 
 /// Every migration, oldest first.
-pub const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "jobs, archive and queue functions",
-        sql: include_str!("sql/001_jobs.sql"),
-    },
-    Migration {
-        version: 2,
-        name: "batches: counters kept by retire, completion",
-        sql: include_str!("sql/002_batches.sql"),
-    },
-];
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "jobs, archive, batches and queue functions",
+    sql: include_str!("sql/001_schema.sql"),
+}];
 
 /// The version the code expects.
 pub fn latest_version() -> i32 {

@@ -137,7 +137,7 @@ pub const RETRY_FAILED_IN_QUEUE: &str = "
 /// Readiness: the database answers and the schema is at the version the code expects.
 pub const SCHEMA_VERSION: &str = "SELECT coalesce(max(version), 0) FROM {s}.schema_migrations";
 
-/// Opens an empty batch (see `batch_open` in the batches migration); returns its id.
+/// Opens an empty batch (see `batch_open` in the migration); returns its id.
 pub const BATCH_OPEN: &str = "SELECT {s}.batch_open($1, $2, $3, $4)";
 
 /// Counts the batch's children, sets its totals, completes it when empty; returns the count.
@@ -156,7 +156,7 @@ pub const BATCH_LIST: &str = "
     FROM {s}.batches WHERE $1::text IS NULL OR state = $1
     ORDER BY id DESC LIMIT $2";
 
-/// Cancels a batch (see `batch_cancel` in the batches migration).
+/// Cancels a batch (see `batch_cancel` in the migration).
 pub const BATCH_CANCEL: &str = "SELECT state, changed FROM {s}.batch_cancel($1, $2)";
 
 /// Repairs open batches whose counters disagree with their children (see `batch_repair`).
