@@ -274,26 +274,16 @@ BEGIN
     IF coalesce(cardinality(p_ids), 0) = 0 THEN
         RETURN '{}';
     END IF;
-    IF NOT 'retry' = ANY(p_outcomes) THEN
-        -- The common case, every job finished: one retire, no array rebuilding.
-        SELECT coalesce(array_agg(x), '{}') INTO retired
-        FROM {s}.retire(p_ids, p_tokens,
-                        ARRAY(SELECT CASE WHEN o = 'completed' THEN 'completed' ELSE 'failed' END
-                              FROM unnest(p_outcomes) WITH ORDINALITY u(o, n) ORDER BY n),
-                        p_errors, p_results, p_retain) AS x;
-        RETURN ARRAY(SELECT a.id FROM unnest(p_ids) a(id) WHERE a.id <> ALL(retired));
-    END IF;
-    retried := {s}.requeue(p_ids, p_tokens, p_outcomes, p_errors, p_delays);
-
+    retried := CASE WHEN 'retry' = ANY(p_outcomes)
+                    THEN {s}.requeue(p_ids, p_tokens, p_outcomes, p_errors, p_delays)
+                    ELSE '{}' END;
+    -- Everything else retires. The jobs just sent back no longer hold their lease, so the fence
+    -- in retire() leaves them alone; a 'retry' that was not sent back ends as a failure.
     SELECT coalesce(array_agg(x), '{}') INTO retired
-    FROM {s}.retire(
-        ARRAY(SELECT a.id FROM unnest(p_ids) WITH ORDINALITY a(id, n) WHERE a.id <> ALL(retried) ORDER BY n),
-        ARRAY(SELECT p_tokens[n] FROM unnest(p_ids) WITH ORDINALITY a(id, n) WHERE a.id <> ALL(retried) ORDER BY n),
-        ARRAY(SELECT CASE WHEN p_outcomes[n] = 'completed' THEN 'completed' ELSE 'failed' END
-              FROM unnest(p_ids) WITH ORDINALITY a(id, n) WHERE a.id <> ALL(retried) ORDER BY n),
-        ARRAY(SELECT p_errors[n] FROM unnest(p_ids) WITH ORDINALITY a(id, n) WHERE a.id <> ALL(retried) ORDER BY n),
-        ARRAY(SELECT p_results[n] FROM unnest(p_ids) WITH ORDINALITY a(id, n) WHERE a.id <> ALL(retried) ORDER BY n),
-        p_retain) AS x;
+    FROM {s}.retire(p_ids, p_tokens,
+                    ARRAY(SELECT CASE WHEN o = 'completed' THEN 'completed' ELSE 'failed' END
+                          FROM unnest(p_outcomes) WITH ORDINALITY u(o, n) ORDER BY n),
+                    p_errors, p_results, p_retain) AS x;
 
     RETURN ARRAY(SELECT a.id FROM unnest(p_ids) a(id)
                  WHERE a.id <> ALL(retried) AND a.id <> ALL(retired));
