@@ -76,15 +76,16 @@ impl Consumer {
         // reconnect (heartbeating meanwhile), never look wedged.
         let budget = (config.health_stale / 3).max(Duration::from_secs(2));
         let mut client = connect_with_timeout(&config.database_url, "forkq worker", budget)?;
-        client.batch_execute(&format!("SET statement_timeout = {}", budget.as_millis()))?;
+        // Delivery is at least once anyway: an ack or claim lost in a database crash only makes
+        // its job run again, exactly as a worker crash before the ack would. Not waiting for the
+        // WAL flush at every round trip is what lets a child keep up with short jobs.
+        // FORKQ_DURABLE=1 keeps every acknowledgement durable before the next job.
+        let commit = if config.durable { "on" } else { "off" };
+        client.batch_execute(&format!(
+            "SET statement_timeout = {}; SET synchronous_commit = {commit}",
+            budget.as_millis()
+        ))?;
         migrations::require_current(&mut client, &config.schema)?;
-        if !config.durable {
-            // Delivery is at least once anyway: an ack or claim lost in a database crash only
-            // makes its job run again, exactly as a worker crash before the ack would. Not
-            // waiting for the WAL flush at every round trip is what lets a child keep up with
-            // short jobs. FORKQ_DURABLE=1 keeps every acknowledgement durable before the next job.
-            client.batch_execute("SET synchronous_commit = off")?;
-        }
         let s = &config.schema;
         let settle_and_claim = client.prepare(&render(sql::SETTLE_AND_CLAIM, s))?;
         let renew = client.prepare(&render(sql::RENEW, s))?;
