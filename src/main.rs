@@ -307,7 +307,7 @@ fn command(command: Command, config: &Config) -> Result<(), Failure> {
         Command::Status { json } => {
             let mut client = connect(config)?;
             migrations::require_current(&mut client, schema)?;
-            let queues = admin::status(&mut client, schema)?;
+            let queues = admin::status(&mut client, schema, true)?;
             if json {
                 println!("{}", json!({ "queues": queues }));
             } else {

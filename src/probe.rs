@@ -359,14 +359,15 @@ fn queue_metrics(
             return Ok(text.clone());
         }
     }
-    let status = admin::status(client, &config.schema).map_err(|e| e.to_string())?;
+    let status = admin::status(client, &config.schema, false).map_err(|e| e.to_string())?;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "# HELP forkq_queue_jobs Jobs per queue and state.\n# TYPE forkq_queue_jobs gauge"
+        "# HELP forkq_queue_jobs Jobs per queue and state (completed jobs are not counted here: \
+         see forkq_jobs_succeeded_total).\n# TYPE forkq_queue_jobs gauge"
     );
     for (queue, counts) in &status {
-        for state in admin::STATES {
+        for state in admin::STATES.iter().filter(|&&s| s != "completed") {
             let _ = writeln!(
                 out,
                 "forkq_queue_jobs{{queue=\"{}\",state=\"{state}\"}} {}",

@@ -154,21 +154,28 @@ pub const RESCUE_EXPIRED: &str = "SELECT {s}.rescue_expired($1)";
 /// Folds old rows of the changes table into one.
 pub const COMPACT_CHANGES: &str = "SELECT {s}.compact_changes()";
 
-/// Deletes completed and cancelled jobs older than the retention, a bounded chunk at a time.
+/// Brings the archive's BRIN index up to date with the rows added since the last call (cheap:
+/// only new page ranges), so the purge below finds expired rows without scanning the rest.
+pub const SUMMARIZE_ARCHIVE: &str =
+    "SELECT brin_summarize_new_values('{s}.jobs_archive_finished_idx'::regclass)";
+
+/// Deletes completed and cancelled jobs older than the retention (`$1` seconds), at most `$2`.
 /// Children of open batches are kept: they are the rows the batch repair recomputes from.
 pub const PURGE_EXPIRED_ARCHIVE: &str = "
     DELETE FROM {s}.jobs_archive
-    WHERE id IN (SELECT a.id FROM {s}.jobs_archive a
-                 WHERE a.state <> 'failed' AND a.finished_at < now() - make_interval(secs => $1)
-                   AND (a.batch_id IS NULL
-                        OR NOT EXISTS (SELECT 1 FROM {s}.batches b
-                                       WHERE b.id = a.batch_id AND b.state = 'open'))
-                 LIMIT 10000)";
+    WHERE id = ANY(ARRAY(
+        SELECT a.id FROM {s}.jobs_archive a
+        WHERE a.state <> 'failed' AND a.finished_at < now() - make_interval(secs => $1)
+          AND (a.batch_id IS NULL
+               OR NOT EXISTS (SELECT 1 FROM {s}.batches b
+                              WHERE b.id = a.batch_id AND b.state = 'open'))
+        LIMIT $2))";
 
 /// Takes the maintenance lock for the rest of the transaction, if no one else holds it.
 pub const TRY_MAINTENANCE_LOCK: &str = "SELECT pg_try_advisory_xact_lock($1)";
 
-/// Counts jobs per queue and effective state (a due scheduled job counts as available).
+/// Counts live jobs per queue and effective state (a due scheduled job counts as available), and
+/// the failed and cancelled jobs of the archive (through their partial index).
 pub const STATUS_COUNTS: &str = "
     SELECT queue,
            CASE WHEN state IN ('scheduled', 'retryable') AND run_at <= now() THEN 'available'
@@ -176,7 +183,12 @@ pub const STATUS_COUNTS: &str = "
            count(*)
     FROM {s}.jobs GROUP BY 1, 2
     UNION ALL
-    SELECT queue, state, count(*) FROM {s}.jobs_archive GROUP BY 1, 2";
+    SELECT queue, state, count(*) FROM {s}.jobs_archive WHERE state <> 'completed' GROUP BY 1, 2";
+
+/// Counts the completed jobs the archive still holds, per queue: a scan of the whole archive,
+/// so only `forkq status` asks for it, never a metrics scrape.
+pub const COMPLETED_COUNTS: &str = "
+    SELECT queue, count(*) FROM {s}.jobs_archive WHERE state = 'completed' GROUP BY 1";
 
 /// The age in seconds of the oldest job that could run now, per queue.
 pub const OLDEST_AVAILABLE: &str = "
