@@ -73,6 +73,7 @@ pub fn run(spec: ChildSpec<'_>, handler: &mut dyn Handler) -> i32 {
         average_job: None,
         jobs_done: 0,
         recycling: false,
+        looked_ahead: false,
         max_claimers: std::thread::available_parallelism().map_or(2, |n| n.get() * 2),
     };
     worker.slot.set_state(SlotState::Starting);
@@ -141,6 +142,8 @@ struct Worker<'a> {
     jobs_done: u64,
     /// Set once this child has done its share (see `note_recycling`).
     recycling: bool,
+    /// Set once the job at hand has claimed its successor (see `look_ahead`).
+    looked_ahead: bool,
     /// How many children of the host may be in a claim round trip at once: two per CPU.
     max_claimers: usize,
 }
@@ -257,6 +260,7 @@ impl Worker<'_> {
         self.slot.start_job(job.id);
         let started = Instant::now();
         self.current = Some((job.id, claimed.lease_token, started));
+        self.looked_ahead = false;
         let outcome = {
             let mut ctx = Context { worker: self };
             let outcome = catch_unwind(AssertUnwindSafe(|| handler.handle(&job, &mut ctx)))
@@ -524,6 +528,36 @@ impl Worker<'_> {
         self.renew(false);
     }
 
+    /// While a short job runs and no sibling is idle to take the next one, claims it (carrying
+    /// the pending acknowledgements), so it starts the moment this one ends instead of one round
+    /// trip later. Once per job, early in it; a job that then overruns hands it back (see
+    /// `give_back_if_overdue`).
+    fn look_ahead(&mut self) {
+        const SHORT_JOB: Duration = Duration::from_secs(1);
+        let (Some((_, _, started)), Some(average)) = (self.current, self.average_job) else {
+            return;
+        };
+        if self.looked_ahead
+            || !self.buffer.is_empty()
+            || average > SHORT_JOB
+            || started.elapsed() > average / 2
+            || stop_requested()
+            || self.recycling
+            || self
+                .table
+                .active()
+                .iter()
+                .any(|s| s.state() == SlotState::Idle)
+        {
+            return;
+        }
+        self.looked_ahead = true;
+        match self.send_acks_and_claim(1) {
+            Ok(round) => self.buffer.extend(round.claimed),
+            Err(e) => log::warn!("worker {}: could not claim ahead: {e}", self.owner),
+        }
+    }
+
     /// What this worker holds, as (id, lease token): the job running, the jobs finished and not
     /// acknowledged yet, and (with `buffer`) the jobs claimed ahead.
     fn held(&self, buffer: bool) -> Vec<(i64, i64)> {
@@ -689,6 +723,7 @@ impl JobContext for Context<'_, '_> {
         self.worker.slot.beat();
         self.worker.give_back_if_overdue();
         self.worker.renew_if_due();
+        self.worker.look_ahead();
         if self.worker.ack_flush_due() {
             if let Err(e) = self.worker.flush_acks() {
                 log::warn!(
