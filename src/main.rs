@@ -241,7 +241,9 @@ fn main() -> ExitCode {
     let cli = Cli::from_arg_matches(&Cli::command().version(version).get_matches())
         .unwrap_or_else(|e| e.exit());
     // Before the configuration, so its clamps and overrides are logged.
-    init_logging();
+    if let Err(e) = forkq::logging::init() {
+        forkq::exit_on_config_error(e);
+    }
     if let Command::Health { addr } = cli.command {
         return exit_code(health(addr));
     }
@@ -265,14 +267,6 @@ fn exit_code(result: Result<(), Failure>) -> ExitCode {
             ExitCode::from(f.code)
         }
     }
-}
-
-fn init_logging() {
-    let filter = std::env::var("FORKQ_LOG").unwrap_or_else(|_| "info".into());
-    env_logger::Builder::new()
-        .parse_filters(&filter)
-        .format_timestamp_millis()
-        .init();
 }
 
 /// Connects, or fails with exit code 78 naming the variable that holds the URL (password hidden):

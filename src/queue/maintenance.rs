@@ -27,6 +27,28 @@ pub struct Report {
     pub batches_repaired: usize,
 }
 
+/// One sentence for the log, naming only what changed: "3 expired lease(s) rescued, ...".
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts = [
+            (self.rescued as u64, "expired lease(s) rescued"),
+            (self.promoted, "due job(s) made available"),
+            (self.purged, "archived job(s) purged"),
+            (self.batches_repaired as u64, "batch(es) repaired"),
+        ];
+        let changed: Vec<String> = parts
+            .iter()
+            .filter(|(n, _)| *n > 0)
+            .map(|(n, what)| format!("{n} {what}"))
+            .collect();
+        if changed.is_empty() {
+            f.write_str("nothing to do")
+        } else {
+            f.write_str(&changed.join(", "))
+        }
+    }
+}
+
 /// Runs every service once, if no other process holds the maintenance lock. Returns `None`
 /// when another holder had it.
 pub fn run_pass(
