@@ -234,38 +234,24 @@ fn payload_from_a_file_or_stdin() {
         json!(["from", "stdin"])
     );
 
-    let run = forkq(
-        &schema,
-        &[
-            "enqueue",
-            "--task",
-            "render",
-            "--payload",
-            "@/nonexistent/payload.json",
-        ],
-    );
-    assert_eq!(run.code, 65, "{}", run.stderr);
-    assert!(
-        run.stderr.contains("/nonexistent/payload.json") && run.stderr.contains("cannot read"),
-        "{}",
-        run.stderr
+    let refused = |payload: &str, needles: &[&str]| {
+        let run = forkq(
+            &schema,
+            &["enqueue", "--task", "render", "--payload", payload],
+        );
+        assert_eq!(run.code, 65, "{}", run.stderr);
+        for needle in needles {
+            assert!(run.stderr.contains(needle), "{needle:?}: {}", run.stderr);
+        }
+    };
+    refused(
+        "@/nonexistent/payload.json",
+        &["/nonexistent/payload.json", "cannot read"],
     );
     let broken = temp_file("broken.json", "{\"pages\": [1,");
-    let run = forkq(
-        &schema,
-        &[
-            "enqueue",
-            "--task",
-            "render",
-            "--payload",
-            &format!("@{}", broken.display()),
-        ],
-    );
-    assert_eq!(run.code, 65, "{}", run.stderr);
-    assert!(
-        run.stderr.contains("broken.json") && run.stderr.contains("not valid JSON"),
-        "{}",
-        run.stderr
+    refused(
+        &format!("@{}", broken.display()),
+        &["broken.json", "not valid JSON"],
     );
     let both = forkq(&schema, &["enqueue", "--payload", "{}", "--jsonl", "-"]);
     assert_eq!(both.code, 2, "{}", both.stderr);
