@@ -100,3 +100,23 @@ fn repair_batches(
     }
     Ok(repairs.len())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Report;
+
+    #[test]
+    fn a_report_reads_as_a_sentence_of_what_changed() {
+        assert_eq!(Report::default().to_string(), "nothing to do");
+        let report = Report {
+            rescued: 3,
+            promoted: 0,
+            purged: 120,
+            batches_repaired: 1,
+        };
+        assert_eq!(
+            report.to_string(),
+            "3 expired lease(s) rescued, 120 archived job(s) purged, 1 batch(es) repaired"
+        );
+    }
+}
