@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make bench` (after the release build): runs target/release/forkq-bench against DATABASE_URL, the
 # local PostgreSQL on 127.0.0.1:5432 (database `test`), or a private cluster (see pg.sh). Prints one
-# markdown table and writes BENCHMARKS.md. BENCH_QUICK=1 for a run of a few minutes; BENCH_ONLY=w1,w2,...
+# markdown table and writes docs/benchmarks.md. BENCH_QUICK=1 for a run of a few minutes; BENCH_ONLY=w1,w2,...
 # for a subset; BENCH_OUT=- to write nothing. Never fails on a number: only on errors.
 set -euo pipefail
 cd "$(dirname "$0")/.."

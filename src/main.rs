@@ -2,11 +2,13 @@
 //!
 //! Settings come from the environment (see `config.example.env`); flags only say what to do.
 
+mod input;
+
 use std::io::Read;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
-use serde_json::{json, Value};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use serde_json::json;
 
 use forkq::config::{redacted_url, Config, EX_CONFIG};
 use forkq::handler::{builtin::Builtin, Handler};
@@ -24,7 +26,10 @@ const EX_DATAERR: u8 = 65;
     about = "A prefork worker daemon for a job queue in PostgreSQL",
     long_about = "A prefork worker daemon for a job queue in PostgreSQL.\n\n\
         Every setting is an environment variable (DATABASE_URL, FORKQ_*); see config.example.env.",
-    after_help = "Examples:\n  forkq migrate\n  forkq enqueue --queue default --task noop\n  forkq run"
+    after_help = "Examples:\n  forkq migrate\n  forkq enqueue --queue default --task noop\n  forkq run\n\n\
+        Exit codes: 0 done, 1 the request failed (no such job, unhealthy), 2 usage error (unknown \
+        command or flag), 65 bad input (invalid JSON, a refused job), 78 bad configuration or \
+        database unreachable; `forkq run` adds 70 (crash loop with FORKQ_CRASH_LOOP_EXIT=1)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -52,7 +57,10 @@ enum Command {
     #[command(
         after_help = "Examples:\n  forkq enqueue --queue default --task sleep --payload '{\"ms\": 500}'\n  \
         forkq enqueue --queue mail --task send --delay 60 --unique-key welcome-42\n  \
-        forkq enqueue --queue default --jsonl jobs.jsonl   # each line {\"task\":..,\"payload\":..}"
+        forkq enqueue --task resize --payload @job.json    # the payload from a file (- for stdin)\n  \
+        forkq enqueue --queue default --jsonl jobs.jsonl   # each line {\"task\":..,\"payload\":..}\n\n\
+        --jsonl streams any number of lines into one transaction: all are enqueued or, at the first \
+        refused line (named), none. On a terminal a progress line shows on stderr."
     )]
     Enqueue(EnqueueArgs),
     /// Show counts per queue and state.
@@ -110,9 +118,9 @@ struct EnqueueArgs {
     /// The task name (picks the handler).
     #[arg(long, required_unless_present = "jsonl", conflicts_with = "jsonl")]
     task: Option<String>,
-    /// The payload, any JSON value.
-    #[arg(long, default_value = "{}")]
-    payload: String,
+    /// The payload, any JSON value; @FILE reads it from FILE, - from stdin [default: {}].
+    #[arg(long, conflicts_with = "jsonl", allow_hyphen_values = true)]
+    payload: Option<String>,
     /// Lower runs first (-32768..32767).
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     priority: i16,
@@ -128,7 +136,7 @@ struct EnqueueArgs {
     /// While a live job has this key, return its id instead of enqueueing another.
     #[arg(long)]
     unique_key: Option<String>,
-    /// Enqueue every line of FILE (or - for stdin) in one transaction.
+    /// Enqueue every line of FILE (or - for stdin) in one transaction, streamed.
     #[arg(long, value_name = "FILE")]
     jsonl: Option<String>,
 }
@@ -223,9 +231,19 @@ fn fail(code: u8, message: impl Into<String>) -> Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `--version` names the schema this binary expects (`forkq migrate` brings a database there).
+    let version: &'static str = format!(
+        "{} (schema version {})",
+        env!("CARGO_PKG_VERSION"),
+        migrations::latest_version()
+    )
+    .leak();
+    let cli = Cli::from_arg_matches(&Cli::command().version(version).get_matches())
+        .unwrap_or_else(|e| e.exit());
     // Before the configuration, so its clamps and overrides are logged.
-    init_logging();
+    if let Err(e) = forkq::logging::init() {
+        forkq::exit_on_config_error(e);
+    }
     if let Command::Health { addr } = cli.command {
         return exit_code(health(addr));
     }
@@ -249,14 +267,6 @@ fn exit_code(result: Result<(), Failure>) -> ExitCode {
             ExitCode::from(f.code)
         }
     }
-}
-
-fn init_logging() {
-    let filter = std::env::var("FORKQ_LOG").unwrap_or_else(|_| "info".into());
-    env_logger::Builder::new()
-        .parse_filters(&filter)
-        .format_timestamp_millis()
-        .init();
 }
 
 /// Connects, or fails with exit code 78 naming the variable that holds the URL (password hidden):
@@ -299,7 +309,11 @@ fn command(command: Command, config: &Config) -> Result<(), Failure> {
                         migrations::latest_version()
                     );
                 } else {
-                    println!("schema {schema:?}: applied migration(s) {applied:?}");
+                    let versions: Vec<String> = applied.iter().map(i32::to_string).collect();
+                    println!(
+                        "schema {schema:?}: applied migration(s) {}",
+                        versions.join(", ")
+                    );
                 }
             }
         }
@@ -376,15 +390,14 @@ fn enqueue(args: EnqueueArgs, config: &Config) -> Result<(), Failure> {
         default_max_attempts: config.max_attempts,
     };
     if let Some(path) = &args.jsonl {
-        let jobs = read_jsonl(path, &args.queue, &limits)?;
+        let input = input::JsonlInput::open(path)?;
         let mut client = connect(config)?;
         migrations::require_current(&mut client, &config.schema)?;
-        let n = producer::enqueue_many(&mut client, &config.schema, &limits, &jobs, None)?;
+        let n = input.enqueue(&mut client, &config.schema, &args.queue, &limits)?;
         println!("{n}");
         return Ok(());
     }
-    let payload: Value = serde_json::from_str(&args.payload)
-        .map_err(|e| fail(EX_DATAERR, format!("--payload is not valid JSON: {e}")))?;
+    let payload = input::payload(args.payload.as_deref().unwrap_or("{}"))?;
     let job = NewJob {
         queue: args.queue,
         task: args.task.expect("clap requires --task without --jsonl"),
@@ -404,26 +417,6 @@ fn enqueue(args: EnqueueArgs, config: &Config) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Reads and validates JSON-lines jobs from `path` (or stdin for `-`).
-fn read_jsonl(path: &str, queue: &str, limits: &Limits) -> Result<Vec<NewJob>, Failure> {
-    let mut input = String::new();
-    let read = if path == "-" {
-        std::io::stdin().read_to_string(&mut input)
-    } else {
-        std::fs::File::open(path).and_then(|mut f| f.read_to_string(&mut input))
-    };
-    read.map_err(|e| fail(EX_DATAERR, format!("cannot read {path}: {e}")))?;
-    producer::parse_jsonl(&input, queue, limits).map_err(|e| {
-        fail(
-            EX_DATAERR,
-            format!(
-                "{path}: line {}: {}; nothing was enqueued",
-                e.line, e.reason
-            ),
-        )
-    })
-}
-
 fn batch_command(command: BatchCommand, config: &Config) -> Result<(), Failure> {
     let schema = config.schema.as_str();
     let retain = !config.retention.is_zero();
@@ -433,7 +426,7 @@ fn batch_command(command: BatchCommand, config: &Config) -> Result<(), Failure> 
             max_payload_bytes: config.max_payload_bytes,
             default_max_attempts: config.max_attempts,
         };
-        let jobs = read_jsonl(&args.jsonl, &args.queue, &limits)?;
+        let jobs = input::JsonlInput::open(&args.jsonl)?.read_all(&args.queue, &limits)?;
         let spec = NewBatch {
             queue: args.queue.clone(),
             fail_fast: args.fail_fast,

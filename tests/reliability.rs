@@ -1,6 +1,6 @@
 //! Fault injection: forkq broken the way production breaks it, against real processes and a real
 //! PostgreSQL. `make test` runs the short versions; `make chaos` (FORKQ_CHAOS=long) the long ones.
-//! Figures are printed (run with --nocapture) and collected in RELIABILITY.md.
+//! Figures are printed (run with --nocapture) and collected in docs/reliability.md.
 
 mod common;
 

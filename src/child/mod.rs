@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use crate::backoff;
 use crate::config::Config;
 use crate::handler::{process, Handler, Job, JobContext, Outcome};
+use crate::logging::{self, Activity};
 use crate::queue::consumer::{Ack, Claimed, Consumer, Round, Settlement};
 use crate::queue::{maintenance, QueueError};
 use crate::slots::{monotonic_ms, take_turn, Header, Slot, SlotState, SlotTable};
@@ -157,10 +158,12 @@ impl Worker<'_> {
         if let Some(p) = predecessor {
             let back = self.db(|db| db.release(&p.owner, p.in_flight, Some(&p.how_it_ended)))?;
             if back > 0 || p.in_flight.is_some() {
+                let in_flight = p
+                    .in_flight
+                    .map_or(String::new(), |id| format!("; job {id} was in flight"));
                 log::info!(
-                    "released {back} job(s) of the previous worker(s) in this slot ({}); in flight: {:?}",
-                    p.how_it_ended,
-                    p.in_flight
+                    "released {back} job(s) of the previous worker(s) in this slot ({}){in_flight}",
+                    p.how_it_ended
                 );
             }
         }
@@ -257,6 +260,7 @@ impl Worker<'_> {
     /// Runs one job through the handler and queues its acknowledgement.
     fn run_job(&mut self, claimed: Claimed, handler: &mut dyn Handler) {
         let job = claimed.job;
+        let _running = logging::activity(Activity::Job(job.id));
         self.slot.start_job(job.id);
         let started = Instant::now();
         self.current = Some((job.id, claimed.lease_token, started));
@@ -602,6 +606,7 @@ impl Worker<'_> {
     /// One idle child per host polls the database per `FORKQ_POLL_INTERVAL_MS` (for scheduled
     /// jobs that became due, and as the fallback when notifications are off), not every child.
     fn wait_idle(&mut self, wake_seen: u32) {
+        let _idle = logging::activity(Activity::Idle);
         self.slot.set_state(SlotState::Idle);
         self.slot.beat();
         let slice = self.config.poll_interval.min(IDLE_SLICE);
@@ -625,8 +630,10 @@ impl Worker<'_> {
         let schema = self.config.schema.clone();
         let retention = self.config.retention;
         match self.db(|db| maintenance::run_pass(db.client(), &schema, retention)) {
-            Ok(Some(report)) if report != maintenance::Report::default() => {
-                log::info!("maintenance: {report:?}");
+            Ok(Some(report)) if report.changed_jobs() => log::info!("maintenance: {report}"),
+            // Vacuums alone are routine at full rate: not worth a line at info level.
+            Ok(Some(report)) if !report.vacuumed.is_empty() => {
+                log::debug!("maintenance: {report}")
             }
             Ok(_) => {}
             Err(e) => log::warn!("maintenance pass failed: {e}"),
@@ -687,6 +694,7 @@ impl Worker<'_> {
     }
 
     fn reconnect_pause(&self, error: &QueueError, failures: u32) -> Result<(), QueueError> {
+        let _waiting = logging::activity(Activity::WaitingForDatabase);
         let pause = backoff::with_jitter(
             backoff::exponential(Duration::from_millis(100), Duration::from_secs(5), failures),
             fastrand::f64(),

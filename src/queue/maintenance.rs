@@ -32,6 +32,37 @@ const PURGE_BUDGET: Duration = Duration::from_secs(1);
 /// Archived rows deleted per purge statement (each in its own short transaction).
 const PURGE_CHUNK: u64 = 10_000;
 
+impl Report {
+    /// Whether the pass changed any job or batch (not only vacuumed).
+    pub fn changed_jobs(&self) -> bool {
+        self.rescued > 0 || self.purged > 0 || self.batches_repaired > 0
+    }
+}
+
+/// One sentence for the log, naming only what changed: "3 expired lease(s) rescued, ...".
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts = [
+            (self.rescued as u64, "expired lease(s) rescued"),
+            (self.purged, "archived job(s) purged"),
+            (self.batches_repaired as u64, "batch(es) repaired"),
+        ];
+        let mut changed: Vec<String> = parts
+            .iter()
+            .filter(|(n, _)| *n > 0)
+            .map(|(n, what)| format!("{n} {what}"))
+            .collect();
+        if !self.vacuumed.is_empty() {
+            changed.push(format!("vacuumed {}", self.vacuumed.join(", ")));
+        }
+        if changed.is_empty() {
+            f.write_str("nothing to do")
+        } else {
+            f.write_str(&changed.join(", "))
+        }
+    }
+}
+
 /// Runs every service once, if no other process holds the maintenance lock. Returns `None`
 /// when another holder had it. Each service runs in short transactions of its own (under the
 /// same lock, taken per transaction, so it also works behind a pooler in transaction mode), and
@@ -178,4 +209,25 @@ fn repair_batches(
         );
     }
     Ok(repairs.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Report;
+
+    #[test]
+    fn a_report_reads_as_a_sentence_of_what_changed() {
+        assert_eq!(Report::default().to_string(), "nothing to do");
+        let report = Report {
+            rescued: 3,
+            purged: 120,
+            batches_repaired: 1,
+            vacuumed: vec!["jobs"],
+        };
+        assert_eq!(
+            report.to_string(),
+            "3 expired lease(s) rescued, 120 archived job(s) purged, 1 batch(es) repaired, \
+             vacuumed jobs"
+        );
+    }
 }

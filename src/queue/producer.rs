@@ -108,6 +108,8 @@ struct Row {
     delay: Option<f64>,
     max_attempts: i32,
     unique_key: Option<String>,
+    /// The payload's size as compact JSON.
+    payload_bytes: usize,
 }
 
 fn check_text(what: &str, value: &str, max: usize) -> Result<(), QueueError> {
@@ -243,6 +245,7 @@ fn validate(job: &NewJob, limits: &Limits) -> Result<Row, QueueError> {
         delay: job.delay,
         max_attempts,
         unique_key: job.unique_key.clone(),
+        payload_bytes: size,
     })
 }
 
@@ -316,46 +319,149 @@ pub struct LineError {
     pub reason: String,
 }
 
-/// Parses JSON lines (`{"task":..,"payload":..}` plus the optional [`NewJob`] fields) and
-/// validates every job; blank lines are skipped. `queue` fills in jobs that name none.
-pub fn parse_jsonl(input: &str, queue: &str, limits: &Limits) -> Result<Vec<NewJob>, LineError> {
-    let mut jobs = Vec::new();
-    for (index, line) in input.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let fail = |reason: String| LineError {
-            line: index + 1,
-            reason,
-        };
-        let mut job: NewJob = serde_json::from_str(line).map_err(|e| fail(e.to_string()))?;
-        if job.queue.is_empty() {
-            job.queue = queue.to_string();
-        }
-        validate(&job, limits).map_err(|e| fail(e.to_string()))?;
-        jobs.push(job);
-    }
-    Ok(jobs)
+/// Reads JSON-lines jobs (`{"task":..,"payload":..}` plus the optional [`NewJob`] fields) one line
+/// at a time and validates each, so an input of any size is read in bounded memory. Blank lines
+/// are skipped; jobs that name no queue get the default queue. Yields the first refused line as
+/// an error and nothing after it.
+pub struct JsonLines<R> {
+    reader: R,
+    default_queue: String,
+    limits: Limits,
+    line: usize,
+    bytes_read: u64,
+    buffer: String,
+    failed: bool,
 }
 
-/// Inserts `jobs` (already validated by [`parse_jsonl`] or built in code) in one transaction
-/// owned by `client` (which may itself be the caller's transaction); chunks of 5,000 rows per
-/// statement. Jobs whose unique key is live are skipped. Returns how many were inserted.
-pub fn enqueue_many(
-    client: &mut impl GenericClient,
-    schema: &str,
-    limits: &Limits,
-    jobs: &[NewJob],
+impl<R: std::io::BufRead> JsonLines<R> {
+    /// Jobs from `reader`; `default_queue` fills in jobs that name none.
+    pub fn new(reader: R, default_queue: &str, limits: &Limits) -> JsonLines<R> {
+        JsonLines {
+            reader,
+            default_queue: default_queue.to_string(),
+            limits: *limits,
+            line: 0,
+            bytes_read: 0,
+            buffer: String::new(),
+            failed: false,
+        }
+    }
+
+    /// Bytes read so far (for progress against the input's size).
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
+    }
+
+    fn next_job(&mut self) -> Result<Option<NewJob>, LineError> {
+        loop {
+            self.buffer.clear();
+            let fail = |line, reason: String| LineError { line, reason };
+            let n = self
+                .reader
+                .read_line(&mut self.buffer)
+                .map_err(|e| fail(self.line + 1, format!("cannot read: {e}")))?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.line += 1;
+            self.bytes_read += n as u64;
+            if self.buffer.trim().is_empty() {
+                continue;
+            }
+            let mut job: NewJob =
+                serde_json::from_str(&self.buffer).map_err(|e| fail(self.line, e.to_string()))?;
+            if job.queue.is_empty() {
+                job.queue.clone_from(&self.default_queue);
+            }
+            validate(&job, &self.limits).map_err(|e| fail(self.line, e.to_string()))?;
+            return Ok(Some(job));
+        }
+    }
+}
+
+impl<R: std::io::BufRead> Iterator for JsonLines<R> {
+    type Item = Result<NewJob, LineError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        let next = self.next_job().transpose();
+        self.failed = matches!(next, Some(Err(_)));
+        next
+    }
+}
+
+/// Parses and validates JSON lines held in memory (see [`JsonLines`]).
+pub fn parse_jsonl(input: &str, queue: &str, limits: &Limits) -> Result<Vec<NewJob>, LineError> {
+    JsonLines::new(input.as_bytes(), queue, limits).collect()
+}
+
+/// Rows per insert statement of [`BulkInsert`].
+const CHUNK_ROWS: usize = 5_000;
+/// Payload bytes per insert statement of [`BulkInsert`], so a chunk of large payloads stays small.
+const CHUNK_BYTES: usize = 4 << 20;
+
+/// Many jobs inserted in one transaction, a chunk of rows per statement, so the memory it holds
+/// is bounded by one chunk however many jobs go through it. Nothing is visible to anyone until
+/// [`BulkInsert::commit`]; dropped without it, everything is rolled back.
+pub struct BulkInsert<'a> {
+    tx: postgres::Transaction<'a>,
+    statement: String,
+    schema: String,
+    limits: Limits,
     batch_id: Option<i64>,
-) -> Result<u64, QueueError> {
-    let rows: Vec<Row> = jobs
-        .iter()
-        .map(|job| validate(job, limits))
-        .collect::<Result<_, _>>()?;
-    let statement = render(sql::ENQUEUE_MANY, schema);
-    let mut tx = client.transaction()?;
-    let mut inserted = 0u64;
-    for chunk in rows.chunks(5_000) {
+    chunk: Vec<Row>,
+    chunk_bytes: usize,
+    pushed: u64,
+    inserted: u64,
+}
+
+impl<'a> BulkInsert<'a> {
+    /// Opens the transaction inside `client` (a connection, or the caller's own transaction:
+    /// then the jobs are committed with the caller's rows or not at all).
+    pub fn begin(
+        client: &'a mut impl GenericClient,
+        schema: &str,
+        limits: &Limits,
+        batch_id: Option<i64>,
+    ) -> Result<BulkInsert<'a>, QueueError> {
+        Ok(BulkInsert {
+            tx: client.transaction()?,
+            statement: render(sql::ENQUEUE_MANY, schema),
+            schema: schema.to_string(),
+            limits: *limits,
+            batch_id,
+            chunk: Vec::new(),
+            chunk_bytes: 0,
+            pushed: 0,
+            inserted: 0,
+        })
+    }
+
+    /// Validates `job` and adds it; a full chunk is sent to the database.
+    pub fn push(&mut self, job: &NewJob) -> Result<(), QueueError> {
+        let row = validate(job, &self.limits)?;
+        self.chunk_bytes += row.payload_bytes;
+        self.chunk.push(row);
+        self.pushed += 1;
+        if self.chunk.len() >= CHUNK_ROWS || self.chunk_bytes >= CHUNK_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Jobs pushed so far.
+    pub fn pushed(&self) -> u64 {
+        self.pushed
+    }
+
+    fn flush(&mut self) -> Result<(), QueueError> {
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::take(&mut self.chunk);
+        self.chunk_bytes = 0;
         let queues: Vec<&str> = chunk.iter().map(|r| r.queue.as_str()).collect();
         let tasks: Vec<&str> = chunk.iter().map(|r| r.task.as_str()).collect();
         let payloads: Vec<&Value> = chunk.iter().map(|r| &r.payload).collect();
@@ -364,10 +470,11 @@ pub fn enqueue_many(
         let delays: Vec<Option<f64>> = chunk.iter().map(|r| r.delay).collect();
         let attempts: Vec<i32> = chunk.iter().map(|r| r.max_attempts).collect();
         let keys: Vec<Option<&str>> = chunk.iter().map(|r| r.unique_key.as_deref()).collect();
-        let batches: Vec<Option<i64>> = vec![batch_id; chunk.len()];
-        let count: i64 = tx
+        let batches: Vec<Option<i64>> = vec![self.batch_id; chunk.len()];
+        let count: i64 = self
+            .tx
             .query_one(
-                &statement,
+                &self.statement,
                 &[
                     &queues,
                     &tasks,
@@ -382,13 +489,38 @@ pub fn enqueue_many(
             )
             .map_err(|e| bad_time(e, &chunk.iter().find_map(|r| r.run_at.clone())))?
             .get(0);
-        inserted += count as u64;
+        self.inserted += count as u64;
+        Ok(())
     }
-    if inserted > 0 {
-        tx.execute(&render(sql::NOTIFY, schema), &[&""])?;
+
+    /// Sends the last chunk, wakes the workers (on commit) and commits. Jobs whose unique key
+    /// was live are skipped; returns how many were inserted.
+    pub fn commit(mut self) -> Result<u64, QueueError> {
+        self.flush()?;
+        if self.inserted > 0 {
+            self.tx
+                .execute(&render(sql::NOTIFY, &self.schema), &[&""])?;
+        }
+        self.tx.commit()?;
+        Ok(self.inserted)
     }
-    tx.commit()?;
-    Ok(inserted)
+}
+
+/// Inserts `jobs` (built in code, or read with [`JsonLines`]) in one transaction owned by
+/// `client` (which may itself be the caller's transaction) through a [`BulkInsert`]. Jobs whose
+/// unique key is live are skipped. Returns how many were inserted.
+pub fn enqueue_many(
+    client: &mut impl GenericClient,
+    schema: &str,
+    limits: &Limits,
+    jobs: &[NewJob],
+    batch_id: Option<i64>,
+) -> Result<u64, QueueError> {
+    let mut bulk = BulkInsert::begin(client, schema, limits, batch_id)?;
+    for job in jobs {
+        bulk.push(job)?;
+    }
+    bulk.commit()
 }
 
 #[cfg(test)]

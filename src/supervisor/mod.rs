@@ -22,7 +22,9 @@ use nix::unistd::{fork, ForkResult, Pid};
 use crate::child::{self, ChildSpec, Predecessor};
 use crate::config::{Config, EX_CONFIG, MAX_CONCURRENCY};
 use crate::handler::Handler;
+use crate::logging::{self, Role};
 use crate::probe;
+use crate::proctitle;
 use crate::queue;
 use crate::queue::consumer::Consumer;
 use crate::slots::{monotonic_ms, SlotState, SlotTable};
@@ -99,6 +101,9 @@ impl<'f> Supervisor<'f> {
             );
             return Err(EXIT_STARTUP);
         }
+        // While the process has one thread: the title area is prepared before anything forks.
+        proctitle::init();
+        logging::set_role(Role::Supervisor);
         let table = SlotTable::create_shared().map_err(|e| {
             log::error!("cannot create the shared slot table: {e}");
             EXIT_STARTUP
@@ -570,7 +575,8 @@ impl<'f> Supervisor<'f> {
     /// The first steps of a forked process, shared by children and the probe: drop everything of
     /// the supervisor's that must not survive the fork, install the process's own handlers, and
     /// only then take the signals that arrived meanwhile.
-    fn detach_from_supervisor(&self) {
+    fn detach_from_supervisor(&self, role: Role) {
+        logging::set_role(role);
         self.signals.forget_in_child();
         std::env::remove_var("NOTIFY_SOCKET");
         std::env::remove_var("WATCHDOG_USEC");
@@ -591,7 +597,7 @@ impl<'f> Supervisor<'f> {
         predecessor: Option<Predecessor>,
         recycle_after_jobs: Option<u64>,
     ) -> i32 {
-        self.detach_from_supervisor();
+        self.detach_from_supervisor(Role::Child(index));
         // SAFETY: the health listener belongs to the probe; this process never uses it.
         unsafe { libc::close(self.listener.as_raw_fd()) };
         let mut handler = (self.factory)(&self.config);
@@ -611,7 +617,7 @@ impl<'f> Supervisor<'f> {
     fn fork_probe(&mut self) -> nix::Result<()> {
         match self.fork()? {
             ForkResult::Child => {
-                self.detach_from_supervisor();
+                self.detach_from_supervisor(Role::Probe);
                 let code = probe::serve(&self.listener, self.table, &self.config);
                 std::process::exit(code);
             }
@@ -745,6 +751,7 @@ impl<'f> Supervisor<'f> {
             return;
         }
         let release = || {
+            logging::set_role(Role::Releaser);
             self.signals.forget_in_child();
             let mut consumer = match Consumer::connect(&self.config, "forkq shutdown") {
                 Ok(c) => c,
@@ -864,7 +871,10 @@ fn preflight(config: &Config) -> Result<(), i32> {
     match run_forked(
         "the start-up database check",
         Duration::from_secs(30),
-        check,
+        || {
+            logging::set_role(Role::Preflight);
+            check()
+        },
     ) {
         Some(0) => Ok(()),
         Some(code) => Err(code),
@@ -910,8 +920,16 @@ fn run_forked(what: &str, limit: Duration, work: impl FnOnce() -> i32) -> Option
                 let _ = waitpid(child, None);
                 return None;
             }
-            other => {
-                log::error!("{what} died: {other:?}");
+            Ok(WaitStatus::Signaled(_, signal, _)) => {
+                log::error!("{what} was killed by {signal}");
+                return None;
+            }
+            Err(e) => {
+                log::error!("cannot wait for {what}: {e}");
+                return None;
+            }
+            Ok(_) => {
+                log::error!("{what} was stopped or traced instead of finishing");
                 return None;
             }
         }

@@ -1,12 +1,12 @@
 //! `make bench`: measures forkq against raw-SQL baselines in the same run, prints one markdown
-//! table and writes BENCHMARKS.md. See the README's performance section.
+//! table and writes docs/benchmarks.md, which also says how each figure is measured.
 //!
 //! `forkq-bench` runs the whole plan; `forkq-bench worker` is the library worker the latency and
 //! recovery workloads spawn. Settings (environment): `DATABASE_URL`, `BENCH_FORKQ_BIN` (the release
 //! `forkq`, default: next to this binary), `BENCH_QUICK=1` (a few minutes instead of about half
 //! an hour), `BENCH_ONLY=raw,w1,crowded,durable,mixed,w2,w3,recovery,idle,scale,soak` (a subset),
 //! `BENCH_STOCK_URL` (a server with stock settings, for the second soak; `scripts/bench.sh`
-//! starts a private one), `BENCH_OUT` (default `BENCHMARKS.md`; `-` writes nothing), `BENCH_DIR`
+//! starts a private one), `BENCH_OUT` (default `docs/benchmarks.md`; `-` writes nothing), `BENCH_DIR`
 //! (logs, default `target/bench`).
 
 mod daemon;
@@ -535,7 +535,7 @@ fn run() -> BenchResult<()> {
     let elapsed = begun.elapsed().as_secs_f64();
     let table = report.table();
     println!("{table}");
-    let out = std::env::var("BENCH_OUT").unwrap_or_else(|_| "BENCHMARKS.md".into());
+    let out = std::env::var("BENCH_OUT").unwrap_or_else(|_| "docs/benchmarks.md".into());
     if out != "-" {
         let mode = if quick {
             "quick (BENCH_QUICK=1)"
