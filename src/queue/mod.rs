@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod batch;
+pub mod browse;
 pub mod consumer;
 pub mod listener;
 pub mod maintenance;

@@ -162,3 +162,81 @@ pub const BATCH_CANCEL: &str = "SELECT state, changed FROM {s}.batch_cancel($1, 
 /// Repairs open batches whose counters disagree with their children (see `batch_repair`).
 pub const BATCH_REPAIR: &str = "
     SELECT batch_id, old_counts, new_counts FROM {s}.batch_repair($1, $2)";
+
+/// One keyset page of the job browser over one table, newest first: `{walk}` picks at most `$2`
+/// candidate rows below id `$1` by walking an index (one of the `BROWSE_*_WALK` statements), and
+/// the filters `$4` queue, `$5` task, `$6` state (null: any) keep at most `$3` of them. Returns how
+/// many rows the walk examined, the lowest id it examined and the kept rows as a JSON array, so a
+/// page's cost is bounded by the walk whatever the filters match.
+pub const BROWSE_PAGE: &str = "
+    WITH w AS MATERIALIZED ({walk}),
+    m AS (
+        SELECT * FROM w
+        WHERE ($4::text IS NULL OR w.queue = $4) AND ($5::text IS NULL OR w.task = $5)
+          AND ($6::text IS NULL OR w.state = $6)
+        ORDER BY w.id DESC LIMIT $3
+    )
+    SELECT (SELECT count(*) FROM w), (SELECT min(w.id) FROM w),
+           coalesce((SELECT jsonb_agg(to_jsonb(m) ORDER BY m.id DESC) FROM m), '[]')";
+
+/// The browser's walk of the hot table: its primary key, newest first. A due scheduled or
+/// retryable job shows as available, as in `forkq status`.
+pub const BROWSE_LIVE_WALK: &str = "
+    SELECT j.id, j.queue, j.task,
+           CASE WHEN j.state IN ('scheduled', 'retryable') AND j.run_at <= now() THEN 'available'
+                ELSE j.state END AS state,
+           j.attempt, j.max_attempts, j.created_at, j.run_at AS at, left(j.last_error, 300) AS error,
+           j.batch_id
+    FROM {s}.jobs j WHERE j.id < $1 ORDER BY j.id DESC LIMIT $2";
+
+/// The browser's walk of the archive: the primary key, or with [`BROWSE_DEAD_ONLY`] the
+/// dead-letter index (and with [`BROWSE_DEAD_QUEUE`] its per-queue twin), newest first.
+pub const BROWSE_ARCHIVE_WALK: &str = "
+    SELECT a.id, a.queue, a.task, a.state, a.attempt, a.max_attempts, a.created_at,
+           a.finished_at AS at, left(a.last_error, 300) AS error, a.batch_id
+    FROM {s}.jobs_archive a WHERE a.id < $1 {dead} ORDER BY a.id DESC LIMIT $2";
+
+/// Narrows the archive walk to a failed or cancelled `$6`; the literal condition lets the planner
+/// prove the dead-letter indexes' predicate whatever the parameter.
+pub const BROWSE_DEAD_ONLY: &str = "AND a.state = $6 AND a.state <> 'completed'";
+
+/// Narrows a dead-letter walk to queue `$4` (served by `jobs_archive_dead_queue_idx`).
+pub const BROWSE_DEAD_QUEUE: &str = "AND a.queue = $4";
+
+/// The ids of dead-lettered jobs (failed or cancelled, `$4` one of them or null for both)
+/// matching the browser's filters, above id `$1`, oldest first, at most `$5`: the chunks of a bulk
+/// retry, and (with a large `$5`) the count it confirms.
+pub const DEAD_IDS: &str = "
+    SELECT a.id FROM {s}.jobs_archive a
+    WHERE a.state <> 'completed' AND a.id > $1
+      AND ($2::text IS NULL OR a.queue = $2) AND ($3::text IS NULL OR a.task = $3)
+      AND ($4::text IS NULL OR a.state = $4)
+    ORDER BY a.id LIMIT $5";
+
+/// The ids of live jobs matching the browser's filters (`$4` an effective state or null), above
+/// id `$1`, oldest first, at most `$5`: the chunks of a bulk cancel.
+pub const LIVE_IDS: &str = "
+    SELECT j.id FROM {s}.jobs j
+    WHERE j.id > $1 AND ($2::text IS NULL OR j.queue = $2) AND ($3::text IS NULL OR j.task = $3)
+      AND ($4::text IS NULL
+           OR $4 = CASE WHEN j.state IN ('scheduled', 'retryable') AND j.run_at <= now()
+                        THEN 'available' ELSE j.state END)
+    ORDER BY j.id LIMIT $5";
+
+/// Retries the given dead-lettered jobs; returns how many moved.
+pub const RETRY_MANY: &str =
+    "SELECT count(*) FILTER (WHERE {s}.retry(id)) FROM unnest($1::bigint[]) id";
+
+/// Cancels the given live jobs; returns how many were cancelled or marked.
+pub const CANCEL_MANY: &str = "
+    SELECT count(*) FILTER (WHERE {s}.cancel(id, $2) IN ('cancelled', 'cancelling'))
+    FROM unnest($1::bigint[]) id";
+
+/// Deletes one dead-lettered job for good, unless it is a child of an open batch (whose counters
+/// are recomputed from its children's rows); returns its id when it was deleted.
+pub const DISCARD: &str = "
+    DELETE FROM {s}.jobs_archive a
+    WHERE a.id = $1 AND a.state <> 'completed'
+      AND (a.batch_id IS NULL
+           OR NOT EXISTS (SELECT 1 FROM {s}.batches b WHERE b.id = a.batch_id AND b.state = 'open'))
+    RETURNING a.id";
