@@ -105,6 +105,11 @@ pub struct Config {
     pub max_child_rss_mb: Option<u64>,
     /// One deadline for all children to stop on SIGTERM before they are killed.
     pub shutdown_grace: Duration,
+    /// How often the probe records this daemon in the hosts table.
+    pub host_interval: Duration,
+    /// Every connection holds the boot's session lock, and the probe brings back the jobs of
+    /// provably gone hosts before their leases expire (off behind a transaction-mode pooler).
+    pub host_release: bool,
 }
 
 /// Reads variables from a map so parsing can be tested without touching the process environment.
@@ -376,6 +381,8 @@ impl Config {
             max_jobs_per_child: v.optional_limit("FORKQ_MAX_JOBS_PER_CHILD", i64::MAX)?,
             max_child_rss_mb: v.optional_limit("FORKQ_MAX_CHILD_RSS_MB", 1 << 20)?,
             shutdown_grace: v.seconds("FORKQ_SHUTDOWN_GRACE_SECONDS", 30, 0, 86_400)?,
+            host_interval: v.seconds("FORKQ_HOST_INTERVAL_SECONDS", 5, 1, 3_600)?,
+            host_release: v.flag("FORKQ_HOST_RELEASE", true)?,
         })
     }
 

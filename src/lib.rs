@@ -26,6 +26,8 @@ pub mod child;
 pub mod client;
 pub mod config;
 pub mod handler;
+pub mod host;
+pub mod presence;
 pub mod probe;
 pub mod queue;
 pub mod slots;

@@ -12,7 +12,7 @@ use forkq::config::{redacted_url, Config, EX_CONFIG};
 use forkq::handler::{builtin::Builtin, Handler};
 use forkq::queue::batch::{self, CancelOutcome, NewBatch};
 use forkq::queue::producer::{self, Limits, NewJob};
-use forkq::queue::{self, admin, browse, migrations, QueueError};
+use forkq::queue::{self, admin, browse, hosts, migrations, QueueError};
 
 /// Exit code for refused input (`EX_DATAERR`).
 const EX_DATAERR: u8 = 65;
@@ -127,6 +127,16 @@ enum Command {
         /// Go ahead when more than one job matches.
         #[arg(long)]
         yes: bool,
+    },
+    /// List the daemons that serve this schema, as they recorded themselves.
+    #[command(after_help = "Examples:\n  forkq hosts\n  forkq hosts --json\n\n\
+        Each daemon writes its row every FORKQ_HOST_INTERVAL_SECONDS; one not seen for 3 intervals \
+        is gone (stopped, if it said it was stopping) and its row is deleted an hour after it was \
+        last seen.")]
+    Hosts {
+        /// Print one JSON object per host and line instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Create, inspect, list and cancel batches of jobs.
     #[command(subcommand)]
@@ -456,6 +466,18 @@ fn command(command: Command, config: &Config) -> Result<(), Failure> {
             let filter = filter.parse(None)?;
             bulk(config, browse::Bulk::Cancel, &filter, yes)?;
         }
+        Command::Hosts { json } => {
+            let mut client = connect(config)?;
+            migrations::require_current(&mut client, schema)?;
+            let hosts = hosts::list(&mut client, schema)?;
+            if json {
+                for h in &hosts {
+                    println!("{}", json!(h));
+                }
+            } else {
+                print_hosts(&hosts);
+            }
+        }
         Command::Batch(command) => batch_command(command, config)?,
         Command::Health { .. } => unreachable!("handled in main"),
     }
@@ -488,6 +510,34 @@ fn print_jobs(page: &browse::Page) {
         ),
         Some(next) => println!("(more: --after {next})"),
         None => {}
+    }
+}
+
+/// Prints the hosts as a table.
+fn print_hosts(hosts: &[hosts::HostRow]) {
+    println!(
+        "{:<24} {:<16} {:<8} {:>7} {:>9} {:>5} {:>8}  {:<20} last seen",
+        "host", "boot", "status", "pid", "alive", "busy", "jobs/s", "queues"
+    );
+    for h in hosts {
+        let looping = if h.crash_looping.is_empty() {
+            String::new()
+        } else {
+            format!(" crash-looping slots {:?}", h.crash_looping)
+        };
+        println!(
+            "{:<24} {:<16} {:<8} {:>7} {:>4}/{:<4} {:>5} {:>8.1}  {:<20} {:.0} s ago{looping}",
+            h.host,
+            h.boot,
+            h.status,
+            h.pid,
+            h.alive,
+            h.concurrency,
+            h.busy,
+            h.jobs_per_second,
+            h.queues.join(","),
+            h.seconds_since_seen
+        );
     }
 }
 

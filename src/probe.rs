@@ -1,5 +1,6 @@
-//! The probe process: the fleet's `/livez`, `/readyz` and `/metrics` over HTTP, and the
-//! wake-up listener that rouses one idle child per enqueue notification ([`crate::wakeup`]).
+//! The probe process: the fleet's `/livez`, `/readyz` and `/metrics` over HTTP, the wake-up
+//! listener that rouses one idle child per enqueue notification ([`crate::wakeup`]), and the
+//! presence service that records the daemon in the hosts table ([`crate::presence`]).
 //!
 //! A forked child of the supervisor answers on the listener the supervisor bound (tiny_http
 //! starts threads, which the supervisor must never have). Liveness is computed from the shared
@@ -17,6 +18,7 @@ use serde_json::{json, Value};
 use tiny_http::{Header, Method, Request, Response, Server};
 
 use crate::config::Config;
+use crate::presence;
 use crate::queue::{self, admin, migrations};
 use crate::slots::{monotonic_ms, SlotState, SlotTable, LATENCY_BUCKETS_MS};
 use crate::wakeup;
@@ -51,6 +53,10 @@ pub fn serve(listener: &TcpListener, table: &'static SlotTable, config: &Config)
     if config.listen {
         let config = config.clone();
         std::thread::spawn(move || wakeup::run_listener(&config, table));
+    }
+    {
+        let config = config.clone();
+        std::thread::spawn(move || presence::run(&config, table));
     }
     let db = Arc::new(Mutex::new(Database {
         client: None,

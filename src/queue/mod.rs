@@ -7,6 +7,7 @@ pub mod admin;
 pub mod batch;
 pub mod browse;
 pub mod consumer;
+pub mod hosts;
 pub mod listener;
 pub mod maintenance;
 pub mod migrations;

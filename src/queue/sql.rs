@@ -129,11 +129,6 @@ pub const CANCEL: &str = "SELECT {s}.cancel($1, $2)";
 /// Retries a failed or cancelled job (see `retry` in the migration).
 pub const RETRY: &str = "SELECT {s}.retry($1)";
 
-/// Retries every failed job of a queue; returns how many moved.
-pub const RETRY_FAILED_IN_QUEUE: &str = "
-    SELECT count(*) FILTER (WHERE {s}.retry(id))
-    FROM (SELECT id FROM {s}.jobs_archive WHERE queue = $1 AND state = 'failed' ORDER BY id) f";
-
 /// Readiness: the database answers and the schema is at the version the code expects.
 pub const SCHEMA_VERSION: &str = "SELECT coalesce(max(version), 0) FROM {s}.schema_migrations";
 
@@ -240,3 +235,52 @@ pub const DISCARD: &str = "
       AND (a.batch_id IS NULL
            OR NOT EXISTS (SELECT 1 FROM {s}.batches b WHERE b.id = a.batch_id AND b.state = 'open'))
     RETURNING a.id";
+
+/// Records one daemon boot in the hosts table (see `hosts` in migration 003); a row pruned while
+/// its host lived is written again.
+pub const HOST_UPSERT: &str = "
+    INSERT INTO {s}.hosts AS h (boot, host, lease_prefix, pid, version, queues, concurrency, alive,
+                                busy, crash_looping, slots, succeeded, failed, jobs_per_second,
+                                interval_seconds, holds_lock, lock_key, stopping, started_at,
+                                last_seen)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
+            to_timestamp($19), now())
+    ON CONFLICT (boot) DO UPDATE
+    SET queues = excluded.queues, concurrency = excluded.concurrency, alive = excluded.alive,
+        busy = excluded.busy, crash_looping = excluded.crash_looping, slots = excluded.slots,
+        succeeded = excluded.succeeded, failed = excluded.failed,
+        jobs_per_second = excluded.jobs_per_second, interval_seconds = excluded.interval_seconds,
+        holds_lock = excluded.holds_lock, stopping = excluded.stopping, last_seen = now()";
+
+/// Deletes the rows of hosts not seen for `$1` seconds.
+pub const HOST_PRUNE: &str = "
+    DELETE FROM {s}.hosts WHERE last_seen < now() - make_interval(secs => $1)";
+
+/// Every recorded host, newest boot first within a host, with the seconds since it was seen.
+pub const HOSTS_LIST: &str = "
+    SELECT boot, host, pid, version, queues, concurrency, alive, busy, crash_looping, slots,
+           succeeded, failed, jobs_per_second, interval_seconds, stopping, started_at::text,
+           last_seen::text, extract(epoch FROM now() - last_seen)::float8, released_at::text
+    FROM {s}.hosts ORDER BY host, started_at DESC";
+
+/// Takes this boot's shared session lock (see `expire_gone_hosts` in migration 003); every
+/// connection of the boot holds it until it closes.
+pub const HOLD_BOOT_LOCK: &str = "SELECT pg_advisory_lock_shared($1)";
+
+/// Expires the leases of hosts that are provably gone (see `expire_gone_hosts`).
+pub const EXPIRE_GONE_HOSTS: &str = "SELECT boot, host, expired FROM {s}.expire_gone_hosts($1)";
+
+/// How long the server takes at least to close the session of a client that vanished from the
+/// network (TCP keepalive: idle + interval x count, cut short by tcp_user_timeout); idle reads 0
+/// on a Unix socket, where a vanished client is impossible.
+pub const DEAD_CLIENT_SECONDS: &str = "
+    SELECT CASE WHEN idle = 0 THEN NULL
+                ELSE idle + CASE WHEN user_timeout > 0 THEN least(user_timeout / 1000.0, probes)
+                                 ELSE probes END
+           END::float8
+    FROM (SELECT (SELECT setting::int FROM pg_settings WHERE name = 'tcp_keepalives_idle') AS idle,
+                 (SELECT setting::int FROM pg_settings WHERE name = 'tcp_keepalives_interval')
+                 * (SELECT setting::int FROM pg_settings WHERE name = 'tcp_keepalives_count')
+                     AS probes,
+                 (SELECT setting::int FROM pg_settings WHERE name = 'tcp_user_timeout')
+                     AS user_timeout) s";

@@ -22,6 +22,7 @@ use nix::unistd::{fork, ForkResult, Pid};
 use crate::child::{self, ChildSpec, Predecessor};
 use crate::config::{Config, EX_CONFIG, MAX_CONCURRENCY};
 use crate::handler::Handler;
+use crate::host;
 use crate::probe;
 use crate::queue;
 use crate::queue::consumer::Consumer;
@@ -122,11 +123,15 @@ impl<'f> Supervisor<'f> {
             .concurrency
             .store(config.concurrency as u32, Ordering::Release);
         let now = Instant::now();
-        let host = nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_else(|| "localhost".into());
-        let boot = format!("{:016x}", fastrand::u64(..));
+        let boot = fastrand::u64(..);
+        table.header.boot.store(boot, Ordering::Release);
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        table
+            .header
+            .started_unix_ms
+            .store(since_epoch.as_millis() as u64, Ordering::Release);
         let watchdog = std::env::var("WATCHDOG_USEC")
             .ok()
             .and_then(|v| v.parse::<u64>().ok())
@@ -147,7 +152,7 @@ impl<'f> Supervisor<'f> {
             listener,
             signals,
             supervisor_pid: nix::unistd::getpid(),
-            lease_prefix: format!("{host}/{boot}"),
+            lease_prefix: host::lease_prefix(&host::hostname(), boot),
             probe_pid: None,
             probe_restart_at: None,
             shutdown: None,
@@ -510,7 +515,7 @@ impl<'f> Supervisor<'f> {
     /// The prefix of every lease owner slot `index` had in this boot: a successor releases all
     /// of them, in case a predecessor died before releasing its own predecessor's jobs.
     fn slot_owner_prefix(&self, index: usize) -> String {
-        format!("{}/{index}/", self.lease_prefix)
+        format!("{}{index}/", self.lease_prefix)
     }
 
     /// Forks a child into slot `index`. The previous occupant (if any) is described to the new
