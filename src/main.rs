@@ -75,7 +75,7 @@ enum Command {
     #[command(
         after_help = "Examples:\n  forkq jobs --state failed\n  forkq jobs --queue mail --task send --limit 20\n  \
         forkq jobs --state failed --after 4711 --json\n\n\
-        Pages continue below the last id shown: pass it as --after. A page walks at most 10000 rows \
+        Pages continue below the last id shown: pass it as --after. A page walks at most 5000 rows \
         of each table, so a rare filter may return a short page that says where to go on."
     )]
     Jobs {

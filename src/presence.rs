@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::backoff;
+use crate::child;
 use crate::config::Config;
 use crate::host;
 use crate::probe;
@@ -34,6 +35,11 @@ pub fn run(config: &Config, table: &SlotTable) -> ! {
                     if let Err(e) = service.turn(&mut client) {
                         break e;
                     }
+                    if child::stop_requested() {
+                        // The supervisor stops the probe last, after every child: the turn just
+                        // taken said "stopping".
+                        std::process::exit(0);
+                    }
                     service.wait();
                 }
             }
@@ -42,6 +48,9 @@ pub fn run(config: &Config, table: &SlotTable) -> ! {
         failures += 1;
         if failures == 1 || failures % 10 == 0 {
             log::warn!("host presence: {error}; this host shows as gone until it writes again");
+        }
+        if child::stop_requested() {
+            std::process::exit(0);
         }
         std::thread::sleep(backoff::exponential(
             Duration::from_millis(200),
@@ -101,14 +110,14 @@ impl Presence<'_> {
             }))
     }
 
-    /// Sleeps one interval, cut short when a shutdown begins, so the row says "stopping" before
-    /// the probe is stopped with the fleet.
+    /// Sleeps one interval, cut short when a shutdown begins (the row then says "stopping" at
+    /// once) or the probe is told to stop (SIGTERM, the last step of a shutdown).
     fn wait(&self) {
         let until = Instant::now() + self.config.host_interval;
         let stopping = || self.table.header.shutting_down.load(Ordering::Acquire);
         let was_stopping = stopping();
-        while Instant::now() < until && stopping() == was_stopping {
-            std::thread::sleep(Duration::from_millis(50));
+        while Instant::now() < until && stopping() == was_stopping && !child::stop_requested() {
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

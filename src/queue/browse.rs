@@ -9,6 +9,7 @@
 //! fill a page within the walk, the page says how far it got ([`Page::next`] with
 //! [`Page::partial`]) and the next page goes on from there.
 
+use postgres::types::{ToSql, Type};
 use postgres::GenericClient;
 use serde::{Deserialize, Serialize};
 
@@ -18,7 +19,7 @@ use super::QueueError;
 use crate::config::is_valid_queue_name;
 
 /// Rows each page may examine per table, at most.
-pub const SCAN_BUDGET: i64 = 10_000;
+pub const SCAN_BUDGET: i64 = 5_000;
 /// The largest page.
 pub const MAX_LIMIT: i64 = 1_000;
 /// Jobs retried or cancelled per transaction by the bulk actions.
@@ -180,29 +181,35 @@ fn walk(
     filter: &Filter,
     cursor: Cursor,
 ) -> Result<Walk, QueueError> {
-    let statement = render(&sql::BROWSE_PAGE.replace("{walk}", template), schema);
     let after = cursor.after.unwrap_or(i64::MAX);
-    let row = client.query_one(
-        &statement,
-        &[
-            &after,
-            &SCAN_BUDGET,
-            &cursor.limit,
-            &filter.queue,
-            &filter.task,
-            &filter.state,
-        ],
-    )?;
-    let examined: i64 = row.get(0);
-    let lowest: Option<i64> = row.get(1);
-    let rows: Vec<JobRow> = serde_json::from_value(row.get(2))
+    // Typed, so a statement need not use every parameter (the extent uses no filter).
+    let params: [(&(dyn ToSql + Sync), Type); 6] = [
+        (&after, Type::INT8),
+        (&SCAN_BUDGET, Type::INT8),
+        (&cursor.limit, Type::INT8),
+        (&filter.queue, Type::TEXT),
+        (&filter.task, Type::TEXT),
+        (&filter.state, Type::TEXT),
+    ];
+    let statement = |outer: &str| render(&outer.replace("{walk}", template), schema);
+    let rows = client
+        .query_typed(&statement(sql::BROWSE_PAGE), &params)?
+        .iter()
+        .map(|row| serde_json::from_value(row.get(0)))
+        .collect::<Result<Vec<JobRow>, _>>()
         .map_err(|e| QueueError::InvalidJob(format!("unexpected job row: {e}")))?;
     let covered_down_to = if rows.len() as i64 == cursor.limit {
         rows.last().map_or(0, |r| r.id)
-    } else if examined == SCAN_BUDGET {
-        lowest.unwrap_or(0)
     } else {
-        0
+        // Not full: the walk ran to its end; whether that was the table's end or the budget's
+        // decides whether older matches may remain.
+        let extent = client.query_typed_one(&statement(sql::BROWSE_EXTENT), &params)?;
+        let examined: i64 = extent.get(0);
+        let lowest: Option<i64> = extent.get(1);
+        match lowest {
+            Some(lowest) if examined == SCAN_BUDGET => lowest,
+            _ => 0,
+        }
     };
     Ok(Walk {
         rows,

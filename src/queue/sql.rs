@@ -159,20 +159,19 @@ pub const BATCH_REPAIR: &str = "
     SELECT batch_id, old_counts, new_counts FROM {s}.batch_repair($1, $2)";
 
 /// One keyset page of the job browser over one table, newest first: `{walk}` picks at most `$2`
-/// candidate rows below id `$1` by walking an index (one of the `BROWSE_*_WALK` statements), and
-/// the filters `$4` queue, `$5` task, `$6` state (null: any) keep at most `$3` of them. Returns how
-/// many rows the walk examined, the lowest id it examined and the kept rows as a JSON array, so a
-/// page's cost is bounded by the walk whatever the filters match.
+/// candidate rows below id `$1` by walking an index in id order (one of the `BROWSE_*_WALK`
+/// statements), and the filters `$4` queue, `$5` task, `$6` state (null: any) keep the first
+/// `$3` of them as JSON objects. The walk stops as soon as the page is full, so a page's cost is
+/// bounded by the walk whatever the filters match, and small when they match often.
 pub const BROWSE_PAGE: &str = "
-    WITH w AS MATERIALIZED ({walk}),
-    m AS (
-        SELECT * FROM w
-        WHERE ($4::text IS NULL OR w.queue = $4) AND ($5::text IS NULL OR w.task = $5)
-          AND ($6::text IS NULL OR w.state = $6)
-        ORDER BY w.id DESC LIMIT $3
-    )
-    SELECT (SELECT count(*) FROM w), (SELECT min(w.id) FROM w),
-           coalesce((SELECT jsonb_agg(to_jsonb(m) ORDER BY m.id DESC) FROM m), '[]')";
+    SELECT to_jsonb(w) FROM ({walk}) w
+    WHERE ($4::text IS NULL OR w.queue = $4) AND ($5::text IS NULL OR w.task = $5)
+      AND ($6::text IS NULL OR w.state = $6)
+    ORDER BY w.id DESC LIMIT $3";
+
+/// How far a walk reaches (the rows it examines, and the lowest id among them), for a page that
+/// the filters did not fill; sent with [`BROWSE_PAGE`]'s parameters, typed.
+pub const BROWSE_EXTENT: &str = "SELECT count(*), min(w.id) FROM ({walk}) w";
 
 /// The browser's walk of the hot table: its primary key, newest first. A due scheduled or
 /// retryable job shows as available, as in `forkq status`.
@@ -185,15 +184,15 @@ pub const BROWSE_LIVE_WALK: &str = "
     FROM {s}.jobs j WHERE j.id < $1 ORDER BY j.id DESC LIMIT $2";
 
 /// The browser's walk of the archive: the primary key, or with [`BROWSE_DEAD_ONLY`] the
-/// dead-letter index (and with [`BROWSE_DEAD_QUEUE`] its per-queue twin), newest first.
+/// dead-letter index (and with [`BROWSE_DEAD_QUEUE`] its per-queue twin), newest first. Only
+/// index columns narrow the walk, so it examines exactly the rows it counts.
 pub const BROWSE_ARCHIVE_WALK: &str = "
     SELECT a.id, a.queue, a.task, a.state, a.attempt, a.max_attempts, a.created_at,
            a.finished_at AS at, left(a.last_error, 300) AS error, a.batch_id
     FROM {s}.jobs_archive a WHERE a.id < $1 {dead} ORDER BY a.id DESC LIMIT $2";
 
-/// Narrows the archive walk to a failed or cancelled `$6`; the literal condition lets the planner
-/// prove the dead-letter indexes' predicate whatever the parameter.
-pub const BROWSE_DEAD_ONLY: &str = "AND a.state = $6 AND a.state <> 'completed'";
+/// Narrows the archive walk to the dead letter (the filter then picks failed or cancelled).
+pub const BROWSE_DEAD_ONLY: &str = "AND a.state <> 'completed'";
 
 /// Narrows a dead-letter walk to queue `$4` (served by `jobs_archive_dead_queue_idx`).
 pub const BROWSE_DEAD_QUEUE: &str = "AND a.queue = $4";

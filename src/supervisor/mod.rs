@@ -38,6 +38,8 @@ pub const EXIT_CRASH_LOOP: i32 = 70;
 /// Exit code for start-up failures other than configuration (bind, fork, shared memory).
 pub const EXIT_STARTUP: i32 = 1;
 
+/// How long a stopping probe may take to record the host as stopped before it is killed.
+const PROBE_STOP_GRACE: Duration = Duration::from_millis(500);
 /// How long the probe waits before a re-fork after it died.
 const PROBE_RESTART_DELAY: Duration = Duration::from_millis(200);
 /// Grace between the SIGTERM and the SIGKILL of a child whose job exceeded its timeout.
@@ -778,11 +780,23 @@ impl<'f> Supervisor<'f> {
         }
     }
 
+    /// Asks the probe to stop (its presence service then records this host as stopped) and
+    /// kills it if it has not exited within [`PROBE_STOP_GRACE`].
     fn stop_probe(&mut self) {
-        if let Some(pid) = self.probe_pid {
-            let _ = kill(pid, Signal::SIGKILL);
-            let _ = waitpid(pid, None);
-            self.probe_pid = None;
+        if let Some(pid) = self.probe_pid.take() {
+            let _ = kill(pid, Signal::SIGTERM);
+            let until = Instant::now() + PROBE_STOP_GRACE;
+            while matches!(
+                waitpid(pid, Some(WaitPidFlag::WNOHANG)),
+                Ok(WaitStatus::StillAlive)
+            ) {
+                if Instant::now() >= until {
+                    let _ = kill(pid, Signal::SIGKILL);
+                    let _ = waitpid(pid, None);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
     }
 
