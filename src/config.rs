@@ -415,6 +415,64 @@ pub fn health_addr_from_env() -> Result<SocketAddr, ConfigError> {
     health_addr(&Vars(&std::env::vars().collect()))
 }
 
+/// The settings only `forkq dashboard` reads.
+#[derive(Clone)]
+pub struct DashboardSettings {
+    /// Where the dashboard listens (`FORKQ_DASHBOARD_ADDR`).
+    pub addr: SocketAddr,
+    /// The token that allows actions (`FORKQ_DASHBOARD_TOKEN`); read-only without it.
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for DashboardSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DashboardSettings")
+            .field("addr", &self.addr)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+impl DashboardSettings {
+    /// Reads and validates the dashboard's settings from the process environment.
+    pub fn from_env() -> Result<DashboardSettings, ConfigError> {
+        DashboardSettings::from_vars(&std::env::vars().collect())
+    }
+
+    /// Reads and validates the dashboard's settings from `vars`.
+    pub fn from_vars(vars: &HashMap<String, String>) -> Result<DashboardSettings, ConfigError> {
+        let v = Vars(vars);
+        let addr = match v.get("FORKQ_DASHBOARD_ADDR") {
+            None => SocketAddr::from(([127, 0, 0, 1], 9281)),
+            Some(raw) => raw.parse().map_err(|_| {
+                v.error(
+                    "FORKQ_DASHBOARD_ADDR",
+                    "an IP address and port such as 127.0.0.1:9281 (port 0 picks a free port)",
+                )
+            })?,
+        };
+        let token = v.get("FORKQ_DASHBOARD_TOKEN").map(str::to_string);
+        if let Some(t) = &token {
+            if t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(v.error(
+                    "FORKQ_DASHBOARD_TOKEN",
+                    "at least 16 characters without spaces, e.g. the output of `openssl rand -hex 16`",
+                )
+                .hide_value());
+            }
+        }
+        Ok(DashboardSettings { addr, token })
+    }
+}
+
+impl ConfigError {
+    /// The same error without the value, for secrets.
+    fn hide_value(mut self) -> ConfigError {
+        self.value = "(hidden)".into();
+        self
+    }
+}
+
 /// Parses `task=handler;task=handler`.
 fn parse_routes(raw: &str) -> Result<Vec<(String, HandlerSpec)>, String> {
     let mut routes = Vec::new();

@@ -25,6 +25,7 @@ pub mod backoff;
 pub mod child;
 pub mod client;
 pub mod config;
+pub mod dashboard;
 pub mod handler;
 pub mod host;
 pub mod presence;

@@ -138,6 +138,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the web dashboard (its own process; run it beside the daemon).
+    #[command(
+        after_help = "Examples:\n  forkq dashboard\n  FORKQ_DASHBOARD_ADDR=0.0.0.0:9281 FORKQ_DASHBOARD_TOKEN=$(openssl rand -hex 16) forkq dashboard\n\n\
+        Without FORKQ_DASHBOARD_TOKEN the dashboard is read-only. See docs/dashboard.md."
+    )]
+    Dashboard,
     /// Create, inspect, list and cancel batches of jobs.
     #[command(subcommand)]
     Batch(BatchCommand),
@@ -308,6 +314,14 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => forkq::exit_on_config_error(e),
     };
+    if let Command::Dashboard = cli.command {
+        let settings = match forkq::config::DashboardSettings::from_env() {
+            Ok(s) => s,
+            Err(e) => forkq::exit_on_config_error(e),
+        };
+        let code = forkq::dashboard::serve(config, settings);
+        return ExitCode::from(code.clamp(0, 255) as u8);
+    }
     if let Command::Run = cli.command {
         let code = forkq::run(config, |_| Box::new(Builtin) as Box<dyn Handler>);
         return ExitCode::from(code.clamp(0, 255) as u8);
@@ -356,7 +370,7 @@ fn connect(config: &Config) -> Result<postgres::Client, Failure> {
 fn command(command: Command, config: &Config) -> Result<(), Failure> {
     let schema = config.schema.as_str();
     match command {
-        Command::Run => unreachable!("handled in main"),
+        Command::Run | Command::Dashboard => unreachable!("handled in main"),
         Command::Migrate { status } => {
             let mut client = connect(config)?;
             if status {
@@ -693,7 +707,7 @@ fn batch_command(command: BatchCommand, config: &Config) -> Result<(), Failure> 
             }
         },
         BatchCommand::List { state, limit, json } => {
-            let batches = batch::list(&mut client, schema, state.as_deref(), limit)?;
+            let batches = batch::list(&mut client, schema, state.as_deref(), limit, None)?;
             if json {
                 for b in &batches {
                     println!("{}", serde_json::to_string(b).unwrap_or_default());

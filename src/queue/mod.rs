@@ -11,6 +11,7 @@ pub mod hosts;
 pub mod listener;
 pub mod maintenance;
 pub mod migrations;
+pub mod overview;
 pub mod producer;
 pub mod sql;
 

@@ -144,11 +144,12 @@ pub const BATCH_STATUS: &str = "
            completion_job_id, created_at::text, finished_at::text
     FROM {s}.batches WHERE id = $1";
 
-/// The newest batches, optionally in one state.
+/// The newest batches, optionally in one state, below id `$3` (keyset paging; null: from the
+/// newest).
 pub const BATCH_LIST: &str = "
     SELECT id, queue, state, total, pending, succeeded, failed, cancelled, fail_fast,
            completion_job_id, created_at::text, finished_at::text
-    FROM {s}.batches WHERE $1::text IS NULL OR state = $1
+    FROM {s}.batches WHERE ($1::text IS NULL OR state = $1) AND id < coalesce($3, 9223372036854775807)
     ORDER BY id DESC LIMIT $2";
 
 /// Cancels a batch (see `batch_cancel` in the migration).
@@ -283,3 +284,49 @@ pub const DEAD_CLIENT_SECONDS: &str = "
                      AS probes,
                  (SELECT setting::int FROM pg_settings WHERE name = 'tcp_user_timeout')
                      AS user_timeout) s";
+
+/// The dashboard's queue page: per queue, the live jobs by effective state and the age of the
+/// oldest runnable one (the hot table is small by design), the dead letter counted up to `$1`
+/// jobs (through its partial index, never the archive's bulk), and the hosts serving it now
+/// (seen within `$2` intervals). Queues are those with live jobs, dead-lettered jobs or a host
+/// (the dead letter's queue names come from a loose index scan), at most `$3` of them.
+pub const QUEUE_OVERVIEW: &str = "
+    WITH RECURSIVE dead_names AS (
+        (SELECT a.queue FROM {s}.jobs_archive a WHERE a.state <> 'completed'
+         ORDER BY a.queue LIMIT 1)
+        UNION ALL
+        SELECT (SELECT a.queue FROM {s}.jobs_archive a
+                WHERE a.state <> 'completed' AND a.queue > d.queue ORDER BY a.queue LIMIT 1)
+        FROM dead_names d WHERE d.queue IS NOT NULL
+    ), live AS (
+        SELECT j.queue,
+               count(*) FILTER (WHERE j.state <> 'running' AND j.run_at <= now()) AS available,
+               count(*) FILTER (WHERE j.state = 'scheduled' AND j.run_at > now()) AS scheduled,
+               count(*) FILTER (WHERE j.state = 'running') AS running,
+               count(*) FILTER (WHERE j.state = 'retryable' AND j.run_at > now()) AS retryable,
+               extract(epoch FROM now() - min(j.run_at)
+                   FILTER (WHERE j.state <> 'running' AND j.run_at <= now()))::float8 AS oldest
+        FROM {s}.jobs j GROUP BY j.queue
+    ), serving AS (
+        SELECT q.queue, count(*) AS hosts
+        FROM {s}.hosts h, unnest(h.queues) AS q(queue)
+        WHERE h.last_seen > now() - make_interval(secs => h.interval_seconds * $2::float8)
+        GROUP BY q.queue
+    ), names AS (
+        SELECT queue FROM live UNION SELECT queue FROM dead_names WHERE queue IS NOT NULL
+        UNION SELECT queue FROM serving
+    )
+    SELECT n.queue, coalesce(l.available, 0), coalesce(l.scheduled, 0), coalesce(l.running, 0),
+           coalesce(l.retryable, 0), coalesce(l.oldest, 0), d.failed, d.cancelled, d.capped,
+           coalesce(s.hosts, 0)
+    FROM (SELECT queue FROM names ORDER BY queue LIMIT $3::bigint) n
+    LEFT JOIN live l ON l.queue = n.queue
+    LEFT JOIN serving s ON s.queue = n.queue
+    CROSS JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE x.state = 'failed') AS failed,
+               count(*) FILTER (WHERE x.state = 'cancelled') AS cancelled,
+               count(*) > $1::bigint AS capped
+        FROM (SELECT a.state FROM {s}.jobs_archive a
+              WHERE a.queue = n.queue AND a.state <> 'completed' LIMIT $1::bigint + 1) x
+    ) d
+    ORDER BY n.queue";
