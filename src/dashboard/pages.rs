@@ -48,7 +48,7 @@ th{background:#eef0f4;font-weight:600}td.n{text-align:right;font-variant-numeric
 pre{background:#fff;border:1px solid #e3e6eb;padding:.6em;overflow:auto;max-height:30em}
 form.inline{display:inline}button{cursor:pointer}
 .filters{margin-bottom:1em}.filters input,.filters select{margin-right:.5em}
-.muted{color:#6a7385}";
+.muted{color:#6a7385}#job th,#timeline th{width:10em}";
 
 /// The frame around every page.
 pub fn layout(ctx: &Ctx<'_>, title: &str, refresh: Option<u32>, body: Markup) -> Markup {
