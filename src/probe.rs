@@ -304,6 +304,9 @@ fn metrics(table: &SlotTable, config: &Config, db: &Mutex<Database>) -> String {
         .iter()
         .filter(|s| s.state() == SlotState::Running)
         .count();
+    let stale = liveness(table, config).1["stale"]
+        .as_array()
+        .map_or(0, Vec::len);
     for (name, help, value) in [
         ("forkq_children_alive", "Children alive now.", alive),
         ("forkq_children_busy", "Children running a job now.", busy),
@@ -316,6 +319,11 @@ fn metrics(table: &SlotTable, config: &Config, db: &Mutex<Database>) -> String {
             "forkq_crash_looping_slots",
             "Slots that are crash-looping.",
             looping,
+        ),
+        (
+            "forkq_stale_slots",
+            "Slots whose heartbeat is older than FORKQ_HEALTH_STALE_SECONDS.",
+            stale,
         ),
     ] {
         let _ = writeln!(
@@ -344,6 +352,17 @@ fn metrics(table: &SlotTable, config: &Config, db: &Mutex<Database>) -> String {
         sum(&|s| s.duration_sum_us.load(Ordering::Relaxed)) as f64 / 1e6
     );
     let _ = writeln!(out, "forkq_job_duration_seconds_count {cumulative}");
+    let _ = writeln!(
+        out,
+        "# HELP forkq_queue_consumers Children of this host consuming the queue.\n# TYPE forkq_queue_consumers gauge"
+    );
+    for queue in &config.queues {
+        let _ = writeln!(
+            out,
+            "forkq_queue_consumers{{queue=\"{}\"}} {alive}",
+            escape_label(queue)
+        );
+    }
     match with_database(db, config, |client, cache| {
         queue_metrics(client, config, cache)
     }) {
