@@ -534,10 +534,10 @@ fn print_hosts(hosts: &[hosts::HostRow]) {
         "host", "boot", "status", "pid", "alive", "busy", "jobs/s", "queues"
     );
     for h in hosts {
-        let looping = if h.crash_looping.is_empty() {
+        let looping = if h.workload.crash_looping.is_empty() {
             String::new()
         } else {
-            format!(" crash-looping slots {:?}", h.crash_looping)
+            format!(" crash-looping slots {:?}", h.workload.crash_looping)
         };
         println!(
             "{:<24} {:<16} {:<8} {:>7} {:>4}/{:<4} {:>5} {:>8.1}  {:<20} {:.0} s ago{looping}",
@@ -545,11 +545,11 @@ fn print_hosts(hosts: &[hosts::HostRow]) {
             h.boot,
             h.status,
             h.pid,
-            h.alive,
-            h.concurrency,
-            h.busy,
-            h.jobs_per_second,
-            h.queues.join(","),
+            h.workload.alive,
+            h.workload.concurrency,
+            h.workload.busy,
+            h.workload.jobs_per_second,
+            h.workload.queues.join(","),
             h.seconds_since_seen
         );
     }

@@ -180,18 +180,20 @@ impl Presence<'_> {
             host,
             pid: nix::unistd::getppid().as_raw(),
             version: env!("CARGO_PKG_VERSION").into(),
-            queues: self.config.queues.clone(),
-            concurrency: slots.len() as i32,
-            alive: live["alive_children"].as_i64().unwrap_or(0) as i32,
-            busy: slots
-                .iter()
-                .filter(|s| s.state() == crate::slots::SlotState::Running)
-                .count() as i32,
-            crash_looping: ints(&live["crash_looping"]),
-            slots: live["slots"].clone(),
-            succeeded: succeeded as i64,
-            failed: failed as i64,
-            jobs_per_second,
+            workload: hosts::Workload {
+                queues: self.config.queues.clone(),
+                concurrency: slots.len() as i32,
+                alive: live["alive_children"].as_i64().unwrap_or(0) as i32,
+                busy: slots
+                    .iter()
+                    .filter(|s| s.state() == crate::slots::SlotState::Running)
+                    .count() as i32,
+                crash_looping: ints(&live["crash_looping"]),
+                slots: live["slots"].clone(),
+                succeeded: succeeded as i64,
+                failed: failed as i64,
+                jobs_per_second,
+            },
             interval: self.config.host_interval,
             holds_lock: self.config.host_release,
             stopping: self.table.header.shutting_down.load(Ordering::Acquire),

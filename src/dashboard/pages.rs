@@ -199,11 +199,13 @@ fn age(seconds: f64) -> String {
 /// `/`: every queue, and the fleet's throughput.
 pub fn queues(ctx: &Ctx<'_>, rows: &[QueueRow], hosts: &[HostRow]) -> Markup {
     let running: Vec<&HostRow> = hosts.iter().filter(|h| h.status == "running").collect();
-    let rate = running.iter().fold(0.0, |sum, h| sum + h.jobs_per_second);
+    let rate = running
+        .iter()
+        .fold(0.0, |sum, h| sum + h.workload.jobs_per_second);
     let body = html! {
         p {
             (running.len()) " host(s) running, "
-            (running.iter().map(|h| h.alive).sum::<i32>()) " children alive, "
+            (running.iter().map(|h| h.workload.alive).sum::<i32>()) " children alive, "
             (format!("{rate:.1}")) " jobs/s. "
             span.muted {
                 "Dead-letter counts stop at " (DEAD_COUNT_CAP) " (shown with +). Refreshes every 5 s."
@@ -455,16 +457,16 @@ pub fn hosts(ctx: &Ctx<'_>, hosts: &[HostRow]) -> Markup {
         @for h in hosts {
             h2 { (h.host) " " span class=(h.status) { "(" (h.status) ")" } }
             p {
-                "boot " (h.boot) ", pid " (h.pid) ", forkq " (h.version) ", queues " (h.queues.join(", "))
-                ", " (h.alive) "/" (h.concurrency) " children alive, " (h.busy) " busy, "
-                (format!("{:.1}", h.jobs_per_second)) " jobs/s, "
-                (h.succeeded) " succeeded and " (h.failed) " failed since " (h.started_at)
+                "boot " (h.boot) ", pid " (h.pid) ", forkq " (h.version) ", queues " (h.workload.queues.join(", "))
+                ", " (h.workload.alive) "/" (h.workload.concurrency) " children alive, " (h.workload.busy) " busy, "
+                (format!("{:.1}", h.workload.jobs_per_second)) " jobs/s, "
+                (h.workload.succeeded) " succeeded and " (h.workload.failed) " failed since " (h.started_at)
                 "; last seen " (format!("{:.0}", h.seconds_since_seen)) " s ago."
                 @if let Some(at) = &h.released_at {
                     " Its jobs were brought back at " (at) " because it was gone."
                 }
-                @if !h.crash_looping.is_empty() {
-                    span.failed { " Crash-looping slots: " (format!("{:?}", h.crash_looping)) "." }
+                @if !h.workload.crash_looping.is_empty() {
+                    span.failed { " Crash-looping slots: " (format!("{:?}", h.workload.crash_looping)) "." }
                 }
             }
             table.slots {
@@ -473,7 +475,7 @@ pub fn hosts(ctx: &Ctx<'_>, hosts: &[HostRow]) -> Markup {
                     th { "heartbeat" } th { "restarts" } th { "last exit" }
                 } }
                 tbody {
-                    @for s in h.slots.as_array().into_iter().flatten() {
+                    @for s in h.workload.slots.as_array().into_iter().flatten() {
                         tr {
                             td.n { (s["slot"]) }
                             td.n { (s["pid"]) }

@@ -38,19 +38,9 @@ pub fn hold_lock_statement(schema: &str, boot: &str) -> String {
     sql::HOLD_BOOT_LOCK.replace("$1", &lock_key(schema, boot).to_string())
 }
 
-/// What a daemon writes about itself every interval.
-#[derive(Debug, Clone)]
-pub struct HostReport {
-    /// The boot id (16 hex digits).
-    pub boot: String,
-    /// The host name.
-    pub host: String,
-    /// The prefix of every lease owner of this boot.
-    pub lease_prefix: String,
-    /// The supervisor's pid.
-    pub pid: i32,
-    /// The forkq version.
-    pub version: String,
+/// What a host is doing, as it last said: written every interval, shown by `forkq hosts`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Workload {
     /// The queues it consumes.
     pub queues: Vec<String>,
     /// Children it should have.
@@ -69,6 +59,23 @@ pub struct HostReport {
     pub failed: i64,
     /// Jobs finished per second over the last interval.
     pub jobs_per_second: f64,
+}
+
+/// What a daemon writes about itself every interval.
+#[derive(Debug, Clone)]
+pub struct HostReport {
+    /// The boot id (16 hex digits).
+    pub boot: String,
+    /// The host name.
+    pub host: String,
+    /// The prefix of every lease owner of this boot.
+    pub lease_prefix: String,
+    /// The supervisor's pid.
+    pub pid: i32,
+    /// The forkq version.
+    pub version: String,
+    /// What it is doing.
+    pub workload: Workload,
     /// How often the row is written.
     pub interval: Duration,
     /// Every connection of this boot holds its session lock (`FORKQ_HOST_RELEASE=1`).
@@ -86,6 +93,7 @@ pub fn record(
     report: &HostReport,
 ) -> Result<(), QueueError> {
     let r = report;
+    let w = &r.workload;
     let key = lock_key(schema, &r.boot);
     client.execute(
         &render(sql::HOST_UPSERT, schema),
@@ -95,15 +103,15 @@ pub fn record(
             &r.lease_prefix,
             &r.pid,
             &r.version,
-            &r.queues,
-            &r.concurrency,
-            &r.alive,
-            &r.busy,
-            &r.crash_looping,
-            &r.slots,
-            &r.succeeded,
-            &r.failed,
-            &r.jobs_per_second,
+            &w.queues,
+            &w.concurrency,
+            &w.alive,
+            &w.busy,
+            &w.crash_looping,
+            &w.slots,
+            &w.succeeded,
+            &w.failed,
+            &w.jobs_per_second,
             &r.interval.as_secs_f64(),
             &r.holds_lock,
             &key,
@@ -183,24 +191,9 @@ pub struct HostRow {
     pub pid: i32,
     /// The forkq version.
     pub version: String,
-    /// The queues it consumes.
-    pub queues: Vec<String>,
-    /// Children it should have.
-    pub concurrency: i32,
-    /// Children alive.
-    pub alive: i32,
-    /// Children running a job.
-    pub busy: i32,
-    /// Slots that are crash-looping.
-    pub crash_looping: Vec<i32>,
-    /// Each slot as `/livez` showed it at the last write.
-    pub slots: Value,
-    /// Jobs that succeeded since the boot.
-    pub succeeded: i64,
-    /// Jobs that failed for good since the boot.
-    pub failed: i64,
-    /// Jobs finished per second over its last interval.
-    pub jobs_per_second: f64,
+    /// What it was doing at its last write.
+    #[serde(flatten)]
+    pub workload: Workload,
     /// When the supervisor started.
     pub started_at: String,
     /// When the row was last written.
@@ -233,15 +226,17 @@ pub fn list(client: &mut impl GenericClient, schema: &str) -> Result<Vec<HostRow
                 status: status.into(),
                 pid: row.get(2),
                 version: row.get(3),
-                queues: row.get(4),
-                concurrency: row.get(5),
-                alive: row.get(6),
-                busy: row.get(7),
-                crash_looping: row.get(8),
-                slots: row.get(9),
-                succeeded: row.get(10),
-                failed: row.get(11),
-                jobs_per_second: row.get(12),
+                workload: Workload {
+                    queues: row.get(4),
+                    concurrency: row.get(5),
+                    alive: row.get(6),
+                    busy: row.get(7),
+                    crash_looping: row.get(8),
+                    slots: row.get(9),
+                    succeeded: row.get(10),
+                    failed: row.get(11),
+                    jobs_per_second: row.get(12),
+                },
                 started_at: row.get(15),
                 last_seen: row.get(16),
                 seconds_since_seen: since,
