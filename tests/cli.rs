@@ -174,7 +174,17 @@ fn bad_environment_exits_78_naming_the_variable() {
 #[test]
 fn every_command_has_help_with_an_example() {
     for cmd in [
-        "migrate", "enqueue", "status", "job", "jobs", "hosts", "retry", "cancel", "run", "health",
+        "migrate",
+        "enqueue",
+        "status",
+        "job",
+        "jobs",
+        "hosts",
+        "dashboard",
+        "retry",
+        "cancel",
+        "run",
+        "health",
     ] {
         let run = run_with(&[], &[cmd, "--help"], None);
         assert!(run.ok().contains("Example"), "{cmd} --help: {}", run.stdout);
