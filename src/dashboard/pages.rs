@@ -125,12 +125,13 @@ pub fn jobs_href(filter: &Filter, after: Option<i64>) -> String {
     }
 }
 
-/// One column of the queue table: a title and how to render a queue's cell.
+/// One column of the queue table: a title and how to render a queue's cell (with the request's
+/// context, so a cell can hold an action form and its CSRF token).
 pub struct QueueColumn {
     /// The header.
     pub title: &'static str,
     /// The cell.
-    pub cell: fn(&QueueRow) -> Markup,
+    pub cell: fn(&QueueRow, &Ctx<'_>) -> Markup,
 }
 
 fn count_link(queue: &str, state: &str, n: i64) -> Markup {
@@ -155,35 +156,35 @@ fn dead_count(row: &QueueRow, state: &str, n: i64) -> Markup {
 pub const QUEUE_COLUMNS: &[QueueColumn] = &[
     QueueColumn {
         title: "available",
-        cell: |r| count_link(&r.queue, "available", r.available),
+        cell: |r, _| count_link(&r.queue, "available", r.available),
     },
     QueueColumn {
         title: "running",
-        cell: |r| count_link(&r.queue, "running", r.running),
+        cell: |r, _| count_link(&r.queue, "running", r.running),
     },
     QueueColumn {
         title: "scheduled",
-        cell: |r| count_link(&r.queue, "scheduled", r.scheduled),
+        cell: |r, _| count_link(&r.queue, "scheduled", r.scheduled),
     },
     QueueColumn {
         title: "retryable",
-        cell: |r| count_link(&r.queue, "retryable", r.retryable),
+        cell: |r, _| count_link(&r.queue, "retryable", r.retryable),
     },
     QueueColumn {
         title: "failed",
-        cell: |r| dead_count(r, "failed", r.failed),
+        cell: |r, _| dead_count(r, "failed", r.failed),
     },
     QueueColumn {
         title: "cancelled",
-        cell: |r| dead_count(r, "cancelled", r.cancelled),
+        cell: |r, _| dead_count(r, "cancelled", r.cancelled),
     },
     QueueColumn {
         title: "oldest waiting",
-        cell: |r| html! { (age(r.oldest_available_seconds)) },
+        cell: |r, _| html! { (age(r.oldest_available_seconds)) },
     },
     QueueColumn {
         title: "hosts",
-        cell: |r| html! { span class=(if r.hosts == 0 { "gone" } else { "" }) { (r.hosts) } },
+        cell: |r, _| html! { span class=(if r.hosts == 0 { "gone" } else { "" }) { (r.hosts) } },
     },
 ];
 
@@ -223,7 +224,7 @@ pub fn queues(ctx: &Ctx<'_>, rows: &[QueueRow], hosts: &[HostRow]) -> Markup {
                     @for r in rows {
                         tr {
                             td { a href=(jobs_href(&Filter { queue: Some(r.queue.clone()), ..Filter::default() }, None)) { (r.queue) } }
-                            @for c in QUEUE_COLUMNS { td.n { ((c.cell)(r)) } }
+                            @for c in QUEUE_COLUMNS { td.n { ((c.cell)(r, ctx)) } }
                         }
                     }
                 }
