@@ -123,10 +123,17 @@ fn a_dead_hosts_jobs_come_back_long_before_their_lease() {
     let observer = fleet_daemon(&schema, "elsewhere", &[]);
     // A second observer whose server drops vanished clients after 5 s, less than a lease: it
     // must refuse to return anyone's jobs early.
-    let short_keepalive = format!(
-        "{}?options=-c%20tcp_keepalives_idle%3D2%20-c%20tcp_keepalives_count%3D1%20-c%20tcp_keepalives_interval%3D3",
-        database_url()
-    );
+    let options = "-c tcp_keepalives_idle=2 -c tcp_keepalives_count=1 -c tcp_keepalives_interval=3";
+    let url = database_url();
+    let short_keepalive = if url.contains("://") {
+        let join = if url.contains('?') { '&' } else { '?' };
+        format!(
+            "{url}{join}options={}",
+            options.replace(' ', "%20").replace('=', "%3D")
+        )
+    } else {
+        format!("{url} options='{options}'")
+    };
     let cautious = fleet_daemon(&schema, "elsewhere", &[("DATABASE_URL", &short_keepalive)]);
     let dying = fleet_daemon(&schema, "default", &[]);
     let boot = boot_of(&schema, &dying);
