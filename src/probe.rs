@@ -1,5 +1,6 @@
-//! The probe process: the fleet's `/livez`, `/readyz` and `/metrics` over HTTP, and the
-//! wake-up listener that rouses one idle child per enqueue notification ([`crate::wakeup`]).
+//! The probe process: the fleet's `/livez`, `/readyz` and `/metrics` over HTTP, the wake-up
+//! listener that rouses one idle child per enqueue notification ([`crate::wakeup`]), and the
+//! presence service that records the daemon in the hosts table ([`crate::presence`]).
 //!
 //! A forked child of the supervisor answers on the listener the supervisor bound (tiny_http
 //! starts threads, which the supervisor must never have). Liveness is computed from the shared
@@ -17,6 +18,7 @@ use serde_json::{json, Value};
 use tiny_http::{Header, Method, Request, Response, Server};
 
 use crate::config::Config;
+use crate::presence;
 use crate::queue::{self, admin, migrations};
 use crate::slots::{monotonic_ms, SlotState, SlotTable, LATENCY_BUCKETS_MS};
 use crate::wakeup;
@@ -51,6 +53,10 @@ pub fn serve(listener: &TcpListener, table: &'static SlotTable, config: &Config)
     if config.listen {
         let config = config.clone();
         std::thread::spawn(move || wakeup::run_listener(&config, table));
+    }
+    {
+        let config = config.clone();
+        std::thread::spawn(move || presence::run(&config, table));
     }
     let db = Arc::new(Mutex::new(Database {
         client: None,
@@ -298,6 +304,9 @@ fn metrics(table: &SlotTable, config: &Config, db: &Mutex<Database>) -> String {
         .iter()
         .filter(|s| s.state() == SlotState::Running)
         .count();
+    let stale = liveness(table, config).1["stale"]
+        .as_array()
+        .map_or(0, Vec::len);
     for (name, help, value) in [
         ("forkq_children_alive", "Children alive now.", alive),
         ("forkq_children_busy", "Children running a job now.", busy),
@@ -310,6 +319,11 @@ fn metrics(table: &SlotTable, config: &Config, db: &Mutex<Database>) -> String {
             "forkq_crash_looping_slots",
             "Slots that are crash-looping.",
             looping,
+        ),
+        (
+            "forkq_stale_slots",
+            "Slots whose heartbeat is older than FORKQ_HEALTH_STALE_SECONDS.",
+            stale,
         ),
     ] {
         let _ = writeln!(
@@ -338,6 +352,17 @@ fn metrics(table: &SlotTable, config: &Config, db: &Mutex<Database>) -> String {
         sum(&|s| s.duration_sum_us.load(Ordering::Relaxed)) as f64 / 1e6
     );
     let _ = writeln!(out, "forkq_job_duration_seconds_count {cumulative}");
+    let _ = writeln!(
+        out,
+        "# HELP forkq_queue_consumers Children of this host consuming the queue.\n# TYPE forkq_queue_consumers gauge"
+    );
+    for queue in &config.queues {
+        let _ = writeln!(
+            out,
+            "forkq_queue_consumers{{queue=\"{}\"}} {alive}",
+            escape_label(queue)
+        );
+    }
     match with_database(db, config, |client, cache| {
         queue_metrics(client, config, cache)
     }) {

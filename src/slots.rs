@@ -229,6 +229,10 @@ pub struct Header {
     pub claim_done: AtomicU32,
     /// Pid of the probe process.
     pub probe_pid: AtomicI32,
+    /// This boot's id (see [`crate::host`]), set by the supervisor before it forks anything.
+    pub boot: AtomicU64,
+    /// When the supervisor started, in milliseconds since the Unix epoch.
+    pub started_unix_ms: AtomicU64,
 }
 
 /// The whole table: a header and [`MAX_CONCURRENCY`] slots.

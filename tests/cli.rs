@@ -180,7 +180,17 @@ fn every_command_has_help_with_an_example() {
         top.stdout
     );
     for cmd in [
-        "migrate", "enqueue", "status", "job", "retry", "cancel", "run", "health",
+        "migrate",
+        "enqueue",
+        "status",
+        "job",
+        "jobs",
+        "hosts",
+        "dashboard",
+        "retry",
+        "cancel",
+        "run",
+        "health",
     ] {
         let run = run_with(&[], &[cmd, "--help"], None);
         assert!(run.ok().contains("Example"), "{cmd} --help: {}", run.stdout);
@@ -887,8 +897,18 @@ fn cancel_and_retry_commands() {
         .collect();
     c.settle_and_claim(&acks, 0).unwrap();
     assert_eq!(schema.archived("failed"), 4);
-    let run = forkq(&schema, &["retry", "--failed", "--queue", "q"]);
-    assert!(run.ok().starts_with("3 failed job(s)"), "{}", run.stdout);
+    let unconfirmed = forkq(&schema, &["retry", "--failed", "--queue", "q"]);
+    assert_eq!(unconfirmed.code, 1, "{}", unconfirmed.stdout);
+    assert!(
+        unconfirmed
+            .stderr
+            .contains("3 jobs match; nothing was changed: add --yes"),
+        "{}",
+        unconfirmed.stderr
+    );
+    assert_eq!(schema.archived("failed"), 4, "nothing moved without --yes");
+    let run = forkq(&schema, &["retry", "--failed", "--queue", "q", "--yes"]);
+    assert_eq!(run.ok(), "3 job(s) back in their queue");
     assert_eq!(
         schema.count("SELECT count(*) FROM {s}.jobs WHERE queue = 'q' AND state = 'available'"),
         3
@@ -901,13 +921,14 @@ fn cancel_and_retry_commands() {
     );
     assert_eq!(
         forkq(&schema, &["retry", "--failed", "--queue", "q"]).ok(),
-        "0 failed job(s) of queue \"q\" are back in the queue"
+        "no job matches; nothing to retry"
     );
+    // One job needs no confirmation; the filter spans every queue.
     assert_eq!(
-        forkq(&schema, &["retry", "--failed"]).code,
-        2,
-        "--failed needs --queue"
+        forkq(&schema, &["retry", "--failed"]).ok(),
+        "1 job(s) back in their queue"
     );
+    assert_eq!(forkq(&schema, &["retry"]).code, 2, "an id or a filter");
 }
 
 #[test]

@@ -414,7 +414,11 @@ fn systemd_units_pass_systemd_analyze_verify() {
     // binary this test run built, side by side so Requires=forkq-migrate.service resolves.
     let dir = ScratchDir::new("systemd");
     let mut paths = Vec::new();
-    for unit in ["forkq.service", "forkq-migrate.service"] {
+    for unit in [
+        "forkq.service",
+        "forkq-migrate.service",
+        "forkq-dashboard.service",
+    ] {
         let text = read(&format!("systemd/{unit}"));
         assert!(
             text.contains("/usr/local/bin/forkq "),

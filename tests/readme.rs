@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::*;
 
 /// The health port the tour gives its daemon (beside `make run`'s 9280).
-const TOUR_PORT: u16 = 9281;
+const TOUR_PORT: u16 = 9282;
 
 /// The first fenced `sh` block of the README's "Quick tour" section.
 fn quick_tour() -> String {

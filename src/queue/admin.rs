@@ -122,14 +122,3 @@ pub fn retry(client: &mut impl GenericClient, schema: &str, id: i64) -> Result<b
         .query_one(&render(sql::RETRY, schema), &[&id])?
         .get(0))
 }
-
-/// Retries every failed job of `queue`; returns how many moved.
-pub fn retry_failed(
-    client: &mut impl GenericClient,
-    schema: &str,
-    queue: &str,
-) -> Result<i64, QueueError> {
-    Ok(client
-        .query_one(&render(sql::RETRY_FAILED_IN_QUEUE, schema), &[&queue])?
-        .get(0))
-}

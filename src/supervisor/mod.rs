@@ -22,6 +22,7 @@ use nix::unistd::{fork, ForkResult, Pid};
 use crate::child::{self, ChildSpec, Predecessor};
 use crate::config::{Config, EX_CONFIG, MAX_CONCURRENCY};
 use crate::handler::Handler;
+use crate::host;
 use crate::logging::{self, Role};
 use crate::probe;
 use crate::proctitle;
@@ -39,6 +40,8 @@ pub const EXIT_CRASH_LOOP: i32 = 70;
 /// Exit code for start-up failures other than configuration (bind, fork, shared memory).
 pub const EXIT_STARTUP: i32 = 1;
 
+/// How long a stopping probe may take to record the host as stopped before it is killed.
+const PROBE_STOP_GRACE: Duration = Duration::from_millis(500);
 /// How long the probe waits before a re-fork after it died.
 const PROBE_RESTART_DELAY: Duration = Duration::from_millis(200);
 /// Grace between the SIGTERM and the SIGKILL of a child whose job exceeded its timeout.
@@ -127,11 +130,15 @@ impl<'f> Supervisor<'f> {
             .concurrency
             .store(config.concurrency as u32, Ordering::Release);
         let now = Instant::now();
-        let host = nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_else(|| "localhost".into());
-        let boot = format!("{:016x}", fastrand::u64(..));
+        let boot = fastrand::u64(..);
+        table.header.boot.store(boot, Ordering::Release);
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        table
+            .header
+            .started_unix_ms
+            .store(since_epoch.as_millis() as u64, Ordering::Release);
         let watchdog = std::env::var("WATCHDOG_USEC")
             .ok()
             .and_then(|v| v.parse::<u64>().ok())
@@ -152,7 +159,7 @@ impl<'f> Supervisor<'f> {
             listener,
             signals,
             supervisor_pid: nix::unistd::getpid(),
-            lease_prefix: format!("{host}/{boot}"),
+            lease_prefix: host::lease_prefix(&host::hostname(), boot),
             probe_pid: None,
             probe_restart_at: None,
             shutdown: None,
@@ -515,7 +522,7 @@ impl<'f> Supervisor<'f> {
     /// The prefix of every lease owner slot `index` had in this boot: a successor releases all
     /// of them, in case a predecessor died before releasing its own predecessor's jobs.
     fn slot_owner_prefix(&self, index: usize) -> String {
-        format!("{}/{index}/", self.lease_prefix)
+        format!("{}{index}/", self.lease_prefix)
     }
 
     /// Forks a child into slot `index`. The previous occupant (if any) is described to the new
@@ -780,11 +787,23 @@ impl<'f> Supervisor<'f> {
         }
     }
 
+    /// Asks the probe to stop (its presence service then records this host as stopped) and
+    /// kills it if it has not exited within [`PROBE_STOP_GRACE`].
     fn stop_probe(&mut self) {
-        if let Some(pid) = self.probe_pid {
-            let _ = kill(pid, Signal::SIGKILL);
-            let _ = waitpid(pid, None);
-            self.probe_pid = None;
+        if let Some(pid) = self.probe_pid.take() {
+            let _ = kill(pid, Signal::SIGTERM);
+            let until = Instant::now() + PROBE_STOP_GRACE;
+            while matches!(
+                waitpid(pid, Some(WaitPidFlag::WNOHANG)),
+                Ok(WaitStatus::StillAlive)
+            ) {
+                if Instant::now() >= until {
+                    let _ = kill(pid, Signal::SIGKILL);
+                    let _ = waitpid(pid, None);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
     }
 
