@@ -168,6 +168,7 @@ pub fn liveness(table: &SlotTable, config: &Config) -> (bool, Value) {
             "job_id": (job != 0).then_some(job),
             "seconds_in_job": (job != 0).then(|| now.saturating_sub(slot.job_started_ms.load(Ordering::Acquire)) as f64 / 1000.0),
             "restarts": slot.restarts.load(Ordering::Relaxed),
+            "jobs_succeeded": slot.succeeded.load(Ordering::Relaxed),
             "last_exit": last_exit(slot),
             "generation": slot.generation.load(Ordering::Acquire),
         }));

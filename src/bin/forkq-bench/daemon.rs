@@ -102,12 +102,17 @@ impl Daemon {
         serde_json::from_str(&body).ok()
     }
 
-    /// Jobs the fleet finished successfully so far (from /metrics, i.e. shared memory).
+    /// Jobs the fleet finished successfully so far, from /livez (shared memory only: /metrics
+    /// would also query the database, and a benchmark polling it would measure itself).
     pub fn succeeded(&self) -> Option<u64> {
-        let (_, body) = sys::http_get(self.addr, "/metrics")?;
-        body.lines()
-            .find_map(|l| l.strip_prefix("forkq_jobs_succeeded_total "))
-            .and_then(|v| v.trim().parse().ok())
+        let body = self.livez()?;
+        Some(
+            body["slots"]
+                .as_array()?
+                .iter()
+                .filter_map(|s| s["jobs_succeeded"].as_u64())
+                .sum(),
+        )
     }
 
     /// The children's pids by slot, with their state.
