@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use postgres::types::Type;
 use postgres::Client;
 
 use super::sql::{self, render};
@@ -75,7 +76,10 @@ pub fn run_pass(
     let retain = !retention.is_zero();
     let Some(rescued) = locked(client, schema, |tx| {
         Ok(tx
-            .query_one(&render(sql::RESCUE_EXPIRED, schema), &[&retain])?
+            .query_typed_one(
+                &render(sql::RESCUE_EXPIRED, schema),
+                &[(&retain, Type::BOOL)],
+            )?
             .get(0))
     })?
     else {
@@ -86,7 +90,7 @@ pub fn run_pass(
         purged: purge_archive(client, schema, retention)?,
         batches_repaired: locked(client, schema, |tx| {
             let repaired = repair_batches(tx, schema, retain)?;
-            tx.execute(&render(sql::COMPACT_CHANGES, schema), &[])?;
+            tx.query_typed(&render(sql::COMPACT_CHANGES, schema), &[])?;
             Ok(repaired)
         })?
         .unwrap_or(0),
@@ -109,9 +113,9 @@ fn locked<T>(
 ) -> Result<Option<T>, QueueError> {
     let mut tx = client.transaction()?;
     let got: bool = tx
-        .query_one(
+        .query_typed_one(
             sql::TRY_MAINTENANCE_LOCK,
-            &[&sql::advisory_key("maintenance", schema)],
+            &[(&sql::advisory_key("maintenance", schema), Type::INT8)],
         )?
         .get(0);
     if !got {
@@ -130,12 +134,19 @@ fn purge_archive(
     retention: Duration,
 ) -> Result<u64, QueueError> {
     let started = Instant::now();
-    client.execute(&render(sql::SUMMARIZE_ARCHIVE, schema), &[])?;
+    client.query_typed(&render(sql::SUMMARIZE_ARCHIVE, schema), &[])?;
     let purge = render(sql::PURGE_EXPIRED_ARCHIVE, schema);
     let mut purged = 0;
     loop {
         let chunk = locked(client, schema, |tx| {
-            Ok(tx.execute(&purge, &[&retention.as_secs_f64(), &(PURGE_CHUNK as i64)])?)
+            let deleted = tx.query_typed_one(
+                &purge,
+                &[
+                    (&retention.as_secs_f64(), Type::FLOAT8),
+                    (&(PURGE_CHUNK as i64), Type::INT8),
+                ],
+            )?;
+            Ok(deleted.get::<_, i64>(0) as u64)
         })?
         .unwrap_or(0);
         purged += chunk;
@@ -167,10 +178,13 @@ fn vacuum_if_bloated(
 ) -> Result<bool, QueueError> {
     let relation = format!("{}.{table}", render("{s}", schema));
     let dead: Option<i64> = client
-        .query_opt(
-            "SELECT n_dead_tup FROM pg_stat_user_tables
-             WHERE relid = $1::text::regclass AND n_dead_tup > $2::bigint + $3::float8 * n_live_tup",
-            &[&relation, &base, &fraction],
+        .query_typed_opt(
+            sql::DEAD_ROWS,
+            &[
+                (&relation, Type::TEXT),
+                (&base, Type::INT8),
+                (&fraction, Type::FLOAT8),
+            ],
         )?
         .map(|r| r.get(0));
     let Some(dead) = dead else {

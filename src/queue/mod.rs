@@ -12,6 +12,7 @@ pub mod listener;
 pub mod maintenance;
 pub mod migrations;
 pub mod overview;
+pub mod pooler;
 pub mod producer;
 pub mod sql;
 
@@ -61,6 +62,13 @@ impl fmt::Display for QueueError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             QueueError::Db(e) => match e.as_db_error() {
+                Some(db) if looks_pooled(db.code().code()) => write!(
+                    f,
+                    "database error: {}; named prepared statements are being lost between \
+                     transactions, as behind PgBouncer in transaction mode: set \
+                     FORKQ_POOLER=transaction (see docs/pooler.md)",
+                    db.message()
+                ),
                 Some(db) => write!(f, "database error: {}", db.message()),
                 // The driver's own message is terse ("error connecting to server"); the
                 // cause (refused, timed out, name unknown) is what the operator needs.
@@ -121,6 +129,13 @@ impl QueueError {
 /// Retrying on a fresh connection is the cure for all.
 fn is_transient_server_state(code: &str) -> bool {
     code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "57014")
+}
+
+/// SQLSTATEs of a named prepared statement that exists where it should not (42P05) or is
+/// missing where it should be (26000): what a session-bound client sees behind a pooler in
+/// transaction mode.
+fn looks_pooled(code: &str) -> bool {
+    matches!(code, "42P05" | "26000")
 }
 
 /// Opens one connection, shown as `application` in `pg_stat_activity`.

@@ -473,18 +473,18 @@ impl<'a> BulkInsert<'a> {
         let batches: Vec<Option<i64>> = vec![self.batch_id; chunk.len()];
         let count: i64 = self
             .tx
-            .query_one(
+            .query_typed_one(
                 &self.statement,
                 &[
-                    &queues,
-                    &tasks,
-                    &payloads,
-                    &priorities,
-                    &run_ats,
-                    &delays,
-                    &attempts,
-                    &keys,
-                    &batches,
+                    (&queues, Type::TEXT_ARRAY),
+                    (&tasks, Type::TEXT_ARRAY),
+                    (&payloads, Type::JSONB_ARRAY),
+                    (&priorities, Type::INT2_ARRAY),
+                    (&run_ats, Type::TEXT_ARRAY),
+                    (&delays, Type::FLOAT8_ARRAY),
+                    (&attempts, Type::INT4_ARRAY),
+                    (&keys, Type::TEXT_ARRAY),
+                    (&batches, Type::INT8_ARRAY),
                 ],
             )
             .map_err(|e| bad_time(e, &chunk.iter().find_map(|r| r.run_at.clone())))?
@@ -499,7 +499,7 @@ impl<'a> BulkInsert<'a> {
         self.flush()?;
         if self.inserted > 0 {
             self.tx
-                .execute(&render(sql::NOTIFY, &self.schema), &[&""])?;
+                .query_typed(&render(sql::NOTIFY, &self.schema), &[(&"", Type::TEXT)])?;
         }
         self.tx.commit()?;
         Ok(self.inserted)

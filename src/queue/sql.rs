@@ -129,6 +129,15 @@ pub fn round(queues: usize) -> String {
     ROUND.replace("{pick}", &pick)
 }
 
+/// Learns the parameter types of `{statement}` without leaving anything on the server
+/// connection: one simple query (one implicit transaction, so one server connection even behind
+/// a pooler in transaction mode) prepares it under forkq's own name, reads the types and
+/// deallocates it.
+pub const DESCRIBE: &str = "
+    PREPARE forkq_describe AS {statement};
+    SELECT parameter_types::oid[]::text FROM pg_prepared_statements WHERE name = 'forkq_describe';
+    DEALLOCATE forkq_describe";
+
 /// Settles what the lean round does not: failures, retries, cancels and batch children (see
 /// `settle` in the migration). Returns the ids refused (stale leases).
 pub const SETTLE: &str = "SELECT {s}.settle($1, $2, $3, $4, $5, $6, $7)";
@@ -159,17 +168,26 @@ pub const COMPACT_CHANGES: &str = "SELECT {s}.compact_changes()";
 pub const SUMMARIZE_ARCHIVE: &str =
     "SELECT brin_summarize_new_values('{s}.jobs_archive_finished_idx'::regclass)";
 
-/// Deletes completed and cancelled jobs older than the retention (`$1` seconds), at most `$2`.
-/// Children of open batches are kept: they are the rows the batch repair recomputes from.
+/// Deletes completed and cancelled jobs older than the retention (`$1` seconds), at most `$2`;
+/// returns how many. Children of open batches are kept: they are the rows the batch repair
+/// recomputes from.
 pub const PURGE_EXPIRED_ARCHIVE: &str = "
-    DELETE FROM {s}.jobs_archive
-    WHERE id = ANY(ARRAY(
-        SELECT a.id FROM {s}.jobs_archive a
-        WHERE a.state <> 'failed' AND a.finished_at < now() - make_interval(secs => $1)
-          AND (a.batch_id IS NULL
-               OR NOT EXISTS (SELECT 1 FROM {s}.batches b
-                              WHERE b.id = a.batch_id AND b.state = 'open'))
-        LIMIT $2))";
+    WITH purged AS (
+        DELETE FROM {s}.jobs_archive
+        WHERE id = ANY(ARRAY(
+            SELECT a.id FROM {s}.jobs_archive a
+            WHERE a.state <> 'failed' AND a.finished_at < now() - make_interval(secs => $1)
+              AND (a.batch_id IS NULL
+                   OR NOT EXISTS (SELECT 1 FROM {s}.batches b
+                                  WHERE b.id = a.batch_id AND b.state = 'open'))
+            LIMIT $2))
+        RETURNING 1)
+    SELECT count(*) FROM purged";
+
+/// The dead rows of table `$1` when they exceed `$2` plus `$3` times its live rows.
+pub const DEAD_ROWS: &str = "
+    SELECT n_dead_tup FROM pg_stat_user_tables
+    WHERE relid = $1::text::regclass AND n_dead_tup > $2::bigint + $3::float8 * n_live_tup";
 
 /// Takes the maintenance lock for the rest of the transaction, if no one else holds it.
 pub const TRY_MAINTENANCE_LOCK: &str = "SELECT pg_try_advisory_xact_lock($1)";
@@ -340,6 +358,13 @@ pub const HOSTS_LIST: &str = "
            succeeded, failed, jobs_per_second, interval_seconds, stopping, started_at::text,
            last_seen::text, extract(epoch FROM now() - last_seen)::float8, released_at::text
     FROM {s}.hosts ORDER BY host, started_at DESC";
+
+/// The role, the database, and the session's statement timeout (ms) and commit mode: behind a
+/// transaction-mode pooler, the role's defaults (see `queue::pooler`).
+pub const ROLE_SETTINGS: &str = "
+    SELECT current_user::text, current_database()::text,
+           (SELECT setting::bigint FROM pg_settings WHERE name = 'statement_timeout'),
+           current_setting('synchronous_commit')";
 
 /// Takes this boot's shared session lock (see `expire_gone_hosts` in migration 003); every
 /// connection of the boot holds it until it closes.
