@@ -6,7 +6,9 @@
 #
 # listens on 127.0.0.1:PORT, forwards every database name to HOST:UPSTREAM_PORT, lets USER in
 # without a password (and logs in upstream with PASSWORD when given), with POOL_SIZE (default 4)
-# server connections per database and user. USER may use the admin console (database
+# server connections per database and user; CONNECT_QUERY, when set, runs on every new server
+# connection (how a pool gives forkq's sessions their settings, e.g.
+# "SET synchronous_commit = off; SET statement_timeout = 5000"). USER may use the admin console (database
 # "pgbouncer": SHOW SERVERS, KILL, RESUME, RECONNECT). Writes its configuration into DIR; logs to
 # stderr. Installs pgbouncer with scripts/ops-tools.sh when it is missing. PgBouncer refuses to
 # run as root, so as root it runs as nobody. It execs PgBouncer: the caller stops it by the pid it
@@ -28,7 +30,7 @@ bin=$(find_pgbouncer) || {
 mkdir -p "$dir"
 cat >"$dir/pgbouncer.ini" <<EOF
 [databases]
-* = host=$host port=$upstream
+* = host=$host port=$upstream${CONNECT_QUERY:+ connect_query='$CONNECT_QUERY'}
 
 [pgbouncer]
 listen_addr = 127.0.0.1
