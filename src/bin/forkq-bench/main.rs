@@ -4,10 +4,12 @@
 //! `forkq-bench` runs the whole plan; `forkq-bench worker` is the library worker the latency and
 //! recovery workloads spawn. Settings (environment): `DATABASE_URL`, `BENCH_FORKQ_BIN` (the release
 //! `forkq`, default: next to this binary), `BENCH_QUICK=1` (a few minutes instead of about half
-//! an hour), `BENCH_ONLY=raw,w1,crowded,durable,mixed,w2,w3,recovery,idle,scale,soak` (a subset),
+//! an hour), `BENCH_ONLY=raw,w1,crowded,durable,mixed,w2,w3,recovery,idle,scale,rest,fanout,soak`
+//! (a subset),
 //! `BENCH_STOCK_URL` (a server with stock settings, for the second soak; `scripts/bench.sh`
 //! starts a private one), `BENCH_SCALE_URL` (a server that takes the scale curve's ~300
-//! connections; default `DATABASE_URL`; `scripts/bench.sh` starts a private one), `BENCH_OUT`
+//! connections, for scale, rest and fanout; default `DATABASE_URL`; `scripts/bench.sh` starts a
+//! private one with pg_stat_statements), `BENCH_OUT`
 //! (default `docs/benchmarks.md`, with the scale chart beside it; `-` writes nothing),
 //! `BENCH_DIR` (logs, default `target/bench`).
 
@@ -472,16 +474,21 @@ fn run() -> BenchResult<()> {
             Err(e) => report.add("idle", format!("error: {e}"), "", ""),
         }
     }
+    let scale_ctx = Ctx {
+        url: std::env::var("BENCH_SCALE_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| url.clone()),
+        ..ctx.clone()
+    };
     let mut scale_points = Vec::new();
     if wants("scale") {
-        let scale_ctx = Ctx {
-            url: std::env::var("BENCH_SCALE_URL")
-                .ok()
-                .filter(|u| !u.is_empty())
-                .unwrap_or_else(|| url.clone()),
-            ..ctx.clone()
-        };
         scale_points = scale::run(&scale_ctx, &plan.scale, &mut report);
+    }
+    if wants("rest") {
+        scale::rest(&scale_ctx, &plan.scale, &mut report);
+    }
+    if wants("fanout") {
         for listeners in [1, 100] {
             let label = format!(
                 "raw (e): {} NOTIFYs, each its own transaction, to {listeners} LISTENing \

@@ -98,9 +98,10 @@ pub fn document(
     if let Some(chart) = chart {
         let _ = writeln!(
             out,
-            "## Scale curve\n\nThe scale rows above as a chart: jobs/s and PostgreSQL CPU per job \
-             against the children in all, one line per number of daemons; triangles went \
-             through PgBouncer.\n\n![scale curve]({chart})\n"
+            "## Scale curve, PgBouncer, hosts at rest\n\nThe scale rows above as a chart \
+             (docs/sizing.md reads them with the rest and fanout rows): jobs/s and PostgreSQL CPU \
+             per job against the children in all, one line per number of daemons; triangles \
+             went through PgBouncer.\n\n![scale curve]({chart})\n"
         );
     }
     out.push_str(METHOD);
@@ -129,8 +130,9 @@ const METHOD: &str = "
   `statement_timeout = 5000`) and `FORKQ_POOLER=transaction`, compared with the direct point of the
   same fleet; PgBouncer's own CPU is counted per job.
 * **At rest / busy with long jobs**: 8 daemons x 8 children on one schema, after start-up, watched
-  for 10 s (quick: 3 s): their backends' CPU, the forkq processes' CPU and the transactions the
-  database counted (`pg_stat_database`, which is why it runs on a server of its own), per host.
+  for 10 s (quick: 3 s): their backends' CPU, the forkq processes' CPU and the statements they
+  sent, by kind, with their mean server time (`pg_stat_statements`, reset at the start of the
+  window, which is why it runs on a server of its own), per host.
   *Busy*: each child runs an hour-long `sleep` job with `FORKQ_LEASE_SECONDS=3`, so it renews its
   lease once a second.
 * **Raw (e)**: `pg_notify` back to back, each in its own transaction, from one connection, to 1 or

@@ -1,7 +1,7 @@
 //! The scale curve: 1, 2, 4 and 8 daemons x 2, 8 and 32 children on one schema, each point's
 //! throughput and server CPU per job, compared with the best point at the same total of
-//! children; the same drain through PgBouncer in transaction mode; what hosts cost at rest; and
-//! docs/scale.svg, the curve as a chart.
+//! children; the same drain through PgBouncer in transaction mode; what hosts cost at rest
+//! (`BENCH_ONLY=rest`); and docs/scale.svg, the curve as a chart.
 
 use std::path::Path;
 
@@ -123,9 +123,9 @@ impl Point {
     }
 }
 
-/// Runs the curve on `ctx` (a server that takes 8 x 35 connections), the pooled points through
-/// a PgBouncer of their own each, and the fleets at rest; adds the rows to `report` and returns
-/// the points for the chart.
+/// Runs the curve on `ctx` (a server that takes 8 x 35 connections) and the pooled points
+/// through a PgBouncer of their own each; adds the rows to `report` and returns the points for
+/// the chart.
 pub fn run(ctx: &Ctx, plan: &Plan, report: &mut Report) -> Vec<Point> {
     let retain0 = [("FORKQ_RETENTION_SECONDS", "0".to_string())];
     let mut points: Vec<Point> = Vec::new();
@@ -174,6 +174,11 @@ pub fn run(ctx: &Ctx, plan: &Plan, report: &mut Report) -> Vec<Point> {
         let (versus, target) = compare(p, &points);
         report.add(p.label(), p.measured(), versus, target);
     }
+    points
+}
+
+/// 8 hosts of 8 children at rest and busy with long jobs: what hosts cost when no job finishes.
+pub fn rest(ctx: &Ctx, plan: &Plan, report: &mut Report) {
     for (what, busy) in [
         ("at rest: empty queue", false),
         (
@@ -187,7 +192,6 @@ pub fn run(ctx: &Ctx, plan: &Plan, report: &mut Report) -> Vec<Point> {
             Err(e) => report.add(label, format!("error: {e}"), "", ""),
         }
     }
-    points
 }
 
 /// A PgBouncer for one pooled point, logging next to the daemons' logs. Its server connections
@@ -251,14 +255,28 @@ fn compare(p: &Point, points: &[Point]) -> (String, String) {
 
 fn rest_text(r: &Rest) -> String {
     let per_host = |v: f64| v / r.hosts as f64;
+    let statements = if r.statements.is_empty() {
+        "statements: n/a (the server does not load pg_stat_statements)".to_string()
+    } else {
+        let total: f64 = r.statements.iter().map(|s| s.1).sum();
+        let kinds: Vec<String> = r
+            .statements
+            .iter()
+            .map(|(kind, per_s, ms)| format!("{kind} {:.2} ({ms:.2} ms)", per_host(*per_s)))
+            .collect();
+        format!(
+            "{:.1} statements/s per host: {} (mean server time)",
+            per_host(total),
+            kinds.join(", ")
+        )
+    };
     format!(
-        "over {:.0} s: PG CPU {:.2} % of a core per host; {:.1} transactions/s per host; forkq \
-         CPU {:.2} % of a core per host; {} busy children",
+        "over {:.0} s, {} busy children: PG CPU {:.2} % of a core per host; forkq CPU {:.2} % of \
+         a core per host; {statements}",
         r.seconds,
+        r.busy,
         per_host(r.pg_cpu_pct),
-        per_host(r.transactions_per_s),
         per_host(r.forkq_cpu_pct),
-        r.busy
     )
 }
 

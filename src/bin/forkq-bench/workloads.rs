@@ -545,16 +545,37 @@ pub struct Rest {
     pub pg_cpu_pct: f64,
     /// CPU of every forkq process, percent of one core, all hosts together.
     pub forkq_cpu_pct: f64,
-    /// Transactions the database committed or rolled back per second (the whole database: run
-    /// it on a server of its own).
-    pub transactions_per_s: f64,
+    /// The statements they sent, by kind: (kind, calls per second, mean server time in ms), all
+    /// hosts together; empty when the server does not load pg_stat_statements.
+    pub statements: Vec<(String, f64, f64)>,
     /// Children running a job during the window.
     pub busy: usize,
+}
+
+/// What kind of statement `query` (as pg_stat_statements shows it) is, by the SQL forkq sends.
+fn statement_kind(query: &str) -> &'static str {
+    const KINDS: [(&str, &str); 9] = [
+        ("WITH acked AS", "claim rounds"),
+        (".renew(", "renewals"),
+        (".promote_due(", "promotions"),
+        (".settle(", "settlements"),
+        ("hosts", "host rows"),
+        ("schema_migrations", "schema checks"),
+        ("pg_notify", "notifications"),
+        ("BEGIN", "BEGIN/COMMIT"),
+        ("COMMIT", "BEGIN/COMMIT"),
+    ];
+    KINDS
+        .iter()
+        .find(|(needle, _)| query.contains(needle))
+        .map_or("maintenance", |(_, kind)| kind)
 }
 
 /// `hosts` daemons of `children` on one schema, either idle on an empty queue or (`busy`) each
 /// child running a job far longer than the window with `FORKQ_LEASE_SECONDS=3`, so every child
 /// renews its lease once a second: what the fleet costs the database when no job finishes.
+/// Statements are counted with pg_stat_statements when the server loads it (reset at the start
+/// of the window: run it on a server of its own).
 pub fn rest(
     ctx: &Ctx,
     hosts: usize,
@@ -589,35 +610,49 @@ pub fn rest(
     }
     // Past start-up work (first claims, the first maintenance pass, the first host rows).
     std::thread::sleep(Duration::from_secs(1));
-    let transactions = |monitor: &mut postgres::Client| -> BenchResult<i64> {
-        Ok(monitor
-            .query_one(
-                "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database
-                 WHERE datname = current_database()",
-                &[],
-            )?
-            .get(0))
-    };
+    let counted = monitor
+        .batch_execute(
+            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset()",
+        )
+        .is_ok();
     let pids: Vec<i32> = daemons.iter().flat_map(Daemon::all_pids).collect();
     let backends = schema.backend_pids(&mut monitor)?;
-    let (f0, p0, x0) = (
-        sys::cpu_total(&pids),
-        sys::cpu_total(&backends),
-        transactions(&mut monitor)?,
-    );
+    let (f0, p0) = (sys::cpu_total(&pids), sys::cpu_total(&backends));
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(seconds));
-    // Backends publish their transaction counts when idle, within a second.
-    let window = t0.elapsed().as_secs_f64();
     let (f1, p1) = (sys::cpu_total(&pids), sys::cpu_total(&backends));
-    std::thread::sleep(Duration::from_millis(1100));
-    let x1 = transactions(&mut monitor)?;
+    let window = t0.elapsed().as_secs_f64();
+    let mut statements: Vec<(String, f64, f64)> = Vec::new();
+    if counted {
+        let rows = monitor.query(
+            "SELECT s.query, s.calls, s.total_exec_time FROM pg_stat_statements s
+             WHERE s.dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+               AND (s.query LIKE '%' || $1 || '%' OR s.query IN ('BEGIN', 'COMMIT'))",
+            &[&schema.name],
+        )?;
+        for row in rows {
+            let kind = statement_kind(row.get(0));
+            let (calls, ms): (i64, f64) = (row.get(1), row.get(2));
+            match statements.iter_mut().find(|(k, _, _)| k == kind) {
+                Some(entry) => {
+                    entry.1 += calls as f64;
+                    entry.2 += ms;
+                }
+                None => statements.push((kind.to_string(), calls as f64, ms)),
+            }
+        }
+        for entry in &mut statements {
+            entry.2 /= entry.1.max(1.0);
+            entry.1 /= window;
+        }
+        statements.sort_by(|a, b| b.1.total_cmp(&a.1));
+    }
     Ok(Rest {
         hosts,
         seconds: window,
         pg_cpu_pct: (p1 - p0) * 100.0 / window,
         forkq_cpu_pct: (f1 - f0) * 100.0 / window,
-        transactions_per_s: (x1 - x0) as f64 / (window + 1.1),
+        statements,
         busy: busy_now(&mut monitor)?,
     })
 }
