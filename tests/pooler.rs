@@ -10,8 +10,7 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::pgbouncer::PgBouncer;
@@ -58,24 +57,20 @@ fn pairs<'a>(extra: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)
 
 /// Runs the forkq CLI on `schema` with `env`, `stdin` as its input.
 fn forkq(schema: &TestSchema, env: &[(&str, String)], args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(forkq_bin())
-        .args(args)
-        .env_clear()
-        .envs(schema.env())
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .env("FORKQ_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    run_cli(schema, env, args, stdin)
+}
+
+/// Enqueues a builtin `sleep` job of `ms` through the CLI; its id.
+fn enqueue_sleep(schema: &TestSchema, env: &[(&str, String)], ms: u64) -> i64 {
+    let payload = format!("{{\"ms\": {ms}}}");
+    ok(forkq(
+        schema,
+        env,
+        &["enqueue", "--task", "sleep", "--payload", &payload],
+        "",
+    ))
+    .parse()
+    .unwrap()
 }
 
 /// stdout of a command that must have succeeded.
@@ -237,14 +232,7 @@ fn a_killed_childs_job_runs_again_through_pgbouncer() {
     let mut extra = pairs(&env);
     extra.push(("FORKQ_HEALTHY_UPTIME_SECONDS", "1"));
     let daemon = Daemon::start(&schema, &extra);
-    let id: i64 = ok(forkq(
-        &schema,
-        &env,
-        &["enqueue", "--task", "sleep", "--payload", "{\"ms\": 1500}"],
-        "",
-    ))
-    .parse()
-    .unwrap();
+    let id = enqueue_sleep(&schema, &env, 1500);
     let mut victim = 0;
     assert!(wait_until(Duration::from_secs(20), || {
         victim = daemon.livez().map_or(0, |(_, body)| {
@@ -278,14 +266,7 @@ fn a_long_job_keeps_its_lease_through_pgbouncer() {
     let schema = TestSchema::new("pllease");
     let env = pooled(&pgb);
     // Enqueued before the fleet starts, so a child claims it in its first round.
-    let id: i64 = ok(forkq(
-        &schema,
-        &env,
-        &["enqueue", "--task", "sleep", "--payload", "{\"ms\": 7000}"],
-        "",
-    ))
-    .parse()
-    .unwrap();
+    let id = enqueue_sleep(&schema, &env, 7000);
     let mut extra = pairs(&env);
     // Renewed every second; without renewals the maintenance pass would take it back after 3.
     extra.push(("FORKQ_LEASE_SECONDS", "3"));
