@@ -353,7 +353,7 @@ fn every_consumer_statement_and_the_maintenance_pass_work_through_pgbouncer() {
 }
 
 #[test]
-fn cli_commands_work_through_pgbouncer() {
+fn cli_commands_and_migrate_work_through_pgbouncer() {
     let pgb = pgbouncer();
     let schema = TestSchema::new("plcli");
     let env = pooled(&pgb);
@@ -392,6 +392,12 @@ fn cli_commands_work_through_pgbouncer() {
     let page: Value =
         serde_json::from_str(&ok(forkq(&schema, &env, &["jobs", "--json"], ""))).unwrap();
     assert_eq!(page["jobs"].as_array().unwrap().len(), 3, "{page}");
+    // A migration is one transaction: it works through the pooler too.
+    let fresh = FreshSchema::new("plmig");
+    let mut fresh_env = env.clone();
+    fresh_env.push(("FORKQ_SCHEMA", fresh.0.clone()));
+    ok(forkq(&schema, &fresh_env, &["migrate"], ""));
+    assert!(ok(forkq(&schema, &fresh_env, &["status"], "")).contains("queue"));
 }
 
 #[test]
