@@ -455,7 +455,7 @@ $$;
 -- Changes that workers must notice before they start a job they claimed ahead (a cancel, a batch
 -- stopped by fail-fast or cancel). Insert-only, so noting a change never waits on a lock; every
 -- lean round reads the sum of the weights, which grows by one with every change committed, in
--- whatever order they commit. compact_changes() folds old rows into one without changing the sum.
+-- whatever order they commit. compact_changes() folds the rows into one without changing the sum.
 CREATE TABLE {s}.changes (
     at     timestamptz NOT NULL DEFAULT now(),
     weight bigint NOT NULL DEFAULT 1
@@ -466,17 +466,17 @@ CREATE FUNCTION {s}.note_change() RETURNS void LANGUAGE sql AS $$
     INSERT INTO {s}.changes DEFAULT VALUES;
 $$;
 
--- Folds the changes older than a minute into one row of the same total weight.
+-- Folds the committed changes into one row of the same total weight (when there is more than
+-- one), so the sum every round reads stays a read of one row. Readers see the rows before or
+-- after, never between; changes committed meanwhile are neither deleted nor counted here.
 CREATE FUNCTION {s}.compact_changes() RETURNS void LANGUAGE sql AS $$
     WITH old AS (
-        SELECT count(*) AS n FROM {s}.changes WHERE at < now() - interval '1 minute'
+        SELECT count(*) AS n FROM {s}.changes
     ), gone AS (
-        DELETE FROM {s}.changes
-        WHERE at < now() - interval '1 minute' AND (SELECT n FROM old) > 1
-        RETURNING weight
+        DELETE FROM {s}.changes WHERE (SELECT n FROM old) > 1 RETURNING weight
     )
     INSERT INTO {s}.changes (at, weight)
-    SELECT '-infinity', sum(weight) FROM gone HAVING count(*) > 0;
+    SELECT now(), sum(weight) FROM gone HAVING count(*) > 0;
 $$;
 
 -- Cancels a job: at once when it waits, by marking it when it runs (it is then not retried).
