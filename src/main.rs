@@ -52,6 +52,8 @@ enum Command {
     #[command(
         after_help = "Examples:\n  forkq enqueue --queue default --task sleep --payload '{\"ms\": 500}'\n  \
         forkq enqueue --queue mail --task send --delay 60 --unique-key welcome-42\n  \
+        forkq enqueue --queue reports --task daily --unique-key daily-report --unique-for 1h --json\n  \
+        forkq enqueue --queue search --task reindex --payload '{\"user\": 7}' --delay 5 --unique-key reindex-7 --replace\n  \
         forkq enqueue --queue default --jsonl jobs.jsonl   # each line {\"task\":..,\"payload\":..}"
     )]
     Enqueue(EnqueueArgs),
@@ -128,8 +130,19 @@ struct EnqueueArgs {
     /// While a live job has this key, return its id instead of enqueueing another.
     #[arg(long)]
     unique_key: Option<String>,
+    /// With --unique-key: keep the key taken this long (90s, 30m, 1h, 1h30m) after this job took
+    /// it, whatever becomes of the job meanwhile.
+    #[arg(long, value_name = "DURATION", requires = "unique_key", value_parser = producer::parse_duration)]
+    unique_for: Option<std::time::Duration>,
+    /// With --unique-key: give the waiting job holding the key this payload and run time instead
+    /// of adding a job (debounce); a running one gives the key up to a new job.
+    #[arg(long, requires = "unique_key", conflicts_with = "unique_for")]
+    replace: bool,
+    /// Print {"id":..,"created":..,"replaced":..} (with --jsonl: {"created":..,"duplicate":..,"replaced":..}).
+    #[arg(long)]
+    json: bool,
     /// Enqueue every line of FILE (or - for stdin) in one transaction.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["unique_key", "unique_for", "replace"])]
     jsonl: Option<String>,
 }
 
@@ -379,8 +392,19 @@ fn enqueue(args: EnqueueArgs, config: &Config) -> Result<(), Failure> {
         let jobs = read_jsonl(path, &args.queue, &limits)?;
         let mut client = connect(config)?;
         migrations::require_current(&mut client, &config.schema)?;
-        let n = producer::enqueue_many(&mut client, &config.schema, &limits, &jobs, None)?;
-        println!("{n}");
+        let counts =
+            producer::enqueue_many_counted(&mut client, &config.schema, &limits, &jobs, None)?;
+        if args.json {
+            println!("{}", serde_json::to_string(&counts).unwrap_or_default());
+        } else {
+            println!("{}", counts.created);
+            if counts.duplicate + counts.replaced > 0 {
+                eprintln!(
+                    "{} duplicate(s) not enqueued (their unique key was taken), {} waiting job(s) replaced",
+                    counts.duplicate, counts.replaced
+                );
+            }
+        }
         return Ok(());
     }
     let payload: Value = serde_json::from_str(&args.payload)
@@ -394,13 +418,29 @@ fn enqueue(args: EnqueueArgs, config: &Config) -> Result<(), Failure> {
         delay: args.delay,
         max_attempts: args.max_attempts,
         unique_key: args.unique_key,
+        unique_for: args.unique_for,
+        replace: args.replace,
     };
     let mut client = connect(config)?;
     migrations::require_current(&mut client, &config.schema)?;
-    println!(
-        "{}",
-        producer::enqueue(&mut client, &config.schema, &limits, &job)?
-    );
+    let outcome = producer::enqueue_with_outcome(&mut client, &config.schema, &limits, &job)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&outcome).unwrap_or_default());
+        return Ok(());
+    }
+    println!("{}", outcome.id);
+    let key = job.unique_key.as_deref().unwrap_or_default();
+    if outcome.replaced {
+        eprintln!(
+            "job {} was waiting with unique key {key:?}: its payload and run time were replaced",
+            outcome.id
+        );
+    } else if !outcome.created {
+        eprintln!(
+            "duplicate: job {} holds unique key {key:?}; nothing was enqueued",
+            outcome.id
+        );
+    }
     Ok(())
 }
 

@@ -23,6 +23,8 @@ pub struct Report {
     pub promoted: u64,
     /// Archived jobs deleted after their retention.
     pub purged: u64,
+    /// Expired unique windows deleted.
+    pub windows_purged: u64,
     /// Open batches whose counters or state were repaired (each is logged).
     pub batches_repaired: usize,
 }
@@ -54,6 +56,7 @@ pub fn run_pass(
             &render(sql::PURGE_EXPIRED_ARCHIVE, schema),
             &[&retention.as_secs_f64()],
         )?,
+        windows_purged: tx.execute(&render(sql::PURGE_EXPIRED_WINDOWS, schema), &[])?,
         batches_repaired: repair_batches(&mut tx, schema, retain)?,
     };
     tx.commit()?;

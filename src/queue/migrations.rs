@@ -20,11 +20,18 @@ pub struct Migration {
 }
 
 /// Every migration, oldest first.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "jobs, archive, batches and queue functions",
-    sql: include_str!("sql/001_schema.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "jobs, archive, batches and queue functions",
+        sql: include_str!("sql/001_schema.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "unique windows",
+        sql: include_str!("sql/002_time.sql"),
+    },
+];
 
 /// The version the code expects.
 pub fn latest_version() -> i32 {

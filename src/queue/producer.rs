@@ -1,9 +1,11 @@
 //! Producers: validated jobs into the queue, one at a time, in bulk, or inside the caller's
 //! own transaction.
 
+use std::time::Duration;
+
 use postgres::types::{ToSql, Type};
 use postgres::GenericClient;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use super::sql::{self, render};
@@ -37,6 +39,64 @@ pub struct NewJob {
     /// While a live job has this key, enqueueing another returns the existing job's id.
     #[serde(default)]
     pub unique_key: Option<String>,
+    /// With `unique_key`: the key stays taken this long after this job took it, whatever becomes
+    /// of the job (in JSON: seconds, or a text such as "1h" or "90s").
+    #[serde(default, deserialize_with = "duration_from_json")]
+    pub unique_for: Option<Duration>,
+    /// With `unique_key`: a waiting job holding the key gets this job's payload and run time
+    /// instead of a second job being added (a running one gives the key up to this job).
+    #[serde(default)]
+    pub replace: bool,
+}
+
+/// What an enqueue did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Enqueued {
+    /// The job: the new one, or the one that holds the unique key.
+    pub id: i64,
+    /// Whether a job was created; false when the key was taken, or a waiting job was replaced.
+    pub created: bool,
+    /// Whether the waiting job holding the key got the new payload and run time.
+    pub replaced: bool,
+}
+
+/// What a bulk enqueue did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    /// Jobs created.
+    pub created: u64,
+    /// Jobs not created because their unique key was taken.
+    pub duplicate: u64,
+    /// Waiting jobs that got a new payload and run time (`replace`).
+    pub replaced: u64,
+}
+
+/// Reads a duration as seconds (a JSON number) or as a text such as "1h", "30m" or "1h30m".
+fn duration_from_json<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Given {
+        Seconds(f64),
+        Text(String),
+    }
+    match Option::<Given>::deserialize(d)? {
+        None => Ok(None),
+        Some(Given::Seconds(s)) => Duration::try_from_secs_f64(s)
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("{s} is not a duration in seconds"))),
+        Some(Given::Text(text)) => parse_duration(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
+}
+
+/// Parses a duration such as "1h", "30m", "90s", "1h30m" or "PT1H" (ISO 8601).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    text.trim()
+        .parse::<jiff::SignedDuration>()
+        .ok()
+        .and_then(|d| Duration::try_from(d).ok())
+        .ok_or_else(|| format!("{text:?} is not a duration; use one such as 90s, 30m, 1h or 1h30m"))
 }
 
 fn empty_object() -> Value {
@@ -55,6 +115,8 @@ impl NewJob {
             delay: None,
             max_attempts: None,
             unique_key: None,
+            unique_for: None,
+            replace: false,
         }
     }
 
@@ -87,6 +149,20 @@ impl NewJob {
         self.unique_key = Some(key.into());
         self
     }
+
+    /// Keeps the unique key taken for `window` after this job takes it, whatever becomes of the
+    /// job meanwhile (needs a unique key).
+    pub fn with_unique_for(mut self, window: Duration) -> NewJob {
+        self.unique_for = Some(window);
+        self
+    }
+
+    /// Replaces the payload and run time of the waiting job holding the unique key instead of
+    /// adding a job (debounce; needs a unique key).
+    pub fn with_replace(mut self) -> NewJob {
+        self.replace = true;
+        self
+    }
 }
 
 /// Limits applied to every job before it reaches the database.
@@ -108,6 +184,16 @@ struct Row {
     delay: Option<f64>,
     max_attempts: i32,
     unique_key: Option<String>,
+    unique_for: Option<f64>,
+    replace: bool,
+}
+
+impl Row {
+    /// Whether the row needs `enqueue_job` itself (a unique window or a replace) rather than the
+    /// bulk insert.
+    fn needs_function(&self) -> bool {
+        self.unique_for.is_some() || self.replace
+    }
 }
 
 fn check_text(what: &str, value: &str, max: usize) -> Result<(), QueueError> {
@@ -208,6 +294,24 @@ fn validate(job: &NewJob, limits: &Limits) -> Result<Row, QueueError> {
     if let Some(key) = &job.unique_key {
         check_text("unique key", key, 1024)?;
     }
+    if job.unique_key.is_none() && (job.unique_for.is_some() || job.replace) {
+        return Err(QueueError::InvalidJob(
+            "unique_for and replace need a unique_key".into(),
+        ));
+    }
+    if job.unique_for.is_some() && job.replace {
+        return Err(QueueError::InvalidJob(
+            "give unique_for or replace, not both: a window keeps the first job, replace the last"
+                .into(),
+        ));
+    }
+    if let Some(window) = job.unique_for {
+        if window < Duration::from_secs(1) || window > Duration::from_secs(10 * 365 * 86_400) {
+            return Err(QueueError::InvalidJob(format!(
+                "unique_for is {window:?}; use one second to ten years"
+            )));
+        }
+    }
     let max_attempts = job.max_attempts.unwrap_or(limits.default_max_attempts);
     if !(1..=1000).contains(&max_attempts) {
         return Err(QueueError::InvalidJob(format!(
@@ -243,6 +347,8 @@ fn validate(job: &NewJob, limits: &Limits) -> Result<Row, QueueError> {
         delay: job.delay,
         max_attempts,
         unique_key: job.unique_key.clone(),
+        unique_for: job.unique_for.map(|d| d.as_secs_f64()),
+        replace: job.replace,
     })
 }
 
@@ -254,30 +360,30 @@ pub(crate) fn check(job: &NewJob, limits: &Limits) -> Result<(), QueueError> {
 
 /// Enqueues one job through `client`, which may be the caller's own transaction: then the job
 /// is committed with the caller's rows or not at all, and workers are woken only after commit.
-/// Returns the job id (the existing job's id when its unique key is live already).
+/// Returns the job id (the existing job's id when its unique key is taken).
 pub fn enqueue(
     client: &mut impl GenericClient,
     schema: &str,
     limits: &Limits,
     job: &NewJob,
 ) -> Result<i64, QueueError> {
-    enqueue_in_batch(client, schema, limits, job, None)
+    enqueue_with_outcome(client, schema, limits, job).map(|e| e.id)
 }
 
-/// [`enqueue`] with a batch id, for the batch module.
-pub fn enqueue_in_batch(
+/// [`enqueue`], saying also whether the job was created, or which job holds its unique key.
+pub fn enqueue_with_outcome(
     client: &mut impl GenericClient,
     schema: &str,
     limits: &Limits,
     job: &NewJob,
-    batch_id: Option<i64>,
-) -> Result<i64, QueueError> {
+) -> Result<Enqueued, QueueError> {
     let row = validate(job, limits)?;
     let priority = i32::from(row.priority);
+    let batch_id: Option<i64> = None;
     // Typed parameters let the statement go out with its values in one round trip, without a
     // separate prepare: a single enqueue is latency-bound, and the caller's client (often a
     // transaction) has nowhere to cache a prepared statement.
-    let params: [(&(dyn ToSql + Sync), Type); 9] = [
+    let params: [(&(dyn ToSql + Sync), Type); 11] = [
         (&row.queue, Type::TEXT),
         (&row.task, Type::TEXT),
         (&row.payload, Type::JSONB),
@@ -287,10 +393,18 @@ pub fn enqueue_in_batch(
         (&row.max_attempts, Type::INT4),
         (&row.unique_key, Type::TEXT),
         (&batch_id, Type::INT8),
+        (&row.unique_for, Type::FLOAT8),
+        (&row.replace, Type::BOOL),
     ];
     client
         .query_typed_one(&render(sql::ENQUEUE, schema), &params)
-        .and_then(|r| r.try_get(0))
+        .and_then(|r| {
+            Ok(Enqueued {
+                id: r.try_get(0)?,
+                created: r.try_get(1)?,
+                replaced: r.try_get(2)?,
+            })
+        })
         .map_err(|e| bad_time(e, &row.run_at))
 }
 
@@ -348,47 +462,74 @@ pub fn enqueue_many(
     jobs: &[NewJob],
     batch_id: Option<i64>,
 ) -> Result<u64, QueueError> {
+    enqueue_many_counted(client, schema, limits, jobs, batch_id).map(|c| c.created)
+}
+
+/// [`enqueue_many`], counting also the jobs not created because their key was taken, and the
+/// waiting jobs replaced. Jobs without a unique window or `replace` go in by one bulk insert per
+/// chunk; consecutive jobs with either go through `enqueue_job` one by one (still one statement).
+pub fn enqueue_many_counted(
+    client: &mut impl GenericClient,
+    schema: &str,
+    limits: &Limits,
+    jobs: &[NewJob],
+    batch_id: Option<i64>,
+) -> Result<Counts, QueueError> {
     let rows: Vec<Row> = jobs
         .iter()
         .map(|job| validate(job, limits))
         .collect::<Result<_, _>>()?;
-    let statement = render(sql::ENQUEUE_MANY, schema);
+    let bulk = render(sql::ENQUEUE_MANY, schema);
+    let each = render(sql::ENQUEUE_EACH, schema);
     let mut tx = client.transaction()?;
-    let mut inserted = 0u64;
+    let mut counts = Counts::default();
     for chunk in rows.chunks(5_000) {
-        let queues: Vec<&str> = chunk.iter().map(|r| r.queue.as_str()).collect();
-        let tasks: Vec<&str> = chunk.iter().map(|r| r.task.as_str()).collect();
-        let payloads: Vec<&Value> = chunk.iter().map(|r| &r.payload).collect();
-        let priorities: Vec<i16> = chunk.iter().map(|r| r.priority).collect();
-        let run_ats: Vec<Option<&str>> = chunk.iter().map(|r| r.run_at.as_deref()).collect();
-        let delays: Vec<Option<f64>> = chunk.iter().map(|r| r.delay).collect();
-        let attempts: Vec<i32> = chunk.iter().map(|r| r.max_attempts).collect();
-        let keys: Vec<Option<&str>> = chunk.iter().map(|r| r.unique_key.as_deref()).collect();
-        let batches: Vec<Option<i64>> = vec![batch_id; chunk.len()];
-        let count: i64 = tx
-            .query_one(
-                &statement,
-                &[
-                    &queues,
-                    &tasks,
-                    &payloads,
-                    &priorities,
-                    &run_ats,
-                    &delays,
-                    &attempts,
-                    &keys,
-                    &batches,
-                ],
-            )
-            .map_err(|e| bad_time(e, &chunk.iter().find_map(|r| r.run_at.clone())))?
-            .get(0);
-        inserted += count as u64;
+        for run in chunk.chunk_by(|a, b| a.needs_function() == b.needs_function()) {
+            let queues: Vec<&str> = run.iter().map(|r| r.queue.as_str()).collect();
+            let tasks: Vec<&str> = run.iter().map(|r| r.task.as_str()).collect();
+            let payloads: Vec<&Value> = run.iter().map(|r| &r.payload).collect();
+            let priorities: Vec<i16> = run.iter().map(|r| r.priority).collect();
+            let run_ats: Vec<Option<&str>> = run.iter().map(|r| r.run_at.as_deref()).collect();
+            let delays: Vec<Option<f64>> = run.iter().map(|r| r.delay).collect();
+            let attempts: Vec<i32> = run.iter().map(|r| r.max_attempts).collect();
+            let keys: Vec<Option<&str>> = run.iter().map(|r| r.unique_key.as_deref()).collect();
+            let batches: Vec<Option<i64>> = vec![batch_id; run.len()];
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+                &queues,
+                &tasks,
+                &payloads,
+                &priorities,
+                &run_ats,
+                &delays,
+                &attempts,
+                &keys,
+                &batches,
+            ];
+            let windows: Vec<Option<f64>> = run.iter().map(|r| r.unique_for).collect();
+            let replaces: Vec<bool> = run.iter().map(|r| r.replace).collect();
+            let first_time = || run.iter().find_map(|r| r.run_at.clone());
+            let (created, replaced) = if run[0].needs_function() {
+                params.extend([&windows as &(dyn ToSql + Sync), &replaces]);
+                let row = tx
+                    .query_one(&each, &params)
+                    .map_err(|e| bad_time(e, &first_time()))?;
+                (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64)
+            } else {
+                let row = tx
+                    .query_one(&bulk, &params)
+                    .map_err(|e| bad_time(e, &first_time()))?;
+                (row.get::<_, i64>(0) as u64, 0)
+            };
+            counts.created += created;
+            counts.replaced += replaced;
+            counts.duplicate += run.len() as u64 - created - replaced;
+        }
     }
-    if inserted > 0 {
+    if counts.created + counts.replaced > 0 {
         tx.execute(&render(sql::NOTIFY, schema), &[&""])?;
     }
     tx.commit()?;
-    Ok(inserted)
+    Ok(counts)
 }
 
 #[cfg(test)]

@@ -32,14 +32,19 @@ pub fn channel(schema: &str) -> String {
     format!("forkq_{schema}")
 }
 
-/// Enqueues one job through the SQL function that every producer shares.
+/// Enqueues one job through the SQL function that every producer shares; answers its id and
+/// whether it was created or replaced (see `enqueue_job` in the migration).
 /// `$5` is an RFC 3339 text and `$6` a delay in seconds; at most one of them is non-null.
+/// `$10` is a unique window in seconds.
 pub const ENQUEUE: &str = "
-    SELECT {s}.enqueue($1, $2, $3, $4,
-                       coalesce($5::text::timestamptz, now() + make_interval(secs => $6::float8)),
-                       $7, $8, $9)";
+    SELECT id, created, replaced
+    FROM {s}.enqueue_job($1, $2, $3, $4,
+                         coalesce($5::text::timestamptz, now() + make_interval(secs => $6::float8)),
+                         $7, $8, $9, make_interval(secs => $10::float8), $11)";
 
-/// Enqueues many jobs in one statement; unique keys that are live already are skipped.
+/// Enqueues many jobs in one statement; unique keys that are live already are skipped. Answers
+/// how many were inserted. Jobs with a unique window or `replace` go through
+/// [`ENQUEUE_EACH`] instead.
 pub const ENQUEUE_MANY: &str = "
     WITH input AS (
         SELECT queue, task, payload, priority,
@@ -60,6 +65,21 @@ pub const ENQUEUE_MANY: &str = "
         RETURNING queue
     )
     SELECT count(*) FROM inserted";
+
+/// Enqueues many jobs one by one, in order, through `enqueue_job` (for unique windows and
+/// `replace`); answers how many were created and how many replaced a waiting job.
+pub const ENQUEUE_EACH: &str = "
+    SELECT count(*) FILTER (WHERE e.created), count(*) FILTER (WHERE e.replaced)
+    FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::smallint[], $5::text[],
+                $6::float8[], $7::int[], $8::text[], $9::bigint[], $10::float8[], $11::bool[])
+            WITH ORDINALITY
+            AS a(queue, task, payload, priority, run_at_text, delay, max_attempts, unique_key,
+                 batch_id, unique_for, replace, n),
+         LATERAL {s}.enqueue_job(a.queue, a.task, a.payload, a.priority,
+                                 coalesce(a.run_at_text::timestamptz,
+                                          now() + make_interval(secs => a.delay)),
+                                 a.max_attempts, a.unique_key, a.batch_id,
+                                 make_interval(secs => a.unique_for), a.replace) e";
 
 /// Wakes idle workers once the enqueuing transaction commits.
 pub const NOTIFY: &str = "SELECT pg_notify('{c}', $1)";
@@ -98,6 +118,13 @@ pub const PURGE_EXPIRED_ARCHIVE: &str = "
                         OR NOT EXISTS (SELECT 1 FROM {s}.batches b
                                        WHERE b.id = a.batch_id AND b.state = 'open'))
                  LIMIT 10000)";
+
+/// Deletes unique windows that expired, a bounded chunk at a time (an enqueue of the key takes an
+/// expired window over anyway; this keeps keys that never come back from piling up).
+pub const PURGE_EXPIRED_WINDOWS: &str = "
+    DELETE FROM {s}.unique_windows
+    WHERE key IN (SELECT key FROM {s}.unique_windows WHERE expires_at < now()
+                  LIMIT 10000 FOR UPDATE SKIP LOCKED)";
 
 /// Takes the maintenance lock for the rest of the transaction, if no one else holds it.
 pub const TRY_MAINTENANCE_LOCK: &str = "SELECT pg_try_advisory_xact_lock($1)";
@@ -162,3 +189,4 @@ pub const BATCH_CANCEL: &str = "SELECT state, changed FROM {s}.batch_cancel($1, 
 /// Repairs open batches whose counters disagree with their children (see `batch_repair`).
 pub const BATCH_REPAIR: &str = "
     SELECT batch_id, old_counts, new_counts FROM {s}.batch_repair($1, $2)";
+
