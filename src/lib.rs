@@ -28,8 +28,10 @@ pub mod config;
 pub mod handler;
 pub mod probe;
 pub mod queue;
+pub mod schedule;
 pub mod slots;
 pub mod supervisor;
+pub mod ticker;
 pub mod wakeup;
 
 pub use client::Client;

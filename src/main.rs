@@ -12,7 +12,7 @@ use forkq::config::{redacted_url, Config, EX_CONFIG};
 use forkq::handler::{builtin::Builtin, Handler};
 use forkq::queue::batch::{self, CancelOutcome, NewBatch};
 use forkq::queue::producer::{self, Limits, NewJob};
-use forkq::queue::{self, admin, migrations, QueueError};
+use forkq::queue::{self, admin, migrations, schedules, QueueError};
 
 /// Exit code for refused input (`EX_DATAERR`).
 const EX_DATAERR: u8 = 65;
@@ -95,6 +95,9 @@ enum Command {
     /// Create, inspect, list and cancel batches of jobs.
     #[command(subcommand)]
     Batch(BatchCommand),
+    /// List the periodic schedules, or enqueue one run of a schedule now.
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
     /// Exit 0 when the fleet's /livez answers 200 (for container HEALTHCHECKs).
     #[command(after_help = "Example:\n  forkq health --addr 127.0.0.1:9280")]
     Health {
@@ -181,6 +184,27 @@ enum BatchCommand {
         #[arg(long, default_value_t = 50)]
         limit: i64,
         /// Print one JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ScheduleCommand {
+    /// List the schedules the database holds (declared by daemons from FORKQ_SCHEDULES), with
+    /// their next run, last run and last job.
+    #[command(after_help = "Examples:\n  forkq schedule list\n  forkq schedule list --json")]
+    List {
+        /// Print one JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Enqueue one run of a schedule now, outside its ticks; prints the job id.
+    #[command(after_help = "Example:\n  forkq schedule run every-second")]
+    Run {
+        /// The schedule's name.
+        name: String,
+        /// Print {"id":..}.
         #[arg(long)]
         json: bool,
     },
@@ -378,6 +402,7 @@ fn command(command: Command, config: &Config) -> Result<(), Failure> {
             }
         }
         Command::Batch(command) => batch_command(command, config)?,
+        Command::Schedule(command) => schedule_command(command, config)?,
         Command::Health { .. } => unreachable!("handled in main"),
     }
     Ok(())
@@ -550,6 +575,94 @@ fn batch_command(command: BatchCommand, config: &Config) -> Result<(), Failure> 
                         b.created_at
                     );
                 }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn schedule_command(command: ScheduleCommand, config: &Config) -> Result<(), Failure> {
+    let schema = config.schema.as_str();
+    let mut client = connect(config)?;
+    migrations::require_current(&mut client, schema)?;
+    match command {
+        ScheduleCommand::List { json } => {
+            let now = jiff::Timestamp::now();
+            let stored = schedules::stored(&mut client, schema, None)?;
+            if !json {
+                println!(
+                    "{:<24} {:<20} {:<16} {:<24} {:<20} {:<20} {:>10}",
+                    "name", "cron", "timezone", "queue/task", "next run", "last run", "last job"
+                );
+            }
+            for s in &stored {
+                let next = s
+                    .schedule()
+                    .ok()
+                    .and_then(|schedule| schedule.next_after(s.ticks_after.max(now)));
+                let text = |v: &str| {
+                    s.definition
+                        .get(v)
+                        .and_then(Value::as_str)
+                        .unwrap_or("?")
+                        .to_string()
+                };
+                if json {
+                    let at = |t: Option<jiff::Timestamp>| t.map(|t| t.to_string());
+                    println!(
+                        "{}",
+                        json!({
+                            "name": s.name,
+                            "definition": s.definition,
+                            "revision": s.revision,
+                            "declared_by": s.declared_by,
+                            "declared_at": s.declared_at.to_string(),
+                            "next_run": at(next),
+                            "last_tick": at(s.last_tick_at),
+                            "last_run": at(s.last_run_at),
+                            "last_job_id": s.last_job_id,
+                        })
+                    );
+                } else {
+                    let at = |t: Option<jiff::Timestamp>| {
+                        t.map_or("-".into(), |t| t.strftime("%Y-%m-%d %H:%M:%SZ").to_string())
+                    };
+                    println!(
+                        "{:<24} {:<20} {:<16} {:<24} {:<20} {:<20} {:>10}",
+                        s.name,
+                        text("cron"),
+                        text("timezone"),
+                        format!("{}/{}", text("queue"), text("task")),
+                        at(next),
+                        at(s.last_run_at),
+                        s.last_job_id.map_or("-".into(), |id| id.to_string())
+                    );
+                }
+            }
+        }
+        ScheduleCommand::Run { name, json } => {
+            let Some(id) = schedules::run_now(&mut client, schema, &name)? else {
+                let known: Vec<String> = schedules::stored(&mut client, schema, None)?
+                    .into_iter()
+                    .map(|s| s.name)
+                    .collect();
+                return Err(fail(
+                    1,
+                    format!(
+                        "no schedule {name:?} in the database (it holds: {}); a daemon declares \
+                         the schedules of its FORKQ_SCHEDULES file when it starts",
+                        if known.is_empty() {
+                            "none".into()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                ));
+            };
+            if json {
+                println!("{}", json!({ "id": id }));
+            } else {
+                println!("{id}");
             }
         }
     }

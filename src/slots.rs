@@ -227,6 +227,9 @@ pub struct Header {
     pub claim_done: AtomicU32,
     /// Pid of the probe process.
     pub probe_pid: AtomicI32,
+    /// Wall-clock time the supervisor started, in milliseconds since the epoch: the daemon's age,
+    /// for rules between daemons (the schedules of the daemon started last win).
+    pub started_unix_ms: AtomicU64,
 }
 
 /// The whole table: a header and [`MAX_CONCURRENCY`] slots.

@@ -332,3 +332,367 @@ fn cli_reports_created_duplicate_and_replaced() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("not a duration"), "{err}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Schedules
+
+/// The repository's example, with `every-second` on queue `ticks`.
+fn example_schedules() -> String {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/schedules.toml")
+        .display()
+        .to_string()
+}
+
+/// Writes a schedules file for one test; removed by the caller's guard dropping the schema is not
+/// needed (the target dir is scratch space).
+fn schedules_file(schema: &TestSchema, tag: &str, text: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{}-{tag}.toml", schema.name));
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// The run times (seconds since the epoch) of the jobs in queue `ticks`, oldest first.
+fn tick_times(schema: &TestSchema) -> Vec<i64> {
+    connect()
+        .query(
+            &format!(
+                "SELECT extract(epoch FROM run_at)::bigint FROM \"{}\".jobs \
+                 WHERE queue = 'ticks' ORDER BY run_at",
+                schema.name
+            ),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Asserts one job per second from the first tick to the last: no duplicate, no gap.
+fn assert_one_job_per_tick(times: &[i64]) {
+    let distinct: HashSet<i64> = times.iter().copied().collect();
+    assert_eq!(distinct.len(), times.len(), "duplicate ticks: {times:?}");
+    for pair in times.windows(2) {
+        assert_eq!(pair[1] - pair[0], 1, "a gap between ticks: {times:?}");
+    }
+}
+
+fn now_epoch() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Daemon settings for the schedule tests: one child, consuming a queue the ticks are not on, so
+/// every tick's job stays in the table with its run time.
+fn ticking(file: &str) -> Vec<(&str, &str)> {
+    vec![
+        ("FORKQ_SCHEDULES", file),
+        ("FORKQ_CONCURRENCY", "1"),
+        ("FORKQ_QUEUES", "default"),
+    ]
+}
+
+#[test]
+fn three_daemons_enqueue_every_tick_exactly_once() {
+    let schema = TestSchema::new("threedaemons");
+    let file = example_schedules();
+    let daemons: Vec<Daemon> = (0..3)
+        .map(|_| Daemon::start(&schema, &ticking(&file)))
+        .collect();
+    let all_up = now_epoch();
+    std::thread::sleep(Duration::from_secs(10));
+    let before_stop = now_epoch();
+    drop(daemons);
+    let times = tick_times(&schema);
+    assert_one_job_per_tick(&times);
+    assert!(
+        times.first().is_some_and(|&t| t <= all_up + 1) && times.last() >= Some(&(before_stop - 1)),
+        "every second from {all_up} to {before_stop} has its job: {times:?}"
+    );
+    assert!(times.len() >= 10, "{times:?}");
+}
+
+#[test]
+fn a_killed_daemon_loses_no_tick() {
+    let schema = TestSchema::new("killdaemon");
+    let file = example_schedules();
+    let mut daemons: Vec<Daemon> = (0..3)
+        .map(|_| Daemon::start(&schema, &ticking(&file)))
+        .collect();
+    let all_up = now_epoch();
+    std::thread::sleep(Duration::from_secs(4));
+    // SIGKILL, as a crashed host: the probe and its ticker die with the supervisor.
+    let victim = daemons.remove(0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let killed_at = now_epoch();
+    drop(victim);
+    std::thread::sleep(Duration::from_secs(6));
+    let before_stop = now_epoch();
+    drop(daemons);
+    let times = tick_times(&schema);
+    assert_one_job_per_tick(&times);
+    assert!(
+        times.first().is_some_and(|&t| t <= all_up + 1) && times.last() >= Some(&(before_stop - 1)),
+        "every second from {all_up} to {before_stop} (one daemon killed at {killed_at}) has its job: {times:?}"
+    );
+}
+
+#[test]
+fn racing_daemons_enqueue_each_tick_once() {
+    // The tick record alone, without daemons: eight connections fire the same hundred ticks.
+    let schema = TestSchema::new("tickrace");
+    let schedule = forkq::schedule::parse(
+        "[race]\ncron = \"* * * * * *\"\nqueue = \"ticks\"\ntask = \"noop\"\n",
+        "test",
+        25,
+    )
+    .unwrap();
+    let start = jiff::Timestamp::now();
+    let held =
+        forkq::queue::schedules::declare(&mut connect(), &schema.name, &schedule, start, "test")
+            .unwrap();
+    let revision = held[0].revision;
+    let ticks: Vec<forkq::queue::schedules::Tick> = (1..=100)
+        .map(|n| forkq::queue::schedules::Tick {
+            name: "race".into(),
+            at: start + jiff::SignedDuration::from_secs(n),
+            revision,
+        })
+        .collect();
+    let barrier = Arc::new(Barrier::new(8));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let (name, ticks, barrier) = (schema.name.clone(), ticks.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut client = connect();
+                barrier.wait();
+                // In chunks, as daemons do, so the connections interleave.
+                ticks
+                    .chunks(5)
+                    .flat_map(|chunk| {
+                        forkq::queue::schedules::fire(&mut client, &name, chunk).unwrap()
+                    })
+                    .filter(|f| matches!(f, forkq::queue::schedules::Fired::Enqueued(_)))
+                    .count()
+            })
+        })
+        .collect();
+    let enqueued: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(enqueued, 100);
+    assert_eq!(
+        schema.count("SELECT count(DISTINCT run_at) FROM {s}.jobs WHERE queue = 'ticks'"),
+        100
+    );
+    assert_eq!(schema.count("SELECT count(*) FROM {s}.jobs"), 100);
+}
+
+#[test]
+fn bad_schedules_stop_start_up_with_exit_78_naming_file_line_and_fault() {
+    let schema = TestSchema::new("badschedules");
+    let cases = [
+        (
+            "cron",
+            "[a]\ntask = \"noop\"\ncron = \"0 25 * * *\"\n",
+            "line 3: schedule \"a\": cron expression \"0 25 * * *\" is invalid",
+        ),
+        (
+            "zone",
+            "[a]\ncron = \"* * * * *\"\ntask = \"noop\"\ntimezone = \"Europe/Atlantis\"\n",
+            "line 4: schedule \"a\": time zone \"Europe/Atlantis\" is unknown",
+        ),
+        (
+            "toml",
+            "[a]\ncron = \"* * * * *\"\ntask =\n",
+            "line 3: string values must be quoted",
+        ),
+    ];
+    for (tag, text, expected) in cases {
+        let file = schedules_file(&schema, tag, text);
+        let mut daemon = Daemon::spawn(&schema, &[("FORKQ_SCHEDULES", &file)]);
+        assert_eq!(daemon.wait_exit(Duration::from_secs(20)), Some(78), "{tag}");
+        let log = daemon.log_text();
+        assert!(
+            log.contains(&format!("FORKQ_SCHEDULES=\"{file}\""))
+                && log.contains(&format!("{file} {expected}")),
+            "{tag}: {log}"
+        );
+    }
+    let missing = format!("{}/nowhere.toml", env!("CARGO_TARGET_TMPDIR"));
+    let mut daemon = Daemon::spawn(&schema, &[("FORKQ_SCHEDULES", &missing)]);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(20)), Some(78));
+    assert!(
+        daemon.log_text().contains("cannot read it"),
+        "{}",
+        daemon.log_text()
+    );
+}
+
+#[test]
+fn missed_ticks_are_skipped_or_caught_up_after_an_outage() {
+    let schema = TestSchema::new("missed");
+    let file = schedules_file(
+        &schema,
+        "missed",
+        "[caught-up]\ncron = \"* * * * *\"\nqueue = \"ticks\"\ntask = \"noop\"\n\
+         missed = \"catch-up\"\ncatch_up_limit = 3\n\n\
+         [skipped]\ncron = \"* * * * *\"\nqueue = \"skips\"\ntask = \"noop\"\n",
+    );
+    // A first daemon declares the schedules; then every daemon is down for an hour.
+    drop(Daemon::start(&schema, &ticking(&file)));
+    let mut client = connect();
+    client
+        .batch_execute(&format!(
+            "UPDATE \"{0}\".schedules SET ticks_after = now() - interval '1 hour';
+             DELETE FROM \"{0}\".jobs;",
+            schema.name
+        ))
+        .unwrap();
+    let daemon = Daemon::start(&schema, &ticking(&file));
+    let minutes = |queue: &str| -> Vec<i64> {
+        connect()
+            .query(
+                &format!(
+                    "SELECT extract(epoch FROM run_at)::bigint / 60 FROM \"{}\".jobs \
+                     WHERE queue = $1 ORDER BY run_at",
+                    schema.name
+                ),
+                &[&queue],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    assert!(wait_until(Duration::from_secs(10), || !minutes("skips").is_empty()));
+    let (caught_up, skipped) = (minutes("ticks"), minutes("skips"));
+    // The late tick (the latest minute, less than LATE old) for both; three missed ones before
+    // it for catch-up, oldest first; none for skip.
+    assert_eq!(
+        caught_up.len(),
+        skipped.len() + 3,
+        "{caught_up:?} {skipped:?}"
+    );
+    assert_eq!(&caught_up[3..], &skipped[..]);
+    for pair in caught_up.windows(2) {
+        assert_eq!(pair[1] - pair[0], 1, "consecutive minutes: {caught_up:?}");
+    }
+    let log = daemon.log_text();
+    assert!(
+        log.contains("schedule \"skipped\": ticks between")
+            && log.contains("skipped (missed = \"skip\")"),
+        "{log}"
+    );
+    assert!(log.contains("enqueueing the 3 most recent"), "{log}");
+}
+
+#[test]
+fn a_differing_file_is_reported_and_the_daemon_started_last_wins() {
+    let schema = TestSchema::new("differs");
+    let text = |v: &str| {
+        format!(
+            "[every-second]\ncron = \"* * * * * *\"\nqueue = \"ticks\"\ntask = \"noop\"\n\
+             payload = {{ v = \"{v}\" }}\n"
+        )
+    };
+    let old = schedules_file(&schema, "old", &text("old"));
+    let new = schedules_file(&schema, "new", &text("new"));
+    let first = Daemon::start(&schema, &ticking(&old));
+    std::thread::sleep(Duration::from_secs(2));
+    let second = Daemon::start(&schema, &ticking(&new));
+    assert!(
+        wait_until(Duration::from_secs(10), || first.log_text().contains(
+            "this daemon's FORKQ_SCHEDULES differs from the definition in the database"
+        )),
+        "{}",
+        first.log_text()
+    );
+    assert!(first
+        .log_text()
+        .contains(r#"payload: file {"v":"old"}, database {"v":"new"}"#));
+    assert!(
+        !second.log_text().contains("differs from the definition"),
+        "{}",
+        second.log_text()
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let switched = now_epoch();
+    std::thread::sleep(Duration::from_secs(2));
+    drop((first, second));
+    assert_one_job_per_tick(&tick_times(&schema));
+    let payloads = connect()
+        .query(
+            &format!(
+                "SELECT DISTINCT payload->>'v' FROM \"{}\".jobs \
+                 WHERE queue = 'ticks' AND run_at >= to_timestamp($1)",
+                schema.name
+            ),
+            &[&(switched as f64)],
+        )
+        .unwrap();
+    let after: Vec<String> = payloads.iter().map(|r| r.get(0)).collect();
+    assert_eq!(after, ["new"], "both daemons fire the newest definition");
+}
+
+#[test]
+fn schedule_run_and_list_from_the_cli() {
+    let schema = TestSchema::new("schedcli");
+    let env = [("FORKQ_SCHEDULES", example_schedules())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (code, _, err) = forkq(&schema, &env, &["schedule", "run", "every-second"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no schedule \"every-second\" in the database"),
+        "{err}"
+    );
+
+    // Declared as a daemon declares it.
+    let config = schema.config(&env);
+    forkq::queue::schedules::declare(
+        &mut connect(),
+        &schema.name,
+        &config.schedules,
+        jiff::Timestamp::now(),
+        "test",
+    )
+    .unwrap();
+    let (code, out, err) = forkq(
+        &schema,
+        &env,
+        &["schedule", "run", "every-second", "--json"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let id = json_of(&out)["id"].as_i64().unwrap();
+    let job = schema.job(id).unwrap();
+    assert_eq!(
+        (job["queue"].as_str(), job["task"].as_str()),
+        (Some("ticks"), Some("noop"))
+    );
+
+    let (code, out, err) = forkq(&schema, &env, &["schedule", "list", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let listed: Vec<Value> = out.lines().map(json_of).collect();
+    let names: Vec<&str> = listed.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["every-second", "nightly-report"]);
+    assert_eq!(listed[0]["last_job_id"], id);
+    assert_eq!(
+        listed[0]["last_tick"],
+        Value::Null,
+        "a manual run is no tick"
+    );
+    assert!(listed[0]["next_run"].is_string());
+    assert_eq!(listed[1]["definition"]["timezone"], "Europe/Berlin");
+    let (code, out, _) = forkq(&schema, &env, &["schedule", "list"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("nightly-report") && out.contains("Europe/Berlin"),
+        "{out}"
+    );
+}

@@ -28,7 +28,7 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 2,
-        name: "unique windows",
+        name: "unique windows and schedules",
         sql: include_str!("sql/002_time.sql"),
     },
 ];

@@ -10,6 +10,7 @@ pub mod listener;
 pub mod maintenance;
 pub mod migrations;
 pub mod producer;
+pub mod schedules;
 pub mod sql;
 
 use std::fmt;

@@ -190,3 +190,21 @@ pub const BATCH_CANCEL: &str = "SELECT state, changed FROM {s}.batch_cancel($1, 
 pub const BATCH_REPAIR: &str = "
     SELECT batch_id, old_counts, new_counts FROM {s}.batch_repair($1, $2)";
 
+/// Declares a daemon's schedules (see `schedule_declare` in the migration): $1 names, $2
+/// definitions, $3 the daemon's start time (RFC 3339), $4 who declares. Answers what the database
+/// holds for those names, in the columns of [`SCHEDULE_STATE`].
+pub const SCHEDULE_DECLARE: &str =
+    "SELECT * FROM {s}.schedule_declare($1, $2, $3::text::timestamptz, $4)";
+
+/// The schedules named in $1 (every one when null): name, definition, revision, declared_by,
+/// declared_at, ticks_after, last_tick_at, last_run_at (seconds since the epoch), last_job_id.
+pub const SCHEDULE_STATE: &str = "SELECT * FROM {s}.schedule_state($1)";
+
+/// Enqueues due ticks (see `schedule_fire` in the migration): $1 names, $2 ticks (RFC 3339),
+/// $3 revisions, sorted by name then tick. Answers the job enqueued (null when the tick was
+/// enqueued already) and the schedule's revision (null when it is gone), per tick.
+pub const SCHEDULE_FIRE: &str = "
+    SELECT job_id, revision FROM {s}.schedule_fire($1, $2::text[]::timestamptz[], $3)";
+
+/// Enqueues one run of a schedule now; answers the job id, null when there is no such schedule.
+pub const SCHEDULE_RUN: &str = "SELECT {s}.schedule_run($1)";

@@ -121,6 +121,13 @@ impl<'f> Supervisor<'f> {
             .header
             .concurrency
             .store(config.concurrency as u32, Ordering::Release);
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        table
+            .header
+            .started_unix_ms
+            .store(started, Ordering::Release);
         let now = Instant::now();
         let host = nix::unistd::gethostname()
             .ok()
