@@ -90,13 +90,17 @@ fn duration_from_json<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration
     }
 }
 
-/// Parses a duration such as "1h", "30m", "90s", "1h30m" or "PT1H" (ISO 8601).
+/// Parses a duration such as "90s", "30m", "1h30m", "1d" (24 hours), "1w" or "PT1H" (ISO 8601).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     text.trim()
-        .parse::<jiff::SignedDuration>()
+        .parse::<jiff::Span>()
         .ok()
+        .and_then(|span| {
+            span.to_duration(jiff::SpanRelativeTo::days_are_24_hours())
+                .ok()
+        })
         .and_then(|d| Duration::try_from(d).ok())
-        .ok_or_else(|| format!("{text:?} is not a duration; use one such as 90s, 30m, 1h or 1h30m"))
+        .ok_or_else(|| format!("{text:?} is not a duration; use one such as 90s, 30m, 1h30m or 1d"))
 }
 
 fn empty_object() -> Value {
@@ -534,7 +538,38 @@ pub fn enqueue_many_counted(
 
 #[cfg(test)]
 mod tests {
-    use super::is_rfc3339;
+    use super::{is_rfc3339, parse_duration, NewJob};
+    use std::time::Duration;
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        for (text, seconds) in [
+            ("90s", 90),
+            ("30m", 1800),
+            ("1h30m", 5400),
+            ("1.5h", 5400),
+            ("2 hours", 7200),
+            ("1d", 86_400),
+            ("1w", 604_800),
+            ("PT1H", 3600),
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_secs(seconds)),
+                "{text}"
+            );
+        }
+        for bad in ["", "soon", "1", "-5m", "1 fortnight"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        let line = r#"{"task":"t","unique_key":"k","unique_for":"1h"}"#;
+        let job: NewJob = serde_json::from_str(line).unwrap();
+        assert_eq!(job.unique_for, Some(Duration::from_secs(3600)));
+        let job: NewJob =
+            serde_json::from_str(r#"{"task":"t","unique_key":"k","unique_for":90}"#).unwrap();
+        assert_eq!(job.unique_for, Some(Duration::from_secs(90)));
+        assert!(serde_json::from_str::<NewJob>(r#"{"task":"t","unique_for":"soon"}"#).is_err());
+    }
 
     #[test]
     fn run_at_must_be_rfc3339_with_an_offset() {
