@@ -187,6 +187,7 @@ $$;
 
 -- The SQL producer API: enqueue_job() answering only the id (of the new job, or of the job that
 -- holds the unique key). `SELECT * FROM enqueue_job(...)` says whether it was created as well.
+-- PL/pgSQL, not SQL: a SQL function that cannot be inlined is planned again at every call.
 CREATE FUNCTION {s}.enqueue(
     queue        text,
     task         text,
@@ -198,9 +199,11 @@ CREATE FUNCTION {s}.enqueue(
     batch_id     bigint DEFAULT NULL,
     unique_for   interval DEFAULT NULL,
     replace      boolean DEFAULT false
-) RETURNS bigint LANGUAGE sql AS $$
-    SELECT e.id FROM {s}.enqueue_job(queue, task, payload, priority, run_at, max_attempts,
-                                     unique_key, batch_id, unique_for, replace) e
+) RETURNS bigint LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN ({s}.enqueue_job(queue, task, payload, priority, run_at, max_attempts, unique_key,
+                            batch_id, unique_for, replace)).id;
+END
 $$;
 
 -- The one way a job leaves the hot table: deleted and, unless it completed with retention 0,
