@@ -237,8 +237,8 @@ impl<'a> Ticker<'a> {
                     "schedule {:?}: ticks between {} and {} were missed (no daemon could enqueue \
                      them within {LATE:?}); {}",
                     f.schedule.name,
-                    f.after,
-                    now - LATE,
+                    f.after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    (now - LATE).strftime("%Y-%m-%dT%H:%M:%SZ"),
                     match d.missed {
                         Missed::Skip => "skipped (missed = \"skip\")".to_string(),
                         Missed::CatchUp => format!(
