@@ -1,8 +1,13 @@
 //! Schedules in the database: a daemon declares its file's definitions, enqueues due ticks (each
 //! exactly once across every daemon, see `schedule_fire` in migration 002), and the CLI lists them
 //! and runs one now.
+//!
+//! Every statement goes out with typed parameters in one round trip, without a prepared
+//! statement: a tick costs the ticker one round trip, and nothing here needs a session (poolers in
+//! transaction mode are fine).
 
 use jiff::Timestamp;
+use postgres::types::Type;
 use postgres::{GenericClient, Row};
 use serde_json::Value;
 
@@ -92,7 +97,10 @@ pub fn stored(
     schema: &str,
     names: Option<&[&str]>,
 ) -> Result<Vec<Stored>, QueueError> {
-    let rows = client.query(&render(sql::SCHEDULE_STATE, schema), &[&names])?;
+    let rows = client.query_typed(
+        &render(sql::SCHEDULE_STATE, schema),
+        &[(&names, Type::TEXT_ARRAY)],
+    )?;
     Ok(rows.iter().map(Stored::from_row).collect())
 }
 
@@ -130,9 +138,13 @@ pub fn fire(
     let names: Vec<&str> = ticks.iter().map(|t| t.name.as_str()).collect();
     let times: Vec<String> = ticks.iter().map(|t| t.at.to_string()).collect();
     let revisions: Vec<i32> = ticks.iter().map(|t| t.revision).collect();
-    let rows = client.query(
+    let rows = client.query_typed(
         &render(sql::SCHEDULE_FIRE, schema),
-        &[&names, &times, &revisions],
+        &[
+            (&names, Type::TEXT_ARRAY),
+            (&times, Type::TEXT_ARRAY),
+            (&revisions, Type::INT4_ARRAY),
+        ],
     )?;
     Ok(ticks
         .iter()
@@ -156,6 +168,6 @@ pub fn run_now(
     name: &str,
 ) -> Result<Option<i64>, QueueError> {
     Ok(client
-        .query_one(&render(sql::SCHEDULE_RUN, schema), &[&name])?
+        .query_typed_one(&render(sql::SCHEDULE_RUN, schema), &[(&name, Type::TEXT)])?
         .get(0))
 }
