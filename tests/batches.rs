@@ -381,18 +381,29 @@ fn an_empty_batch_completes_at_creation() {
     assert_eq!(completions(&schema, "empty-done").len(), 2);
 }
 
-/// Claims one job of queue `q` on `conn`: (id, lease token).
+/// Claims one job of queue `q` on `conn` through the children's own round: (id, lease token).
 fn claim(conn: &mut postgres::Client, schema: &TestSchema, owner: &str) -> (i64, i64) {
-    let row = conn
-        .query_one(
-            &format!(
-                "SELECT id, lease_token FROM \"{}\".claim(ARRAY['q'], 1, $1, 30)",
-                schema.name
-            ),
-            &[&owner],
+    let none: Vec<i64> = Vec::new();
+    let results: Vec<serde_json::Value> = Vec::new();
+    let token = fastrand::i64(..);
+    let rows = conn
+        .query(
+            &forkq::queue::sql::render(&forkq::queue::sql::round(1), &schema.name),
+            &[
+                &none,
+                &none,
+                &results,
+                &true,
+                &owner,
+                &token,
+                &30f64,
+                &vec!["q"],
+                &1i32,
+            ],
         )
         .unwrap();
-    (row.get(0), row.get(1))
+    let id = rows.iter().find_map(|r| r.get::<_, Option<i64>>("id"));
+    (id.expect("a job to claim"), token)
 }
 
 /// Settles a claimed job as completed through the same function the children use.

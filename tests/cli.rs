@@ -538,17 +538,18 @@ fn status_json_has_the_documented_shape() {
     use forkq::queue::consumer::{Ack, Settlement};
     let acks: Vec<Ack> = claimed[1..]
         .iter()
-        .map(|cl| Ack {
-            id: cl.job.id,
-            lease_token: cl.lease_token,
-            settlement: match cl.job.id {
-                id if id == retryable => Settlement::Retry {
-                    error: Some("later".into()),
-                    delay: Duration::from_secs(600),
+        .map(|cl| {
+            Ack::new(
+                cl,
+                match cl.job.id {
+                    id if id == retryable => Settlement::Retry {
+                        error: Some("later".into()),
+                        delay: Duration::from_secs(600),
+                    },
+                    id if id == completed => Settlement::Completed(Value::Null),
+                    _ => Settlement::Failed("broken".into()),
                 },
-                id if id == completed => Settlement::Completed(Value::Null),
-                _ => Settlement::Failed("broken".into()),
-            },
+            )
         })
         .collect();
     assert!(c.settle_and_claim(&acks, 0).unwrap().refused.is_empty());
@@ -676,6 +677,7 @@ fn cancel_and_retry_commands() {
     let ack = forkq::queue::consumer::Ack {
         id: running,
         lease_token: cl.lease_token,
+        batch_id: None,
         settlement: forkq::queue::consumer::Settlement::Retry {
             error: Some("boom".into()),
             delay: Duration::ZERO,
@@ -719,10 +721,11 @@ fn cancel_and_retry_commands() {
     assert_eq!(claimed.len(), 4);
     let acks: Vec<_> = claimed
         .iter()
-        .map(|cl| forkq::queue::consumer::Ack {
-            id: cl.job.id,
-            lease_token: cl.lease_token,
-            settlement: forkq::queue::consumer::Settlement::Failed("nope".into()),
+        .map(|cl| {
+            forkq::queue::consumer::Ack::new(
+                cl,
+                forkq::queue::consumer::Settlement::Failed("nope".into()),
+            )
         })
         .collect();
     c.settle_and_claim(&acks, 0).unwrap();

@@ -444,7 +444,7 @@ fn frozen_child_late_ack_is_refused() {
             ("FORKQ_HEALTH_STALE_SECONDS", "300"),
         ],
     );
-    let id = schema.enqueue("default", "sleep", json!({"ms": 1500}));
+    let id = schema.enqueue("default", "sleep", json!({"ms": 2500}));
     let mut holder = 0;
     assert!(wait_until(Duration::from_secs(10), || {
         daemon.livez().is_some_and(|(_, body)| {
@@ -457,6 +457,10 @@ fn frozen_child_late_ack_is_refused() {
                 }
             })
         })
+    }));
+    // Freeze it once a lease renewal has recorded the run as started, so the expiry charges it.
+    assert!(wait_until(Duration::from_secs(10), || {
+        schema.count("SELECT count(*) FROM {s}.jobs WHERE started") == 1
     }));
     kill(Pid::from_raw(holder), Signal::SIGSTOP).unwrap();
     // Rescued after the lease (3 s) by the maintenance pass, run by the other child.

@@ -63,6 +63,9 @@ pub fn run(spec: ChildSpec<'_>, handler: &mut dyn Handler) -> i32 {
         recycle_after_jobs: spec.recycle_after_jobs,
         db: None,
         buffer: VecDeque::new(),
+        current: None,
+        changes_seen: None,
+        lost_connection: false,
         acks: Vec::new(),
         oldest_ack: None,
         last_renewal: Instant::now(),
@@ -121,6 +124,13 @@ struct Worker<'a> {
     db: Option<Consumer>,
     /// Claimed jobs not started yet.
     buffer: VecDeque<Claimed>,
+    /// The job running now: its id, lease token, and when it started.
+    current: Option<(i64, i64, Instant)>,
+    /// The queue's count of changes (cancels, stopped batches) this worker has checked its
+    /// prefetched jobs against; `None` before the first round.
+    changes_seen: Option<i64>,
+    /// Set when the connection dropped; the next connection starts by giving back strays.
+    lost_connection: bool,
     /// Finished jobs whose acknowledgement has not been sent.
     acks: Vec<Ack>,
     oldest_ack: Option<Instant>,
@@ -156,6 +166,7 @@ impl Worker<'_> {
         self.slot.job_id.store(0, Ordering::Release);
         while !stop_requested() && !self.recycling {
             self.maybe_run_maintenance();
+            self.maybe_promote_due()?;
             // Read before the claim: a wake-up that arrives during an empty claim then cuts the
             // idle wait short instead of being lost.
             let wake_seen = self.slot.wake.load(Ordering::Acquire);
@@ -178,6 +189,9 @@ impl Worker<'_> {
                     break;
                 }
                 self.renew_if_due();
+                if claimed.suspect && !self.report_start(&claimed)? {
+                    continue;
+                }
                 self.run_job(claimed, handler);
                 // After the last buffered job the next claim is one step away and carries the
                 // acks: flushing them alone would cost a second round trip (and, in durable mode,
@@ -242,6 +256,7 @@ impl Worker<'_> {
         let job = claimed.job;
         self.slot.start_job(job.id);
         let started = Instant::now();
+        self.current = Some((job.id, claimed.lease_token, started));
         let outcome = {
             let mut ctx = Context { worker: self };
             let outcome = catch_unwind(AssertUnwindSafe(|| handler.handle(&job, &mut ctx)))
@@ -253,6 +268,7 @@ impl Worker<'_> {
             process::storable(outcome)
         };
         let elapsed = started.elapsed();
+        self.current = None;
         self.last_job_took = elapsed;
         self.average_job = Some(match self.average_job {
             None => elapsed,
@@ -263,16 +279,14 @@ impl Worker<'_> {
         self.note_recycling();
         if immediate_stop_requested() && !matches!(outcome, Outcome::Success(_)) {
             // Abandoned by an immediate stop: released uncharged at shut-down, not failed.
-            self.buffer.push_front(Claimed {
-                job,
-                lease_token: claimed.lease_token,
-            });
+            self.buffer.push_front(Claimed { job, ..claimed });
             return;
         }
         let settlement = self.settlement_for(&job, outcome, elapsed);
         self.acks.push(Ack {
             id: job.id,
             lease_token: claimed.lease_token,
+            batch_id: job.batch_id,
             settlement,
         });
         self.oldest_ack.get_or_insert_with(Instant::now);
@@ -394,7 +408,63 @@ impl Worker<'_> {
             }
         };
         self.report_refused(&round.refused);
+        let mut round = round;
+        self.drop_cancelled_if_changed(&mut round)?;
         Ok(round)
+    }
+
+    /// When the queue's count of changes moved since the last round (a cancel, a batch stopped by
+    /// fail-fast or cancel), ends cancelled the prefetched jobs that must no longer run, so no
+    /// such job starts after this round: the ones waiting in the buffer and the ones just claimed.
+    fn drop_cancelled_if_changed(&mut self, round: &mut Round) -> Result<(), QueueError> {
+        let seen = self.changes_seen.replace(round.changes);
+        if seen.map_or(true, |seen| seen == round.changes) {
+            return Ok(());
+        }
+        let held: Vec<Claimed> = self.buffer.iter().chain(&round.claimed).cloned().collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        let dropped = self.db(|db| db.drop_cancelled(&held.iter().collect::<Vec<_>>()))?;
+        if !dropped.is_empty() {
+            log::info!(
+                "worker {}: {} prefetched job(s) were cancelled before they started: {dropped:?}",
+                self.owner,
+                dropped.len()
+            );
+            self.buffer.retain(|c| !dropped.contains(&c.job.id));
+            round.claimed.retain(|c| !dropped.contains(&c.job.id));
+        }
+        Ok(())
+    }
+
+    /// Reports the start of a suspect job (see [`Claimed::suspect`]); false when the job is no
+    /// longer ours and must not run.
+    fn report_start(&mut self, claimed: &Claimed) -> Result<bool, QueueError> {
+        let ours = self.db(|db| db.mark_started(claimed))?;
+        if !ours {
+            log::warn!(
+                "worker {}: job {} was taken back before it started; skipping it",
+                self.owner,
+                claimed.job.id
+            );
+        }
+        Ok(ours)
+    }
+
+    /// Makes due scheduled and retryable jobs claimable, once per poll interval per host
+    /// (busy or idle: a busy host must not leave them waiting), and at once again while a full
+    /// chunk moved.
+    fn maybe_promote_due(&mut self) -> Result<(), QueueError> {
+        const CHUNK: i32 = 10_000;
+        if !take_turn(&self.header.promote_ms, self.config.poll_interval) {
+            return Ok(());
+        }
+        let moved = self.db(|db| db.promote_due(CHUNK))?;
+        if moved == CHUNK {
+            self.header.promote_ms.store(0, Ordering::Release);
+        }
+        Ok(())
     }
 
     fn send_one_ack(&mut self, ack: Ack) {
@@ -429,23 +499,67 @@ impl Worker<'_> {
 
     /// Renews leases every third of the lease while this child holds jobs.
     fn renew_if_due(&mut self) {
-        if self.last_renewal.elapsed() < self.config.lease / 3 {
+        if self.last_renewal.elapsed() >= self.config.lease / 3 {
+            self.renew(true);
+        }
+    }
+
+    /// Hands the prefetched jobs back to the queue once the job at hand has run longer than its
+    /// claim was meant to take, so they do not wait behind it while a sibling could run them.
+    fn give_back_if_overdue(&mut self) {
+        let Some((id, _, started)) = self.current else {
+            return;
+        };
+        let meant = CLAIM_WORTH.max(self.average_job.unwrap_or_default() * 2);
+        if self.buffer.is_empty() || started.elapsed() < meant {
             return;
         }
+        log::info!(
+            "worker {}: job {id} has run {:.1?}, longer than its claim was meant to take; \
+             handing back {} prefetched job(s)",
+            self.owner,
+            started.elapsed(),
+            self.buffer.len()
+        );
+        self.renew(false);
+    }
+
+    /// What this worker holds, as (id, lease token): the job running, the jobs finished and not
+    /// acknowledged yet, and (with `buffer`) the jobs claimed ahead.
+    fn held(&self, buffer: bool) -> Vec<(i64, i64)> {
+        let ahead = self.buffer.iter().filter(|_| buffer);
+        self.current
+            .iter()
+            .map(|&(id, token, _)| (id, token))
+            .chain(self.acks.iter().map(|a| (a.id, a.lease_token)))
+            .chain(ahead.map(|c| (c.job.id, c.lease_token)))
+            .collect()
+    }
+
+    /// Renews the leases of what this worker holds (without the buffer when `keep_buffer` is
+    /// false, which hands it back) and gives back anything else found under its name.
+    fn renew(&mut self, keep_buffer: bool) {
         self.last_renewal = Instant::now();
-        match self.db(|db| db.renew()) {
-            Ok(held) => {
-                let before = self.buffer.len();
-                self.buffer.retain(|c| held.contains(&c.job.id));
-                if self.buffer.len() < before {
-                    log::warn!(
-                        "worker {}: {} prefetched job(s) were taken back by the queue",
-                        self.owner,
-                        before - self.buffer.len()
-                    );
-                }
-            }
+        let held = self.held(keep_buffer);
+        let running = self.current.map(|(id, _, _)| id);
+        match self.db(|db| db.renew(&held, running)) {
+            Ok(renewed) => self.keep_renewed(&renewed, keep_buffer),
             Err(e) => log::warn!("worker {}: lease renewal failed: {e}", self.owner),
+        }
+    }
+
+    /// Drops from the buffer what a renewal did not renew (taken back by the queue, or handed
+    /// back when `keep_buffer` is false).
+    fn keep_renewed(&mut self, renewed: &[i64], keep_buffer: bool) {
+        let before = self.buffer.len();
+        self.buffer
+            .retain(|c| keep_buffer && renewed.contains(&c.job.id));
+        if keep_buffer && self.buffer.len() < before {
+            log::warn!(
+                "worker {}: {} prefetched job(s) were taken back by the queue",
+                self.owner,
+                before - self.buffer.len()
+            );
         }
     }
 
@@ -494,7 +608,7 @@ impl Worker<'_> {
         let mut failures = 0u32;
         loop {
             if self.db.is_none() {
-                match Consumer::connect(self.config, &self.owner) {
+                match self.reconnect() {
                     Ok(db) => {
                         if failures > 0 {
                             log::info!("worker {} reconnected to the database", self.owner);
@@ -514,12 +628,28 @@ impl Worker<'_> {
                 Ok(v) => return Ok(v),
                 Err(e) if e.is_connection_lost() => {
                     self.db = None;
+                    self.lost_connection = true;
                     failures += 1;
                     self.reconnect_pause(&e, failures)?;
                 }
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Opens the connection. After a lost one, first renews what this worker holds and gives back
+    /// everything else under its name: acknowledgements lost with an asynchronous commit when the
+    /// database crashed, and claims whose reply was lost with the connection, would otherwise stay
+    /// `running` until their lease expired.
+    fn reconnect(&mut self) -> Result<Consumer, QueueError> {
+        let mut db = Consumer::connect(self.config, &self.owner)?;
+        if self.lost_connection {
+            let renewed = db.renew(&self.held(true), self.current.map(|(id, _, _)| id))?;
+            self.keep_renewed(&renewed, true);
+            self.last_renewal = Instant::now();
+            self.lost_connection = false;
+        }
+        Ok(db)
     }
 
     fn reconnect_pause(&self, error: &QueueError, failures: u32) -> Result<(), QueueError> {
@@ -557,6 +687,7 @@ struct Context<'w, 'a> {
 impl JobContext for Context<'_, '_> {
     fn heartbeat(&mut self) -> bool {
         self.worker.slot.beat();
+        self.worker.give_back_if_overdue();
         self.worker.renew_if_due();
         if self.worker.ack_flush_due() {
             if let Err(e) = self.worker.flush_acks() {

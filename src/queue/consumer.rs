@@ -1,4 +1,4 @@
-//! The queue as one consumer child sees it: claim, settle, renew, release, wait.
+//! The queue as one consumer child sees it: claim, settle, renew, release, promote.
 
 use std::time::Duration;
 
@@ -17,6 +17,9 @@ pub struct Claimed {
     pub job: Job,
     /// The token of this claim's lease.
     pub lease_token: i64,
+    /// Whether a lease on this job expired before (its worker vanished): the worker reports the
+    /// start of such a job before running it (see [`Consumer::mark_started`]).
+    pub suspect: bool,
 }
 
 /// How a finished job is to be settled.
@@ -42,8 +45,27 @@ pub struct Ack {
     pub id: i64,
     /// Its lease token.
     pub lease_token: i64,
+    /// Its batch: a batch child's ack also counts it in its batch, off the lean path.
+    pub batch_id: Option<i64>,
     /// What to do with it.
     pub settlement: Settlement,
+}
+
+impl Ack {
+    /// The acknowledgement of `claimed` with `settlement`.
+    pub fn new(claimed: &Claimed, settlement: Settlement) -> Ack {
+        Ack {
+            id: claimed.job.id,
+            lease_token: claimed.lease_token,
+            batch_id: claimed.job.batch_id,
+            settlement,
+        }
+    }
+
+    /// Whether the lean round settles it: a plain job that completed.
+    fn is_lean(&self) -> bool {
+        self.batch_id.is_none() && matches!(self.settlement, Settlement::Completed(_))
+    }
 }
 
 /// What a settle-and-claim round trip returned.
@@ -53,23 +75,91 @@ pub struct Round {
     pub claimed: Vec<Claimed>,
     /// Acknowledgements refused because the lease was no longer ours.
     pub refused: Vec<i64>,
+    /// The count of changes a worker must notice (cancels, stopped batches) as of this round;
+    /// when it moves, prefetched jobs are checked with [`Consumer::drop_cancelled`].
+    pub changes: i64,
 }
 
-/// A consumer's connection with its statements prepared.
+/// A consumer's connection; its statements are prepared on first use.
 pub struct Consumer {
     client: Client,
+    schema: String,
     owner: String,
     queues: Vec<String>,
     lease_seconds: f64,
     retain: bool,
-    settle_and_claim: Statement,
-    renew: Statement,
-    release: Statement,
+    statements: Statements,
+}
+
+/// The prepared statements of one connection, by what they do.
+#[derive(Default)]
+struct Statements {
+    round: Option<Statement>,
+    settle: Option<Statement>,
+    renew: Option<Statement>,
+    release: Option<Statement>,
+    mark_started: Option<Statement>,
+    drop_cancelled: Option<Statement>,
+    promote: Option<Statement>,
+}
+
+/// Prepares `text` (rendered for `schema`) into `slot` on first use and returns it.
+fn prepared(
+    client: &mut Client,
+    slot: &mut Option<Statement>,
+    schema: &str,
+    text: &str,
+) -> Result<Statement, QueueError> {
+    if let Some(statement) = slot {
+        return Ok(statement.clone());
+    }
+    let statement = client.prepare(&render(text, schema))?;
+    *slot = Some(statement.clone());
+    Ok(statement)
+}
+
+/// Splits `acks` into the columns a settling statement takes.
+struct AckColumns<'a> {
+    ids: Vec<i64>,
+    tokens: Vec<i64>,
+    outcomes: Vec<&'static str>,
+    results: Vec<Option<&'a Value>>,
+    errors: Vec<Option<&'a str>>,
+    delays: Vec<f64>,
+}
+
+impl<'a> AckColumns<'a> {
+    fn of(acks: impl IntoIterator<Item = &'a Ack>) -> AckColumns<'a> {
+        let mut c = AckColumns {
+            ids: Vec::new(),
+            tokens: Vec::new(),
+            outcomes: Vec::new(),
+            results: Vec::new(),
+            errors: Vec::new(),
+            delays: Vec::new(),
+        };
+        for ack in acks {
+            let (outcome, result, error, delay) = match &ack.settlement {
+                Settlement::Completed(v) => ("completed", Some(v), None, 0.0),
+                Settlement::Failed(e) => ("failed", None, Some(e.as_str()), 0.0),
+                Settlement::Retry { error, delay } => {
+                    ("retry", None, error.as_deref(), delay.as_secs_f64())
+                }
+            };
+            c.ids.push(ack.id);
+            c.tokens.push(ack.lease_token);
+            c.outcomes.push(outcome);
+            c.results.push(result);
+            c.errors.push(error);
+            c.delays.push(delay);
+        }
+        c
+    }
 }
 
 impl Consumer {
-    /// Connects, checks the schema version and prepares statements. `owner` names this consumer's
-    /// leases (host, supervisor boot, slot and generation).
+    /// Connects and checks the schema version. `owner` names this consumer's leases (host,
+    /// supervisor boot, slot and generation).
     pub fn connect(config: &Config, owner: &str) -> Result<Consumer, QueueError> {
         // A worker cannot heartbeat while it waits on the database, so every wait on it is
         // bounded well inside the stale window: a slow or partitioned database makes the child
@@ -77,28 +167,24 @@ impl Consumer {
         let budget = (config.health_stale / 3).max(Duration::from_secs(2));
         let mut client = connect_with_timeout(&config.database_url, "forkq worker", budget)?;
         // Delivery is at least once anyway: an ack or claim lost in a database crash only makes
-        // its job run again, exactly as a worker crash before the ack would. Not waiting for the
-        // WAL flush at every round trip is what lets a child keep up with short jobs.
-        // FORKQ_DURABLE=1 keeps every acknowledgement durable before the next job.
+        // its job run again, exactly as a worker crash before the ack would (and the worker gives
+        // back what it finds under its name when it reconnects). Not waiting for the WAL flush at
+        // every round trip is what lets a child keep up with short jobs. FORKQ_DURABLE=1 keeps
+        // every acknowledgement durable before the next job.
         let commit = if config.durable { "on" } else { "off" };
         client.batch_execute(&format!(
             "SET statement_timeout = {}; SET synchronous_commit = {commit}",
             budget.as_millis()
         ))?;
         migrations::require_current(&mut client, &config.schema)?;
-        let s = &config.schema;
-        let settle_and_claim = client.prepare(&render(sql::SETTLE_AND_CLAIM, s))?;
-        let renew = client.prepare(&render(sql::RENEW, s))?;
-        let release = client.prepare(&render(sql::RELEASE, s))?;
         Ok(Consumer {
             client,
+            schema: config.schema.clone(),
             owner: owner.to_string(),
             queues: config.queues.clone(),
             lease_seconds: config.lease.as_secs_f64(),
             retain: !config.retention.is_zero(),
-            settle_and_claim,
-            renew,
-            release,
+            statements: Statements::default(),
         })
     }
 
@@ -112,75 +198,135 @@ impl Consumer {
         &mut self.client
     }
 
-    /// Sends `acks` and claims up to `limit` jobs in one round trip (`limit` 0 only settles).
+    /// Sends `acks` and claims up to `limit` jobs (`limit` 0 only settles). Plain completed jobs
+    /// and the claim share one round trip (the lean round); the other acknowledgements (failures,
+    /// retries, batch children) are settled first, in one more.
     pub fn settle_and_claim(&mut self, acks: &[Ack], limit: usize) -> Result<Round, QueueError> {
-        let ids: Vec<i64> = acks.iter().map(|a| a.id).collect();
-        let tokens: Vec<i64> = acks.iter().map(|a| a.lease_token).collect();
-        let mut outcomes = Vec::with_capacity(acks.len());
-        let mut results = Vec::with_capacity(acks.len());
-        let mut errors = Vec::with_capacity(acks.len());
-        let mut delays = Vec::with_capacity(acks.len());
-        for ack in acks {
-            let (outcome, result, error, delay) = match &ack.settlement {
-                Settlement::Completed(v) => ("completed", Some(v.clone()), None, 0.0),
-                Settlement::Failed(e) => ("failed", None, Some(e.clone()), 0.0),
-                Settlement::Retry { error, delay } => {
-                    ("retry", None, error.clone(), delay.as_secs_f64())
-                }
-            };
-            outcomes.push(outcome);
-            results.push(result);
-            errors.push(error);
-            delays.push(delay);
+        let mut refused: Vec<i64> = Vec::new();
+        if acks.iter().any(|a| !a.is_lean()) {
+            let c = AckColumns::of(acks.iter().filter(|a| !a.is_lean()));
+            let settle = prepared(
+                &mut self.client,
+                &mut self.statements.settle,
+                &self.schema,
+                sql::SETTLE,
+            )?;
+            refused = self
+                .client
+                .query_one(
+                    &settle,
+                    &[
+                        &c.ids,
+                        &c.tokens,
+                        &c.outcomes,
+                        &c.results,
+                        &c.errors,
+                        &c.delays,
+                        &self.retain,
+                    ],
+                )?
+                .get(0);
         }
+        let mut round = self.round(acks.iter().filter(|a| a.is_lean()), limit)?;
+        round.refused.extend(refused);
+        Ok(round)
+    }
+
+    /// The lean round (see [`sql::round`]).
+    fn round<'a>(
+        &mut self,
+        acks: impl IntoIterator<Item = &'a Ack>,
+        limit: usize,
+    ) -> Result<Round, QueueError> {
+        let c = AckColumns::of(acks);
+        let text = sql::round(self.queues.len());
+        let round = prepared(
+            &mut self.client,
+            &mut self.statements.round,
+            &self.schema,
+            &text,
+        )?;
+        let token = fastrand::i64(..);
         let limit = limit as i32;
         let rows = self.client.query(
-            &self.settle_and_claim,
+            &round,
             &[
-                &ids,
-                &tokens,
-                &outcomes,
-                &results,
-                &errors,
-                &delays,
+                &c.ids,
+                &c.tokens,
+                &c.results,
                 &self.retain,
+                &self.owner,
+                &token,
+                &self.lease_seconds,
                 &self.queues,
                 &limit,
-                &self.owner,
-                &self.lease_seconds,
             ],
         )?;
-        let mut round = Round::default();
+        let mut out = Round::default();
+        let mut order = Vec::with_capacity(rows.len());
         for row in rows {
-            if let Some(refused) = row.get::<_, Option<Vec<i64>>>("refused") {
-                if round.refused.is_empty() {
-                    round.refused = refused;
-                }
-            }
             let Some(id) = row.get::<_, Option<i64>>("id") else {
+                out.refused = row
+                    .get::<_, Option<Vec<i64>>>("refused")
+                    .unwrap_or_default();
+                out.changes = row.get("changes");
                 continue;
             };
-            round.claimed.push(Claimed {
+            let queue: String = row.get("queue");
+            let position = self.queues.iter().position(|q| *q == queue);
+            let priority: i16 = row.get("priority");
+            let run_at: std::time::SystemTime = row.get("run_at");
+            order.push((position, priority, run_at, id));
+            out.claimed.push(Claimed {
                 job: Job {
                     id,
-                    queue: row.get("queue"),
+                    queue,
                     task: row.get("task"),
                     payload: row.get("payload"),
                     attempt: row.get("attempt"),
                     max_attempts: row.get("max_attempts"),
                     batch_id: row.get("batch_id"),
                 },
-                lease_token: row.get("lease_token"),
+                lease_token: token,
+                suspect: row.get::<_, i16>("expiries") > 0,
             });
         }
-        Ok(round)
+        // The statement returns rows in the order it updated them; jobs run in claim order.
+        let mut ranked: Vec<(_, Claimed)> = order.into_iter().zip(out.claimed).collect();
+        ranked.sort_by_key(|r| r.0);
+        out.claimed = ranked.into_iter().map(|(_, c)| c).collect();
+        Ok(out)
     }
 
-    /// Renews every lease this consumer holds; returns the ids it still holds.
-    pub fn renew(&mut self) -> Result<Vec<i64>, QueueError> {
+    /// Renews the leases of `held` (id, token) and gives back anything else under this
+    /// consumer's name; `running` (the job running now) is recorded as started. Returns the held
+    /// jobs still leased to it.
+    pub fn renew(
+        &mut self,
+        held: &[(i64, i64)],
+        running: Option<i64>,
+    ) -> Result<Vec<i64>, QueueError> {
+        let ids: Vec<i64> = held.iter().map(|h| h.0).collect();
+        let tokens: Vec<i64> = held.iter().map(|h| h.1).collect();
+        let renew = prepared(
+            &mut self.client,
+            &mut self.statements.renew,
+            &self.schema,
+            sql::RENEW,
+        )?;
         Ok(self
             .client
-            .query(&self.renew, &[&self.owner, &self.lease_seconds])?
+            .query(
+                &renew,
+                &[
+                    &self.owner,
+                    &ids,
+                    &tokens,
+                    &self.lease_seconds,
+                    &self.retain,
+                    &running.unwrap_or(0),
+                ],
+            )?
             .iter()
             .map(|r| r.get(0))
             .collect())
@@ -196,9 +342,59 @@ impl Consumer {
         error: Option<&str>,
     ) -> Result<i32, QueueError> {
         let in_flight = in_flight.unwrap_or(0);
+        let release = prepared(
+            &mut self.client,
+            &mut self.statements.release,
+            &self.schema,
+            sql::RELEASE,
+        )?;
         Ok(self
             .client
-            .query_one(&self.release, &[&owner, &in_flight, &error, &self.retain])?
+            .query_one(&release, &[&owner, &in_flight, &error, &self.retain])?
             .get(0))
+    }
+
+    /// Reports that the suspect job `claimed` starts now, so a host death during this run
+    /// charges it. False when its lease is no longer ours (the job must not run).
+    pub fn mark_started(&mut self, claimed: &Claimed) -> Result<bool, QueueError> {
+        let mark = prepared(
+            &mut self.client,
+            &mut self.statements.mark_started,
+            &self.schema,
+            sql::MARK_STARTED,
+        )?;
+        Ok(self
+            .client
+            .query_one(&mark, &[&claimed.job.id, &claimed.lease_token])?
+            .get::<_, Option<bool>>(0)
+            .unwrap_or(false))
+    }
+
+    /// Ends cancelled, uncharged, the claimed-but-not-started jobs among `held` that must no
+    /// longer run (cancelled, or children of a stopped batch); returns their ids.
+    pub fn drop_cancelled(&mut self, held: &[&Claimed]) -> Result<Vec<i64>, QueueError> {
+        let ids: Vec<i64> = held.iter().map(|c| c.job.id).collect();
+        let tokens: Vec<i64> = held.iter().map(|c| c.lease_token).collect();
+        let drop = prepared(
+            &mut self.client,
+            &mut self.statements.drop_cancelled,
+            &self.schema,
+            sql::DROP_CANCELLED,
+        )?;
+        Ok(self
+            .client
+            .query_one(&drop, &[&ids, &tokens, &self.retain])?
+            .get(0))
+    }
+
+    /// Makes up to `limit` due scheduled and retryable jobs claimable; returns how many.
+    pub fn promote_due(&mut self, limit: i32) -> Result<i32, QueueError> {
+        let promote = prepared(
+            &mut self.client,
+            &mut self.statements.promote,
+            &self.schema,
+            sql::PROMOTE_DUE,
+        )?;
+        Ok(self.client.query_one(&promote, &[&limit])?.get(0))
     }
 }

@@ -19,8 +19,6 @@ pub const INTERVAL: Duration = Duration::from_secs(2);
 pub struct Report {
     /// Expired leases returned to the queue (or dead-lettered).
     pub rescued: i32,
-    /// Due scheduled or retryable jobs marked available.
-    pub promoted: u64,
     /// Archived jobs deleted after their retention.
     pub purged: u64,
     /// Expired unique windows deleted.
@@ -51,7 +49,6 @@ pub fn run_pass(
         rescued: tx
             .query_one(&render(sql::RESCUE_EXPIRED, schema), &[&retain])?
             .get(0),
-        promoted: tx.execute(&render(sql::PROMOTE_DUE, schema), &[])?,
         purged: tx.execute(
             &render(sql::PURGE_EXPIRED_ARCHIVE, schema),
             &[&retention.as_secs_f64()],
@@ -59,6 +56,7 @@ pub fn run_pass(
         windows_purged: tx.execute(&render(sql::PURGE_EXPIRED_WINDOWS, schema), &[])?,
         batches_repaired: repair_batches(&mut tx, schema, retain)?,
     };
+    tx.execute(&render(sql::COMPACT_CHANGES, schema), &[])?;
     tx.commit()?;
     Ok(Some(report))
 }

@@ -84,29 +84,95 @@ pub const ENQUEUE_EACH: &str = "
 /// Wakes idle workers once the enqueuing transaction commits.
 pub const NOTIFY: &str = "SELECT pg_notify('{c}', $1)";
 
-/// Settles the previous round and claims the next (see `settle_and_claim` in the migration).
-pub const SETTLE_AND_CLAIM: &str = "
-    SELECT id, queue, task, payload, attempt, max_attempts, lease_token, batch_id, refused
-    FROM {s}.settle_and_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+/// The lean round: settles plain completed jobs (fenced by lease token; archived when `$4`) and
+/// claims up to `$9` jobs from the queues `$8` in one statement, with no procedural code in the
+/// way. Jobs come back in index order per queue, not in claim order: the caller sorts them (by
+/// queue position, priority, run_at, id). One extra row with a null id carries the acks refused
+/// (stale leases; null when none) and the sum of `changes` (see the migration), which tells the
+/// worker when to check its prefetched jobs for a cancel. Built by [`round`] for the number of
+/// queues; `$1` ids, `$2` tokens, `$3` results, `$5` owner, `$6` this claim's lease token, `$7`
+/// lease seconds.
+const ROUND: &str = "
+    WITH acked AS (
+        SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::jsonb[]) AS a(id, token, result)
+    ), done AS (
+        DELETE FROM {s}.jobs j USING acked a
+        WHERE j.id = a.id AND j.lease_token = a.token AND j.id = ANY($1::bigint[])
+        RETURNING j.id, j.queue, j.task, j.payload, j.priority, j.attempt, j.max_attempts,
+                  j.unique_key, j.created_at, j.last_error, a.result
+    ), archived AS (
+        INSERT INTO {s}.jobs_archive (id, queue, task, payload, priority, state, attempt,
+                                      max_attempts, unique_key, created_at, last_error, result)
+        SELECT id, queue, task, payload, priority, 'completed', attempt, max_attempts,
+               unique_key, created_at, last_error, result
+        FROM done WHERE $4::boolean
+    ), claimed AS (
+        UPDATE {s}.jobs j
+        SET state = 'running', attempt = j.attempt + 1, lease_owner = $5::text,
+            lease_token = $6::bigint,
+            lease_expires_at = now() + make_interval(secs => $7::float8)
+        WHERE j.id = ANY(ARRAY({pick}))
+        RETURNING j.id, j.queue, j.task, j.payload, j.priority, j.run_at, j.attempt,
+                  j.max_attempts, j.batch_id, j.expiries
+    )
+    SELECT id, queue, task, payload, priority, run_at, attempt, max_attempts, batch_id, expiries,
+           NULL::bigint[] AS refused, NULL::bigint AS changes
+    FROM claimed
+    UNION ALL
+    SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+           CASE WHEN (SELECT count(*) FROM done) < cardinality($1::bigint[])
+                THEN ARRAY(SELECT id FROM acked EXCEPT SELECT id FROM done) END,
+           (SELECT coalesce(sum(weight), 0)::bigint FROM {s}.changes)";
 
-/// Renews every lease `owner` holds; returns the ids still held.
-pub const RENEW: &str = "
-    UPDATE {s}.jobs SET lease_expires_at = now() + make_interval(secs => $2)
-    WHERE lease_owner = $1 AND state = 'running'
-    RETURNING id";
+/// One queue's pick: its first `$9` claimable jobs in claim order, locked, skipping rows others
+/// hold. Served by `jobs_claim_idx` (equality on queue, then its exact order).
+const PICK: &str = "SELECT c.id FROM {s}.jobs c
+    WHERE c.queue = ($8::text[])[{n}] AND c.state = 'available'
+    ORDER BY c.priority, c.run_at, c.id LIMIT $9::int FOR UPDATE SKIP LOCKED";
+
+/// The lean round for `queues` queues, served strictly in the order given: each queue's pick
+/// runs only while the ones before it left room.
+pub fn round(queues: usize) -> String {
+    let pick = if queues <= 1 {
+        PICK.replace("{n}", "1")
+    } else {
+        let picks: Vec<String> = (1..=queues)
+            .map(|n| {
+                format!(
+                    "SELECT id FROM ({}) q{n}",
+                    PICK.replace("{n}", &n.to_string())
+                )
+            })
+            .collect();
+        format!("{} LIMIT $9::int", picks.join(" UNION ALL "))
+    };
+    ROUND.replace("{pick}", &pick)
+}
+
+/// Settles what the lean round does not: failures, retries, cancels and batch children (see
+/// `settle` in the migration). Returns the ids refused (stale leases).
+pub const SETTLE: &str = "SELECT {s}.settle($1, $2, $3, $4, $5, $6, $7)";
+
+/// Renews the leases a worker holds and gives back anything else under its name (see `renew`).
+pub const RENEW: &str = "SELECT id FROM {s}.renew($1, $2, $3, $4, $5, $6)";
 
 /// Gives back the jobs `owner` holds (see `release` in the migration).
 pub const RELEASE: &str = "SELECT {s}.release($1, $2, $3, $4)";
 
+/// Reports the start of a suspect job (see `mark_started` in the migration).
+pub const MARK_STARTED: &str = "SELECT {s}.mark_started($1, $2)";
+
+/// Ends cancelled the prefetched jobs that must no longer run (see `drop_cancelled`).
+pub const DROP_CANCELLED: &str = "SELECT {s}.drop_cancelled($1, $2, $3)";
+
+/// Makes due scheduled and retryable jobs claimable (see `promote_due` in the migration).
+pub const PROMOTE_DUE: &str = "SELECT {s}.promote_due($1)";
+
 /// Returns expired leases to the queue.
 pub const RESCUE_EXPIRED: &str = "SELECT {s}.rescue_expired($1)";
 
-/// Marks due scheduled and retryable jobs available, so status shows what can run now.
-pub const PROMOTE_DUE: &str = "
-    UPDATE {s}.jobs SET state = 'available'
-    WHERE id IN (SELECT id FROM {s}.jobs
-                 WHERE state IN ('scheduled', 'retryable') AND run_at <= now()
-                 LIMIT 10000 FOR UPDATE SKIP LOCKED)";
+/// Folds old rows of the changes table into one.
+pub const COMPACT_CHANGES: &str = "SELECT {s}.compact_changes()";
 
 /// Deletes completed and cancelled jobs older than the retention, a bounded chunk at a time.
 /// Children of open batches are kept: they are the rows the batch repair recomputes from.

@@ -12,7 +12,7 @@ use crate::sys;
 /// The picking subquery every baseline shares with forkq's claim: same predicate, same order,
 /// so the same partial index serves it.
 const PICK: &str = "SELECT id FROM {s}.jobs
-    WHERE queue = 'default' AND state <> 'running' AND run_at <= now()
+    WHERE queue = 'default' AND state = 'available'
     ORDER BY priority, run_at, id LIMIT $1 FOR UPDATE SKIP LOCKED";
 
 /// The baselines of the issue.

@@ -18,11 +18,22 @@ CREATE TABLE {s}.jobs (
     batch_id         bigint,
     cancel_requested boolean NOT NULL DEFAULT false,
     created_at       timestamptz NOT NULL DEFAULT now(),
-    last_error       text
+    last_error       text,
+    -- How many times a lease on this job expired (its worker vanished without a word). A job
+    -- with expiries is a suspect: its next worker reports the start (sets `started`) before
+    -- running it, so a job that takes its whole host down is charged and cannot loop forever.
+    expiries         smallint NOT NULL DEFAULT 0,
+    -- Set when the worker holding the lease reported that this run started: a suspect before it
+    -- runs, any job when a lease renewal finds it running.
+    started          boolean NOT NULL DEFAULT false
 ) WITH (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_cost_delay = 0);
 
--- Serves the claim: equality on queue, then exactly the claim's ORDER BY, only claimable rows.
-CREATE INDEX jobs_claim_idx ON {s}.jobs (queue, priority, run_at, id) WHERE state <> 'running';
+-- Serves the claim: equality on queue, then exactly the claim's ORDER BY, only rows that can run
+-- now. Waiting rows are in jobs_due_idx instead, so a million jobs scheduled for tomorrow cost the
+-- claim nothing: promote_due() moves them here when they fall due.
+CREATE INDEX jobs_claim_idx ON {s}.jobs (queue, priority, run_at, id) WHERE state = 'available';
+-- Serves promote_due(): scheduled and retryable rows by the time they fall due.
+CREATE INDEX jobs_due_idx ON {s}.jobs (run_at) WHERE state IN ('scheduled', 'retryable');
 -- Serves lease renewal and release by owner, and the rescue of expired leases.
 CREATE INDEX jobs_running_idx ON {s}.jobs (lease_owner) WHERE state = 'running';
 -- A live unique key: a second enqueue returns the existing job.
@@ -269,49 +280,6 @@ BEGIN
 END
 $$;
 
--- Claims up to p_limit jobs from p_queues, strictly in the order the queues are given, each queue
--- by (priority, run_at, id). Sets the lease and bumps the attempt.
-CREATE FUNCTION {s}.claim(p_queues text[], p_limit int, p_owner text, p_lease_seconds float8)
-RETURNS TABLE (id bigint, queue text, task text, payload jsonb, priority smallint, attempt int,
-               max_attempts int, lease_token bigint, batch_id bigint, refused bigint[])
-LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-DECLARE
-    q         text;
-    got       int;
-    remaining int := p_limit;
-BEGIN
-    FOREACH q IN ARRAY p_queues LOOP
-        EXIT WHEN remaining <= 0;
-        -- RETURNING follows the join, not the pick: sort again so jobs run in claim order.
-        RETURN QUERY
-        WITH claimed AS (
-            UPDATE {s}.jobs j
-            SET state = 'running',
-                attempt = j.attempt + 1,
-                lease_owner = p_owner,
-                lease_token = (random() * 9.2e18)::bigint,
-                lease_expires_at = now() + make_interval(secs => p_lease_seconds)
-            FROM (
-                SELECT c.id FROM {s}.jobs c
-                WHERE c.queue = q AND c.state <> 'running' AND c.run_at <= now()
-                ORDER BY c.priority, c.run_at, c.id
-                LIMIT remaining
-                FOR UPDATE SKIP LOCKED
-            ) picked
-            WHERE j.id = picked.id
-            RETURNING j.*
-        )
-        SELECT c.id, c.queue, c.task, c.payload, c.priority, c.attempt, c.max_attempts,
-               c.lease_token, c.batch_id, NULL::bigint[]
-        FROM claimed c
-        ORDER BY c.priority, c.run_at, c.id;
-        GET DIAGNOSTICS got = ROW_COUNT;
-        remaining := remaining - got;
-    END LOOP;
-END
-$$;
-
 -- Sends the jobs whose outcome is 'retry' back to the queue after their delay, fenced by lease
 -- token. Not sent back (settle then retires them): a job marked for cancellation, and a child of a
 -- batch that is no longer open (fail-fast marks the running siblings it can lock; this catches the
@@ -326,10 +294,10 @@ CREATE FUNCTION {s}.requeue(
 ) RETURNS bigint[] LANGUAGE sql AS $$
     WITH r AS (
         UPDATE {s}.jobs j
-        SET state = 'retryable',
+        SET state = CASE WHEN a.delay > 0 THEN 'retryable' ELSE 'available' END,
             run_at = now() + make_interval(secs => a.delay),
             last_error = coalesce(a.error, j.last_error),
-            lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
+            lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, started = false
         FROM unnest(p_ids, p_tokens, p_outcomes, p_errors, p_delays)
             AS a(id, token, outcome, error, delay)
         WHERE a.outcome = 'retry' AND j.id = a.id AND j.lease_token = a.token
@@ -344,8 +312,9 @@ CREATE FUNCTION {s}.requeue(
     SELECT coalesce(array_agg(r.id), '{}') FROM r;
 $$;
 
--- Settles finished jobs, fenced by lease token: 'completed' and 'failed' retire them, 'retry'
--- sends them back after p_delays seconds. Returns the ids it refused (stale leases).
+-- Settles finished jobs, fenced by lease token: 'completed', 'failed' and 'cancelled' retire them,
+-- 'retry' sends them back after p_delays seconds. Returns the ids it refused (stale leases). The
+-- lean round (ROUND in sql.rs) settles plain completed jobs itself; this takes everything else.
 CREATE FUNCTION {s}.settle(
     p_ids      bigint[],
     p_tokens   bigint[],
@@ -369,7 +338,7 @@ BEGIN
     -- in retire() leaves them alone; a 'retry' that was not sent back ends as a failure.
     SELECT coalesce(array_agg(x), '{}') INTO retired
     FROM {s}.retire(p_ids, p_tokens,
-                    ARRAY(SELECT CASE WHEN o = 'completed' THEN 'completed' ELSE 'failed' END
+                    ARRAY(SELECT CASE WHEN o IN ('completed', 'cancelled') THEN o ELSE 'failed' END
                           FROM unnest(p_outcomes) WITH ORDINALITY u(o, n) ORDER BY n),
                     p_errors, p_results, p_retain) AS x;
 
@@ -378,45 +347,16 @@ BEGIN
 END
 $$;
 
--- Settles the previous round's jobs and claims the next in one round trip. When nothing is claimed
--- but some acks were refused, returns one row with a null id carrying them.
-CREATE FUNCTION {s}.settle_and_claim(
-    p_ids bigint[], p_tokens bigint[], p_outcomes text[], p_results jsonb[], p_errors text[],
-    p_delays float8[], p_retain boolean,
-    p_queues text[], p_limit int, p_owner text, p_lease_seconds float8
-)
-RETURNS TABLE (id bigint, queue text, task text, payload jsonb, priority smallint, attempt int,
-               max_attempts int, lease_token bigint, batch_id bigint, refused bigint[])
-LANGUAGE plpgsql AS $$
-DECLARE
-    stale bigint[];
-    got   int;
-BEGIN
-    stale := {s}.settle(p_ids, p_tokens, p_outcomes, p_results, p_errors, p_delays, p_retain);
-    IF p_limit > 0 THEN
-        RETURN QUERY SELECT c.id, c.queue, c.task, c.payload, c.priority, c.attempt,
-                            c.max_attempts, c.lease_token, c.batch_id,
-                            CASE WHEN cardinality(stale) > 0 THEN stale END
-                     FROM {s}.claim(p_queues, p_limit, p_owner, p_lease_seconds) c;
-        GET DIAGNOSTICS got = ROW_COUNT;
-    ELSE
-        got := 0;
-    END IF;
-    IF got = 0 AND cardinality(stale) > 0 THEN
-        RETURN QUERY SELECT NULL::bigint, NULL::text, NULL::text, NULL::jsonb, NULL::smallint,
-                            NULL::int, NULL::int, NULL::bigint, NULL::bigint, stale;
-    END IF;
-END
-$$;
-
--- Gives back the jobs held by every lease owner that starts with p_owner: one worker (owners end
--- with '/', so a whole owner names only itself), or every past occupant of a slot (the slot's
--- prefix), so jobs of a child that died before it could release its own predecessor's come back
--- too. The job in flight (p_in_flight, 0 for none) keeps the attempt
--- it was charged and is dead-lettered with p_error when it has no attempts left; jobs that were
--- claimed but never started go back uncharged, except those cancelled meanwhile, which end
--- cancelled instead of running later. Returns how many jobs went back to the queue.
-CREATE FUNCTION {s}.release(p_owner text, p_in_flight bigint, p_error text, p_retain boolean)
+-- Gives back the running jobs of every lease owner that starts with p_owner, except those in
+-- p_keep: one worker (owners end with '/', so a whole owner names only itself), or every past
+-- occupant of a slot (the slot's prefix), so jobs of a child that died before it could release its
+-- own predecessor's come back too. The job in flight (p_in_flight, 0 for none) keeps the attempt it
+-- was charged and is dead-lettered with p_error when it has no attempts left; the others never
+-- started (or finished and their acknowledgement was lost) and go back uncharged, except those
+-- cancelled meanwhile, which end cancelled instead of running later. Returns how many jobs went back
+-- to the queue.
+CREATE FUNCTION {s}.release(p_owner text, p_in_flight bigint, p_error text, p_retain boolean,
+                            p_keep bigint[] DEFAULT '{}')
 RETURNS int LANGUAGE plpgsql AS $$
 DECLARE
     done_ids    bigint[];
@@ -432,6 +372,7 @@ BEGIN
         SELECT j.id, j.lease_token
         FROM {s}.jobs j
         WHERE starts_with(j.lease_owner, p_owner) AND j.state = 'running'
+          AND j.id <> ALL(p_keep)
           AND (j.cancel_requested OR (j.id = p_in_flight AND j.attempt >= j.max_attempts))
         FOR UPDATE
     ) d;
@@ -448,8 +389,8 @@ BEGIN
         attempt = CASE WHEN j.id = p_in_flight THEN j.attempt ELSE greatest(j.attempt - 1, 0) END,
         last_error = CASE WHEN j.id = p_in_flight THEN coalesce(p_error, j.last_error)
                           ELSE j.last_error END,
-        lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
-    WHERE starts_with(j.lease_owner, p_owner) AND j.state = 'running';
+        lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, started = false
+    WHERE starts_with(j.lease_owner, p_owner) AND j.state = 'running' AND j.id <> ALL(p_keep);
     GET DIAGNOSTICS released = ROW_COUNT;
     IF released > 0 THEN
         PERFORM pg_notify('{c}', '');
@@ -458,10 +399,78 @@ BEGIN
 END
 $$;
 
--- Returns jobs whose lease expired (their worker or its host died) to the queue, charged one
--- attempt, or to the dead letter when none is left. Rows locked by a concurrent ack or renewal are
--- skipped, and the expiry is re-checked under the row lock, so a job renewed or finished between
--- the read and the write is never touched.
+-- Renews the leases a worker holds (p_ids with their tokens) and gives back at once anything else
+-- found under its name (p_owner): acknowledgements lost with an asynchronous commit in a database
+-- crash, claims whose reply was lost with the connection, and prefetched jobs the worker chose to
+-- hand back (see release()). The job running now (p_running, 0 for none) is recorded as started,
+-- so an expiry of this run charges it. Returns the held jobs still leased to it, and whether each
+-- was asked to stop.
+CREATE FUNCTION {s}.renew(p_owner text, p_ids bigint[], p_tokens bigint[], p_lease_seconds float8,
+                          p_retain boolean, p_running bigint)
+RETURNS TABLE (id bigint, cancel_requested boolean) LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM {s}.release(p_owner, 0, NULL, p_retain, p_ids);
+    RETURN QUERY
+    UPDATE {s}.jobs j SET lease_expires_at = now() + make_interval(secs => p_lease_seconds),
+                          started = j.started OR j.id = p_running
+    FROM unnest(p_ids, p_tokens) AS h(id, token)
+    WHERE j.id = h.id AND j.lease_token = h.token AND j.id = ANY(p_ids) AND j.state = 'running'
+    RETURNING j.id, j.cancel_requested;
+END
+$$;
+
+-- Records that the worker holding a suspect job (one whose lease expired before) is starting it,
+-- so that if this run takes the host down too, the rescue charges it an attempt.
+CREATE FUNCTION {s}.mark_started(p_id bigint, p_token bigint) RETURNS boolean
+LANGUAGE sql AS $$
+    UPDATE {s}.jobs SET started = true
+    WHERE id = p_id AND lease_token = p_token AND state = 'running'
+    RETURNING true;
+$$;
+
+-- Among jobs a worker claimed but has not started (p_ids, fenced by p_tokens), ends cancelled,
+-- uncharged, those that must not run any more: cancelled by request, or children of a batch that
+-- is no longer open (fail-fast or batch cancel). Returns their ids, so the worker drops them.
+CREATE FUNCTION {s}.drop_cancelled(p_ids bigint[], p_tokens bigint[], p_retain boolean)
+RETURNS bigint[] LANGUAGE plpgsql AS $$
+DECLARE
+    gone   bigint[];
+    tokens bigint[];
+BEGIN
+    WITH doomed AS (
+        UPDATE {s}.jobs j SET attempt = greatest(j.attempt - 1, 0)
+        FROM unnest(p_ids, p_tokens) AS h(id, token)
+        WHERE j.id = h.id AND j.lease_token = h.token AND j.id = ANY(p_ids)
+          AND j.state = 'running'
+          AND (j.cancel_requested
+               OR (j.batch_id IS NOT NULL
+                   AND EXISTS (SELECT 1 FROM {s}.batches b
+                               WHERE b.id = j.batch_id AND b.state <> 'open')))
+        RETURNING j.id, j.lease_token
+    )
+    SELECT coalesce(array_agg(d.id), '{}'), coalesce(array_agg(d.lease_token), '{}')
+    INTO gone, tokens FROM doomed d;
+    IF cardinality(gone) > 0 THEN
+        PERFORM {s}.retire(gone, tokens,
+                           array_fill('cancelled'::text, ARRAY[cardinality(gone)]),
+                           array_fill('cancelled before it started'::text, ARRAY[cardinality(gone)]),
+                           array_fill(NULL::jsonb, ARRAY[cardinality(gone)]),
+                           p_retain);
+    END IF;
+    RETURN gone;
+END
+$$;
+
+-- Returns jobs whose lease expired (their worker or its whole host died) to the queue. A job is
+-- charged the attempt only if its worker reported the start (see `started`: a suspect before it
+-- runs, any job at a lease renewal while it runs): a prefetched job that never ran goes back as it
+-- was. Each expiry makes the job a suspect; a suspect that keeps taking
+-- its host down is charged at every later expiry and reaches the dead letter after at most
+-- max_attempts + 1 host deaths. A job marked for cancellation ends cancelled. Rows locked by a
+-- concurrent ack or renewal are skipped, and the expiry is re-checked under the row lock, so a job
+-- renewed or finished between the read and the write is never touched. Reaches the rows through
+-- jobs_running_idx, never by a scan of the whole table.
 CREATE FUNCTION {s}.rescue_expired(p_retain boolean) RETURNS int LANGUAGE plpgsql AS $$
 DECLARE
     dead_ids    bigint[];
@@ -469,15 +478,19 @@ DECLARE
     back        int;
 BEGIN
     WITH expired AS (
-        SELECT j.id, j.lease_token, j.attempt >= j.max_attempts OR j.cancel_requested AS exhausted
+        SELECT j.id, j.lease_token,
+               j.cancel_requested OR (j.started AND j.attempt >= j.max_attempts) AS exhausted
         FROM {s}.jobs j
-        WHERE j.state = 'running' AND j.lease_expires_at < clock_timestamp()
+        WHERE j.state = 'running' AND j.lease_owner IS NOT NULL
+          AND j.lease_expires_at < clock_timestamp()
         FOR UPDATE SKIP LOCKED
     ), revived AS (
         UPDATE {s}.jobs j
-        SET state = 'available', run_at = now(),
+        SET state = 'available', run_at = least(j.run_at, now()),
+            attempt = CASE WHEN j.started THEN j.attempt ELSE greatest(j.attempt - 1, 0) END,
+            expiries = least(j.expiries + 1, 32767),
             last_error = 'lease expired: the worker holding this job stopped renewing it',
-            lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
+            lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, started = false
         FROM expired e
         WHERE j.id = e.id AND NOT e.exhausted
         RETURNING j.id
@@ -490,7 +503,8 @@ BEGIN
     IF cardinality(dead_ids) > 0 THEN
         PERFORM {s}.retire(dead_ids, dead_tokens,
                            array_fill('failed'::text, ARRAY[cardinality(dead_ids)]),
-                           array_fill('lease expired and no attempts are left'::text, ARRAY[cardinality(dead_ids)]),
+                           array_fill('lease expired while it ran and no attempts are left'::text,
+                                      ARRAY[cardinality(dead_ids)]),
                            array_fill(NULL::jsonb, ARRAY[cardinality(dead_ids)]),
                            p_retain);
     END IF;
@@ -499,6 +513,54 @@ BEGIN
     END IF;
     RETURN back + cardinality(dead_ids);
 END
+$$;
+
+-- Makes due scheduled and retryable jobs available to the claim, oldest first, at most p_limit;
+-- index-driven (jobs_due_idx), so it costs one index probe when nothing is due. Rows locked by
+-- someone else are left for the next call. Wakes idle workers when it moved any.
+CREATE FUNCTION {s}.promote_due(p_limit int) RETURNS int LANGUAGE plpgsql AS $$
+DECLARE
+    moved int;
+BEGIN
+    UPDATE {s}.jobs j SET state = 'available'
+    WHERE j.id = ANY(ARRAY(SELECT d.id FROM {s}.jobs d
+                           WHERE d.state IN ('scheduled', 'retryable') AND d.run_at <= now()
+                           ORDER BY d.run_at LIMIT p_limit
+                           FOR UPDATE SKIP LOCKED))
+      AND j.state IN ('scheduled', 'retryable');
+    GET DIAGNOSTICS moved = ROW_COUNT;
+    IF moved > 0 THEN
+        PERFORM pg_notify('{c}', '');
+    END IF;
+    RETURN moved;
+END
+$$;
+
+-- Changes that workers must notice before they start a job they claimed ahead (a cancel, a batch
+-- stopped by fail-fast or cancel). Insert-only, so noting a change never waits on a lock; every
+-- lean round reads the sum of the weights, which grows by one with every change committed, in
+-- whatever order they commit. compact_changes() folds old rows into one without changing the sum.
+CREATE TABLE {s}.changes (
+    at     timestamptz NOT NULL DEFAULT now(),
+    weight bigint NOT NULL DEFAULT 1
+);
+
+-- Notes a change (see the changes table).
+CREATE FUNCTION {s}.note_change() RETURNS void LANGUAGE sql AS $$
+    INSERT INTO {s}.changes DEFAULT VALUES;
+$$;
+
+-- Folds the changes older than a minute into one row of the same total weight.
+CREATE FUNCTION {s}.compact_changes() RETURNS void LANGUAGE sql AS $$
+    WITH old AS (
+        SELECT count(*) AS n FROM {s}.changes WHERE at < now() - interval '1 minute'
+    ), gone AS (
+        DELETE FROM {s}.changes
+        WHERE at < now() - interval '1 minute' AND (SELECT n FROM old) > 1
+        RETURNING weight
+    )
+    INSERT INTO {s}.changes (at, weight)
+    SELECT '-infinity', sum(weight) FROM gone HAVING count(*) > 0;
 $$;
 
 -- Cancels a job: at once when it waits, by marking it when it runs (it is then not retried).
@@ -511,6 +573,8 @@ BEGIN
     SELECT j.state INTO current FROM {s}.jobs j WHERE j.id = p_id FOR UPDATE;
     IF current = 'running' THEN
         UPDATE {s}.jobs j SET cancel_requested = true WHERE j.id = p_id;
+        -- The job may be claimed ahead and not started yet: its worker drops it at its next round.
+        PERFORM {s}.note_change();
         RETURN 'cancelling';
     ELSIF current IS NOT NULL THEN
         PERFORM {s}.retire(ARRAY[p_id], ARRAY[NULL::bigint], ARRAY['cancelled'],
@@ -585,9 +649,10 @@ $$;
 -- Stops a batch's children: marks the running ones so they are not retried (they finish their
 -- current run) and cancels the waiting ones through retire(). Rows locked by someone else are
 -- skipped: a concurrent retire() is finishing them (and will count them), a concurrent claim is
--- starting them (they run once), a concurrent lease renewal holds a running one (requeue() then
--- refuses its retry, since the batch is no longer open). Waiting on them instead could deadlock
--- with a retire() that holds them and waits for this batch's row lock.
+-- taking them (its worker drops them at its next round, see drop_cancelled()), a concurrent lease
+-- renewal holds a running one (requeue() then refuses its retry, since the batch is no longer
+-- open). Waiting on them instead could deadlock with a retire() that holds them and waits for this
+-- batch's row lock.
 CREATE FUNCTION {s}.batch_stop_children(p_batch bigint, p_reason text, p_retain boolean)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
@@ -609,6 +674,9 @@ BEGIN
                            array_fill(NULL::jsonb, ARRAY[cardinality(waiting)]),
                            p_retain);
     END IF;
+    -- Siblings claimed ahead and not started yet are dropped by their workers at their next
+    -- round (drop_cancelled() also catches the ones whose rows were locked above).
+    PERFORM {s}.note_change();
 END
 $$;
 
