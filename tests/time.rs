@@ -46,11 +46,7 @@ fn forkq(schema: &TestSchema, extra: &[(&str, &str)], args: &[&str]) -> (i32, St
 
 /// Acknowledges a claimed job as completed; the ack must be accepted.
 fn complete(consumer: &mut Consumer, claimed: &Claimed) {
-    let ack = Ack {
-        id: claimed.job.id,
-        lease_token: claimed.lease_token,
-        settlement: Settlement::Completed(json!(null)),
-    };
+    let ack = Ack::new(claimed, Settlement::Completed(json!(null)));
     assert!(consumer
         .settle_and_claim(&[ack], 0)
         .unwrap()
@@ -199,6 +195,36 @@ fn replace_updates_the_waiting_job_and_a_running_one_gives_up_its_key() {
     // And the running job's ack is unaffected.
     complete(&mut consumer, &claimed[0]);
     assert_eq!(schema.job(first.id).unwrap()["state"], "completed");
+
+    // A job waiting for its retry takes the new payload, and runs now when told to.
+    let retried = NewJob::new("other", "reindex", json!({"n": 1}))
+        .with_unique_key("retry-7")
+        .with_replace();
+    let id = submit(&schema, &retried).id;
+    let mut worker = Consumer::connect(
+        &schema.config(&[("FORKQ_QUEUES", "other")]),
+        "test/replace/1/",
+    )
+    .unwrap();
+    let claimed = worker.settle_and_claim(&[], 1).unwrap().claimed;
+    let retry = Settlement::Retry {
+        error: Some("busy".into()),
+        delay: Duration::from_secs(600),
+    };
+    worker
+        .settle_and_claim(&[Ack::new(&claimed[0], retry)], 0)
+        .unwrap();
+    assert_eq!(schema.job(id).unwrap()["state"], "retryable");
+    let again = NewJob {
+        payload: json!({"n": 2}),
+        ..retried
+    };
+    assert!(submit(&schema, &again).replaced);
+    let claimed = worker.settle_and_claim(&[], 1).unwrap().claimed;
+    assert_eq!(
+        (claimed[0].job.id, &claimed[0].job.payload),
+        (id, &json!({"n": 2}))
+    );
 }
 
 #[test]

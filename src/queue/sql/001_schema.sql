@@ -153,9 +153,11 @@ BEGIN
                 UPDATE {s}.jobs j
                 SET payload = coalesce(enqueue_job.payload, '{}'),
                     run_at = coalesce(enqueue_job.run_at, now()),
-                    state = CASE WHEN j.state = 'retryable' THEN 'retryable'
-                                 WHEN enqueue_job.run_at > now() THEN 'scheduled'
-                                 ELSE 'available' END
+                    -- Only runnable rows are 'available' (the claim reads no run_at).
+                    state = CASE WHEN enqueue_job.run_at <= now() OR enqueue_job.run_at IS NULL
+                                     THEN 'available'
+                                 WHEN j.state = 'retryable' THEN 'retryable'
+                                 ELSE 'scheduled' END
                 WHERE j.id = found_id;
                 IF enqueue_job.run_at IS NULL OR enqueue_job.run_at <= now() THEN
                     PERFORM pg_notify('{c}', found_queue);
