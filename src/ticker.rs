@@ -1,10 +1,10 @@
 //! The ticker: enqueues the ticks of the daemon's schedules (`FORKQ_SCHEDULES`).
 //!
-//! One per daemon, a thread of the probe process, and only when the daemon has schedules. The
-//! probe already has threads and a connection of its own and runs no job, so ticks are on time
-//! however long the children's jobs take, and the supervisor stays free of connections and
-//! threads. The ticker sleeps until the next tick of any schedule and then sends one statement
-//! with every tick due; the database enqueues each tick once across all daemons (the tick record
+//! One per daemon, a thread of the probe process with a connection of its own, and only when the
+//! daemon has schedules. The probe already runs threads and no job, so ticks are on time however
+//! long the children's jobs take, and the supervisor stays free of connections and threads. The
+//! ticker sleeps until the next tick of any schedule and then sends one statement (one round
+//! trip) with every tick due; the database enqueues each tick once across all daemons (the tick record
 //! `ticks_after`, see `schedule_fire` in migration 002), so any number of daemons may carry the
 //! same file and any of them may die.
 //!
