@@ -133,7 +133,7 @@ struct EnqueueArgs {
     /// While a live job has this key, return its id instead of enqueueing another.
     #[arg(long)]
     unique_key: Option<String>,
-    /// With --unique-key: keep the key taken this long (90s, 30m, 1h, 1h30m) after this job took
+    /// With --unique-key: keep the key taken this long (90s, 30m, 1h30m, 1d) after this job took
     /// it, whatever becomes of the job meanwhile.
     #[arg(long, value_name = "DURATION", requires = "unique_key", value_parser = producer::parse_duration)]
     unique_for: Option<std::time::Duration>,
