@@ -23,7 +23,7 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-## Benchmarks (release build); prints a table and writes BENCHMARKS.md.
+## Benchmarks (release build); prints a table and writes docs/benchmarks.md.
 bench: release
 	./scripts/bench.sh
 

@@ -58,7 +58,8 @@ impl Handler for HashFiles {
 }
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::new().filter_or("FORKQ_LOG", "info")).init();
+    // forkq's logger: FORKQ_LOG, FORKQ_LOG_FORMAT, and the role and pid of each process per line.
+    forkq::logging::init().unwrap_or_else(|e| forkq::exit_on_config_error(e));
     let config = Config::from_env().unwrap_or_else(|e| forkq::exit_on_config_error(e));
     // Called in each child after the fork: whatever the handler opens belongs to that child.
     std::process::exit(forkq::run(config, |_config| {

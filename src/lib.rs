@@ -17,6 +17,7 @@
 //!     }
 //! }
 //!
+//! forkq::logging::init().unwrap_or_else(|e| forkq::exit_on_config_error(e));
 //! let config = Config::from_env().unwrap_or_else(|e| forkq::exit_on_config_error(e));
 //! std::process::exit(forkq::run(config, |_config| Box::new(Greeter)));
 //! ```
@@ -25,8 +26,13 @@ pub mod backoff;
 pub mod child;
 pub mod client;
 pub mod config;
+pub mod dashboard;
 pub mod handler;
+pub mod host;
+pub mod logging;
+pub mod presence;
 pub mod probe;
+pub mod proctitle;
 pub mod queue;
 pub mod schedule;
 pub mod slots;
@@ -42,7 +48,8 @@ pub use queue::producer::NewJob;
 pub use queue::QueueError;
 
 /// Runs the supervisor and its fleet until it is stopped; returns the exit code for
-/// `std::process::exit`. `factory` builds each child's default handler after the fork (tasks
+/// `std::process::exit`. Each process titles itself for `ps` by writing over the memory of the
+/// program's arguments and environment (see [`proctitle`]): read `std::env::args()` before. `factory` builds each child's default handler after the fork (tasks
 /// with a `FORKQ_ROUTES` entry go to their route instead; an `exec:` or `coproc:` handler in
 /// `FORKQ_HANDLER` replaces it).
 pub fn run<F>(config: Config, factory: F) -> i32

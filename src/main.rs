@@ -2,17 +2,19 @@
 //!
 //! Settings come from the environment (see `config.example.env`); flags only say what to do.
 
+mod input;
+
 use std::io::Read;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
-use serde_json::{json, Value};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use serde_json::json;
 
 use forkq::config::{redacted_url, Config, EX_CONFIG};
 use forkq::handler::{builtin::Builtin, Handler};
 use forkq::queue::batch::{self, CancelOutcome, NewBatch};
 use forkq::queue::producer::{self, Limits, NewJob};
-use forkq::queue::{self, admin, migrations, schedules, QueueError};
+use forkq::queue::{self, admin, browse, hosts, migrations, schedules, QueueError};
 
 /// Exit code for refused input (`EX_DATAERR`).
 const EX_DATAERR: u8 = 65;
@@ -24,7 +26,10 @@ const EX_DATAERR: u8 = 65;
     about = "A prefork worker daemon for a job queue in PostgreSQL",
     long_about = "A prefork worker daemon for a job queue in PostgreSQL.\n\n\
         Every setting is an environment variable (DATABASE_URL, FORKQ_*); see config.example.env.",
-    after_help = "Examples:\n  forkq migrate\n  forkq enqueue --queue default --task noop\n  forkq run"
+    after_help = "Examples:\n  forkq migrate\n  forkq enqueue --queue default --task noop\n  forkq run\n\n\
+        Exit codes: 0 done, 1 the request failed (no such job, unhealthy), 2 usage error (unknown \
+        command or flag), 65 bad input (invalid JSON, a refused job), 78 bad configuration or \
+        database unreachable; `forkq run` adds 70 (crash loop with FORKQ_CRASH_LOOP_EXIT=1)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -54,7 +59,10 @@ enum Command {
         forkq enqueue --queue mail --task send --delay 60 --unique-key welcome-42\n  \
         forkq enqueue --queue reports --task daily --unique-key daily-report --unique-for 1h --json\n  \
         forkq enqueue --queue search --task reindex --payload '{\"user\": 7}' --delay 5 --unique-key reindex-7 --replace\n  \
-        forkq enqueue --queue default --jsonl jobs.jsonl   # each line {\"task\":..,\"payload\":..}"
+        forkq enqueue --task resize --payload @job.json    # the payload from a file (- for stdin)\n  \
+        forkq enqueue --queue default --jsonl jobs.jsonl   # each line {\"task\":..,\"payload\":..}\n\n\
+        --jsonl streams any number of lines into one transaction: all are enqueued or, at the first \
+        refused line (named), none. On a terminal a progress line shows on stderr."
     )]
     Enqueue(EnqueueArgs),
     /// Show counts per queue and state.
@@ -73,25 +81,79 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Move a failed (dead-lettered) or cancelled job back to the queue.
-    #[command(after_help = "Examples:\n  forkq retry 42\n  forkq retry --failed --queue default")]
+    /// List jobs, live and archived, newest first, a page at a time.
+    #[command(
+        after_help = "Examples:\n  forkq jobs --state failed\n  forkq jobs --queue mail --task send --limit 20\n  \
+        forkq jobs --state failed --after 4711 --json\n\n\
+        Pages continue below the last id shown: pass it as --after. A page walks at most 5000 rows \
+        of each table, so a rare filter may return a short page that says where to go on."
+    )]
+    Jobs {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// At most this many jobs (1-1000).
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// Only jobs older than this id (the last id of the previous page).
+        #[arg(long, value_name = "ID")]
+        after: Option<i64>,
+        /// Print {"jobs": [...], "next": ID or null, "partial": bool} instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move failed (dead-lettered) or cancelled jobs back to their queue: one by id, or every
+    /// one a filter matches.
+    #[command(
+        after_help = "Examples:\n  forkq retry 42\n  forkq retry --queue default --yes\n  \
+        forkq retry --state cancelled --task send --yes\n\n\
+        Without an id, --state is failed unless given (failed or cancelled), and more than one \
+        matching job needs --yes (without it, the count is printed and nothing changes)."
+    )]
     Retry {
         /// The job id.
-        #[arg(required_unless_present = "failed", conflicts_with = "failed")]
+        #[arg(conflicts_with_all = ["queue", "state", "task", "failed"], required_unless_present_any = ["queue", "state", "task", "failed"])]
         id: Option<i64>,
-        /// Retry every failed job of --queue.
-        #[arg(long, requires = "queue")]
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// The same as --state failed.
+        #[arg(long, conflicts_with = "state")]
         failed: bool,
-        /// The queue for --failed.
+        /// Go ahead when more than one job matches.
         #[arg(long)]
-        queue: Option<String>,
+        yes: bool,
     },
-    /// Cancel a job: at once when waiting, after its current run when running.
-    #[command(after_help = "Example:\n  forkq cancel 42")]
+    /// Cancel jobs: at once when waiting, after their current run when running. One by id, or
+    /// every live job a filter matches.
+    #[command(
+        after_help = "Examples:\n  forkq cancel 42\n  forkq cancel --queue mail --state scheduled --yes\n\n\
+        More than one matching job needs --yes (without it, the count is printed and nothing changes)."
+    )]
     Cancel {
         /// The job id.
-        id: i64,
+        #[arg(conflicts_with_all = ["queue", "state", "task"], required_unless_present_any = ["queue", "state", "task"])]
+        id: Option<i64>,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Go ahead when more than one job matches.
+        #[arg(long)]
+        yes: bool,
     },
+    /// List the daemons that serve this schema, as they recorded themselves.
+    #[command(after_help = "Examples:\n  forkq hosts\n  forkq hosts --json\n\n\
+        Each daemon writes its row every FORKQ_HOST_INTERVAL_SECONDS; one not seen for 3 intervals \
+        is gone (stopped, if it said it was stopping) and its row is deleted an hour after it was \
+        last seen.")]
+    Hosts {
+        /// Print one JSON object per host and line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve the web dashboard (its own process; run it beside the daemon).
+    #[command(
+        after_help = "Examples:\n  forkq dashboard\n  FORKQ_DASHBOARD_ADDR=0.0.0.0:9281 FORKQ_DASHBOARD_TOKEN=$(openssl rand -hex 16) forkq dashboard\n\n\
+        Without FORKQ_DASHBOARD_TOKEN the dashboard is read-only. See docs/dashboard.md."
+    )]
+    Dashboard,
     /// Create, inspect, list and cancel batches of jobs.
     #[command(subcommand)]
     Batch(BatchCommand),
@@ -115,9 +177,9 @@ struct EnqueueArgs {
     /// The task name (picks the handler).
     #[arg(long, required_unless_present = "jsonl", conflicts_with = "jsonl")]
     task: Option<String>,
-    /// The payload, any JSON value.
-    #[arg(long, default_value = "{}")]
-    payload: String,
+    /// The payload, any JSON value; @FILE reads it from FILE, - from stdin [default: {}].
+    #[arg(long, conflicts_with = "jsonl", allow_hyphen_values = true)]
+    payload: Option<String>,
     /// Lower runs first (-32768..32767).
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     priority: i16,
@@ -144,9 +206,36 @@ struct EnqueueArgs {
     /// Print {"id":..,"created":..,"replaced":..} (with --jsonl: {"created":..,"duplicate":..,"replaced":..}).
     #[arg(long)]
     json: bool,
-    /// Enqueue every line of FILE (or - for stdin) in one transaction.
+    /// Enqueue every line of FILE (or - for stdin) in one transaction, streamed.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["unique_key", "unique_for", "replace"])]
     jsonl: Option<String>,
+}
+
+/// The job browser's filters, shared by `jobs`, `retry` and `cancel`.
+#[derive(Args)]
+struct FilterArgs {
+    /// Only jobs of this queue.
+    #[arg(long)]
+    queue: Option<String>,
+    /// Only jobs in this state: available, scheduled, running, retryable, completed, failed or
+    /// cancelled.
+    #[arg(long)]
+    state: Option<String>,
+    /// Only jobs of this task.
+    #[arg(long)]
+    task: Option<String>,
+}
+
+impl FilterArgs {
+    /// The validated filter, or exit 65 naming what is wrong.
+    fn parse(&self, state: Option<&str>) -> Result<browse::Filter, Failure> {
+        browse::Filter::parse(
+            self.queue.as_deref(),
+            state.or(self.state.as_deref()),
+            self.task.as_deref(),
+        )
+        .map_err(|e| fail(EX_DATAERR, e.0))
+    }
 }
 
 #[derive(Subcommand)]
@@ -260,9 +349,19 @@ fn fail(code: u8, message: impl Into<String>) -> Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `--version` names the schema this binary expects (`forkq migrate` brings a database there).
+    let version: &'static str = format!(
+        "{} (schema version {})",
+        env!("CARGO_PKG_VERSION"),
+        migrations::latest_version()
+    )
+    .leak();
+    let cli = Cli::from_arg_matches(&Cli::command().version(version).get_matches())
+        .unwrap_or_else(|e| e.exit());
     // Before the configuration, so its clamps and overrides are logged.
-    init_logging();
+    if let Err(e) = forkq::logging::init() {
+        forkq::exit_on_config_error(e);
+    }
     if let Command::Health { addr } = cli.command {
         return exit_code(health(addr));
     }
@@ -270,6 +369,14 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => forkq::exit_on_config_error(e),
     };
+    if let Command::Dashboard = cli.command {
+        let settings = match forkq::config::DashboardSettings::from_env() {
+            Ok(s) => s,
+            Err(e) => forkq::exit_on_config_error(e),
+        };
+        let code = forkq::dashboard::serve(config, settings);
+        return ExitCode::from(code.clamp(0, 255) as u8);
+    }
     if let Command::Run = cli.command {
         let code = forkq::run(config, |_| Box::new(Builtin) as Box<dyn Handler>);
         return ExitCode::from(code.clamp(0, 255) as u8);
@@ -286,14 +393,6 @@ fn exit_code(result: Result<(), Failure>) -> ExitCode {
             ExitCode::from(f.code)
         }
     }
-}
-
-fn init_logging() {
-    let filter = std::env::var("FORKQ_LOG").unwrap_or_else(|_| "info".into());
-    env_logger::Builder::new()
-        .parse_filters(&filter)
-        .format_timestamp_millis()
-        .init();
 }
 
 /// Connects, or fails with exit code 78 naming the variable that holds the URL (password hidden):
@@ -318,7 +417,7 @@ fn connect(config: &Config) -> Result<postgres::Client, Failure> {
 fn command(command: Command, config: &Config) -> Result<(), Failure> {
     let schema = config.schema.as_str();
     match command {
-        Command::Run => unreachable!("handled in main"),
+        Command::Run | Command::Dashboard => unreachable!("handled in main"),
         Command::Migrate { status } => {
             let mut client = connect(config)?;
             if status {
@@ -336,7 +435,11 @@ fn command(command: Command, config: &Config) -> Result<(), Failure> {
                         migrations::latest_version()
                     );
                 } else {
-                    println!("schema {schema:?}: applied migration(s) {applied:?}");
+                    let versions: Vec<String> = applied.iter().map(i32::to_string).collect();
+                    println!(
+                        "schema {schema:?}: applied migration(s) {}",
+                        versions.join(", ")
+                    );
                 }
             }
         }
@@ -344,7 +447,7 @@ fn command(command: Command, config: &Config) -> Result<(), Failure> {
         Command::Status { json } => {
             let mut client = connect(config)?;
             migrations::require_current(&mut client, schema)?;
-            let queues = admin::status(&mut client, schema)?;
+            let queues = admin::status(&mut client, schema, true)?;
             if json {
                 println!("{}", json!({ "queues": queues }));
             } else {
@@ -372,24 +475,43 @@ fn command(command: Command, config: &Config) -> Result<(), Failure> {
                 println!("{}", serde_json::to_string_pretty(&job).unwrap_or_default());
             }
         }
-        Command::Retry { id, failed, queue } => {
+        Command::Jobs {
+            filter,
+            limit,
+            after,
+            json,
+        } => {
+            let filter = filter.parse(None)?;
+            let cursor = browse::Cursor::new(after, limit).map_err(|e| fail(EX_DATAERR, e.0))?;
             let mut client = connect(config)?;
             migrations::require_current(&mut client, schema)?;
-            if failed {
-                let queue = queue.expect("clap requires --queue with --failed");
-                let n = admin::retry_failed(&mut client, schema, &queue)?;
-                println!("{n} failed job(s) of queue {queue:?} are back in the queue");
+            let page = browse::page(&mut client, schema, &filter, cursor)?;
+            if json {
+                println!("{}", json!(page));
             } else {
-                let id = id.expect("clap requires an id without --failed");
-                if !admin::retry(&mut client, schema, id)? {
-                    return Err(fail(1, format!(
-                        "job {id} is not in the dead letter (not failed or cancelled, or a live job holds its unique key)"
-                    )));
-                }
-                println!("job {id} is back in the queue");
+                print_jobs(&page);
             }
         }
-        Command::Cancel { id } => {
+        Command::Retry { id: Some(id), .. } => {
+            let mut client = connect(config)?;
+            migrations::require_current(&mut client, schema)?;
+            if !admin::retry(&mut client, schema, id)? {
+                return Err(fail(1, format!(
+                    "job {id} is not in the dead letter (not failed or cancelled, or a live job holds its unique key)"
+                )));
+            }
+            println!("job {id} is back in the queue");
+        }
+        Command::Retry {
+            id: None,
+            filter,
+            failed,
+            yes,
+        } => {
+            let filter = filter.parse(failed.then_some("failed"))?;
+            bulk(config, browse::Bulk::Retry, &filter, yes)?;
+        }
+        Command::Cancel { id: Some(id), .. } => {
             let mut client = connect(config)?;
             migrations::require_current(&mut client, schema)?;
             match admin::cancel(&mut client, schema, id, !config.retention.is_zero())? {
@@ -401,10 +523,124 @@ fn command(command: Command, config: &Config) -> Result<(), Failure> {
                 Some(state) => return Err(fail(1, format!("job {id} is already {state}"))),
             }
         }
+        Command::Cancel {
+            id: None,
+            filter,
+            yes,
+        } => {
+            let filter = filter.parse(None)?;
+            bulk(config, browse::Bulk::Cancel, &filter, yes)?;
+        }
+        Command::Hosts { json } => {
+            let mut client = connect(config)?;
+            migrations::require_current(&mut client, schema)?;
+            let hosts = hosts::list(&mut client, schema)?;
+            if json {
+                for h in &hosts {
+                    println!("{}", json!(h));
+                }
+            } else {
+                print_hosts(&hosts);
+            }
+        }
         Command::Batch(command) => batch_command(command, config)?,
         Command::Schedule(command) => schedule_command(command, config)?,
         Command::Health { .. } => unreachable!("handled in main"),
     }
+    Ok(())
+}
+
+/// Prints a page of jobs as a table, and how to get the next one.
+fn print_jobs(page: &browse::Page) {
+    println!(
+        "{:>10}  {:<16} {:<10} {:<20} {:>7}  {:<25}  error",
+        "id", "queue", "state", "task", "attempt", "runs/finished at"
+    );
+    for j in &page.jobs {
+        println!(
+            "{:>10}  {:<16} {:<10} {:<20} {:>3}/{:<3}  {:<25}  {}",
+            j.id,
+            j.queue,
+            j.state,
+            j.task,
+            j.attempt,
+            j.max_attempts,
+            j.at,
+            j.error.as_deref().unwrap_or("").replace('\n', " ")
+        );
+    }
+    match page.next {
+        Some(next) if page.partial => println!(
+            "(page not full: examined jobs down to id {next} without more matches; \
+             go on with --after {next})"
+        ),
+        Some(next) => println!("(more: --after {next})"),
+        None => {}
+    }
+}
+
+/// Prints the hosts as a table.
+fn print_hosts(hosts: &[hosts::HostRow]) {
+    println!(
+        "{:<24} {:<16} {:<8} {:>7} {:>9} {:>5} {:>8}  {:<20} last seen",
+        "host", "boot", "status", "pid", "alive", "busy", "jobs/s", "queues"
+    );
+    for h in hosts {
+        let looping = if h.workload.crash_looping.is_empty() {
+            String::new()
+        } else {
+            format!(" crash-looping slots {:?}", h.workload.crash_looping)
+        };
+        println!(
+            "{:<24} {:<16} {:<8} {:>7} {:>4}/{:<4} {:>5} {:>8.1}  {:<20} {:.0} s ago{looping}",
+            h.host,
+            h.boot,
+            h.status,
+            h.pid,
+            h.workload.alive,
+            h.workload.concurrency,
+            h.workload.busy,
+            h.workload.jobs_per_second,
+            h.workload.queues.join(","),
+            h.seconds_since_seen
+        );
+    }
+}
+
+/// A bulk retry or cancel: counts the jobs the filter matches, asks for --yes when more than
+/// one does, then acts and says how many it changed.
+fn bulk(
+    config: &Config,
+    action: browse::Bulk,
+    filter: &browse::Filter,
+    yes: bool,
+) -> Result<(), Failure> {
+    browse::check_bulk(action, filter).map_err(|e| fail(EX_DATAERR, e.0))?;
+    let (verb, done) = match action {
+        browse::Bulk::Retry => ("retry", "back in their queue"),
+        browse::Bulk::Cancel => ("cancel", "cancelled (running ones finish without retries)"),
+    };
+    let mut client = connect(config)?;
+    migrations::require_current(&mut client, &config.schema)?;
+    let matching = browse::count_targets(&mut client, &config.schema, action, filter)?;
+    if matching == 0 {
+        println!("no job matches; nothing to {verb}");
+        return Ok(());
+    }
+    if matching > 1 && !yes {
+        return Err(fail(
+            1,
+            format!("{matching} jobs match; nothing was changed: add --yes to {verb} them all"),
+        ));
+    }
+    let n = browse::apply(
+        &mut client,
+        &config.schema,
+        action,
+        filter,
+        !config.retention.is_zero(),
+    )?;
+    println!("{n} job(s) {done}");
     Ok(())
 }
 
@@ -414,11 +650,10 @@ fn enqueue(args: EnqueueArgs, config: &Config) -> Result<(), Failure> {
         default_max_attempts: config.max_attempts,
     };
     if let Some(path) = &args.jsonl {
-        let jobs = read_jsonl(path, &args.queue, &limits)?;
+        let input = input::JsonlInput::open(path)?;
         let mut client = connect(config)?;
         migrations::require_current(&mut client, &config.schema)?;
-        let counts =
-            producer::enqueue_many_counted(&mut client, &config.schema, &limits, &jobs, None)?;
+        let counts = input.enqueue(&mut client, &config.schema, &args.queue, &limits)?;
         if args.json {
             println!("{}", serde_json::to_string(&counts).unwrap_or_default());
         } else {
@@ -432,8 +667,7 @@ fn enqueue(args: EnqueueArgs, config: &Config) -> Result<(), Failure> {
         }
         return Ok(());
     }
-    let payload: Value = serde_json::from_str(&args.payload)
-        .map_err(|e| fail(EX_DATAERR, format!("--payload is not valid JSON: {e}")))?;
+    let payload = input::payload(args.payload.as_deref().unwrap_or("{}"))?;
     let job = NewJob {
         queue: args.queue,
         task: args.task.expect("clap requires --task without --jsonl"),
@@ -469,26 +703,6 @@ fn enqueue(args: EnqueueArgs, config: &Config) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Reads and validates JSON-lines jobs from `path` (or stdin for `-`).
-fn read_jsonl(path: &str, queue: &str, limits: &Limits) -> Result<Vec<NewJob>, Failure> {
-    let mut input = String::new();
-    let read = if path == "-" {
-        std::io::stdin().read_to_string(&mut input)
-    } else {
-        std::fs::File::open(path).and_then(|mut f| f.read_to_string(&mut input))
-    };
-    read.map_err(|e| fail(EX_DATAERR, format!("cannot read {path}: {e}")))?;
-    producer::parse_jsonl(&input, queue, limits).map_err(|e| {
-        fail(
-            EX_DATAERR,
-            format!(
-                "{path}: line {}: {}; nothing was enqueued",
-                e.line, e.reason
-            ),
-        )
-    })
-}
-
 fn batch_command(command: BatchCommand, config: &Config) -> Result<(), Failure> {
     let schema = config.schema.as_str();
     let retain = !config.retention.is_zero();
@@ -498,7 +712,7 @@ fn batch_command(command: BatchCommand, config: &Config) -> Result<(), Failure> 
             max_payload_bytes: config.max_payload_bytes,
             default_max_attempts: config.max_attempts,
         };
-        let jobs = read_jsonl(&args.jsonl, &args.queue, &limits)?;
+        let jobs = input::JsonlInput::open(&args.jsonl)?.read_all(&args.queue, &limits)?;
         let spec = NewBatch {
             queue: args.queue.clone(),
             fail_fast: args.fail_fast,
@@ -550,7 +764,7 @@ fn batch_command(command: BatchCommand, config: &Config) -> Result<(), Failure> 
             }
         },
         BatchCommand::List { state, limit, json } => {
-            let batches = batch::list(&mut client, schema, state.as_deref(), limit)?;
+            let batches = batch::list(&mut client, schema, state.as_deref(), limit, None)?;
             if json {
                 for b in &batches {
                     println!("{}", serde_json::to_string(b).unwrap_or_default());
@@ -603,7 +817,7 @@ fn schedule_command(command: ScheduleCommand, config: &Config) -> Result<(), Fai
                 let text = |v: &str| {
                     s.definition
                         .get(v)
-                        .and_then(Value::as_str)
+                        .and_then(serde_json::Value::as_str)
                         .unwrap_or("?")
                         .to_string()
                 };

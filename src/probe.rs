@@ -1,6 +1,7 @@
 //! The probe process: the fleet's `/livez`, `/readyz` and `/metrics` over HTTP, the wake-up
-//! listener that rouses one idle child per enqueue notification ([`crate::wakeup`]), and, when the
-//! daemon has schedules, the ticker that enqueues them ([`crate::ticker`]).
+//! listener that rouses one idle child per enqueue notification ([`crate::wakeup`]), the
+//! presence service that records the daemon in the hosts table ([`crate::presence`]) and, when
+//! the daemon has schedules, the ticker that enqueues them ([`crate::ticker`]).
 //!
 //! A forked child of the supervisor answers on the listener the supervisor bound (tiny_http
 //! starts threads, which the supervisor must never have). Liveness is computed from the shared
@@ -20,7 +21,7 @@ use tiny_http::{Header, Method, Request, Response, Server};
 use crate::config::Config;
 use crate::queue::{self, admin, migrations};
 use crate::slots::{monotonic_ms, SlotState, SlotTable, LATENCY_BUCKETS_MS};
-use crate::{ticker, wakeup};
+use crate::{presence, ticker, wakeup};
 
 /// Request threads: liveness stays answerable while others wait on the database.
 const THREADS: usize = 4;
@@ -52,6 +53,10 @@ pub fn serve(listener: &TcpListener, table: &'static SlotTable, config: &Config)
     if config.listen {
         let config = config.clone();
         std::thread::spawn(move || wakeup::run_listener(&config, table));
+    }
+    {
+        let config = config.clone();
+        std::thread::spawn(move || presence::run(&config, table));
     }
     if !config.schedules.is_empty() {
         let config = config.clone();
@@ -303,6 +308,9 @@ fn metrics(table: &SlotTable, config: &Config, db: &Mutex<Database>) -> String {
         .iter()
         .filter(|s| s.state() == SlotState::Running)
         .count();
+    let stale = liveness(table, config).1["stale"]
+        .as_array()
+        .map_or(0, Vec::len);
     for (name, help, value) in [
         ("forkq_children_alive", "Children alive now.", alive),
         ("forkq_children_busy", "Children running a job now.", busy),
@@ -315,6 +323,11 @@ fn metrics(table: &SlotTable, config: &Config, db: &Mutex<Database>) -> String {
             "forkq_crash_looping_slots",
             "Slots that are crash-looping.",
             looping,
+        ),
+        (
+            "forkq_stale_slots",
+            "Slots whose heartbeat is older than FORKQ_HEALTH_STALE_SECONDS.",
+            stale,
         ),
     ] {
         let _ = writeln!(
@@ -343,6 +356,17 @@ fn metrics(table: &SlotTable, config: &Config, db: &Mutex<Database>) -> String {
         sum(&|s| s.duration_sum_us.load(Ordering::Relaxed)) as f64 / 1e6
     );
     let _ = writeln!(out, "forkq_job_duration_seconds_count {cumulative}");
+    let _ = writeln!(
+        out,
+        "# HELP forkq_queue_consumers Children of this host consuming the queue.\n# TYPE forkq_queue_consumers gauge"
+    );
+    for queue in &config.queues {
+        let _ = writeln!(
+            out,
+            "forkq_queue_consumers{{queue=\"{}\"}} {alive}",
+            escape_label(queue)
+        );
+    }
     match with_database(db, config, |client, cache| {
         queue_metrics(client, config, cache)
     }) {
@@ -364,14 +388,15 @@ fn queue_metrics(
             return Ok(text.clone());
         }
     }
-    let status = admin::status(client, &config.schema).map_err(|e| e.to_string())?;
+    let status = admin::status(client, &config.schema, false).map_err(|e| e.to_string())?;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "# HELP forkq_queue_jobs Jobs per queue and state.\n# TYPE forkq_queue_jobs gauge"
+        "# HELP forkq_queue_jobs Jobs per queue and state (completed jobs are not counted here: \
+         see forkq_jobs_succeeded_total).\n# TYPE forkq_queue_jobs gauge"
     );
     for (queue, counts) in &status {
-        for state in admin::STATES {
+        for state in admin::STATES.iter().filter(|&&s| s != "completed") {
             let _ = writeln!(
                 out,
                 "forkq_queue_jobs{{queue=\"{}\",state=\"{state}\"}} {}",

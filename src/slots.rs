@@ -229,8 +229,11 @@ pub struct Header {
     pub claim_done: AtomicU32,
     /// Pid of the probe process.
     pub probe_pid: AtomicI32,
-    /// Wall-clock time the supervisor started, in milliseconds since the epoch: the daemon's age,
-    /// for rules between daemons (the schedules of the daemon started last win).
+    /// This boot's id (see [`crate::host`]), set by the supervisor before it forks anything.
+    pub boot: AtomicU64,
+    /// Wall-clock time the supervisor started, in milliseconds since the epoch: the daemon's age
+    /// (`forkq hosts`), and for rules between daemons (the schedules of the daemon started last
+    /// win).
     pub started_unix_ms: AtomicU64,
 }
 

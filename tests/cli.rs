@@ -173,12 +173,99 @@ fn bad_environment_exits_78_naming_the_variable() {
 
 #[test]
 fn every_command_has_help_with_an_example() {
+    let top = run_with(&[], &["--help"], None);
+    assert!(
+        top.ok().contains("2 usage error"),
+        "--help lists the exit codes: {}",
+        top.stdout
+    );
     for cmd in [
-        "migrate", "enqueue", "status", "job", "retry", "cancel", "run", "health",
+        "migrate",
+        "enqueue",
+        "status",
+        "job",
+        "jobs",
+        "hosts",
+        "dashboard",
+        "retry",
+        "cancel",
+        "run",
+        "health",
     ] {
         let run = run_with(&[], &[cmd, "--help"], None);
         assert!(run.ok().contains("Example"), "{cmd} --help: {}", run.stdout);
     }
+    for sub in ["create", "status", "cancel", "list"] {
+        let run = run_with(&[], &["batch", sub, "--help"], None);
+        assert!(
+            run.ok().contains("Example"),
+            "batch {sub} --help: {}",
+            run.stdout
+        );
+    }
+    let usage = run_with(&[], &["enqueue", "--no-such-flag"], None);
+    assert_eq!(usage.code, 2, "usage errors exit 2: {}", usage.stderr);
+}
+
+#[test]
+fn version_names_the_schema_it_expects() {
+    let run = run_with(&[], &["--version"], None);
+    let expected = format!(
+        "forkq {} (schema version {})",
+        env!("CARGO_PKG_VERSION"),
+        forkq::queue::migrations::latest_version()
+    );
+    assert_eq!(run.ok(), expected);
+}
+
+#[test]
+fn payload_from_a_file_or_stdin() {
+    let schema = TestSchema::new("cli_payload_file");
+    let file = temp_file(
+        "payload.json",
+        "{\n  \"pages\": [1, 2],\n  \"name\": \"report\"\n}\n",
+    );
+    let arg = format!("@{}", file.display());
+    let id = id_of(&forkq(
+        &schema,
+        &["enqueue", "--task", "render", "--payload", &arg],
+    ));
+    assert_eq!(
+        schema.job(id).unwrap()["payload"],
+        json!({"pages": [1, 2], "name": "report"})
+    );
+    let piped = run_with(
+        &schema.env(),
+        &["enqueue", "--task", "render", "--payload", "-"],
+        Some(b"[\"from\", \"stdin\"]"),
+    );
+    assert_eq!(
+        schema.job(id_of(&piped)).unwrap()["payload"],
+        json!(["from", "stdin"])
+    );
+
+    let refused = |payload: &str, needles: &[&str]| {
+        let run = forkq(
+            &schema,
+            &["enqueue", "--task", "render", "--payload", payload],
+        );
+        assert_eq!(run.code, 65, "{}", run.stderr);
+        for needle in needles {
+            assert!(run.stderr.contains(needle), "{needle:?}: {}", run.stderr);
+        }
+    };
+    refused(
+        "@/nonexistent/payload.json",
+        &["/nonexistent/payload.json", "cannot read"],
+    );
+    let broken = temp_file("broken.json", "{\"pages\": [1,");
+    refused(
+        &format!("@{}", broken.display()),
+        &["broken.json", "not valid JSON"],
+    );
+    let both = forkq(&schema, &["enqueue", "--payload", "{}", "--jsonl", "-"]);
+    assert_eq!(both.code, 2, "{}", both.stderr);
+    assert_eq!(schema.count("SELECT count(*) FROM {s}.jobs"), 2);
 }
 
 #[test]
@@ -499,15 +586,95 @@ fn jsonl_bulk_of_100k_through_the_cli() {
     }
     let file = temp_file("bulk.jsonl", &input);
     let started = Instant::now();
-    let run = forkq(&schema, &["enqueue", "--jsonl", file.to_str().unwrap()]);
+    let mut cmd = command(
+        &schema.env(),
+        &["enqueue", "--jsonl", file.to_str().unwrap()],
+    );
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (run, max_rss_kib) = wait_with_peak_memory(child);
     let elapsed = started.elapsed();
     assert_eq!(run.ok(), JOBS.to_string());
+    assert_eq!(
+        run.stderr, "",
+        "no progress line when stderr is not a terminal"
+    );
     assert_eq!(schema.live("available"), JOBS as i64);
     println!(
-        "bulk enqueue (forkq enqueue --jsonl, whole process): {JOBS} jobs in {elapsed:.2?} = {:.0} jobs/s",
-        JOBS as f64 / elapsed.as_secs_f64()
+        "bulk enqueue (forkq enqueue --jsonl, whole process): {JOBS} jobs in {elapsed:.2?} = {:.0} jobs/s, \
+         peak resident memory {:.1} MiB",
+        JOBS as f64 / elapsed.as_secs_f64(),
+        max_rss_kib as f64 / 1024.0
+    );
+    // Read whole (as before streaming) this input took about 180 MiB; streamed, about 16 MiB.
+    assert!(
+        max_rss_kib < 100 * 1024,
+        "forkq enqueue --jsonl peaked at {max_rss_kib} KiB for {JOBS} lines"
     );
     let _ = std::fs::remove_file(file);
+}
+
+/// Waits for `child` and collects its output and its peak resident memory (KiB, from `wait4`).
+fn wait_with_peak_memory(mut child: std::process::Child) -> (Run, i64) {
+    use std::io::Read;
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let mut out = String::new();
+    let _ = stdout.read_to_string(&mut out);
+    let mut status = 0;
+    // SAFETY: plain wait4 on our own child's pid with valid out-pointers.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32, "wait4 failed");
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    let run = Run {
+        code,
+        stdout: out,
+        stderr: err_reader.join().unwrap(),
+    };
+    (run, usage.ru_maxrss)
+}
+
+#[test]
+fn jsonl_shows_progress_on_a_terminal_only() {
+    let schema = TestSchema::new("cli_progress");
+    let input: String = (0..50_000)
+        .map(|i| format!("{{\"task\":\"noop\",\"payload\":{{\"i\":{i}}}}}\n"))
+        .collect();
+    let file = temp_file("progress.jsonl", &input);
+    // `script` runs the command on a pseudo-terminal, as a person at a shell would.
+    let shell_command = format!("{} enqueue --jsonl {}", forkq_bin(), file.display());
+    let mut env = schema.env();
+    env.push(("FORKQ_LOG".into(), "warn".into()));
+    let output = Command::new("script")
+        .args(["-qec", &shell_command, "/dev/null"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("TERM", "xterm")
+        .envs(env)
+        .stdin(Stdio::null())
+        .output()
+        .expect("script (util-linux) runs a command on a pseudo-terminal");
+    let screen = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{screen}");
+    assert!(
+        screen.contains("jobs (") && screen.contains("MiB"),
+        "a progress line with jobs and bytes read: {screen:?}"
+    );
+    assert!(screen.trim_end().ends_with("50000"), "{screen:?}");
+    assert_eq!(schema.live("available"), 50_000);
 }
 
 #[test]
@@ -730,8 +897,18 @@ fn cancel_and_retry_commands() {
         .collect();
     c.settle_and_claim(&acks, 0).unwrap();
     assert_eq!(schema.archived("failed"), 4);
-    let run = forkq(&schema, &["retry", "--failed", "--queue", "q"]);
-    assert!(run.ok().starts_with("3 failed job(s)"), "{}", run.stdout);
+    let unconfirmed = forkq(&schema, &["retry", "--failed", "--queue", "q"]);
+    assert_eq!(unconfirmed.code, 1, "{}", unconfirmed.stdout);
+    assert!(
+        unconfirmed
+            .stderr
+            .contains("3 jobs match; nothing was changed: add --yes"),
+        "{}",
+        unconfirmed.stderr
+    );
+    assert_eq!(schema.archived("failed"), 4, "nothing moved without --yes");
+    let run = forkq(&schema, &["retry", "--failed", "--queue", "q", "--yes"]);
+    assert_eq!(run.ok(), "3 job(s) back in their queue");
     assert_eq!(
         schema.count("SELECT count(*) FROM {s}.jobs WHERE queue = 'q' AND state = 'available'"),
         3
@@ -744,13 +921,14 @@ fn cancel_and_retry_commands() {
     );
     assert_eq!(
         forkq(&schema, &["retry", "--failed", "--queue", "q"]).ok(),
-        "0 failed job(s) of queue \"q\" are back in the queue"
+        "no job matches; nothing to retry"
     );
+    // One job needs no confirmation; the filter spans every queue.
     assert_eq!(
-        forkq(&schema, &["retry", "--failed"]).code,
-        2,
-        "--failed needs --queue"
+        forkq(&schema, &["retry", "--failed"]).ok(),
+        "1 job(s) back in their queue"
     );
+    assert_eq!(forkq(&schema, &["retry"]).code, 2, "an id or a filter");
 }
 
 #[test]

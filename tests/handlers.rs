@@ -98,20 +98,15 @@ fn python_program(dir: &Path, name: &str, body: &str) -> PathBuf {
     program(dir, name, &format!("#!{}\n{body}", python()))
 }
 
-/// The fenced `lang` block of the README's Handlers section whose first lines mention `name`.
-fn readme_example(lang: &str, name: &str) -> String {
-    let readme = include_str!("../README.md");
-    let section = readme
-        .split("\n## ")
-        .find(|s| s.starts_with("Handlers"))
-        .expect("README has a Handlers section");
+/// The fenced `lang` block of docs/handlers.md whose first lines mention `name`.
+fn documented_example(lang: &str, name: &str) -> String {
+    let page = include_str!("../docs/handlers.md");
     let fence = format!("```{lang}\n");
-    section
-        .split(&fence)
+    page.split(&fence)
         .skip(1)
         .map(|rest| rest.split("\n```").next().unwrap().to_string() + "\n")
         .find(|block| block.lines().take(3).any(|l| l.contains(name)))
-        .unwrap_or_else(|| panic!("no {lang} block about {name} in the README"))
+        .unwrap_or_else(|| panic!("no {lang} block about {name} in docs/handlers.md"))
 }
 
 fn pid_of(path: &Path) -> i32 {
@@ -659,10 +654,14 @@ for line in sys.stdin:
 }
 
 #[test]
-fn readme_coproc_examples_work_in_python_and_node() {
+fn documented_coproc_examples_work_in_python_and_node() {
     let dir = temp_dir("readme");
-    let py = python_program(&dir, "coproc.py", &readme_example("python", "coproc.py"));
-    let js = program(&dir, "coproc.js", &readme_example("js", "coproc.js"));
+    let py = python_program(
+        &dir,
+        "coproc.py",
+        &documented_example("python", "coproc.py"),
+    );
+    let js = program(&dir, "coproc.js", &documented_example("js", "coproc.js"));
     for handler in [
         format!("coproc:{}", py.display()),
         format!("coproc:node {}", js.display()),
@@ -687,13 +686,13 @@ fn readme_coproc_examples_work_in_python_and_node() {
 }
 
 #[test]
-fn readme_exec_example_works() {
+fn documented_exec_example_works() {
     let schema = TestSchema::new("h_readme_exec");
     let dir = temp_dir("readme-exec");
     let prog = python_program(
         &dir,
         "word_count.py",
-        &readme_example("python", "word_count.py"),
+        &documented_example("python", "word_count.py"),
     );
     let handler = format!("exec:{}", prog.display());
     let _daemon = Daemon::start(&schema, &[("FORKQ_HANDLER", &handler)]);

@@ -5,8 +5,8 @@
 //! `kubernetes-validate --strict`; missing ones are installed by `scripts/ops-tools.sh`, and a check
 //! is skipped with a printed reason only when its tool cannot be had), and every one of them is parsed and checked against the daemon's real
 //! configuration parser: each file's environment must be accepted by `Config::from_vars`, and the
-//! numbers that must agree (README, "Deploying") are asserted on the parsed values. The
-//! configuration documentation (`config.example.env`, the README's table) is checked against the
+//! numbers that must agree (docs/deploying.md) are asserted on the parsed values. The
+//! configuration documentation (`config.example.env`, the table in docs/configuration.md) is checked against the
 //! source, both ways, and its defaults against the parser's.
 
 mod common;
@@ -22,7 +22,7 @@ use serde_yaml::Value as Yaml;
 
 /// `FORKQ_*` names in `src/` that are not settings: job metadata the exec and coproc handlers
 /// hand to the user's program, never read by forkq itself. A new name in the source is either a
-/// setting (then documented in config.example.env and the README) or belongs here.
+/// setting (then documented in config.example.env and docs/configuration.md) or belongs here.
 const HANDLER_METADATA: &[&str] = &[
     "FORKQ_JOB_ID",
     "FORKQ_QUEUE",
@@ -36,7 +36,7 @@ const UNPREFIXED_SETTINGS: &[&str] = &["DATABASE_URL"];
 
 /// The stop timeout of every service manager must exceed the daemon's shutdown deadline by at
 /// least this much: after the deadline the supervisor SIGKILLs what is left and waits up to 2 s to
-/// reap it, then stops the probe and exits (README, "The numbers that must agree").
+/// reap it, then stops the probe and exits (docs/deploying.md, "The numbers that must agree").
 const STOP_MARGIN: Duration = Duration::from_secs(5);
 
 /// The health port the images and manifests use: the default of `FORKQ_HEALTH_ADDR`.
@@ -144,16 +144,11 @@ fn example_env() -> Vec<Documented> {
     parse_env_file(&read("config.example.env"))
 }
 
-/// The README's configuration table: variable -> (default, allowed, meaning).
-fn readme_config_table() -> BTreeMap<String, Vec<String>> {
-    let readme = read("README.md");
-    let section = readme
-        .split("\n## Configuration")
-        .nth(1)
-        .expect("README has a Configuration section");
-    let section = section.split("\n## ").next().unwrap();
+/// The configuration table of docs/configuration.md: variable -> (default, allowed, meaning).
+fn documented_config_table() -> BTreeMap<String, Vec<String>> {
+    let page = read("docs/configuration.md");
     let mut rows = BTreeMap::new();
-    for line in section.lines().filter(|l| l.starts_with('|')) {
+    for line in page.lines().filter(|l| l.starts_with('|')) {
         let cells: Vec<String> = line
             .trim_matches('|')
             .split(" | ")
@@ -208,8 +203,8 @@ fn parse_deployment_env(what: &str, env: &BTreeMap<String, String>) -> Config {
     Config::from_vars(vars).unwrap_or_else(|e| panic!("{what}: the daemon refuses it: {e}"))
 }
 
-/// The rules between settings that every deployment must keep (README, "The numbers that must
-/// agree"), checked on the daemon's parsed view of that deployment's environment.
+/// The rules between settings that every deployment must keep (docs/deploying.md, "The numbers
+/// that must agree"), checked on the daemon's parsed view of that deployment's environment.
 fn assert_numbers_agree(what: &str, config: &Config, stop_timeout: Duration) {
     let grace = config.shutdown_grace;
     assert!(
@@ -419,7 +414,11 @@ fn systemd_units_pass_systemd_analyze_verify() {
     // binary this test run built, side by side so Requires=forkq-migrate.service resolves.
     let dir = ScratchDir::new("systemd");
     let mut paths = Vec::new();
-    for unit in ["forkq.service", "forkq-migrate.service"] {
+    for unit in [
+        "forkq.service",
+        "forkq-migrate.service",
+        "forkq-dashboard.service",
+    ] {
         let text = read(&format!("systemd/{unit}"));
         assert!(
             text.contains("/usr/local/bin/forkq "),
@@ -1070,7 +1069,7 @@ fn kubernetes_manifest_agrees_with_the_daemon() {
     assert_numbers_agree("kubernetes Deployment", &config, termination);
 
     // Resources follow FORKQ_CONCURRENCY (C) and FORKQ_MAX_CHILD_RSS_MB (M), the rule of the
-    // manifest's header and the README: limits.cpu = C cores; C x 100m <= requests.cpu <= limits.cpu;
+    // manifest's header and docs/deploying.md: limits.cpu = C cores; C x 100m <= requests.cpu <= limits.cpu;
     // limits.memory >= 32Mi + C x M Mi; requests.memory <= limits.memory.
     assert!(
         data.contains_key("FORKQ_CONCURRENCY"),
@@ -1150,7 +1149,7 @@ fn kubernetes_manifest_agrees_with_the_daemon() {
 fn every_setting_the_code_reads_is_documented_and_every_documented_one_is_read() {
     let in_source = settings_in_source();
     let example: BTreeSet<String> = example_env().into_iter().map(|v| v.name).collect();
-    let table: BTreeSet<String> = readme_config_table().into_keys().collect();
+    let table: BTreeSet<String> = documented_config_table().into_keys().collect();
     println!("settings read by src/: {in_source:?}");
 
     let undocumented: Vec<_> = in_source.difference(&example).collect();
@@ -1162,7 +1161,7 @@ fn every_setting_the_code_reads_is_documented_and_every_documented_one_is_read()
     let untabled: Vec<_> = in_source.difference(&table).collect();
     assert!(
         untabled.is_empty(),
-        "read in src/ but missing from the README configuration table: {untabled:?}"
+        "read in src/ but missing from the table in docs/configuration.md: {untabled:?}"
     );
     let source = source_text();
     let unread: Vec<_> = example
@@ -1178,7 +1177,7 @@ fn every_setting_the_code_reads_is_documented_and_every_documented_one_is_read()
 #[test]
 fn config_example_states_default_range_and_reason_for_each_variable() {
     let vars = example_env();
-    let table = readme_config_table();
+    let table = documented_config_table();
     let mut seen = BTreeSet::new();
     for var in &vars {
         assert!(seen.insert(&var.name), "{} appears twice", var.name);
@@ -1206,7 +1205,7 @@ fn config_example_states_default_range_and_reason_for_each_variable() {
             let row = &table[&var.name];
             assert!(
                 row[0].contains(&format!("`{}`", var.default)),
-                "README default of {} is {:?}, config.example.env says {:?}",
+                "docs/configuration.md default of {} is {:?}, config.example.env says {:?}",
                 var.name,
                 row[0],
                 var.default

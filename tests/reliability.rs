@@ -1,6 +1,6 @@
 //! Fault injection: forkq broken the way production breaks it, against real processes and a real
 //! PostgreSQL. `make test` runs the short versions; `make chaos` (FORKQ_CHAOS=long) the long ones.
-//! Figures are printed (run with --nocapture) and collected in RELIABILITY.md.
+//! Figures are printed (run with --nocapture) and collected in docs/reliability.md.
 
 mod common;
 
@@ -839,4 +839,389 @@ fn a_result_the_database_refuses_is_dead_lettered_alone() {
         daemon.log_text()
     );
     assert_eq!(daemon.livez().map(|(c, _)| c), Some(200));
+}
+
+/// A coproc handler that appends "<job id> <wall-clock seconds>" to `record` when each job starts,
+/// sleeps `payload.ms` milliseconds, and fails the job when `payload.fail` is true.
+fn stamping_coproc(dir: &Path, record: &Path) -> String {
+    let script = dir.join("stamp.py");
+    std::fs::write(
+        &script,
+        format!(
+            r#"import json, os, sys, time
+fd = os.open({record:?}, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+for line in sys.stdin:
+    job = json.loads(line)
+    os.write(fd, ("%d %.6f\n" % (job["id"], time.time())).encode())
+    payload = job.get("payload") or {{}}
+    time.sleep(payload.get("ms", 0) / 1000.0)
+    if payload.get("fail"):
+        reply = {{"id": job["id"], "ok": False, "error": "told to fail"}}
+    else:
+        reply = {{"id": job["id"], "ok": True, "result": None}}
+    sys.stdout.write(json.dumps(reply) + "\n")
+    sys.stdout.flush()
+"#,
+            record = record.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    format!("coproc:python3 {}", script.display())
+}
+
+/// The starts recorded by [`stamping_coproc`]: (job id, wall-clock seconds).
+fn stamps(record: &Path) -> Vec<(i64, f64)> {
+    std::fs::read_to_string(record)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (id, at) = l.split_once(' ')?;
+            Some((id.parse().ok()?, at.parse().ok()?))
+        })
+        .collect()
+}
+
+/// PostgreSQL crashes (immediate stop) under a steady load, and a row is left `running` under a
+/// busy worker's name that the worker does not hold (what an acknowledgement lost with an
+/// asynchronous commit, or a claim whose reply was lost, leaves behind). A worker that renews
+/// everything under its name keeps such rows alive for as long as it stays busy; a worker that
+/// renews only what it holds gives them back at its next renewal, well within one lease, while
+/// the load goes on. Nothing enqueued before the crash is lost or left running.
+#[test]
+fn database_crash_under_load_strands_nothing() {
+    let cluster = PrivateCluster::start("pgcrash");
+    let url = cluster.url();
+    let db = ClusterSchema::migrate(&url);
+    let (child, _addr, log) = spawn_on(
+        &url,
+        &[("FORKQ_CONCURRENCY", "3"), ("FORKQ_LEASE_SECONDS", "30")],
+    );
+    let _guard = Killed(child);
+    // About 40 jobs a second from a producer that reconnects through the crash.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producer = {
+        let (url, stop) = (url.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut client = None;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if client.is_none() {
+                    client = postgres::Client::connect(&url, postgres::NoTls).ok();
+                }
+                if let Some(c) = client.as_mut() {
+                    let sent = c.execute(
+                        "SELECT forkq.enqueue('default', 'sleep', '{\"ms\": 20}')",
+                        &[],
+                    );
+                    if sent.is_err() {
+                        client = None;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        })
+    };
+    assert!(wait_until(Duration::from_secs(30), || db
+        .count("SELECT count(*) FROM forkq.jobs_archive")
+        .unwrap_or(0)
+        >= 100));
+    cluster.pg_ctl(&["stop", "-m", "immediate", "-w"]);
+    cluster.pg_ctl(&["start", "-w"]);
+    let before = db
+        .count("SELECT coalesce(max(id), 0) FROM forkq.jobs")
+        .unwrap()
+        .max(db.count("SELECT max(id) FROM forkq.jobs_archive").unwrap());
+    // A stray: a waiting job made to look claimed by a busy worker under its own name.
+    assert!(wait_until(Duration::from_secs(30), || db
+        .count("SELECT count(*) FROM forkq.jobs WHERE state = 'running'")
+        .unwrap_or(0)
+        > 0));
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let stray: i64 = client
+        .query_one(
+            "SELECT forkq.enqueue('default', 'sleep', '{\"ms\": 20}', run_at => now() + interval '1 hour')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    client
+        .execute(
+            "UPDATE forkq.jobs SET state = 'running', attempt = 1, lease_token = 42,
+                    lease_expires_at = now() + interval '30 seconds',
+                    lease_owner = (SELECT lease_owner FROM forkq.jobs
+                                   WHERE state = 'running' AND lease_owner IS NOT NULL LIMIT 1)
+             WHERE id = $1",
+            &[&stray],
+        )
+        .unwrap();
+    let injected = Instant::now();
+    // While the load goes on: the stray is given back (and, due in an hour, waits again) before
+    // its 30 s lease could expire, and every job of before the crash completes.
+    let settled = wait_until(Duration::from_secs(25), || {
+        db.count(&format!(
+            "SELECT count(*) FROM forkq.jobs WHERE id <= {before} OR (id = {stray} AND state = 'running')"
+        )) == Some(0)
+    });
+    let left = db.count(&format!(
+        "SELECT count(*) FROM forkq.jobs WHERE (id <= {before} OR id = {stray}) AND state = 'running'"
+    ));
+    println!(
+        "settled: {settled} {:.1?} after the stray was made (still running: {left:?})",
+        injected.elapsed()
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    producer.join().unwrap();
+    assert!(
+        settled,
+        "{left:?} job(s) still running under a worker that does not hold them; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM forkq.jobs_archive WHERE state = 'failed'"),
+        Some(0)
+    );
+}
+
+/// A whole daemon killed (every process of its group) while it holds prefetched jobs that allow
+/// one attempt: the jobs it never started must not be charged when their leases expire; only a
+/// job that may have started can reach the dead letter.
+#[test]
+fn host_death_charges_only_jobs_that_started() {
+    let schema = TestSchema::new("hostdeath");
+    let dir = temp_dir("hostdeath");
+    let record = dir.join("starts");
+    let handler = stamping_coproc(&dir, &record);
+    let jobs = 3_000;
+    schema.enqueue_n("default", "stamp", json!({}), jobs);
+    schema
+        .client()
+        .batch_execute(&format!(
+            "UPDATE \"{}\".jobs SET max_attempts = 1",
+            schema.name
+        ))
+        .unwrap();
+    let env = [
+        ("FORKQ_HANDLER", handler.as_str()),
+        ("FORKQ_CONCURRENCY", "4"),
+        ("FORKQ_LEASE_SECONDS", "3"),
+    ];
+    let first = Daemon::start(&schema, &env);
+    assert!(wait_until(Duration::from_secs(60), || schema
+        .archived("completed")
+        >= 300));
+    // The host dies: every process of the daemon at once.
+    kill(Pid::from_raw(-first.pid()), Signal::SIGKILL).unwrap();
+    let held = schema.live("running");
+    drop(first);
+    let _second = Daemon::start(&schema, &env);
+    assert!(wait_until(Duration::from_secs(60), || schema
+        .archived("completed")
+        + schema.archived("failed")
+        == jobs as i64));
+    let started: std::collections::HashSet<i64> =
+        stamps(&record).into_iter().map(|(id, _)| id).collect();
+    let mut client = schema.client();
+    let failed: Vec<i64> = client
+        .query(
+            &format!(
+                "SELECT id FROM \"{}\".jobs_archive WHERE state = 'failed'",
+                schema.name
+            ),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let unrecorded = failed.iter().filter(|id| !started.contains(id)).count();
+    println!(
+        "killed holding {held} running job(s); dead-lettered {} ({unrecorded} without a start \
+         record: handed to a program that had not read it yet)",
+        failed.len()
+    );
+    assert!(held > 4, "the daemon held only {held} jobs when killed");
+    // Only the jobs in flight, at most one per child, may have started, so only they may have
+    // been charged; the prefetched ones went back as they were.
+    assert!(failed.len() <= 4, "{} jobs dead-lettered", failed.len());
+}
+
+/// A job that takes its whole host down every time it runs: each new daemon runs it and dies.
+/// It is not charged for the first death (it might have been a bystander), but once a suspect its
+/// start is recorded, so it reaches the dead letter after at most max_attempts + 1 deaths.
+#[test]
+fn a_job_that_kills_its_host_reaches_the_dead_letter() {
+    let schema = TestSchema::new("poison");
+    let dir = temp_dir("poison");
+    let script = dir.join("poison.sh");
+    // The handler's parent is the forkq child; its process group is the whole daemon.
+    std::fs::write(
+        &script,
+        "#!/bin/bash\ngroup=$(ps -o pgid= -p $PPID | tr -d ' ')\nkill -KILL -- -$group\nsleep 5\n",
+    )
+    .unwrap();
+    Command::new("chmod")
+        .arg("+x")
+        .arg(&script)
+        .status()
+        .unwrap();
+    let handler = format!("exec:{}", script.display());
+    let mut client = schema.client();
+    client
+        .execute(
+            &format!(
+                "SELECT \"{}\".enqueue('default', 'poison', max_attempts => 2)",
+                schema.name
+            ),
+            &[],
+        )
+        .unwrap();
+    let env = [
+        ("FORKQ_HANDLER", handler.as_str()),
+        ("FORKQ_CONCURRENCY", "1"),
+        ("FORKQ_LEASE_SECONDS", "3"),
+    ];
+    let mut deaths = 0;
+    while schema.archived("failed") == 0 && deaths < 6 {
+        let mut daemon = Daemon::start(&schema, &env);
+        let ended = daemon.wait_exit(Duration::from_secs(30));
+        if ended.is_some() {
+            deaths += 1;
+        }
+        // The daemon that finds the job dead-lettered by its rescue lives on: stop it.
+        if ended.is_none() {
+            break;
+        }
+    }
+    let job = schema.job(1).unwrap();
+    println!("host deaths before the dead letter: {deaths}; job: {job}");
+    assert_eq!(job["state"], "failed", "{job}");
+    assert!(deaths <= 3, "{deaths} host deaths for max_attempts = 2");
+}
+
+/// A fail-fast batch whose third child fails while the siblings are claimed ahead (the children
+/// were warmed up by fast jobs, so each claims many): no sibling starts after the failure has
+/// been committed and each child's next round trip has passed, and the ones that never started
+/// end cancelled.
+#[test]
+fn fail_fast_reaches_prefetched_siblings() {
+    let schema = TestSchema::new("failfastpf");
+    let dir = temp_dir("failfastpf");
+    let record = dir.join("starts");
+    let handler = stamping_coproc(&dir, &record);
+    let _daemon = Daemon::start(
+        &schema,
+        &[
+            ("FORKQ_HANDLER", handler.as_str()),
+            ("FORKQ_CONCURRENCY", "4"),
+        ],
+    );
+    // Fast jobs first, so the children's claims grow to the prefetch.
+    schema.enqueue_n("default", "stamp", json!({}), 2_000);
+    let client = forkq::Client::new(&schema.config(&[])).unwrap();
+    assert!(wait_until(Duration::from_secs(60), || schema
+        .live("available")
+        + schema.live("running")
+        == 0));
+    let children: Vec<forkq::NewJob> = (0..300)
+        .map(|i| {
+            let payload = if i == 2 {
+                json!({"fail": true})
+            } else {
+                json!({"ms": 10})
+            };
+            forkq::NewJob::new("default", "stamp", payload).with_max_attempts(1)
+        })
+        .collect();
+    let batch = client
+        .enqueue_batch(&forkq::NewBatch::new("default").with_fail_fast(), &children)
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(60), || schema
+        .live("running")
+        + schema.live("available")
+        == 0));
+    let mut db = schema.client();
+    let row = db
+        .query_one(
+            &format!(
+                "SELECT state, cancelled, extract(epoch FROM finished_at)::float8
+                 FROM \"{}\".batches WHERE id = $1",
+                schema.name
+            ),
+            &[&batch],
+        )
+        .unwrap();
+    let (state, cancelled, failed_at): (String, i32, f64) = (row.get(0), row.get(1), row.get(2));
+    let ids: std::collections::HashSet<i64> = db
+        .query(
+            &format!(
+                "SELECT id FROM \"{}\".jobs_archive WHERE batch_id = $1",
+                schema.name
+            ),
+            &[&batch],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let late: Vec<f64> = stamps(&record)
+        .into_iter()
+        .filter(|(id, at)| ids.contains(id) && *at > failed_at)
+        .map(|(_, at)| at - failed_at)
+        .collect();
+    let latest = late.iter().copied().fold(0.0, f64::max);
+    println!(
+        "batch {state}, {cancelled} cancelled; {} sibling(s) started after the failure, the last {latest:.3} s after",
+        late.len()
+    );
+    assert_eq!(state, "failed");
+    assert!(cancelled >= 100, "only {cancelled} siblings cancelled");
+    assert!(
+        latest < 0.3,
+        "a sibling started {latest:.3} s after the batch failed"
+    );
+}
+
+/// Two children warmed up by fast jobs (so each claims a hundred at a time), then one job of
+/// 10 s followed by 200 fast ones: the child that claims the slow job claims the next 99 with it.
+/// They must go back to the queue for the idle sibling instead of waiting 10 s behind it.
+#[test]
+fn fast_jobs_do_not_wait_behind_a_slow_one() {
+    let schema = TestSchema::new("behindslow");
+    let _daemon = Daemon::start(&schema, &[("FORKQ_CONCURRENCY", "2")]);
+    schema.enqueue_n("default", "noop", json!({}), 2_000);
+    assert!(wait_until(Duration::from_secs(60), || schema
+        .archived("completed")
+        == 2_000));
+    let mut db = schema.client();
+    db.batch_execute(&format!(
+        "BEGIN;
+         SELECT \"{s}\".enqueue('default', 'sleep', '{{\"ms\": 10000}}');
+         INSERT INTO \"{s}\".jobs (queue, task) SELECT 'default', 'noop' FROM generate_series(1, 200);
+         SELECT pg_notify('forkq_{s}', 'default');
+         COMMIT;",
+        s = schema.name
+    ))
+    .unwrap();
+    assert!(wait_until(Duration::from_secs(60), || schema
+        .archived("completed")
+        == 2_201));
+    let row = db
+        .query_one(
+            &format!(
+                "WITH slow AS (SELECT finished_at - interval '10 seconds' AS started
+                               FROM \"{s}\".jobs_archive WHERE task = 'sleep')
+                 SELECT count(*) FILTER (WHERE a.finished_at > slow.started + interval '2 seconds'),
+                        extract(epoch FROM max(a.finished_at) - slow.started)::float8
+                 FROM \"{s}\".jobs_archive a, slow
+                 WHERE a.task = 'noop' AND a.finished_at > slow.started - interval '1 second'
+                 GROUP BY slow.started",
+                s = schema.name
+            ),
+            &[],
+        )
+        .unwrap();
+    let (late, worst): (i64, f64) = (row.get(0), row.get(1));
+    println!(
+        "{late} fast job(s) finished over 2 s after the slow one started (last: {worst:.2} s)"
+    );
+    assert_eq!(late, 0, "fast jobs waited behind the slow one");
 }

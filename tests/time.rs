@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
@@ -23,25 +22,6 @@ fn limits() -> Limits {
 
 fn submit(schema: &TestSchema, job: &NewJob) -> Enqueued {
     producer::enqueue_with_outcome(&mut connect(), &schema.name, &limits(), job).expect("enqueue")
-}
-
-/// Runs `forkq ARGS` for `schema` with extra environment: (exit code, stdout, stderr).
-fn forkq(schema: &TestSchema, extra: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(forkq_bin())
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("FORKQ_LOG", "warn")
-        .envs(schema.env())
-        .envs(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
-        .stdin(Stdio::null())
-        .output()
-        .expect("run forkq");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
 }
 
 /// Acknowledges a claimed job as completed; the ack must be accepted.
@@ -263,18 +243,18 @@ fn cli_reports_created_duplicate_and_replaced() {
         "1h",
         "--json",
     ];
-    let (code, out, _) = forkq(&schema, &[], &args);
+    let (code, out, _) = forkq_cli(&schema, &[], &args);
     assert_eq!(code, 0);
     let first = json_of(&out);
     assert_eq!(first["created"], true);
-    let (code, out, err) = forkq(&schema, &[], &args);
+    let (code, out, err) = forkq_cli(&schema, &[], &args);
     assert_eq!(code, 0, "a duplicate is not an error: {err}");
     assert_eq!(
         json_of(&out),
         json!({"id": first["id"], "created": false, "replaced": false})
     );
     // Without --json: the id on stdout, the verdict on stderr.
-    let (code, out, err) = forkq(&schema, &[], &args[..7]);
+    let (code, out, err) = forkq_cli(&schema, &[], &args[..7]);
     assert_eq!((code, out.trim()), (0, first["id"].to_string().as_str()));
     assert!(
         err.contains(&format!(
@@ -285,7 +265,7 @@ fn cli_reports_created_duplicate_and_replaced() {
     );
 
     let replace = |payload: &str| {
-        forkq(
+        forkq_cli(
             &schema,
             &[],
             &[
@@ -317,7 +297,7 @@ fn cli_reports_created_duplicate_and_replaced() {
                  {\"task\":\"noop\",\"unique_key\":\"r\",\"replace\":true,\"payload\":{\"v\":3}}\n";
     let path = std::env::temp_dir().join(format!("{}.jsonl", schema.name));
     std::fs::write(&path, lines).unwrap();
-    let (code, out, err) = forkq(
+    let (code, out, err) = forkq_cli(
         &schema,
         &[],
         &["enqueue", "--jsonl", path.to_str().unwrap(), "--json"],
@@ -331,10 +311,30 @@ fn cli_reports_created_duplicate_and_replaced() {
     let id = made["id"].as_i64().unwrap();
     assert_eq!(schema.job(id).unwrap()["payload"], json!({"v": 3}));
 
+    // Still all or nothing: a job the database refuses (February 31st) undoes the replace and
+    // the window sent before it.
+    let lines = "{\"task\":\"noop\",\"unique_key\":\"r\",\"replace\":true,\"payload\":{\"v\":4}}\n\
+                 {\"task\":\"noop\",\"unique_key\":\"n\",\"unique_for\":60}\n\
+                 {\"task\":\"noop\",\"run_at\":\"2030-02-31T09:00:00Z\"}\n";
+    std::fs::write(&path, lines).unwrap();
+    let (code, _, err) = forkq_cli(
+        &schema,
+        &[],
+        &["enqueue", "--jsonl", path.to_str().unwrap()],
+    );
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(code, 65, "{err}");
+    assert!(err.contains("2030-02-31"), "{err}");
+    assert_eq!(schema.job(id).unwrap()["payload"], json!({"v": 3}));
+    assert_eq!(
+        schema.count("SELECT count(*) FROM {s}.unique_windows WHERE key = 'n'"),
+        0
+    );
+
     // Bad combinations are refused before anything is enqueued.
-    let (code, _, err) = forkq(&schema, &[], &["enqueue", "--task", "noop", "--replace"]);
+    let (code, _, err) = forkq_cli(&schema, &[], &["enqueue", "--task", "noop", "--replace"]);
     assert_eq!(code, 2, "{err}");
-    let (code, _, err) = forkq(
+    let (code, _, err) = forkq_cli(
         &schema,
         &[],
         &[
@@ -672,7 +672,7 @@ fn schedule_run_and_list_from_the_cli() {
     let schema = TestSchema::new("schedcli");
     let env = [("FORKQ_SCHEDULES", example_schedules())];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let (code, _, err) = forkq(&schema, &env, &["schedule", "run", "every-second"]);
+    let (code, _, err) = forkq_cli(&schema, &env, &["schedule", "run", "every-second"]);
     assert_eq!(code, 1);
     assert!(
         err.contains("no schedule \"every-second\" in the database"),
@@ -689,7 +689,7 @@ fn schedule_run_and_list_from_the_cli() {
         "test",
     )
     .unwrap();
-    let (code, out, err) = forkq(
+    let (code, out, err) = forkq_cli(
         &schema,
         &env,
         &["schedule", "run", "every-second", "--json"],
@@ -702,7 +702,7 @@ fn schedule_run_and_list_from_the_cli() {
         (Some("ticks"), Some("noop"))
     );
 
-    let (code, out, err) = forkq(&schema, &env, &["schedule", "list", "--json"]);
+    let (code, out, err) = forkq_cli(&schema, &env, &["schedule", "list", "--json"]);
     assert_eq!(code, 0, "{err}");
     let listed: Vec<Value> = out.lines().map(json_of).collect();
     let names: Vec<&str> = listed.iter().map(|s| s["name"].as_str().unwrap()).collect();
@@ -715,7 +715,7 @@ fn schedule_run_and_list_from_the_cli() {
     );
     assert!(listed[0]["next_run"].is_string());
     assert_eq!(listed[1]["definition"]["timezone"], "Europe/Berlin");
-    let (code, out, _) = forkq(&schema, &env, &["schedule", "list"]);
+    let (code, out, _) = forkq_cli(&schema, &env, &["schedule", "list"]);
     assert_eq!(code, 0);
     assert!(
         out.contains("nightly-report") && out.contains("Europe/Berlin"),

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use crate::backoff;
 use crate::config::Config;
 use crate::handler::{process, Handler, Job, JobContext, Outcome};
+use crate::logging::{self, Activity};
 use crate::queue::consumer::{Ack, Claimed, Consumer, Round, Settlement};
 use crate::queue::{maintenance, QueueError};
 use crate::slots::{monotonic_ms, take_turn, Header, Slot, SlotState, SlotTable};
@@ -73,6 +74,7 @@ pub fn run(spec: ChildSpec<'_>, handler: &mut dyn Handler) -> i32 {
         average_job: None,
         jobs_done: 0,
         recycling: false,
+        looked_ahead: false,
         max_claimers: std::thread::available_parallelism().map_or(2, |n| n.get() * 2),
     };
     worker.slot.set_state(SlotState::Starting);
@@ -141,6 +143,8 @@ struct Worker<'a> {
     jobs_done: u64,
     /// Set once this child has done its share (see `note_recycling`).
     recycling: bool,
+    /// Set once the job at hand has claimed its successor (see `look_ahead`).
+    looked_ahead: bool,
     /// How many children of the host may be in a claim round trip at once: two per CPU.
     max_claimers: usize,
 }
@@ -154,10 +158,12 @@ impl Worker<'_> {
         if let Some(p) = predecessor {
             let back = self.db(|db| db.release(&p.owner, p.in_flight, Some(&p.how_it_ended)))?;
             if back > 0 || p.in_flight.is_some() {
+                let in_flight = p
+                    .in_flight
+                    .map_or(String::new(), |id| format!("; job {id} was in flight"));
                 log::info!(
-                    "released {back} job(s) of the previous worker(s) in this slot ({}); in flight: {:?}",
-                    p.how_it_ended,
-                    p.in_flight
+                    "released {back} job(s) of the previous worker(s) in this slot ({}){in_flight}",
+                    p.how_it_ended
                 );
             }
         }
@@ -254,9 +260,11 @@ impl Worker<'_> {
     /// Runs one job through the handler and queues its acknowledgement.
     fn run_job(&mut self, claimed: Claimed, handler: &mut dyn Handler) {
         let job = claimed.job;
+        let _running = logging::activity(Activity::Job(job.id));
         self.slot.start_job(job.id);
         let started = Instant::now();
         self.current = Some((job.id, claimed.lease_token, started));
+        self.looked_ahead = false;
         let outcome = {
             let mut ctx = Context { worker: self };
             let outcome = catch_unwind(AssertUnwindSafe(|| handler.handle(&job, &mut ctx)))
@@ -524,6 +532,36 @@ impl Worker<'_> {
         self.renew(false);
     }
 
+    /// While a short job runs and no sibling is idle to take the next one, claims it (carrying
+    /// the pending acknowledgements), so it starts the moment this one ends instead of one round
+    /// trip later. Once per job, early in it; a job that then overruns hands it back (see
+    /// `give_back_if_overdue`).
+    fn look_ahead(&mut self) {
+        const SHORT_JOB: Duration = Duration::from_secs(1);
+        let (Some((_, _, started)), Some(average)) = (self.current, self.average_job) else {
+            return;
+        };
+        if self.looked_ahead
+            || !self.buffer.is_empty()
+            || average > SHORT_JOB
+            || started.elapsed() > average / 2
+            || stop_requested()
+            || self.recycling
+            || self
+                .table
+                .active()
+                .iter()
+                .any(|s| s.state() == SlotState::Idle)
+        {
+            return;
+        }
+        self.looked_ahead = true;
+        match self.send_acks_and_claim(1) {
+            Ok(round) => self.buffer.extend(round.claimed),
+            Err(e) => log::warn!("worker {}: could not claim ahead: {e}", self.owner),
+        }
+    }
+
     /// What this worker holds, as (id, lease token): the job running, the jobs finished and not
     /// acknowledged yet, and (with `buffer`) the jobs claimed ahead.
     fn held(&self, buffer: bool) -> Vec<(i64, i64)> {
@@ -568,6 +606,7 @@ impl Worker<'_> {
     /// One idle child per host polls the database per `FORKQ_POLL_INTERVAL_MS` (for scheduled
     /// jobs that became due, and as the fallback when notifications are off), not every child.
     fn wait_idle(&mut self, wake_seen: u32) {
+        let _idle = logging::activity(Activity::Idle);
         self.slot.set_state(SlotState::Idle);
         self.slot.beat();
         let slice = self.config.poll_interval.min(IDLE_SLICE);
@@ -591,8 +630,10 @@ impl Worker<'_> {
         let schema = self.config.schema.clone();
         let retention = self.config.retention;
         match self.db(|db| maintenance::run_pass(db.client(), &schema, retention)) {
-            Ok(Some(report)) if report != maintenance::Report::default() => {
-                log::info!("maintenance: {report:?}");
+            Ok(Some(report)) if report.changed_jobs() => log::info!("maintenance: {report}"),
+            // Vacuums and expired unique windows alone are routine: not worth a line at info level.
+            Ok(Some(report)) if !report.vacuumed.is_empty() || report.windows_purged > 0 => {
+                log::debug!("maintenance: {report}")
             }
             Ok(_) => {}
             Err(e) => log::warn!("maintenance pass failed: {e}"),
@@ -653,6 +694,7 @@ impl Worker<'_> {
     }
 
     fn reconnect_pause(&self, error: &QueueError, failures: u32) -> Result<(), QueueError> {
+        let _waiting = logging::activity(Activity::WaitingForDatabase);
         let pause = backoff::with_jitter(
             backoff::exponential(Duration::from_millis(100), Duration::from_secs(5), failures),
             fastrand::f64(),
@@ -689,6 +731,7 @@ impl JobContext for Context<'_, '_> {
         self.worker.slot.beat();
         self.worker.give_back_if_overdue();
         self.worker.renew_if_due();
+        self.worker.look_ahead();
         if self.worker.ack_flush_due() {
             if let Err(e) = self.worker.flush_acks() {
                 log::warn!(

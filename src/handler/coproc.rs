@@ -73,7 +73,7 @@ impl Coproc {
         if let Some(mut program) = self.program.take() {
             let status = program.terminate(KILL_GRACE, &mut |_, _| {});
             log::warn!(
-                "job {} ({}): coproc {:?} (pid {}) stopped ({status}): {outcome:?}",
+                "job {} ({}): coproc {:?} (pid {}) stopped ({status}); the job {outcome}",
                 job.id,
                 job.task,
                 self.argv[0],

@@ -46,6 +46,18 @@ pub enum Outcome {
     Retry(String),
 }
 
+/// How an outcome reads in a log line.
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Success(_) => f.write_str("succeeded"),
+            Outcome::Failure(why) => write!(f, "failed: {why}"),
+            Outcome::Fatal(why) => write!(f, "failed for good: {why}"),
+            Outcome::Retry(why) => write!(f, "to be retried: {why}"),
+        }
+    }
+}
+
 /// What a running handler can ask of the child that runs it.
 pub trait JobContext {
     /// Reports progress: refreshes the slot heartbeat and renews leases when they are due.

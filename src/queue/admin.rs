@@ -61,10 +61,13 @@ impl QueueStatus {
     }
 }
 
-/// Counts per queue and state, plus the age of each queue's oldest runnable job.
+/// Counts per queue and state, plus the age of each queue's oldest runnable job. The completed
+/// jobs of the archive are counted only with `completed` (a scan of the whole archive: fine for
+/// a command, too much for every metrics scrape); otherwise they show as 0.
 pub fn status(
     client: &mut impl GenericClient,
     schema: &str,
+    completed: bool,
 ) -> Result<BTreeMap<String, QueueStatus>, QueueError> {
     let mut queues: BTreeMap<String, QueueStatus> = BTreeMap::new();
     for row in client.query(&render(sql::STATUS_COUNTS, schema), &[])? {
@@ -72,6 +75,11 @@ pub fn status(
         let state: String = row.get(1);
         if let Some(count) = queues.entry(queue).or_default().count_mut(&state) {
             *count += row.get::<_, i64>(2);
+        }
+    }
+    if completed {
+        for row in client.query(&render(sql::COMPLETED_COUNTS, schema), &[])? {
+            queues.entry(row.get(0)).or_default().completed = row.get(1);
         }
     }
     for row in client.query(&render(sql::OLDEST_AVAILABLE, schema), &[])? {
@@ -112,16 +120,5 @@ pub fn cancel(
 pub fn retry(client: &mut impl GenericClient, schema: &str, id: i64) -> Result<bool, QueueError> {
     Ok(client
         .query_one(&render(sql::RETRY, schema), &[&id])?
-        .get(0))
-}
-
-/// Retries every failed job of `queue`; returns how many moved.
-pub fn retry_failed(
-    client: &mut impl GenericClient,
-    schema: &str,
-    queue: &str,
-) -> Result<i64, QueueError> {
-    Ok(client
-        .query_one(&render(sql::RETRY_FAILED_IN_QUEUE, schema), &[&queue])?
         .get(0))
 }

@@ -215,15 +215,17 @@ pub fn status(
         .map(BatchInfo::from_row))
 }
 
-/// The newest `limit` batches, only those in `state` when given (one of [`STATES`]).
+/// The newest `limit` batches with ids below `before` (keyset paging; `None` from the newest), only
+/// those in `state` when given (one of [`STATES`]).
 pub fn list(
     client: &mut impl GenericClient,
     schema: &str,
     state: Option<&str>,
     limit: i64,
+    before: Option<i64>,
 ) -> Result<Vec<BatchInfo>, QueueError> {
     Ok(client
-        .query(&render(sql::BATCH_LIST, schema), &[&state, &limit])?
+        .query(&render(sql::BATCH_LIST, schema), &[&state, &limit, &before])?
         .iter()
         .map(BatchInfo::from_row)
         .collect())

@@ -6,7 +6,7 @@ use postgres::{Client, Statement};
 use serde_json::Value;
 
 use super::sql::{self, render};
-use super::{connect_with_timeout, migrations, QueueError};
+use super::{connect_with_timeout, hosts, migrations, QueueError};
 use crate::config::Config;
 use crate::handler::Job;
 
@@ -172,8 +172,17 @@ impl Consumer {
         // every round trip is what lets a child keep up with short jobs. FORKQ_DURABLE=1 keeps
         // every acknowledgement durable before the next job.
         let commit = if config.durable { "on" } else { "off" };
+        // A worker of a daemon boot holds the boot's session lock for as long as it is connected:
+        // no other host brings back the jobs of a boot that still has a session (see
+        // queue::hosts).
+        let boot_lock = match crate::host::boot_of_owner(owner) {
+            Some(boot) if config.host_release => {
+                format!("; {}", hosts::hold_lock_statement(&config.schema, boot))
+            }
+            _ => String::new(),
+        };
         client.batch_execute(&format!(
-            "SET statement_timeout = {}; SET synchronous_commit = {commit}",
+            "SET statement_timeout = {}; SET synchronous_commit = {commit}{boot_lock}",
             budget.as_millis()
         ))?;
         migrations::require_current(&mut client, &config.schema)?;

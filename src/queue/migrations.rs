@@ -19,7 +19,8 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-/// Every migration, oldest first.
+/// Every migration, oldest first. Versions need not be contiguous (branches reserve numbers):
+/// what counts is that every one listed here is applied.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
@@ -30,6 +31,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 2,
         name: "unique windows and schedules",
         sql: include_str!("sql/002_time.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "hosts, dead-letter indexes",
+        sql: include_str!("sql/003_fleet.sql"),
     },
 ];
 
@@ -132,15 +138,25 @@ fn applied_versions(client: &mut Client, schema: &str) -> Result<Vec<(i32, Strin
         .collect())
 }
 
-/// Fails with [`QueueError::SchemaOutdated`] unless every migration is applied, so no command
-/// runs against a schema it does not understand.
+/// Fails with [`QueueError::SchemaOutdated`] unless every migration is applied (one missing below
+/// the newest counts too, since versions may have gaps), so no command runs against a schema it
+/// does not understand.
 pub fn require_current(client: &mut Client, schema: &str) -> Result<(), QueueError> {
-    let applied = applied_versions(client, schema)?;
-    let current = applied.iter().map(|(v, _)| *v).max().unwrap_or(0);
-    if current < latest_version() {
+    let applied: Vec<i32> = applied_versions(client, schema)?
+        .into_iter()
+        .map(|(v, _)| v)
+        .collect();
+    let current = applied.iter().copied().max().unwrap_or(0);
+    if let Some(missing) = MIGRATIONS.iter().find(|m| !applied.contains(&m.version)) {
         return Err(QueueError::SchemaOutdated {
             schema: schema.to_string(),
-            found: current,
+            // The schema is complete up to the last version below the missing one.
+            found: applied
+                .iter()
+                .copied()
+                .filter(|&v| v < missing.version)
+                .max()
+                .unwrap_or(0),
             expected: latest_version(),
         });
     }

@@ -5,10 +5,13 @@
 
 pub mod admin;
 pub mod batch;
+pub mod browse;
 pub mod consumer;
+pub mod hosts;
 pub mod listener;
 pub mod maintenance;
 pub mod migrations;
+pub mod overview;
 pub mod producer;
 pub mod schedules;
 pub mod sql;

@@ -190,6 +190,8 @@ struct Row {
     unique_key: Option<String>,
     unique_for: Option<f64>,
     replace: bool,
+    /// The payload's size as compact JSON.
+    payload_bytes: usize,
 }
 
 impl Row {
@@ -353,6 +355,7 @@ fn validate(job: &NewJob, limits: &Limits) -> Result<Row, QueueError> {
         unique_key: job.unique_key.clone(),
         unique_for: job.unique_for.map(|d| d.as_secs_f64()),
         replace: job.replace,
+        payload_bytes: size,
     })
 }
 
@@ -434,60 +437,152 @@ pub struct LineError {
     pub reason: String,
 }
 
-/// Parses JSON lines (`{"task":..,"payload":..}` plus the optional [`NewJob`] fields) and
-/// validates every job; blank lines are skipped. `queue` fills in jobs that name none.
-pub fn parse_jsonl(input: &str, queue: &str, limits: &Limits) -> Result<Vec<NewJob>, LineError> {
-    let mut jobs = Vec::new();
-    for (index, line) in input.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
+/// Reads JSON-lines jobs (`{"task":..,"payload":..}` plus the optional [`NewJob`] fields) one line
+/// at a time and validates each, so an input of any size is read in bounded memory. Blank lines
+/// are skipped; jobs that name no queue get the default queue. Yields the first refused line as
+/// an error and nothing after it.
+pub struct JsonLines<R> {
+    reader: R,
+    default_queue: String,
+    limits: Limits,
+    line: usize,
+    bytes_read: u64,
+    buffer: String,
+    failed: bool,
+}
+
+impl<R: std::io::BufRead> JsonLines<R> {
+    /// Jobs from `reader`; `default_queue` fills in jobs that name none.
+    pub fn new(reader: R, default_queue: &str, limits: &Limits) -> JsonLines<R> {
+        JsonLines {
+            reader,
+            default_queue: default_queue.to_string(),
+            limits: *limits,
+            line: 0,
+            bytes_read: 0,
+            buffer: String::new(),
+            failed: false,
         }
-        let fail = |reason: String| LineError {
-            line: index + 1,
-            reason,
-        };
-        let mut job: NewJob = serde_json::from_str(line).map_err(|e| fail(e.to_string()))?;
-        if job.queue.is_empty() {
-            job.queue = queue.to_string();
-        }
-        validate(&job, limits).map_err(|e| fail(e.to_string()))?;
-        jobs.push(job);
     }
-    Ok(jobs)
+
+    /// Bytes read so far (for progress against the input's size).
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
+    }
+
+    fn next_job(&mut self) -> Result<Option<NewJob>, LineError> {
+        loop {
+            self.buffer.clear();
+            let fail = |line, reason: String| LineError { line, reason };
+            let n = self
+                .reader
+                .read_line(&mut self.buffer)
+                .map_err(|e| fail(self.line + 1, format!("cannot read: {e}")))?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.line += 1;
+            self.bytes_read += n as u64;
+            if self.buffer.trim().is_empty() {
+                continue;
+            }
+            let mut job: NewJob =
+                serde_json::from_str(&self.buffer).map_err(|e| fail(self.line, e.to_string()))?;
+            if job.queue.is_empty() {
+                job.queue.clone_from(&self.default_queue);
+            }
+            validate(&job, &self.limits).map_err(|e| fail(self.line, e.to_string()))?;
+            return Ok(Some(job));
+        }
+    }
 }
 
-/// Inserts `jobs` (already validated by [`parse_jsonl`] or built in code) in one transaction
-/// owned by `client` (which may itself be the caller's transaction); chunks of 5,000 rows per
-/// statement. Jobs whose unique key is live are skipped. Returns how many were inserted.
-pub fn enqueue_many(
-    client: &mut impl GenericClient,
-    schema: &str,
-    limits: &Limits,
-    jobs: &[NewJob],
-    batch_id: Option<i64>,
-) -> Result<u64, QueueError> {
-    enqueue_many_counted(client, schema, limits, jobs, batch_id).map(|c| c.created)
+impl<R: std::io::BufRead> Iterator for JsonLines<R> {
+    type Item = Result<NewJob, LineError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        let next = self.next_job().transpose();
+        self.failed = matches!(next, Some(Err(_)));
+        next
+    }
 }
 
-/// [`enqueue_many`], counting also the jobs not created because their key was taken, and the
-/// waiting jobs replaced. Jobs without a unique window or `replace` go in by one bulk insert per
-/// chunk; consecutive jobs with either go through `enqueue_job` one by one (still one statement).
-pub fn enqueue_many_counted(
-    client: &mut impl GenericClient,
-    schema: &str,
-    limits: &Limits,
-    jobs: &[NewJob],
+/// Parses and validates JSON lines held in memory (see [`JsonLines`]).
+pub fn parse_jsonl(input: &str, queue: &str, limits: &Limits) -> Result<Vec<NewJob>, LineError> {
+    JsonLines::new(input.as_bytes(), queue, limits).collect()
+}
+
+/// Rows per insert statement of [`BulkInsert`].
+const CHUNK_ROWS: usize = 5_000;
+/// Payload bytes per insert statement of [`BulkInsert`], so a chunk of large payloads stays small.
+const CHUNK_BYTES: usize = 4 << 20;
+
+/// Many jobs inserted in one transaction, a chunk of rows per statement, so the memory it holds
+/// is bounded by one chunk however many jobs go through it. Nothing is visible to anyone until
+/// [`BulkInsert::commit`]; dropped without it, everything is rolled back.
+pub struct BulkInsert<'a> {
+    tx: postgres::Transaction<'a>,
+    /// The bulk insert ([`sql::ENQUEUE_MANY`]).
+    insert: String,
+    /// `enqueue_job` row by row ([`sql::ENQUEUE_EACH`]), for unique windows and `replace`.
+    each: String,
+    schema: String,
+    limits: Limits,
     batch_id: Option<i64>,
-) -> Result<Counts, QueueError> {
-    let rows: Vec<Row> = jobs
-        .iter()
-        .map(|job| validate(job, limits))
-        .collect::<Result<_, _>>()?;
-    let bulk = render(sql::ENQUEUE_MANY, schema);
-    let each = render(sql::ENQUEUE_EACH, schema);
-    let mut tx = client.transaction()?;
-    let mut counts = Counts::default();
-    for chunk in rows.chunks(5_000) {
+    chunk: Vec<Row>,
+    chunk_bytes: usize,
+    pushed: u64,
+    counts: Counts,
+}
+
+impl<'a> BulkInsert<'a> {
+    /// Opens the transaction inside `client` (a connection, or the caller's own transaction:
+    /// then the jobs are committed with the caller's rows or not at all).
+    pub fn begin(
+        client: &'a mut impl GenericClient,
+        schema: &str,
+        limits: &Limits,
+        batch_id: Option<i64>,
+    ) -> Result<BulkInsert<'a>, QueueError> {
+        Ok(BulkInsert {
+            tx: client.transaction()?,
+            insert: render(sql::ENQUEUE_MANY, schema),
+            each: render(sql::ENQUEUE_EACH, schema),
+            schema: schema.to_string(),
+            limits: *limits,
+            batch_id,
+            chunk: Vec::new(),
+            chunk_bytes: 0,
+            pushed: 0,
+            counts: Counts::default(),
+        })
+    }
+
+    /// Validates `job` and adds it; a full chunk is sent to the database.
+    pub fn push(&mut self, job: &NewJob) -> Result<(), QueueError> {
+        let row = validate(job, &self.limits)?;
+        self.chunk_bytes += row.payload_bytes;
+        self.chunk.push(row);
+        self.pushed += 1;
+        if self.chunk.len() >= CHUNK_ROWS || self.chunk_bytes >= CHUNK_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Jobs pushed so far.
+    pub fn pushed(&self) -> u64 {
+        self.pushed
+    }
+
+    /// Sends the chunk: each run of rows without a unique window or `replace` by the bulk insert,
+    /// each run of rows with either through `enqueue_job` one by one (still one statement).
+    fn flush(&mut self) -> Result<(), QueueError> {
+        let chunk = std::mem::take(&mut self.chunk);
+        self.chunk_bytes = 0;
         for run in chunk.chunk_by(|a, b| a.needs_function() == b.needs_function()) {
             let queues: Vec<&str> = run.iter().map(|r| r.queue.as_str()).collect();
             let tasks: Vec<&str> = run.iter().map(|r| r.task.as_str()).collect();
@@ -497,7 +592,7 @@ pub fn enqueue_many_counted(
             let delays: Vec<Option<f64>> = run.iter().map(|r| r.delay).collect();
             let attempts: Vec<i32> = run.iter().map(|r| r.max_attempts).collect();
             let keys: Vec<Option<&str>> = run.iter().map(|r| r.unique_key.as_deref()).collect();
-            let batches: Vec<Option<i64>> = vec![batch_id; run.len()];
+            let batches: Vec<Option<i64>> = vec![self.batch_id; run.len()];
             let mut params: Vec<&(dyn ToSql + Sync)> = vec![
                 &queues,
                 &tasks,
@@ -511,29 +606,53 @@ pub fn enqueue_many_counted(
             ];
             let windows: Vec<Option<f64>> = run.iter().map(|r| r.unique_for).collect();
             let replaces: Vec<bool> = run.iter().map(|r| r.replace).collect();
-            let first_time = || run.iter().find_map(|r| r.run_at.clone());
-            let (created, replaced) = if run[0].needs_function() {
+            let each = run[0].needs_function();
+            if each {
                 params.extend([&windows as &(dyn ToSql + Sync), &replaces]);
-                let row = tx
-                    .query_one(&each, &params)
-                    .map_err(|e| bad_time(e, &first_time()))?;
-                (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64)
-            } else {
-                let row = tx
-                    .query_one(&bulk, &params)
-                    .map_err(|e| bad_time(e, &first_time()))?;
-                (row.get::<_, i64>(0) as u64, 0)
-            };
-            counts.created += created;
-            counts.replaced += replaced;
-            counts.duplicate += run.len() as u64 - created - replaced;
+            }
+            let row = self
+                .tx
+                .query_one(if each { &self.each } else { &self.insert }, &params)
+                .map_err(|e| bad_time(e, &run.iter().find_map(|r| r.run_at.clone())))?;
+            let created = row.get::<_, i64>(0) as u64;
+            // The bulk insert never replaces: it answers only the jobs it created.
+            let replaced = if each { row.get::<_, i64>(1) as u64 } else { 0 };
+            self.counts.created += created;
+            self.counts.replaced += replaced;
+            self.counts.duplicate += run.len() as u64 - created - replaced;
         }
+        Ok(())
     }
-    if counts.created + counts.replaced > 0 {
-        tx.execute(&render(sql::NOTIFY, schema), &[&""])?;
+
+    /// Sends the last chunk, wakes the workers (on commit) and commits. Returns how many jobs
+    /// were created, how many were not because their unique key was taken, and how many waiting
+    /// jobs were replaced.
+    pub fn commit(mut self) -> Result<Counts, QueueError> {
+        self.flush()?;
+        if self.counts.created + self.counts.replaced > 0 {
+            self.tx
+                .execute(&render(sql::NOTIFY, &self.schema), &[&""])?;
+        }
+        self.tx.commit()?;
+        Ok(self.counts)
     }
-    tx.commit()?;
-    Ok(counts)
+}
+
+/// Inserts `jobs` (built in code, or read with [`JsonLines`]) in one transaction owned by
+/// `client` (which may itself be the caller's transaction) through a [`BulkInsert`]. Jobs whose
+/// unique key is taken are skipped. Returns how many were created.
+pub fn enqueue_many(
+    client: &mut impl GenericClient,
+    schema: &str,
+    limits: &Limits,
+    jobs: &[NewJob],
+    batch_id: Option<i64>,
+) -> Result<u64, QueueError> {
+    let mut bulk = BulkInsert::begin(client, schema, limits, batch_id)?;
+    for job in jobs {
+        bulk.push(job)?;
+    }
+    Ok(bulk.commit()?.created)
 }
 
 #[cfg(test)]

@@ -174,16 +174,22 @@ pub const RESCUE_EXPIRED: &str = "SELECT {s}.rescue_expired($1)";
 /// Folds old rows of the changes table into one.
 pub const COMPACT_CHANGES: &str = "SELECT {s}.compact_changes()";
 
-/// Deletes completed and cancelled jobs older than the retention, a bounded chunk at a time.
+/// Brings the archive's BRIN index up to date with the rows added since the last call (cheap:
+/// only new page ranges), so the purge below finds expired rows without scanning the rest.
+pub const SUMMARIZE_ARCHIVE: &str =
+    "SELECT brin_summarize_new_values('{s}.jobs_archive_finished_idx'::regclass)";
+
+/// Deletes completed and cancelled jobs older than the retention (`$1` seconds), at most `$2`.
 /// Children of open batches are kept: they are the rows the batch repair recomputes from.
 pub const PURGE_EXPIRED_ARCHIVE: &str = "
     DELETE FROM {s}.jobs_archive
-    WHERE id IN (SELECT a.id FROM {s}.jobs_archive a
-                 WHERE a.state <> 'failed' AND a.finished_at < now() - make_interval(secs => $1)
-                   AND (a.batch_id IS NULL
-                        OR NOT EXISTS (SELECT 1 FROM {s}.batches b
-                                       WHERE b.id = a.batch_id AND b.state = 'open'))
-                 LIMIT 10000)";
+    WHERE id = ANY(ARRAY(
+        SELECT a.id FROM {s}.jobs_archive a
+        WHERE a.state <> 'failed' AND a.finished_at < now() - make_interval(secs => $1)
+          AND (a.batch_id IS NULL
+               OR NOT EXISTS (SELECT 1 FROM {s}.batches b
+                              WHERE b.id = a.batch_id AND b.state = 'open'))
+        LIMIT $2))";
 
 /// Deletes unique windows that expired, a bounded chunk at a time (an enqueue of the key takes an
 /// expired window over anyway; this keeps keys that never come back from piling up).
@@ -195,7 +201,8 @@ pub const PURGE_EXPIRED_WINDOWS: &str = "
 /// Takes the maintenance lock for the rest of the transaction, if no one else holds it.
 pub const TRY_MAINTENANCE_LOCK: &str = "SELECT pg_try_advisory_xact_lock($1)";
 
-/// Counts jobs per queue and effective state (a due scheduled job counts as available).
+/// Counts live jobs per queue and effective state (a due scheduled job counts as available), and
+/// the failed and cancelled jobs of the archive (through their partial index).
 pub const STATUS_COUNTS: &str = "
     SELECT queue,
            CASE WHEN state IN ('scheduled', 'retryable') AND run_at <= now() THEN 'available'
@@ -203,7 +210,12 @@ pub const STATUS_COUNTS: &str = "
            count(*)
     FROM {s}.jobs GROUP BY 1, 2
     UNION ALL
-    SELECT queue, state, count(*) FROM {s}.jobs_archive GROUP BY 1, 2";
+    SELECT queue, state, count(*) FROM {s}.jobs_archive WHERE state <> 'completed' GROUP BY 1, 2";
+
+/// Counts the completed jobs the archive still holds, per queue: a scan of the whole archive,
+/// so only `forkq status` asks for it, never a metrics scrape.
+pub const COMPLETED_COUNTS: &str = "
+    SELECT queue, count(*) FROM {s}.jobs_archive WHERE state = 'completed' GROUP BY 1";
 
 /// The age in seconds of the oldest job that could run now, per queue.
 pub const OLDEST_AVAILABLE: &str = "
@@ -222,11 +234,6 @@ pub const CANCEL: &str = "SELECT {s}.cancel($1, $2)";
 /// Retries a failed or cancelled job (see `retry` in the migration).
 pub const RETRY: &str = "SELECT {s}.retry($1)";
 
-/// Retries every failed job of a queue; returns how many moved.
-pub const RETRY_FAILED_IN_QUEUE: &str = "
-    SELECT count(*) FILTER (WHERE {s}.retry(id))
-    FROM (SELECT id FROM {s}.jobs_archive WHERE queue = $1 AND state = 'failed' ORDER BY id) f";
-
 /// Readiness: the database answers and the schema is at the version the code expects.
 pub const SCHEMA_VERSION: &str = "SELECT coalesce(max(version), 0) FROM {s}.schema_migrations";
 
@@ -242,11 +249,12 @@ pub const BATCH_STATUS: &str = "
            completion_job_id, created_at::text, finished_at::text
     FROM {s}.batches WHERE id = $1";
 
-/// The newest batches, optionally in one state.
+/// The newest batches, optionally in one state, below id `$3` (keyset paging; null: from the
+/// newest).
 pub const BATCH_LIST: &str = "
     SELECT id, queue, state, total, pending, succeeded, failed, cancelled, fail_fast,
            completion_job_id, created_at::text, finished_at::text
-    FROM {s}.batches WHERE $1::text IS NULL OR state = $1
+    FROM {s}.batches WHERE ($1::text IS NULL OR state = $1) AND id < coalesce($3, 9223372036854775807)
     ORDER BY id DESC LIMIT $2";
 
 /// Cancels a batch (see `batch_cancel` in the migration).
@@ -274,3 +282,175 @@ pub const SCHEDULE_FIRE: &str = "
 
 /// Enqueues one run of a schedule now; answers the job id, null when there is no such schedule.
 pub const SCHEDULE_RUN: &str = "SELECT {s}.schedule_run($1)";
+
+/// One keyset page of the job browser over one table, newest first: `{walk}` picks at most `$2`
+/// candidate rows below id `$1` by walking an index in id order (one of the `BROWSE_*_WALK`
+/// statements), and the filters `$4` queue, `$5` task, `$6` state (null: any) keep the first
+/// `$3` of them as JSON objects. The walk stops as soon as the page is full, so a page's cost is
+/// bounded by the walk whatever the filters match, and small when they match often.
+pub const BROWSE_PAGE: &str = "
+    SELECT to_jsonb(w) FROM ({walk}) w
+    WHERE ($4::text IS NULL OR w.queue = $4) AND ($5::text IS NULL OR w.task = $5)
+      AND ($6::text IS NULL OR w.state = $6)
+    ORDER BY w.id DESC LIMIT $3";
+
+/// How far a walk reaches (the rows it examines, and the lowest id among them), for a page that
+/// the filters did not fill; sent with [`BROWSE_PAGE`]'s parameters, typed.
+pub const BROWSE_EXTENT: &str = "SELECT count(*), min(w.id) FROM ({walk}) w";
+
+/// The browser's walk of the hot table: its primary key, newest first. A due scheduled or
+/// retryable job shows as available, as in `forkq status`.
+pub const BROWSE_LIVE_WALK: &str = "
+    SELECT j.id, j.queue, j.task,
+           CASE WHEN j.state IN ('scheduled', 'retryable') AND j.run_at <= now() THEN 'available'
+                ELSE j.state END AS state,
+           j.attempt, j.max_attempts, j.created_at, j.run_at AS at, left(j.last_error, 300) AS error,
+           j.batch_id
+    FROM {s}.jobs j WHERE j.id < $1 ORDER BY j.id DESC LIMIT $2";
+
+/// The browser's walk of the archive: the primary key, or with [`BROWSE_DEAD_ONLY`] the
+/// dead-letter index (and with [`BROWSE_DEAD_QUEUE`] its per-queue twin), newest first. Only
+/// index columns narrow the walk, so it examines exactly the rows it counts.
+pub const BROWSE_ARCHIVE_WALK: &str = "
+    SELECT a.id, a.queue, a.task, a.state, a.attempt, a.max_attempts, a.created_at,
+           a.finished_at AS at, left(a.last_error, 300) AS error, a.batch_id
+    FROM {s}.jobs_archive a WHERE a.id < $1 {dead} ORDER BY a.id DESC LIMIT $2";
+
+/// Narrows the archive walk to the dead letter (the filter then picks failed or cancelled).
+pub const BROWSE_DEAD_ONLY: &str = "AND a.state <> 'completed'";
+
+/// Narrows a dead-letter walk to queue `$4` (served by `jobs_archive_dead_queue_idx`).
+pub const BROWSE_DEAD_QUEUE: &str = "AND a.queue = $4";
+
+/// The ids of dead-lettered jobs (failed or cancelled, `$4` one of them or null for both)
+/// matching the browser's filters, above id `$1`, oldest first, at most `$5`: the chunks of a bulk
+/// retry, and (with a large `$5`) the count it confirms.
+pub const DEAD_IDS: &str = "
+    SELECT a.id FROM {s}.jobs_archive a
+    WHERE a.state <> 'completed' AND a.id > $1
+      AND ($2::text IS NULL OR a.queue = $2) AND ($3::text IS NULL OR a.task = $3)
+      AND ($4::text IS NULL OR a.state = $4)
+    ORDER BY a.id LIMIT $5";
+
+/// The ids of live jobs matching the browser's filters (`$4` an effective state or null), above
+/// id `$1`, oldest first, at most `$5`: the chunks of a bulk cancel.
+pub const LIVE_IDS: &str = "
+    SELECT j.id FROM {s}.jobs j
+    WHERE j.id > $1 AND ($2::text IS NULL OR j.queue = $2) AND ($3::text IS NULL OR j.task = $3)
+      AND ($4::text IS NULL
+           OR $4 = CASE WHEN j.state IN ('scheduled', 'retryable') AND j.run_at <= now()
+                        THEN 'available' ELSE j.state END)
+    ORDER BY j.id LIMIT $5";
+
+/// Retries the given dead-lettered jobs; returns how many moved.
+pub const RETRY_MANY: &str =
+    "SELECT count(*) FILTER (WHERE {s}.retry(id)) FROM unnest($1::bigint[]) id";
+
+/// Cancels the given live jobs; returns how many were cancelled or marked.
+pub const CANCEL_MANY: &str = "
+    SELECT count(*) FILTER (WHERE {s}.cancel(id, $2) IN ('cancelled', 'cancelling'))
+    FROM unnest($1::bigint[]) id";
+
+/// Deletes one dead-lettered job for good, unless it is a child of an open batch (whose counters
+/// are recomputed from its children's rows); returns its id when it was deleted.
+pub const DISCARD: &str = "
+    DELETE FROM {s}.jobs_archive a
+    WHERE a.id = $1 AND a.state <> 'completed'
+      AND (a.batch_id IS NULL
+           OR NOT EXISTS (SELECT 1 FROM {s}.batches b WHERE b.id = a.batch_id AND b.state = 'open'))
+    RETURNING a.id";
+
+/// Records one daemon boot in the hosts table (see `hosts` in migration 003); a row pruned while
+/// its host lived is written again.
+pub const HOST_UPSERT: &str = "
+    INSERT INTO {s}.hosts AS h (boot, host, lease_prefix, pid, version, queues, concurrency, alive,
+                                busy, crash_looping, slots, succeeded, failed, jobs_per_second,
+                                interval_seconds, holds_lock, lock_key, stopping, started_at,
+                                last_seen)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
+            to_timestamp($19), now())
+    ON CONFLICT (boot) DO UPDATE
+    SET queues = excluded.queues, concurrency = excluded.concurrency, alive = excluded.alive,
+        busy = excluded.busy, crash_looping = excluded.crash_looping, slots = excluded.slots,
+        succeeded = excluded.succeeded, failed = excluded.failed,
+        jobs_per_second = excluded.jobs_per_second, interval_seconds = excluded.interval_seconds,
+        holds_lock = excluded.holds_lock, stopping = excluded.stopping, last_seen = now()";
+
+/// Deletes the rows of hosts not seen for `$1` seconds.
+pub const HOST_PRUNE: &str = "
+    DELETE FROM {s}.hosts WHERE last_seen < now() - make_interval(secs => $1)";
+
+/// Every recorded host, newest boot first within a host, with the seconds since it was seen.
+pub const HOSTS_LIST: &str = "
+    SELECT boot, host, pid, version, queues, concurrency, alive, busy, crash_looping, slots,
+           succeeded, failed, jobs_per_second, interval_seconds, stopping, started_at::text,
+           last_seen::text, extract(epoch FROM now() - last_seen)::float8, released_at::text
+    FROM {s}.hosts ORDER BY host, started_at DESC";
+
+/// Takes this boot's shared session lock (see `expire_gone_hosts` in migration 003); every
+/// connection of the boot holds it until it closes.
+pub const HOLD_BOOT_LOCK: &str = "SELECT pg_advisory_lock_shared($1)";
+
+/// Expires the leases of hosts that are provably gone (see `expire_gone_hosts`).
+pub const EXPIRE_GONE_HOSTS: &str = "SELECT boot, host, expired FROM {s}.expire_gone_hosts($1)";
+
+/// How long the server takes at least to close the session of a client that vanished from the
+/// network (TCP keepalive: idle + interval x count, cut short by tcp_user_timeout); idle reads 0
+/// on a Unix socket, where a vanished client is impossible.
+pub const DEAD_CLIENT_SECONDS: &str = "
+    SELECT CASE WHEN idle = 0 THEN NULL
+                ELSE idle + CASE WHEN user_timeout > 0 THEN least(user_timeout / 1000.0, probes)
+                                 ELSE probes END
+           END::float8
+    FROM (SELECT (SELECT setting::int FROM pg_settings WHERE name = 'tcp_keepalives_idle') AS idle,
+                 (SELECT setting::int FROM pg_settings WHERE name = 'tcp_keepalives_interval')
+                 * (SELECT setting::int FROM pg_settings WHERE name = 'tcp_keepalives_count')
+                     AS probes,
+                 (SELECT setting::int FROM pg_settings WHERE name = 'tcp_user_timeout')
+                     AS user_timeout) s";
+
+/// The dashboard's queue page: per queue, the live jobs by effective state and the age of the
+/// oldest runnable one (the hot table is small by design), the dead letter counted up to `$1`
+/// jobs (through its partial index, never the archive's bulk), and the hosts serving it now
+/// (seen within `$2` intervals). Queues are those with live jobs, dead-lettered jobs or a host
+/// (the dead letter's queue names come from a loose index scan), at most `$3` of them.
+pub const QUEUE_OVERVIEW: &str = "
+    WITH RECURSIVE dead_names AS (
+        (SELECT a.queue FROM {s}.jobs_archive a WHERE a.state <> 'completed'
+         ORDER BY a.queue LIMIT 1)
+        UNION ALL
+        SELECT (SELECT a.queue FROM {s}.jobs_archive a
+                WHERE a.state <> 'completed' AND a.queue > d.queue ORDER BY a.queue LIMIT 1)
+        FROM dead_names d WHERE d.queue IS NOT NULL
+    ), live AS (
+        SELECT j.queue,
+               count(*) FILTER (WHERE j.state <> 'running' AND j.run_at <= now()) AS available,
+               count(*) FILTER (WHERE j.state = 'scheduled' AND j.run_at > now()) AS scheduled,
+               count(*) FILTER (WHERE j.state = 'running') AS running,
+               count(*) FILTER (WHERE j.state = 'retryable' AND j.run_at > now()) AS retryable,
+               extract(epoch FROM now() - min(j.run_at)
+                   FILTER (WHERE j.state <> 'running' AND j.run_at <= now()))::float8 AS oldest
+        FROM {s}.jobs j GROUP BY j.queue
+    ), serving AS (
+        SELECT q.queue, count(*) AS hosts
+        FROM {s}.hosts h, unnest(h.queues) AS q(queue)
+        WHERE h.last_seen > now() - make_interval(secs => h.interval_seconds * $2::float8)
+        GROUP BY q.queue
+    ), names AS (
+        SELECT queue FROM live UNION SELECT queue FROM dead_names WHERE queue IS NOT NULL
+        UNION SELECT queue FROM serving
+    )
+    SELECT n.queue, coalesce(l.available, 0), coalesce(l.scheduled, 0), coalesce(l.running, 0),
+           coalesce(l.retryable, 0), coalesce(l.oldest, 0), d.failed, d.cancelled, d.capped,
+           coalesce(s.hosts, 0)
+    FROM (SELECT queue FROM names ORDER BY queue LIMIT $3::bigint) n
+    LEFT JOIN live l ON l.queue = n.queue
+    LEFT JOIN serving s ON s.queue = n.queue
+    CROSS JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE x.state = 'failed') AS failed,
+               count(*) FILTER (WHERE x.state = 'cancelled') AS cancelled,
+               count(*) > $1::bigint AS capped
+        FROM (SELECT a.state FROM {s}.jobs_archive a
+              WHERE a.queue = n.queue AND a.state <> 'completed' LIMIT $1::bigint + 1) x
+    ) d
+    ORDER BY n.queue";

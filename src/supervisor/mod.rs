@@ -22,7 +22,10 @@ use nix::unistd::{fork, ForkResult, Pid};
 use crate::child::{self, ChildSpec, Predecessor};
 use crate::config::{Config, EX_CONFIG, MAX_CONCURRENCY};
 use crate::handler::Handler;
+use crate::host;
+use crate::logging::{self, Role};
 use crate::probe;
+use crate::proctitle;
 use crate::queue;
 use crate::queue::consumer::Consumer;
 use crate::slots::{monotonic_ms, SlotState, SlotTable};
@@ -37,6 +40,8 @@ pub const EXIT_CRASH_LOOP: i32 = 70;
 /// Exit code for start-up failures other than configuration (bind, fork, shared memory).
 pub const EXIT_STARTUP: i32 = 1;
 
+/// How long a stopping probe may take to record the host as stopped before it is killed.
+const PROBE_STOP_GRACE: Duration = Duration::from_millis(500);
 /// How long the probe waits before a re-fork after it died.
 const PROBE_RESTART_DELAY: Duration = Duration::from_millis(200);
 /// Grace between the SIGTERM and the SIGKILL of a child whose job exceeded its timeout.
@@ -99,6 +104,9 @@ impl<'f> Supervisor<'f> {
             );
             return Err(EXIT_STARTUP);
         }
+        // While the process has one thread: the title area is prepared before anything forks.
+        proctitle::init();
+        logging::set_role(Role::Supervisor);
         let table = SlotTable::create_shared().map_err(|e| {
             log::error!("cannot create the shared slot table: {e}");
             EXIT_STARTUP
@@ -121,19 +129,16 @@ impl<'f> Supervisor<'f> {
             .header
             .concurrency
             .store(config.concurrency as u32, Ordering::Release);
-        let started = std::time::SystemTime::now()
+        let now = Instant::now();
+        let boot = fastrand::u64(..);
+        table.header.boot.store(boot, Ordering::Release);
+        let since_epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+            .unwrap_or_default();
         table
             .header
             .started_unix_ms
-            .store(started, Ordering::Release);
-        let now = Instant::now();
-        let host = nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_else(|| "localhost".into());
-        let boot = format!("{:016x}", fastrand::u64(..));
+            .store(since_epoch.as_millis() as u64, Ordering::Release);
         let watchdog = std::env::var("WATCHDOG_USEC")
             .ok()
             .and_then(|v| v.parse::<u64>().ok())
@@ -154,7 +159,7 @@ impl<'f> Supervisor<'f> {
             listener,
             signals,
             supervisor_pid: nix::unistd::getpid(),
-            lease_prefix: format!("{host}/{boot}"),
+            lease_prefix: host::lease_prefix(&host::hostname(), boot),
             probe_pid: None,
             probe_restart_at: None,
             shutdown: None,
@@ -517,7 +522,7 @@ impl<'f> Supervisor<'f> {
     /// The prefix of every lease owner slot `index` had in this boot: a successor releases all
     /// of them, in case a predecessor died before releasing its own predecessor's jobs.
     fn slot_owner_prefix(&self, index: usize) -> String {
-        format!("{}/{index}/", self.lease_prefix)
+        format!("{}{index}/", self.lease_prefix)
     }
 
     /// Forks a child into slot `index`. The previous occupant (if any) is described to the new
@@ -577,7 +582,8 @@ impl<'f> Supervisor<'f> {
     /// The first steps of a forked process, shared by children and the probe: drop everything of
     /// the supervisor's that must not survive the fork, install the process's own handlers, and
     /// only then take the signals that arrived meanwhile.
-    fn detach_from_supervisor(&self) {
+    fn detach_from_supervisor(&self, role: Role) {
+        logging::set_role(role);
         self.signals.forget_in_child();
         std::env::remove_var("NOTIFY_SOCKET");
         std::env::remove_var("WATCHDOG_USEC");
@@ -598,7 +604,7 @@ impl<'f> Supervisor<'f> {
         predecessor: Option<Predecessor>,
         recycle_after_jobs: Option<u64>,
     ) -> i32 {
-        self.detach_from_supervisor();
+        self.detach_from_supervisor(Role::Child(index));
         // SAFETY: the health listener belongs to the probe; this process never uses it.
         unsafe { libc::close(self.listener.as_raw_fd()) };
         let mut handler = (self.factory)(&self.config);
@@ -618,7 +624,7 @@ impl<'f> Supervisor<'f> {
     fn fork_probe(&mut self) -> nix::Result<()> {
         match self.fork()? {
             ForkResult::Child => {
-                self.detach_from_supervisor();
+                self.detach_from_supervisor(Role::Probe);
                 let code = probe::serve(&self.listener, self.table, &self.config);
                 std::process::exit(code);
             }
@@ -752,6 +758,7 @@ impl<'f> Supervisor<'f> {
             return;
         }
         let release = || {
+            logging::set_role(Role::Releaser);
             self.signals.forget_in_child();
             let mut consumer = match Consumer::connect(&self.config, "forkq shutdown") {
                 Ok(c) => c,
@@ -780,11 +787,23 @@ impl<'f> Supervisor<'f> {
         }
     }
 
+    /// Asks the probe to stop (its presence service then records this host as stopped) and
+    /// kills it if it has not exited within [`PROBE_STOP_GRACE`].
     fn stop_probe(&mut self) {
-        if let Some(pid) = self.probe_pid {
-            let _ = kill(pid, Signal::SIGKILL);
-            let _ = waitpid(pid, None);
-            self.probe_pid = None;
+        if let Some(pid) = self.probe_pid.take() {
+            let _ = kill(pid, Signal::SIGTERM);
+            let until = Instant::now() + PROBE_STOP_GRACE;
+            while matches!(
+                waitpid(pid, Some(WaitPidFlag::WNOHANG)),
+                Ok(WaitStatus::StillAlive)
+            ) {
+                if Instant::now() >= until {
+                    let _ = kill(pid, Signal::SIGKILL);
+                    let _ = waitpid(pid, None);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
     }
 
@@ -871,7 +890,10 @@ fn preflight(config: &Config) -> Result<(), i32> {
     match run_forked(
         "the start-up database check",
         Duration::from_secs(30),
-        check,
+        || {
+            logging::set_role(Role::Preflight);
+            check()
+        },
     ) {
         Some(0) => Ok(()),
         Some(code) => Err(code),
@@ -917,8 +939,16 @@ fn run_forked(what: &str, limit: Duration, work: impl FnOnce() -> i32) -> Option
                 let _ = waitpid(child, None);
                 return None;
             }
-            other => {
-                log::error!("{what} died: {other:?}");
+            Ok(WaitStatus::Signaled(_, signal, _)) => {
+                log::error!("{what} was killed by {signal}");
+                return None;
+            }
+            Err(e) => {
+                log::error!("cannot wait for {what}: {e}");
+                return None;
+            }
+            Ok(_) => {
+                log::error!("{what} was stopped or traced instead of finishing");
                 return None;
             }
         }

@@ -13,29 +13,32 @@ use crate::sys;
 /// so the same partial index serves it.
 const PICK: &str = "SELECT id FROM {s}.jobs
     WHERE queue = 'default' AND state = 'available'
-    ORDER BY priority, run_at, id LIMIT $1 FOR UPDATE SKIP LOCKED";
+    ORDER BY priority, run_at, id LIMIT $5 FOR UPDATE SKIP LOCKED";
 
-/// The baselines of the issue.
-#[derive(Clone, Copy, Debug)]
-pub enum Baseline {
-    /// (a) claim 100 per statement (UPDATE … SKIP LOCKED, setting a lease as forkq does), then
-    /// delete them in one statement: two autocommit statements per 100 jobs.
-    Batch100,
-    /// (b) claim and delete one job per commit: `DELETE … WHERE id = (pick 1) RETURNING`.
-    OneCommitDelete,
-    /// (c) ack the previous job (delete, insert into the archive) and claim the next in one
-    /// statement: one commit per job, the same work as forkq's durable mode with retention.
-    OneCommitArchive,
+/// The baselines of the issue: plain SQL loops doing forkq's work, each round one statement that
+/// acknowledges the previous round's jobs (fenced by their lease token) and claims the next ones
+/// (setting a lease), with `synchronous_commit = on`. What an engineer would write by hand.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Baseline {
+    /// Jobs claimed (and so acknowledged) per round: 100, or 1 for one commit per job.
+    pub batch: usize,
+    /// Whether acknowledged jobs move into the archive (forkq's default retention) or are
+    /// deleted (retention 0).
+    pub archive: bool,
 }
 
 impl Baseline {
     /// The row label.
-    pub fn label(self) -> &'static str {
-        match self {
-            Baseline::Batch100 => "raw (a): claim 100/stmt + delete 100/stmt",
-            Baseline::OneCommitDelete => "raw (b): claim+delete 1 job per commit",
-            Baseline::OneCommitArchive => "raw (c): ack prev (archive) + claim next, 1 stmt/commit",
-        }
+    pub fn label(self) -> String {
+        format!(
+            "raw: ack previous {n} ({how}) + claim next {n}, 1 statement, sync commit",
+            n = self.batch,
+            how = if self.archive {
+                "into the archive"
+            } else {
+                "delete"
+            }
+        )
     }
 }
 
@@ -63,9 +66,10 @@ pub fn run(url: &str, baseline: Baseline, n: usize) -> BenchResult<RawResult> {
         let barrier = Arc::clone(&barrier);
         threads.push(std::thread::spawn(move || -> BenchResult<(u64, f64)> {
             let owner = format!("raw-{worker}");
-            let mut loop_ = Loop::prepare(&mut client, &schema, baseline)?;
+            client.batch_execute("SET synchronous_commit = on")?;
+            let round = client.prepare(&schema.sql(&statement(baseline)))?;
             barrier.wait();
-            let done = loop_.drain(&mut client, &owner)?;
+            let done = drain(&mut client, &round, baseline.batch, &owner)?;
             // Read while the connection (and so its backend) is still alive.
             Ok((done, sys::cpu_seconds(backend)))
         }));
@@ -90,100 +94,47 @@ pub fn run(url: &str, baseline: Baseline, n: usize) -> BenchResult<RawResult> {
     })
 }
 
-/// One connection's prepared statements for a baseline.
-struct Loop {
-    baseline: Baseline,
-    first: postgres::Statement,
-    second: Option<postgres::Statement>,
+/// The baseline's one statement: `$1` the previous round's ids, `$2` their lease token, `$3` the
+/// owner, `$4` this round's lease token, `$5` the batch size.
+fn statement(baseline: Baseline) -> String {
+    let archive = if baseline.archive {
+        "INSERT INTO {s}.jobs_archive (id, queue, task, payload, priority, state, attempt,
+                                       max_attempts, unique_key, batch_id, created_at)
+         SELECT id, queue, task, payload, priority, 'completed', attempt, max_attempts,
+                unique_key, batch_id, created_at FROM done"
+    } else {
+        "SELECT 1"
+    };
+    format!(
+        "WITH done AS (
+             DELETE FROM {{s}}.jobs WHERE id = ANY($1) AND lease_token = $2 RETURNING *
+         ), archived AS ({archive})
+         UPDATE {{s}}.jobs SET state = 'running', attempt = attempt + 1, lease_owner = $3,
+                lease_token = $4, lease_expires_at = now() + interval '30 seconds'
+         WHERE id = ANY(ARRAY({PICK}))
+         RETURNING id, payload"
+    )
 }
 
-impl Loop {
-    fn prepare(
-        client: &mut postgres::Client,
-        schema: &BenchSchema,
-        baseline: Baseline,
-    ) -> BenchResult<Loop> {
-        let claim = format!(
-            "UPDATE {{s}}.jobs j SET state = 'running', attempt = j.attempt + 1,
-                 lease_owner = $2, lease_token = (random() * 9.2e18)::bigint,
-                 lease_expires_at = now() + interval '30 seconds'
-             FROM ({PICK}) p WHERE j.id = p.id
-             RETURNING j.id, j.lease_token, j.payload"
-        );
-        let (first, second) = match baseline {
-            Baseline::Batch100 => (
-                client.prepare(&schema.sql(&claim))?,
-                Some(client.prepare(&schema.sql("DELETE FROM {s}.jobs WHERE id = ANY($1)"))?),
-            ),
-            Baseline::OneCommitDelete => (
-                client.prepare(&schema.sql(&format!(
-                    "DELETE FROM {{s}}.jobs WHERE id = ({PICK}) RETURNING id, payload"
-                )))?,
-                None,
-            ),
-            Baseline::OneCommitArchive => (
-                client.prepare(&schema.sql(&format!(
-                    "WITH done AS (
-                         DELETE FROM {{s}}.jobs WHERE id = $3 AND lease_token = $4 RETURNING *
-                     ), archived AS (
-                         INSERT INTO {{s}}.jobs_archive (id, queue, task, payload, priority, state,
-                             attempt, max_attempts, unique_key, batch_id, created_at)
-                         SELECT id, queue, task, payload, priority, 'completed', attempt,
-                                max_attempts, unique_key, batch_id, created_at FROM done
-                     ), claimed AS ({})
-                     SELECT id, lease_token FROM claimed",
-                    claim.replace(
-                        "RETURNING j.id, j.lease_token, j.payload",
-                        "RETURNING j.id, j.lease_token"
-                    )
-                )))?,
-                None,
-            ),
-        };
-        Ok(Loop {
-            baseline,
-            first,
-            second,
-        })
-    }
-
-    /// Runs until the queue is empty; returns the jobs this connection completed.
-    fn drain(&mut self, client: &mut postgres::Client, owner: &str) -> BenchResult<u64> {
-        let mut done = 0u64;
-        match self.baseline {
-            Baseline::Batch100 => loop {
-                let rows = client.query(&self.first, &[&100i64, &owner])?;
-                if rows.is_empty() {
-                    return Ok(done);
-                }
-                let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-                let complete = self.second.as_ref().expect("prepared above");
-                done += client.execute(complete, &[&ids])?;
-            },
-            Baseline::OneCommitDelete => loop {
-                if client.query_opt(&self.first, &[&1i64])?.is_none() {
-                    return Ok(done);
-                }
-                done += 1;
-            },
-            Baseline::OneCommitArchive => {
-                let (mut prev, mut token) = (0i64, 0i64);
-                loop {
-                    let rows = client.query(&self.first, &[&1i64, &owner, &prev, &token])?;
-                    match rows.first() {
-                        Some(row) => {
-                            if prev != 0 {
-                                done += 1;
-                            }
-                            prev = row.get(0);
-                            token = row.get(1);
-                        }
-                        // The final ack went with the claim that found nothing.
-                        None => return Ok(done + u64::from(prev != 0)),
-                    }
-                }
-            }
+/// Runs rounds until one claims nothing (its acknowledgements still go through); returns the
+/// jobs this connection completed.
+fn drain(
+    client: &mut postgres::Client,
+    round: &postgres::Statement,
+    batch: usize,
+    owner: &str,
+) -> BenchResult<u64> {
+    let (mut done, mut previous, mut token) = (0u64, Vec::<i64>::new(), 0i64);
+    let batch = batch as i64;
+    loop {
+        let next_token = fastrand::i64(..);
+        let rows = client.query(round, &[&previous, &token, &owner, &next_token, &batch])?;
+        done += previous.len() as u64;
+        if rows.is_empty() {
+            return Ok(done);
         }
+        previous = rows.iter().map(|r| r.get(0)).collect();
+        token = next_token;
     }
 }
 

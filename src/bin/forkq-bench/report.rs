@@ -1,4 +1,4 @@
-//! The result table and BENCHMARKS.md.
+//! The result table and docs/benchmarks.md.
 
 use std::fmt::Write as _;
 
@@ -68,7 +68,7 @@ pub fn verdict(met: bool) -> &'static str {
     }
 }
 
-/// BENCHMARKS.md: machine, server settings, date, the table and how it was measured.
+/// docs/benchmarks.md: machine, server settings, date, the table and how it was measured.
 pub fn document(
     date: &str,
     machine: &[(String, String)],

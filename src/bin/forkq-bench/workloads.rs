@@ -43,7 +43,46 @@ impl Drain {
     }
 }
 
-/// One drain: `fleets` daemons (their concurrency each) on one schema holding `n` jobs.
+/// Rows that crowd the tables around the jobs a drain runs: never claimed, never purged.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Crowd {
+    /// Jobs in the drained queue scheduled for tomorrow.
+    pub scheduled: usize,
+    /// Completed jobs in the archive.
+    pub archived: usize,
+}
+
+impl Crowd {
+    /// Adds the rows to `schema` (one statement each, then ANALYZE).
+    fn fill(self, schema: &BenchSchema) -> BenchResult<()> {
+        if self.scheduled == 0 && self.archived == 0 {
+            return Ok(());
+        }
+        let mut client = connect(&schema.url, "forkq-bench")?;
+        client.execute(
+            &schema.sql(
+                "INSERT INTO {s}.jobs (queue, task, payload, priority, state, run_at)
+                 SELECT 'default', 'noop', '{}', -1, 'scheduled', now() + interval '1 day'
+                 FROM generate_series(1, $1)",
+            ),
+            &[&(self.scheduled as i32)],
+        )?;
+        client.execute(
+            &schema.sql(
+                "INSERT INTO {s}.jobs_archive (id, queue, task, payload, priority, state, attempt,
+                                               max_attempts, created_at, finished_at)
+                 SELECT -g, 'default', 'noop', '{}', 0, 'completed', 1, 25, now(), now()
+                 FROM generate_series(1, $1) g",
+            ),
+            &[&(self.archived as i32)],
+        )?;
+        client.batch_execute(&schema.sql("ANALYZE {s}.jobs; ANALYZE {s}.jobs_archive"))?;
+        Ok(())
+    }
+}
+
+/// One drain: `fleets` daemons (their concurrency each) on one schema holding `n` jobs, and
+/// `crowd` around them.
 pub fn drain(
     ctx: &Ctx,
     label: &str,
@@ -51,8 +90,10 @@ pub fn drain(
     job: (&str, Value),
     fleets: &[usize],
     extra: &[(&str, String)],
+    crowd: Crowd,
 ) -> BenchResult<Drain> {
     let schema = BenchSchema::new(&ctx.url, label)?;
+    crowd.fill(&schema)?;
     schema.fill(n, job.0, &job.1)?;
     let mut monitor = connect(&ctx.url, "forkq-bench monitor")?;
     let timeout = Duration::from_secs(60 + n as u64 / 500);
@@ -89,7 +130,7 @@ pub fn drain(
         std::thread::sleep(Duration::from_millis(10));
     }
     // Every handler finished; the last acknowledgements may still be on their way.
-    while !schema.is_empty(&mut monitor)? {
+    while !schema.is_drained(&mut monitor)? {
         if started.elapsed() > timeout {
             return Err("jobs were run but never acknowledged".into());
         }
@@ -359,5 +400,128 @@ pub fn idle(ctx: &Ctx, seconds: f64) -> BenchResult<Idle> {
         pg_cpu_pct: (p1 - p0) * 100.0 / window,
         per_process,
         memory,
+    })
+}
+
+/// Fast jobs around a slow one: how late the fast ones finish.
+pub struct Mixed {
+    /// Fast jobs that finished more than a second after the slow one started.
+    pub late: usize,
+    /// The fast jobs.
+    pub fast: usize,
+    /// The latest a fast job finished after the slow one started, seconds.
+    pub worst_s: f64,
+}
+
+/// Two children; `before` noops, one 10 s sleep, `after` noops, enqueued in that order in one
+/// transaction: every noop should be done long before the sleep ends.
+pub fn mixed(ctx: &Ctx, before: usize, after: usize) -> BenchResult<Mixed> {
+    let schema = BenchSchema::new(&ctx.url, "mixed")?;
+    let mut client = connect(&ctx.url, "forkq-bench")?;
+    client.batch_execute(&schema.sql(&format!(
+        "BEGIN;
+         INSERT INTO {{s}}.jobs (queue, task, payload)
+             SELECT 'default', 'noop', '{{}}' FROM generate_series(1, {before});
+         INSERT INTO {{s}}.jobs (queue, task, payload) VALUES ('default', 'sleep', '{{\"ms\": 10000}}');
+         INSERT INTO {{s}}.jobs (queue, task, payload)
+             SELECT 'default', 'noop', '{{}}' FROM generate_series(1, {after});
+         COMMIT; ANALYZE {{s}}.jobs;"
+    )))?;
+    let _daemon = Daemon::spawn(&ctx.programs, Program::Forkq, &schema, 2, &[])?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !schema.is_drained(&mut client)? {
+        if Instant::now() > deadline {
+            return Err("the mixed workload did not finish within 60 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let row = client.query_one(
+        &schema.sql(
+            "WITH slow AS (SELECT finished_at - interval '10 seconds' AS started
+                           FROM {s}.jobs_archive WHERE task = 'sleep')
+             SELECT count(*) FILTER (WHERE a.finished_at > slow.started + interval '1 second'),
+                    count(*),
+                    coalesce(extract(epoch FROM max(a.finished_at) - slow.started), 0)::float8
+             FROM {s}.jobs_archive a, slow WHERE a.task = 'noop' GROUP BY slow.started",
+        ),
+        &[],
+    )?;
+    Ok(Mixed {
+        late: row.get::<_, i64>(0) as usize,
+        fast: row.get::<_, i64>(1) as usize,
+        worst_s: row.get(2),
+    })
+}
+
+/// A soak: producers keep the backlog full while 2 children drain it.
+pub struct Soak {
+    /// Completions per second in each minute (the last one possibly shorter).
+    pub per_minute: Vec<f64>,
+    /// Hot table and archive sizes at the end, bytes (with indexes).
+    pub hot_bytes: i64,
+    /// The archive's size at the end, bytes (with indexes).
+    pub archive_bytes: i64,
+    /// Rows in the hot table at the end.
+    pub hot_rows: i64,
+}
+
+/// Drains for `seconds` while a producer tops the backlog up to `backlog` waiting jobs in
+/// chunks of 10k (default retention, so every completed job is archived).
+pub fn soak(ctx: &Ctx, url: &str, seconds: u64, backlog: i64) -> BenchResult<Soak> {
+    let schema = BenchSchema::new(url, "soak")?;
+    schema.fill(backlog as usize, "noop", &json!({}))?;
+    let daemon = Daemon::spawn(&ctx.programs, Program::Forkq, &schema, 2, &[])?;
+    let mut producer = connect(url, "forkq-bench producer")?;
+    let top_up = schema.sql(
+        "WITH n AS (SELECT count(*) AS waiting FROM {s}.jobs WHERE state = 'available')
+         INSERT INTO {s}.jobs (queue, task, payload)
+         SELECT 'default', 'noop', '{}' FROM n, generate_series(1, 10000)
+         WHERE n.waiting < $1",
+    );
+    let notify = schema.sql("SELECT pg_notify('forkq_' || $1, 'default')");
+    let started = Instant::now();
+    let mut marks = vec![(0.0, 0u64)];
+    let mut last_mark = Instant::now();
+    while started.elapsed() < Duration::from_secs(seconds) {
+        let mut tx = producer.transaction()?;
+        let added = tx.execute(&top_up, &[&backlog])?;
+        if added > 0 {
+            tx.execute(&notify, &[&schema.name])?;
+        }
+        tx.commit()?;
+        if added == 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if last_mark.elapsed() >= Duration::from_secs(60) {
+            last_mark = Instant::now();
+            marks.push((
+                started.elapsed().as_secs_f64(),
+                daemon.succeeded().unwrap_or(0),
+            ));
+        }
+    }
+    marks.push((
+        started.elapsed().as_secs_f64(),
+        daemon.succeeded().unwrap_or(0),
+    ));
+    let per_minute = marks
+        .windows(2)
+        .map(|w| (w[1].1 - w[0].1) as f64 / (w[1].0 - w[0].0))
+        .collect();
+    let mut size = |rel: &str| -> BenchResult<i64> {
+        Ok(producer
+            .query_one(
+                "SELECT pg_total_relation_size($1::regclass)",
+                &[&format!("\"{}\".{rel}", schema.name)],
+            )?
+            .get(0))
+    };
+    Ok(Soak {
+        per_minute,
+        hot_bytes: size("jobs")?,
+        archive_bytes: size("jobs_archive")?,
+        hot_rows: producer
+            .query_one(&schema.sql("SELECT count(*) FROM {s}.jobs"), &[])?
+            .get(0),
     })
 }
