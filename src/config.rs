@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::handler::HandlerSpec;
+use crate::schedule::{self, Schedule};
 
 /// Exit code for configuration errors (`EX_CONFIG` from sysexits.h), which systemd and operators
 /// recognise as "fix the settings, restarting will not help".
@@ -105,6 +106,10 @@ pub struct Config {
     pub max_child_rss_mb: Option<u64>,
     /// One deadline for all children to stop on SIGTERM before they are killed.
     pub shutdown_grace: Duration,
+    /// The schedules file (`FORKQ_SCHEDULES`), if any.
+    pub schedules_file: Option<std::path::PathBuf>,
+    /// The schedules it declares, checked; empty without a file.
+    pub schedules: Vec<Schedule>,
     /// How often the probe records this daemon in the hosts table.
     pub host_interval: Duration,
     /// Every connection holds the boot's session lock, and the probe brings back the jobs of
@@ -329,6 +334,17 @@ impl Config {
         };
 
         let health_addr = health_addr(&v)?;
+        let max_attempts = v.int("FORKQ_MAX_ATTEMPTS", 25, 1, 1000)? as i32;
+        let schedules_file = v.get("FORKQ_SCHEDULES").map(std::path::PathBuf::from);
+        let schedules = match &schedules_file {
+            None => Vec::new(),
+            Some(path) => schedule::load(path, max_attempts).map_err(|why| {
+                v.error(
+                    "FORKQ_SCHEDULES",
+                    format!("{why}; fix the file or unset FORKQ_SCHEDULES"),
+                )
+            })?,
+        };
 
         let job_timeout = v.optional_limit("FORKQ_JOB_TIMEOUT_SECONDS", 7 * 86_400)?;
         let health_stale = v.seconds("FORKQ_HEALTH_STALE_SECONDS", 15, 2, 86_400)?;
@@ -351,7 +367,7 @@ impl Config {
             ack_delay,
             durable,
             lease,
-            max_attempts: v.int("FORKQ_MAX_ATTEMPTS", 25, 1, 1000)? as i32,
+            max_attempts,
             retry_backoff_base,
             retry_backoff_max,
             poll_interval: v.millis("FORKQ_POLL_INTERVAL_MS", 1000, 10, 60_000)?,
@@ -381,6 +397,8 @@ impl Config {
             max_jobs_per_child: v.optional_limit("FORKQ_MAX_JOBS_PER_CHILD", i64::MAX)?,
             max_child_rss_mb: v.optional_limit("FORKQ_MAX_CHILD_RSS_MB", 1 << 20)?,
             shutdown_grace: v.seconds("FORKQ_SHUTDOWN_GRACE_SECONDS", 30, 0, 86_400)?,
+            schedules_file,
+            schedules,
             host_interval: v.seconds("FORKQ_HOST_INTERVAL_SECONDS", 5, 1, 3_600)?,
             host_release: v.flag("FORKQ_HOST_RELEASE", true)?,
         })

@@ -34,8 +34,10 @@ pub mod presence;
 pub mod probe;
 pub mod proctitle;
 pub mod queue;
+pub mod schedule;
 pub mod slots;
 pub mod supervisor;
+pub mod ticker;
 pub mod wakeup;
 
 pub use client::Client;

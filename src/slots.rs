@@ -231,7 +231,9 @@ pub struct Header {
     pub probe_pid: AtomicI32,
     /// This boot's id (see [`crate::host`]), set by the supervisor before it forks anything.
     pub boot: AtomicU64,
-    /// When the supervisor started, in milliseconds since the Unix epoch.
+    /// Wall-clock time the supervisor started, in milliseconds since the epoch: the daemon's age
+    /// (`forkq hosts`), and for rules between daemons (the schedules of the daemon started last
+    /// win).
     pub started_unix_ms: AtomicU64,
 }
 

@@ -631,8 +631,8 @@ impl Worker<'_> {
         let retention = self.config.retention;
         match self.db(|db| maintenance::run_pass(db.client(), &schema, retention)) {
             Ok(Some(report)) if report.changed_jobs() => log::info!("maintenance: {report}"),
-            // Vacuums alone are routine at full rate: not worth a line at info level.
-            Ok(Some(report)) if !report.vacuumed.is_empty() => {
+            // Vacuums and expired unique windows alone are routine: not worth a line at info level.
+            Ok(Some(report)) if !report.vacuumed.is_empty() || report.windows_purged > 0 => {
                 log::debug!("maintenance: {report}")
             }
             Ok(_) => {}

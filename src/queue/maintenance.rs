@@ -21,6 +21,8 @@ pub struct Report {
     pub rescued: i32,
     /// Archived jobs deleted after their retention.
     pub purged: u64,
+    /// Expired unique windows deleted.
+    pub windows_purged: u64,
     /// Open batches whose counters or state were repaired (each is logged).
     pub batches_repaired: usize,
     /// Tables vacuumed because dead rows piled up in them.
@@ -45,6 +47,7 @@ impl std::fmt::Display for Report {
         let parts = [
             (self.rescued as u64, "expired lease(s) rescued"),
             (self.purged, "archived job(s) purged"),
+            (self.windows_purged, "expired unique window(s) purged"),
             (self.batches_repaired as u64, "batch(es) repaired"),
         ];
         let mut changed: Vec<String> = parts
@@ -84,6 +87,7 @@ pub fn run_pass(
     let mut report = Report {
         rescued,
         purged: purge_archive(client, schema, retention)?,
+        windows_purged: purge_windows(client, schema)?,
         batches_repaired: locked(client, schema, |tx| {
             let repaired = repair_batches(tx, schema, retain)?;
             tx.execute(&render(sql::COMPACT_CHANGES, schema), &[])?;
@@ -143,6 +147,15 @@ fn purge_archive(
             return Ok(purged);
         }
     }
+}
+
+/// The unique-window service: deletes one chunk of expired unique windows per pass, in a
+/// transaction of its own.
+fn purge_windows(client: &mut Client, schema: &str) -> Result<u64, QueueError> {
+    Ok(locked(client, schema, |tx| {
+        Ok(tx.execute(&render(sql::PURGE_EXPIRED_WINDOWS, schema), &[])?)
+    })?
+    .unwrap_or(0))
 }
 
 /// The tables the vacuum service watches: name, and the dead rows that trigger a vacuum (a base,
@@ -221,13 +234,14 @@ mod tests {
         let report = Report {
             rescued: 3,
             purged: 120,
+            windows_purged: 4,
             batches_repaired: 1,
             vacuumed: vec!["jobs"],
         };
         assert_eq!(
             report.to_string(),
-            "3 expired lease(s) rescued, 120 archived job(s) purged, 1 batch(es) repaired, \
-             vacuumed jobs"
+            "3 expired lease(s) rescued, 120 archived job(s) purged, 4 expired unique window(s) \
+             purged, 1 batch(es) repaired, vacuumed jobs"
         );
     }
 }

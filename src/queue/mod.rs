@@ -13,6 +13,7 @@ pub mod maintenance;
 pub mod migrations;
 pub mod overview;
 pub mod producer;
+pub mod schedules;
 pub mod sql;
 
 use std::fmt;
