@@ -389,7 +389,12 @@ fn queue_metrics(
             return Ok(text.clone());
         }
     }
-    let status = admin::status(client, &config.schema, false).map_err(|e| e.to_string())?;
+    let mut status = admin::status(client, &config.schema, false).map_err(|e| e.to_string())?;
+    // The queues this daemon serves keep their series (at 0) when they hold nothing: a gauge
+    // that vanishes reads as "no data", not as "empty".
+    for queue in &config.queues {
+        status.entry(queue.clone()).or_default();
+    }
     let mut out = String::new();
     let _ = writeln!(
         out,

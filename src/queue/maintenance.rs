@@ -162,10 +162,11 @@ fn purge_windows(client: &mut Client, schema: &str) -> Result<u64, QueueError> {
 /// plus a fraction of the live rows). The hot table is vacuumed early: every claim walks past its
 /// dead index entries, so claims slow down as they pile up, and autovacuum (when it is on at all)
 /// visits a busy table only once a minute.
-const VACUUMED: [(&str, i64, f64); 3] = [
+const VACUUMED: [(&str, i64, f64); 4] = [
     ("jobs", 10_000, 0.1),
     ("jobs_archive", 100_000, 0.2),
     ("changes", 1_000, 0.0),
+    ("unique_windows", 10_000, 0.2),
 ];
 
 /// The vacuum service: vacuums `table` when its dead rows exceed `base + fraction × live rows`.
