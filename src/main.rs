@@ -810,17 +810,8 @@ fn schedule_command(command: ScheduleCommand, config: &Config) -> Result<(), Fai
                 );
             }
             for s in &stored {
-                let next = s
-                    .schedule()
-                    .ok()
-                    .and_then(|schedule| schedule.next_after(s.ticks_after.max(now)));
-                let text = |v: &str| {
-                    s.definition
-                        .get(v)
-                        .and_then(serde_json::Value::as_str)
-                        .unwrap_or("?")
-                        .to_string()
-                };
+                let next = s.next_run(now);
+                let text = |v: &str| s.field(v);
                 if json {
                     let at = |t: Option<jiff::Timestamp>| t.map(|t| t.to_string());
                     println!(

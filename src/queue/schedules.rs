@@ -55,6 +55,22 @@ impl Stored {
         }
     }
 
+    /// The next tick after `now` (none when the stored definition cannot be followed).
+    pub fn next_run(&self, now: Timestamp) -> Option<Timestamp> {
+        self.schedule()
+            .ok()
+            .and_then(|schedule| schedule.next_after(self.ticks_after.max(now)))
+    }
+
+    /// A text field of the stored definition (`cron`, `timezone`, `queue`, `task`), or "?".
+    pub fn field(&self, name: &str) -> String {
+        self.definition
+            .get(name)
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string()
+    }
+
     /// The stored definition as a checked schedule; the error says why it cannot be followed.
     pub fn schedule(&self) -> Result<Schedule, String> {
         let definition: Definition = serde_json::from_value(self.definition.clone())
