@@ -201,8 +201,10 @@ impl Worker<'_> {
                 self.run_job(claimed, handler);
                 // After the last buffered job the next claim is one step away and carries the
                 // acks: flushing them alone would cost a second round trip (and, in durable mode,
-                // a second commit) per batch.
-                if !self.buffer.is_empty() && self.ack_flush_due() {
+                // a second commit) per batch. Likewise after a job that claimed its successor
+                // while it ran: that successor's own look-ahead carries them, while it runs.
+                let carried = self.looked_ahead && !self.config.durable;
+                if !self.buffer.is_empty() && !carried && self.ack_flush_due() {
                     self.flush_acks()?;
                 }
             }

@@ -51,13 +51,14 @@ impl Handler for Builtin {
 fn sleep_with_heartbeats(total: Duration, ctx: &mut dyn JobContext) -> Outcome {
     let deadline = Instant::now() + total;
     loop {
-        let now = Instant::now();
-        if now >= deadline {
+        if Instant::now() >= deadline {
             return Outcome::Success(Value::Null);
         }
         if !ctx.heartbeat() {
             return Outcome::Retry("interrupted by an immediate shutdown".into());
         }
-        std::thread::sleep((deadline - now).min(Duration::from_millis(100)));
+        // What is left after the heartbeat (which may have waited on the database).
+        let left = deadline.saturating_duration_since(Instant::now());
+        std::thread::sleep(left.min(Duration::from_millis(100)));
     }
 }

@@ -129,6 +129,12 @@ impl<'f> Supervisor<'f> {
             .header
             .concurrency
             .store(config.concurrency as u32, Ordering::Release);
+        // The first maintenance pass waits one interval: the children's first claims come first
+        // (a fresh child releases its predecessors' jobs itself; expired leases can wait 2 s).
+        table
+            .header
+            .maintenance_ms
+            .store(monotonic_ms(), Ordering::Release);
         let now = Instant::now();
         let boot = fastrand::u64(..);
         table.header.boot.store(boot, Ordering::Release);
