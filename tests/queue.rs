@@ -1010,7 +1010,7 @@ fn maintenance_purges_archived_jobs_after_retention() {
             ids[0], ids[2], ids[3]
         ),
     );
-    let report = maintenance::run_pass(&mut connect(), s, Duration::from_secs(86_400))
+    let report = maintenance::run_pass(&mut connect(), s, Duration::from_secs(86_400), &mut || {})
         .unwrap()
         .expect("the maintenance lock was free");
     assert_eq!(report.purged, 2);
@@ -1034,7 +1034,7 @@ fn maintenance_purges_archived_jobs_after_retention() {
         .get(0);
     assert!(locked);
     assert!(
-        maintenance::run_pass(&mut connect(), s, Duration::from_secs(1))
+        maintenance::run_pass(&mut connect(), s, Duration::from_secs(1), &mut || {})
             .unwrap()
             .is_none()
     );
@@ -1052,9 +1052,14 @@ fn maintenance_promotes_due_jobs() {
         &schema,
         "UPDATE {s}.jobs SET run_at = now() - interval '1 second'",
     );
-    let report = maintenance::run_pass(&mut connect(), &schema.name, Duration::from_secs(60))
-        .unwrap()
-        .unwrap();
+    let report = maintenance::run_pass(
+        &mut connect(),
+        &schema.name,
+        Duration::from_secs(60),
+        &mut || {},
+    )
+    .unwrap()
+    .unwrap();
     assert_eq!(report.promoted, 1);
     assert_eq!(schema.job(id).unwrap()["state"], "available");
 }

@@ -836,3 +836,141 @@ fn a_result_the_database_refuses_is_dead_lettered_alone() {
     );
     assert_eq!(daemon.livez().map(|(c, _)| c), Some(200));
 }
+
+/// Slot restart counts from /livez, by slot.
+fn restarts(addr: std::net::SocketAddr) -> Vec<u64> {
+    common::http_get(addr, "/livez")
+        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+        .map(|body| {
+            body["slots"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["restarts"].as_u64().unwrap_or(0))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A database outage longer than the stale window, with the fleet busy: 8 children on this
+/// 2-CPU machine (so half of them wait at the claim gate), stale window 5 s, PostgreSQL stopped
+/// for 12 s (long: 20 s). Waiting on the database is being alive: no child is killed, `/livez`
+/// stays 200 throughout, and the drain finishes once the database is back, nothing lost.
+#[test]
+fn a_database_outage_kills_no_healthy_child() {
+    let outage = Duration::from_secs(if long_run() { 20 } else { 12 });
+    let cluster = PrivateCluster::start("outage");
+    let url = cluster.url();
+    let db = ClusterSchema::migrate(&url);
+    // Tiny jobs: the children spend their time in claim round trips, so when the database goes
+    // away most of them are at the claim gate or in a claim.
+    let jobs = 50_000;
+    let lines: String = (0..jobs).map(|_| "{\"task\":\"noop\"}\n").collect();
+    let file = cluster.dir.join("jobs.jsonl");
+    std::fs::write(&file, lines).unwrap();
+    forkq_on(&url, &["enqueue", "--jsonl", file.to_str().unwrap()]);
+    let (child, addr, log) = spawn_on(
+        &url,
+        &[
+            ("FORKQ_CONCURRENCY", "8"),
+            ("FORKQ_HEALTH_STALE_SECONDS", "5"),
+        ],
+    );
+    let _guard = Killed(child);
+    assert!(wait_until(Duration::from_secs(30), || db
+        .count("SELECT count(*) FROM forkq.jobs_archive")
+        .unwrap_or(0)
+        >= 2_000));
+    let before = restarts(addr);
+    assert_eq!(before.len(), 8);
+
+    let stopped = Instant::now();
+    cluster.pg_ctl(&["stop", "-m", "fast", "-w"]);
+    let (live, _) = sample_probes(addr, || stopped.elapsed() < outage);
+    cluster.pg_ctl(&["start", "-w"]);
+    let after = restarts(addr);
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let red = live.iter().filter(|&&c| c != 200).count();
+    let killed = log_text().matches("is wedged").count();
+    println!(
+        "database down {outage:?}, 8 children, stale 5 s: /livez not 200 in {red} of {} samples, \
+         {killed} child(ren) killed as wedged, restarts {before:?} -> {after:?}",
+        live.len()
+    );
+    assert_eq!(
+        killed,
+        0,
+        "healthy children were killed; log:\n{}",
+        log_text()
+    );
+    assert_eq!(red, 0, "liveness failed during the outage: {live:?}");
+    assert_eq!(before, after, "children died during the outage");
+
+    let done = wait_until(Duration::from_secs(90), || {
+        db.count("SELECT count(*) FROM forkq.jobs_archive WHERE state = 'completed'") == Some(jobs)
+    });
+    assert!(done, "drain did not finish; log:\n{}", log_text());
+    assert_eq!(
+        db.count("SELECT count(*) FROM forkq.jobs_archive WHERE state = 'failed'"),
+        Some(0)
+    );
+}
+
+/// A maintenance statement that keeps timing out (the purge of the archive waits on rows another
+/// session holds locked): the pass is given up until the next interval, never retried on the
+/// spot, so the child that runs it is not kept from its jobs (one child: it is the whole fleet)
+/// and is not killed.
+#[test]
+fn a_maintenance_pass_that_times_out_keeps_no_child_from_its_jobs() {
+    let schema = TestSchema::new("mainttimeout");
+    schema.enqueue_n("default", "noop", json!({}), 20);
+    let daemon = Daemon::start(
+        &schema,
+        &[
+            ("FORKQ_CONCURRENCY", "1"),
+            ("FORKQ_RETENTION_SECONDS", "1"),
+            ("FORKQ_HEALTH_STALE_SECONDS", "2"),
+        ],
+    );
+    assert!(wait_until(Duration::from_secs(20), || schema
+        .archived("completed")
+        == 20));
+    // Hold every archived row: the purge of expired rows waits on them until its statement
+    // timeout (2 s here) cancels it, at every pass.
+    let mut holder = schema.client();
+    let mut tx = holder.transaction().unwrap();
+    tx.execute(
+        &format!("SELECT id FROM \"{}\".jobs_archive FOR UPDATE", schema.name),
+        &[],
+    )
+    .unwrap();
+    // Long enough for the child to have hit the purge once or more.
+    std::thread::sleep(Duration::from_secs(5));
+    let started = Instant::now();
+    schema.enqueue_n("default", "noop", json!({}), 200);
+    let drained = wait_until(Duration::from_secs(20), || {
+        schema.count("SELECT count(*) FROM {s}.jobs") == 0
+    });
+    let took = started.elapsed();
+    let failures = daemon.log_text().matches("maintenance pass failed").count();
+    tx.rollback().unwrap();
+    println!(
+        "purge blocked by locked rows: 200 jobs drained in {took:.1?}; {failures} maintenance \
+         pass(es) given up"
+    );
+    assert!(
+        drained,
+        "the children were kept from their jobs; log:\n{}",
+        daemon.log_text()
+    );
+    assert!(
+        failures >= 1,
+        "the purge never timed out; log:\n{}",
+        daemon.log_text()
+    );
+    assert!(
+        !daemon.log_text().contains("is wedged"),
+        "a child was killed; log:\n{}",
+        daemon.log_text()
+    );
+}

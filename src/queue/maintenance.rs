@@ -28,13 +28,19 @@ pub struct Report {
 }
 
 /// Runs every service once, if no other process holds the maintenance lock. Returns `None`
-/// when another holder had it.
+/// when another holder had it. `before_each` is called before every round trip, so a worker can
+/// announce how long that one may block it (each is bounded by the connection's timeouts; a pass
+/// has several). An error ends the pass, rolled back; the caller gives it up until the next
+/// interval rather than retrying a statement that timed out.
 pub fn run_pass(
     client: &mut Client,
     schema: &str,
     retention: Duration,
+    before_each: &mut dyn FnMut(),
 ) -> Result<Option<Report>, QueueError> {
+    before_each();
     let mut tx = client.transaction()?;
+    before_each();
     let locked: bool = tx
         .query_one(
             sql::TRY_MAINTENANCE_LOCK,
@@ -46,16 +52,28 @@ pub fn run_pass(
     }
     let retain = !retention.is_zero();
     let report = Report {
-        rescued: tx
-            .query_one(&render(sql::RESCUE_EXPIRED, schema), &[&retain])?
-            .get(0),
-        promoted: tx.execute(&render(sql::PROMOTE_DUE, schema), &[])?,
-        purged: tx.execute(
-            &render(sql::PURGE_EXPIRED_ARCHIVE, schema),
-            &[&retention.as_secs_f64()],
-        )?,
-        batches_repaired: repair_batches(&mut tx, schema, retain)?,
+        rescued: {
+            before_each();
+            tx.query_one(&render(sql::RESCUE_EXPIRED, schema), &[&retain])?
+                .get(0)
+        },
+        promoted: {
+            before_each();
+            tx.execute(&render(sql::PROMOTE_DUE, schema), &[])?
+        },
+        purged: {
+            before_each();
+            tx.execute(
+                &render(sql::PURGE_EXPIRED_ARCHIVE, schema),
+                &[&retention.as_secs_f64()],
+            )?
+        },
+        batches_repaired: {
+            before_each();
+            repair_batches(&mut tx, schema, retain)?
+        },
     };
+    before_each();
     tx.commit()?;
     Ok(Some(report))
 }

@@ -350,6 +350,8 @@ impl<'f> Supervisor<'f> {
         slot.pid.store(0, Ordering::Release);
         // A child killed in the middle of a claim must not keep its turn (see wakeup::claim_gate_enter).
         slot.in_claim.store(false, Ordering::Release);
+        // Nor its promise that a database call would return: the slot ages from its last beat.
+        slot.waiting_until_ms.store(0, Ordering::Release);
         let plan = &mut self.plans[index];
         let uptime = now.saturating_duration_since(plan.forked_at);
         plan.exit_expected |= clean;
@@ -527,6 +529,7 @@ impl<'f> Supervisor<'f> {
             .map(|max| max + fastrand::u64(0..=max / 10));
         // Age from the fork, never from a fresh heartbeat: heartbeat_ms is left as it was.
         slot.forked_at_ms.store(monotonic_ms(), Ordering::Release);
+        slot.waiting_until_ms.store(0, Ordering::Release);
         if previous_generation == 0 {
             slot.heartbeat_ms.store(monotonic_ms(), Ordering::Release);
         }
