@@ -120,6 +120,11 @@ pub struct Slot {
     /// [`crate::queue::WorkerTimeouts`]): until this deadline the child is waiting, not stuck.
     /// Cleared by the supervisor at every fork and death: it speaks for one occupant only.
     pub waiting_until_ms: AtomicU64,
+    /// The process group of the handler program running this child's job (0 when none). Set by
+    /// the child when it hands the job to an exec or coproc program, cleared when the job is over;
+    /// the supervisor kills this group when it reaps the child, before anything can give the job
+    /// to another worker, so no grandchild of a dead worker runs beside the job's next attempt.
+    pub handler_pgid: AtomicI32,
     /// The job being run (0 when none). Left behind by a child that dies mid-job, so its successor
     /// knows which job was in flight.
     pub job_id: AtomicI64,

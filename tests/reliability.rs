@@ -974,3 +974,113 @@ fn a_maintenance_pass_that_times_out_keeps_no_child_from_its_jobs() {
         daemon.log_text()
     );
 }
+
+/// An exec program that leaves a grandchild doing the job's work: it records "start <attempt>
+/// <ns>" and its grandchild "tick <attempt> <ns>" every 100 ms for 3 s, into `record`.
+fn program_with_a_grandchild(dir: &Path, record: &Path) -> String {
+    let script = dir.join("grandchild.sh");
+    std::fs::write(
+        &script,
+        format!(
+            r#"#!/bin/sh
+echo "start $FORKQ_JOB_ID $FORKQ_ATTEMPT $(date +%s%N)" >> {record}
+sh -c 'i=0; while [ $i -lt 30 ]; do
+    echo "tick $FORKQ_JOB_ID $FORKQ_ATTEMPT $(date +%s%N)" >> {record}; sleep 0.1; i=$((i+1))
+done' &
+wait
+"#,
+            record = record.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    format!("exec:{}", script.display())
+}
+
+/// Nanosecond timestamps by attempt.
+type ByAttempt = std::collections::BTreeMap<i64, u128>;
+
+/// (first start, last tick) of each attempt of `job` in the record.
+fn executions(record: &Path, job: i64) -> (ByAttempt, ByAttempt) {
+    let text = std::fs::read_to_string(record).unwrap_or_default();
+    let mut starts = ByAttempt::new();
+    let mut ticks = ByAttempt::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() != 4 || f[1].parse::<i64>().ok() != Some(job) {
+            continue;
+        }
+        let (attempt, at) = (f[2].parse::<i64>().unwrap(), f[3].parse::<u128>().unwrap());
+        match f[0] {
+            "start" => {
+                starts.entry(attempt).or_insert(at);
+            }
+            _ => {
+                let last = ticks.entry(attempt).or_insert(at);
+                *last = (*last).max(at);
+            }
+        }
+    }
+    (starts, ticks)
+}
+
+/// Whatever kills a worker, its handler program's whole process group dies before the job runs
+/// again: `kill -9` of the worker, and a worker frozen until it is killed as stale. The program
+/// leaves a grandchild doing the work (PDEATHSIG reaches only the program itself); no tick of an
+/// attempt may come after the start of the next one.
+#[test]
+fn a_killed_workers_program_never_runs_beside_the_jobs_next_attempt() {
+    let schema = TestSchema::new("pgroup");
+    let dir = temp_dir("pgroup");
+    let record = dir.join("executions");
+    let handler = program_with_a_grandchild(&dir, &record);
+    let daemon = Daemon::start(
+        &schema,
+        &[
+            ("FORKQ_HANDLER", &handler),
+            ("FORKQ_HEALTH_STALE_SECONDS", "3"),
+            ("FORKQ_PREFETCH", "1"),
+        ],
+    );
+    for (how, signal) in [
+        ("kill -9", Signal::SIGKILL),
+        ("frozen, then stale", Signal::SIGSTOP),
+    ] {
+        let id = schema.enqueue("default", "work", json!({}));
+        let mut holder = 0;
+        assert!(wait_until(Duration::from_secs(20), || {
+            let ticking = !executions(&record, id).1.is_empty();
+            ticking
+                && daemon.livez().is_some_and(|(_, body)| {
+                    body["slots"].as_array().unwrap().iter().any(|s| {
+                        holder = s["pid"].as_i64().unwrap_or(0) as i32;
+                        s["job_id"].as_i64() == Some(id)
+                    })
+                })
+        }));
+        kill(Pid::from_raw(holder), signal).unwrap();
+        let done = wait_until(Duration::from_secs(30), || {
+            schema.job(id).is_some_and(|j| j["state"] == "completed")
+        });
+        assert!(
+            done,
+            "{how}: job {id} not completed; log:\n{}",
+            daemon.log_text()
+        );
+        // Anything of attempt 1 still alive would tick on for up to 3 s.
+        std::thread::sleep(Duration::from_secs(1));
+        let (starts, ticks) = executions(&record, id);
+        let second = *starts.get(&2).expect("attempt 2 started");
+        let last_first = ticks[&1];
+        let overlap_ms = last_first as i128 / 1_000_000 - second as i128 / 1_000_000;
+        println!(
+            "{how}: attempt 1's last tick came {overlap_ms} ms after attempt 2 started \
+             (negative: no overlap)"
+        );
+        assert!(
+            last_first < second,
+            "{how}: attempt 1 ran {overlap_ms} ms beside attempt 2; log:\n{}",
+            daemon.log_text()
+        );
+    }
+}

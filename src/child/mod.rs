@@ -252,6 +252,8 @@ impl Worker<'_> {
             // would fail again at every re-run.
             process::storable(outcome)
         };
+        // The handler is done with its programs for this job (see runs_in_process_group).
+        self.slot.handler_pgid.store(0, Ordering::Release);
         let elapsed = started.elapsed();
         self.last_job_took = elapsed;
         self.average_job = Some(match self.average_job {
@@ -604,6 +606,13 @@ impl JobContext for Context<'_, '_> {
 
     fn timeout(&self) -> Option<Duration> {
         self.worker.config.job_timeout
+    }
+
+    fn runs_in_process_group(&mut self, pgid: u32) {
+        self.worker
+            .slot
+            .handler_pgid
+            .store(pgid as i32, Ordering::Release);
     }
 }
 

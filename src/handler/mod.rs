@@ -54,6 +54,12 @@ pub trait JobContext {
     fn heartbeat(&mut self) -> bool;
     /// The hard limit on this job's run time, if one is configured.
     fn timeout(&self) -> Option<Duration>;
+    /// Says that the job now runs in process group `pgid` (a handler program leading its own
+    /// group), so that if this worker dies, that whole group is killed before the job can run
+    /// again anywhere. The worker forgets it when the handler returns.
+    fn runs_in_process_group(&mut self, pgid: u32) {
+        let _ = pgid;
+    }
 }
 
 /// Runs jobs. One instance lives in one child and sees one job at a time.

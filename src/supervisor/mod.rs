@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 
@@ -348,6 +348,14 @@ impl<'f> Supervisor<'f> {
         slot.last_exit
             .store(signal.map_or(code, |s| -(s as i32)), Ordering::Release);
         slot.pid.store(0, Ordering::Release);
+        // Its handler program's group outlives it (only the program itself dies with it): kill
+        // it now, before the successor forked below releases the job to run again.
+        let pgid = slot.handler_pgid.swap(0, Ordering::AcqRel);
+        if pgid > 0 && killpg(Pid::from_raw(pgid), Signal::SIGKILL).is_ok() {
+            log::info!(
+                "child {index} (pid {pid}) {how}; killed its handler's process group {pgid}"
+            );
+        }
         // A child killed in the middle of a claim must not keep its turn (see wakeup::claim_gate_enter).
         slot.in_claim.store(false, Ordering::Release);
         // Nor its promise that a database call would return: the slot ages from its last beat.
