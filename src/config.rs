@@ -178,13 +178,21 @@ impl Vars<'_> {
     }
 }
 
+/// PostgreSQL's longest identifier in bytes (NAMEDATALEN - 1).
+pub const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// The longest schema name: the schema's NOTIFY channel, `forkq_<schema>`, is an identifier too,
+/// and a channel name over the limit makes every enqueue fail.
+pub const MAX_SCHEMA_BYTES: usize = MAX_IDENTIFIER_BYTES - crate::queue::sql::CHANNEL_PREFIX.len();
+
 /// Whether `name` is a safe SQL identifier for the schema: it is spliced into statements, so only
-/// lower-case letters, digits and underscores, starting with a letter or underscore, are allowed.
+/// lower-case letters, digits and underscores, starting with a letter or underscore, are allowed,
+/// at most [`MAX_SCHEMA_BYTES`] of them.
 pub fn is_valid_schema_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && name.len() <= 63
+        && name.len() <= MAX_SCHEMA_BYTES
 }
 
 /// Whether `name` can be a queue name: printable, no commas (the list separator), at most 128 bytes.
@@ -262,7 +270,11 @@ impl Config {
         if !is_valid_schema_name(&schema) {
             return Err(v.error(
                 "FORKQ_SCHEMA",
-                "a lower-case identifier: letters, digits and _, starting with a letter or _, at most 63 bytes",
+                format!(
+                    "a lower-case identifier: letters, digits and _, starting with a letter or _, \
+                     at most {MAX_SCHEMA_BYTES} bytes (the NOTIFY channel forkq_<schema> must fit \
+                     PostgreSQL's {MAX_IDENTIFIER_BYTES}-byte identifiers)"
+                ),
             ));
         }
 
@@ -478,6 +490,19 @@ mod tests {
             assert_eq!(err.value, value);
             assert!(err.to_string().contains(name));
         }
+    }
+
+    #[test]
+    fn schema_names_leave_room_for_the_notify_channel() {
+        let longest = "s".repeat(MAX_SCHEMA_BYTES);
+        assert!(is_valid_schema_name(&longest));
+        assert_eq!(
+            crate::queue::sql::channel(&longest).len(),
+            MAX_IDENTIFIER_BYTES
+        );
+        let err = parse(&[("FORKQ_SCHEMA", &format!("{longest}s"))]).unwrap_err();
+        assert_eq!(err.variable, "FORKQ_SCHEMA");
+        assert!(err.allowed.contains("at most 57 bytes"), "{err}");
     }
 
     #[test]

@@ -27,9 +27,13 @@ pub fn advisory_key(purpose: &str, schema: &str) -> i64 {
     hash as i64
 }
 
-/// The LISTEN/NOTIFY channel of a schema.
+/// What the LISTEN/NOTIFY channel of a schema starts with.
+pub const CHANNEL_PREFIX: &str = "forkq_";
+
+/// The LISTEN/NOTIFY channel of a schema: an identifier too, so a schema name is bounded by it
+/// (see [`crate::config::MAX_SCHEMA_BYTES`]).
 pub fn channel(schema: &str) -> String {
-    format!("forkq_{schema}")
+    format!("{CHANNEL_PREFIX}{schema}")
 }
 
 /// Enqueues one job through the SQL function that every producer shares.
