@@ -315,7 +315,7 @@ impl Config {
             ack_delay = Duration::ZERO;
         }
 
-        let lease = v.seconds("FORKQ_LEASE_SECONDS", 30, 3, 86_400)?;
+        let lease = v.seconds("FORKQ_LEASE_SECONDS", 30, 4, 86_400)?;
         let retry_backoff_base = v.seconds("FORKQ_RETRY_BACKOFF_BASE_SECONDS", 2, 0, 86_400)?;
         let retry_backoff_max =
             v.seconds("FORKQ_RETRY_BACKOFF_MAX_SECONDS", 3_600, 0, 30 * 86_400)?;
@@ -338,7 +338,7 @@ impl Config {
         let health_addr = health_addr(&v)?;
 
         let job_timeout = v.optional_limit("FORKQ_JOB_TIMEOUT_SECONDS", 7 * 86_400)?;
-        let health_stale = v.seconds("FORKQ_HEALTH_STALE_SECONDS", 15, 2, 86_400)?;
+        let health_stale = health_stale(&v, lease)?;
 
         let restart_backoff_base = v.millis("FORKQ_RESTART_BACKOFF_BASE_MS", 100, 0, 60_000)?;
         let restart_backoff_max = v.millis("FORKQ_RESTART_BACKOFF_MAX_MS", 30_000, 0, 3_600_000)?;
@@ -399,6 +399,52 @@ impl Config {
             .map(|(_, spec)| spec)
             .unwrap_or(&self.handler)
     }
+}
+
+/// The stale window when `FORKQ_HEALTH_STALE_SECONDS` is not set (and the lease allows it).
+const DEFAULT_HEALTH_STALE_SECONDS: i64 = 15;
+
+/// `FORKQ_HEALTH_STALE_SECONDS`, which must stay below two thirds of the lease: a child renews its
+/// leases every third of the lease, so a wedged child's leases lapse two thirds of a lease after
+/// its last heartbeat, and it must be dead by then or its job can run twice at the same time.
+/// Unset, the default is lowered to fit a short lease (and that is logged); set, a value that does
+/// not fit is refused. A lease of 4 s, the shortest, fits a stale window of 2 s, the shortest.
+fn health_stale(v: &Vars<'_>, lease: Duration) -> Result<Duration, ConfigError> {
+    let lease_seconds = lease.as_secs() as i64;
+    // The largest whole number of seconds strictly below two thirds of the lease.
+    let fits = (2 * lease_seconds - 1) / 3;
+    let stale = match v.get("FORKQ_HEALTH_STALE_SECONDS") {
+        None => {
+            let stale = DEFAULT_HEALTH_STALE_SECONDS.min(fits);
+            if stale < DEFAULT_HEALTH_STALE_SECONDS {
+                log::info!(
+                    "FORKQ_HEALTH_STALE_SECONDS unset: using {stale} s, below two thirds of \
+                     FORKQ_LEASE_SECONDS={lease_seconds}"
+                );
+            }
+            stale
+        }
+        Some(_) => {
+            let stale = v.int(
+                "FORKQ_HEALTH_STALE_SECONDS",
+                DEFAULT_HEALTH_STALE_SECONDS,
+                2,
+                86_400,
+            )?;
+            if stale > fits {
+                return Err(v.error(
+                    "FORKQ_HEALTH_STALE_SECONDS",
+                    format!(
+                        "an integer from 2 to {fits}: below two thirds of \
+                         FORKQ_LEASE_SECONDS={lease_seconds}, so that a wedged child is killed \
+                         before its leases lapse and its job runs twice (or raise the lease)"
+                    ),
+                ));
+            }
+            stale
+        }
+    };
+    Ok(Duration::from_secs(stale as u64))
 }
 
 /// `FORKQ_HEALTH_ADDR`, or 0.0.0.0:9280.
@@ -503,6 +549,37 @@ mod tests {
         let err = parse(&[("FORKQ_SCHEMA", &format!("{longest}s"))]).unwrap_err();
         assert_eq!(err.variable, "FORKQ_SCHEMA");
         assert!(err.allowed.contains("at most 57 bytes"), "{err}");
+    }
+
+    #[test]
+    fn the_stale_window_stays_below_two_thirds_of_the_lease() {
+        let stale = |pairs: &[(&str, &str)]| parse(pairs).map(|c| c.health_stale.as_secs());
+        assert_eq!(stale(&[]), Ok(15));
+        assert_eq!(stale(&[("FORKQ_LEASE_SECONDS", "60")]), Ok(15));
+        // Unset, it is lowered to fit a short lease.
+        assert_eq!(stale(&[("FORKQ_LEASE_SECONDS", "10")]), Ok(6));
+        assert_eq!(stale(&[("FORKQ_LEASE_SECONDS", "4")]), Ok(2));
+        // Set, it must fit.
+        assert_eq!(
+            stale(&[
+                ("FORKQ_LEASE_SECONDS", "60"),
+                ("FORKQ_HEALTH_STALE_SECONDS", "39")
+            ]),
+            Ok(39)
+        );
+        for (lease, stale) in [("60", "40"), ("30", "20"), ("10", "7")] {
+            let err = parse(&[
+                ("FORKQ_LEASE_SECONDS", lease),
+                ("FORKQ_HEALTH_STALE_SECONDS", stale),
+            ])
+            .unwrap_err();
+            assert_eq!(err.variable, "FORKQ_HEALTH_STALE_SECONDS");
+            assert!(err.allowed.contains("FORKQ_LEASE_SECONDS"), "{err}");
+        }
+        assert_eq!(
+            parse(&[("FORKQ_LEASE_SECONDS", "3")]).unwrap_err().variable,
+            "FORKQ_LEASE_SECONDS"
+        );
     }
 
     #[test]

@@ -639,7 +639,7 @@ for line in sys.stdin:
         &schema,
         &[
             ("FORKQ_HANDLER", &handler),
-            ("FORKQ_LEASE_SECONDS", "3"),
+            ("FORKQ_LEASE_SECONDS", "4"),
             ("FORKQ_CONCURRENCY", "3"),
         ],
     );
