@@ -43,6 +43,16 @@ const PROBE_RESTART_DELAY: Duration = Duration::from_millis(200);
 pub(crate) const TIMEOUT_KILL_GRACE: Duration = Duration::from_secs(2);
 /// The loop's longest sleep: stale heartbeats and job timeouts are checked at least this often.
 const TICK: Duration = Duration::from_secs(1);
+/// After the shutdown deadline's SIGKILL, the longest wait for the killed children to be reaped.
+pub const SHUTDOWN_REAP_LIMIT: Duration = Duration::from_secs(2);
+/// The longest the shutdown releaser may take to give back the jobs of killed children.
+pub const SHUTDOWN_RELEASER_LIMIT: Duration = Duration::from_secs(5);
+/// The longest a stop lasts beyond `FORKQ_SHUTDOWN_GRACE_SECONDS`: reaping what the deadline
+/// killed, the releaser, and a second for stopping the probe and exiting. A service manager's stop
+/// timeout must be at least the grace plus this, or it kills jobs the daemon was about to give
+/// back. (Only a child stuck in the kernel, which even SIGKILL cannot end, makes it longer.)
+pub const STOP_OVERHEAD: Duration =
+    Duration::from_secs(SHUTDOWN_REAP_LIMIT.as_secs() + SHUTDOWN_RELEASER_LIMIT.as_secs() + 1);
 
 /// Runs the fleet until it is stopped; returns the process exit code.
 pub fn run(config: Config, factory: &HandlerFactory) -> i32 {
@@ -712,7 +722,7 @@ impl<'f> Supervisor<'f> {
                     );
                 }
             }
-            self.wait_for_children(Duration::from_secs(2));
+            self.wait_for_children(SHUTDOWN_REAP_LIMIT);
         }
         if self.plans.iter().any(|p| p.pid.is_some()) {
             return None;
@@ -772,7 +782,7 @@ impl<'f> Supervisor<'f> {
             }
             0
         };
-        run_forked("the shutdown releaser", Duration::from_secs(5), release);
+        run_forked("the shutdown releaser", SHUTDOWN_RELEASER_LIMIT, release);
     }
 
     /// Blocks until every child is reaped or `limit` passes (used only after SIGKILL).
