@@ -1087,3 +1087,44 @@ fn a_killed_workers_program_never_runs_beside_the_jobs_next_attempt() {
         );
     }
 }
+
+/// More children than the server has connections for (a private cluster with max_connections =
+/// 20, 30 children): start-up stops with exit 78 saying how many connections are free, before any
+/// child takes one; a fleet that fits (10 children) starts.
+#[test]
+fn a_fleet_the_server_has_no_connections_for_does_not_start() {
+    let cluster = PrivateCluster::start("maxconn");
+    let url = cluster.url();
+    postgres::Client::connect(&url, postgres::NoTls)
+        .unwrap()
+        .batch_execute("ALTER SYSTEM SET max_connections = 20")
+        .unwrap();
+    cluster.pg_ctl(&["restart", "-w"]);
+    ClusterSchema::migrate(&url);
+    let (child, _, log) = spawn_on(&url, &[("FORKQ_CONCURRENCY", "30")]);
+    let mut child = Killed(child);
+    let pid = child.0.id() as i32;
+    let exited = wait_until(Duration::from_secs(20), || !common::process_alive(pid));
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        exited,
+        "30 children started on a server of 20 connections; log:\n{text}"
+    );
+    assert_eq!(child.0.wait().unwrap().code(), Some(78), "{text}");
+    let said = text
+        .lines()
+        .find(|l| l.contains("FORKQ_CONCURRENCY=30 needs 32 connections"))
+        .unwrap_or_else(|| panic!("no message naming the need; log:\n{text}"));
+    println!("30 children, max_connections 20: exit 78: {said}");
+    assert!(said.contains("only 20 are free"), "{said}");
+
+    let (child, addr, _) = spawn_on(&url, &[("FORKQ_CONCURRENCY", "10")]);
+    let _guard = Killed(child);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            common::http_get(addr, "/livez")
+                .is_some_and(|(code, body)| code == 200 && body.contains("\"alive_children\":10"))
+        }),
+        "a fleet of 10 did not start on a server of 20 connections"
+    );
+}

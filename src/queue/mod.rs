@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod batch;
+pub mod capacity;
 pub mod consumer;
 pub mod listener;
 pub mod maintenance;

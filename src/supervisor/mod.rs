@@ -866,13 +866,33 @@ impl<'f> Supervisor<'f> {
     }
 }
 
-/// Checks the database and the schema in a short-lived forked process, so the supervisor itself
-/// never opens a connection. An unreachable database or an old schema stops start-up with 78.
+/// Checks the database, the schema and the connections the fleet needs in a short-lived forked
+/// process, so the supervisor itself never opens a connection. An unreachable database, an old
+/// schema or too few free connections stops start-up with 78.
 fn preflight(config: &Config) -> Result<(), i32> {
-    let check = || match queue::connect(&config.database_url, "forkq preflight")
-        .and_then(|mut c| queue::migrations::require_current(&mut c, &config.schema))
-    {
-        Ok(()) => 0,
+    // One connection per child, two for the probe (readiness and metrics, the wake-up listener).
+    let needed = config.concurrency as i64 + 2;
+    let check = || match check_database(config) {
+        Ok(Some(room)) if room.free < needed => {
+            log::error!(
+                "FORKQ_CONCURRENCY={} needs {needed} connections to PostgreSQL (one per child, \
+                 two for the probe) but only {} are free ({}): lower FORKQ_CONCURRENCY, or make \
+                 room on the server (raise max_connections, stop other clients)",
+                config.concurrency,
+                room.free.max(0),
+                room.bound_by
+            );
+            EX_CONFIG
+        }
+        Ok(room) => {
+            if room.is_none() {
+                log::info!(
+                    "the database URL leads to a connection pooler, not straight to PostgreSQL: \
+                     the fleet's {needed} connections are not checked against the server's"
+                );
+            }
+            0
+        }
         Err(e) if e.is_connection_lost() => {
             log::error!("cannot reach the database at start-up ({e}); check DATABASE_URL and that PostgreSQL is running");
             EX_CONFIG
@@ -891,6 +911,15 @@ fn preflight(config: &Config) -> Result<(), i32> {
         Some(code) => Err(code),
         None => Err(EXIT_STARTUP),
     }
+}
+
+/// In the preflight process: connects, checks the schema, and measures the connection headroom.
+fn check_database(config: &Config) -> Result<Option<queue::capacity::Headroom>, queue::QueueError> {
+    let started = Instant::now();
+    let mut client = queue::connect(&config.database_url, "forkq preflight")?;
+    let connected_in = started.elapsed();
+    queue::migrations::require_current(&mut client, &config.schema)?;
+    queue::capacity::headroom(&config.database_url, connected_in, &mut client)
 }
 
 /// The number of threads of this process, from /proc (None where it cannot be read).
