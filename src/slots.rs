@@ -171,6 +171,31 @@ impl Slot {
             .is_ok()
     }
 
+    /// The supervisor's part before it forks a child into this slot. The state is set here, not
+    /// after the fork: the child then owns it, and a fast child's own state (idle, claiming) must
+    /// never be overwritten by the parent. The slot ages from the fork, never from a fresh
+    /// heartbeat (only a slot's first child gets one), and the previous occupant's database wait
+    /// does not carry over.
+    pub fn prepare_fork(&self) {
+        let now = monotonic_ms();
+        self.forked_at_ms.store(now, Ordering::Release);
+        self.waiting_until_ms.store(0, Ordering::Release);
+        if self.generation.load(Ordering::Acquire) == 0 {
+            self.heartbeat_ms.store(now, Ordering::Release);
+        }
+        self.set_state(SlotState::Starting);
+    }
+
+    /// The supervisor's part once the child `pid` of `generation` runs: lifecycle fields only,
+    /// never the state, which is the child's by now.
+    pub fn forked(&self, pid: i32, generation: u64) {
+        if generation > 1 {
+            self.restarts.fetch_add(1, Ordering::Relaxed);
+        }
+        self.generation.store(generation, Ordering::Release);
+        self.pid.store(pid, Ordering::Release);
+    }
+
     /// Records progress now.
     pub fn beat(&self) {
         self.heartbeat_ms.store(monotonic_ms(), Ordering::Release);
@@ -349,6 +374,22 @@ mod tests {
         slot.wait_on_database(std::time::Duration::from_secs(60));
         assert!(slot.heartbeat_age_ms(now) >= 10_000);
         assert!((5_000..6_000).contains(&slot.life_heartbeat_age_ms(now)));
+    }
+
+    #[test]
+    fn the_supervisor_never_overwrites_the_state_of_a_child_it_forked() {
+        let slot = Slot::default();
+        slot.prepare_fork();
+        assert_eq!(slot.state(), SlotState::Starting);
+        // The child runs first and is already waiting for work when the parent records the fork.
+        slot.set_state(SlotState::Idle);
+        slot.forked(4242, 1);
+        assert_eq!(slot.state(), SlotState::Idle);
+        assert_eq!(slot.pid.load(Ordering::Acquire), 4242);
+        assert_eq!(slot.restarts.load(Ordering::Relaxed), 0);
+        slot.prepare_fork();
+        slot.forked(4343, 2);
+        assert_eq!(slot.restarts.load(Ordering::Relaxed), 1);
     }
 
     #[test]

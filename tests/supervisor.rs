@@ -763,6 +763,83 @@ fn sighup_replaces_every_child_one_by_one() {
     );
 }
 
+/// A process's state letter from /proc (`T`: stopped), or '?' when it is gone.
+fn process_state(pid: i32) -> char {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit(')').next()?.trim_start().chars().next())
+        .unwrap_or('?')
+}
+
+/// Signals sent to the daemon's whole process group (a terminal's hang-up, `kill -HUP -PGID`,
+/// job control's TTIN and TTOU) are the supervisor's to act on (one child more, one less, a
+/// rolling restart): the children and the probe ignore them, so none is stopped and none dies of
+/// SIGHUP. Handler programs get the default dispositions back.
+#[test]
+fn signals_to_the_whole_process_group_are_the_supervisors_alone() {
+    let schema = TestSchema::new("sup_pgsig");
+    let daemon = Daemon::start(
+        &schema,
+        &[(
+            "FORKQ_ROUTES",
+            "sigign=exec:/bin/grep SigIgn /proc/self/status",
+        )],
+    );
+    let group = Pid::from_raw(-daemon.pid());
+    let probe = probe_pid(&daemon);
+    let stopped = |daemon: &Daemon| -> Vec<i32> {
+        children_of(daemon.pid())
+            .into_iter()
+            .filter(|&p| process_state(p) == 'T')
+            .collect()
+    };
+    for (signal, fleet) in [(Signal::SIGTTIN, 3), (Signal::SIGTTOU, 2)] {
+        kill(group, signal).unwrap();
+        assert!(
+            wait_until(Duration::from_secs(10), || healthy_with(&daemon, fleet)),
+            "{signal} to the group: {:?}",
+            daemon.livez()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(stopped(&daemon), Vec::<i32>::new(), "{signal} stopped them");
+    }
+    kill(group, Signal::SIGHUP).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || daemon
+            .log_text()
+            .contains("rolling restart done")),
+        "{}",
+        daemon.log_text()
+    );
+    assert!(
+        !daemon.log_text().contains("(SIGHUP)"),
+        "a process died of SIGHUP: {}",
+        daemon.log_text()
+    );
+    assert_eq!(probe_pid(&daemon), probe, "the probe was replaced");
+    assert!(wait_until(Duration::from_secs(10), || healthy_with(
+        &daemon, 2
+    )));
+
+    let id = schema.enqueue("default", "sigign", json!({}));
+    assert!(wait_until(Duration::from_secs(20), || schema
+        .job(id)
+        .is_some_and(|j| j["state"] == "completed")));
+    let result = schema.job(id).unwrap()["result"].clone();
+    let mask = result
+        .as_str()
+        .and_then(|r| r.split_whitespace().nth(1))
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .unwrap_or_else(|| panic!("not a SigIgn line: {result}"));
+    for signal in [Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU] {
+        assert_eq!(
+            mask & (1 << (signal as u64 - 1)),
+            0,
+            "the handler program ignores {signal}: {result}"
+        );
+    }
+}
+
 #[test]
 fn ttin_and_ttou_change_the_number_of_children_never_below_one() {
     let schema = TestSchema::new("sup_ttin");

@@ -22,7 +22,9 @@ use crate::wakeup;
 
 mod signals;
 
-pub use signals::{immediate_stop_requested, install_signal_handlers, stop_requested};
+pub use signals::{
+    immediate_stop_requested, install_signal_handlers, stop_requested, SUPERVISOR_ONLY,
+};
 
 /// Who this child is and what it inherits from its slot.
 pub struct ChildSpec<'a> {

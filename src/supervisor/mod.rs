@@ -545,24 +545,18 @@ impl<'f> Supervisor<'f> {
             .config
             .max_jobs_per_child
             .map(|max| max + fastrand::u64(0..=max / 10));
-        // Age from the fork, never from a fresh heartbeat: heartbeat_ms is left as it was.
-        slot.forked_at_ms.store(monotonic_ms(), Ordering::Release);
-        slot.waiting_until_ms.store(0, Ordering::Release);
-        if previous_generation == 0 {
-            slot.heartbeat_ms.store(monotonic_ms(), Ordering::Release);
-        }
-        match self.fork()? {
+        let previous_state = slot.state();
+        slot.prepare_fork();
+        let forked = self
+            .fork()
+            .inspect_err(|_| slot.set_state(previous_state))?;
+        match forked {
             ForkResult::Child => {
                 let code = self.become_child(index, owner, predecessor, recycle_after_jobs);
                 std::process::exit(code);
             }
             ForkResult::Parent { child } => {
-                slot.generation.store(generation, Ordering::Release);
-                slot.pid.store(child.as_raw(), Ordering::Release);
-                slot.set_state(SlotState::Starting);
-                if previous_generation > 0 {
-                    slot.restarts.fetch_add(1, Ordering::Relaxed);
-                }
+                slot.forked(child.as_raw(), generation);
                 let plan = &mut self.plans[index];
                 plan.pid = Some(child.as_raw());
                 plan.forked_at = Instant::now();
