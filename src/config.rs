@@ -79,6 +79,8 @@ pub struct Config {
     pub handler: HandlerSpec,
     /// Per-task handlers (`task=handler;task=handler`).
     pub routes: Vec<(String, HandlerSpec)>,
+    /// Answer the builtin demo tasks that can harm a worker (`crash`, `spin`, `getenv`).
+    pub demo_tasks: bool,
     /// Environment variables handlers may see although they look like secrets.
     pub handler_pass_env: Vec<String>,
     /// Largest result a handler program may return: an exec program's stdout, a coproc's line.
@@ -367,6 +369,7 @@ impl Config {
             retention: v.seconds("FORKQ_RETENTION_SECONDS", 86_400, 0, 3_650 * 86_400)?,
             handler,
             routes,
+            demo_tasks: v.flag("FORKQ_DEMO_TASKS", false)?,
             handler_pass_env: v
                 .get("FORKQ_HANDLER_PASS_ENV")
                 .map(|raw| {

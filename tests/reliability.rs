@@ -731,6 +731,7 @@ fn wedged_handler_is_detected_killed_and_nothing_else_stalls() {
     let daemon = Daemon::start(
         &schema,
         &[
+            ("FORKQ_DEMO_TASKS", "1"),
             ("FORKQ_HEALTH_STALE_SECONDS", "3"),
             ("FORKQ_CONCURRENCY", "2"),
             ("FORKQ_PREFETCH", "1"),

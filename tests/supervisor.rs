@@ -221,6 +221,7 @@ fn crash_loop_turns_liveness_red_and_heals_after_the_healthy_uptime() {
     let daemon = Daemon::start(
         &schema,
         &[
+            ("FORKQ_DEMO_TASKS", "1"),
             ("FORKQ_CONCURRENCY", "2"),
             ("FORKQ_PREFETCH", "1"),
             ("FORKQ_HEALTHY_UPTIME_SECONDS", "2"),
@@ -269,6 +270,7 @@ fn crash_loop_exit_makes_the_supervisor_exit_70() {
     let mut daemon = Daemon::spawn(
         &schema,
         &[
+            ("FORKQ_DEMO_TASKS", "1"),
             ("FORKQ_CONCURRENCY", "1"),
             ("FORKQ_PREFETCH", "1"),
             ("FORKQ_CRASH_LOOP_EXIT", "1"),
@@ -286,6 +288,7 @@ fn poison_job_is_dead_lettered_while_the_fleet_keeps_going() {
     let daemon = Daemon::start(
         &schema,
         &[
+            ("FORKQ_DEMO_TASKS", "1"),
             ("FORKQ_CONCURRENCY", "4"),
             ("FORKQ_PREFETCH", "1"),
             ("FORKQ_HEALTHY_UPTIME_SECONDS", "2"),
@@ -1186,6 +1189,7 @@ fn systemd_notifications_come_from_the_supervisor_only() {
     let mut daemon = Daemon::start(
         &schema,
         &[
+            ("FORKQ_DEMO_TASKS", "1"),
             ("FORKQ_CONCURRENCY", "2"),
             ("FORKQ_PREFETCH", "1"),
             ("NOTIFY_SOCKET", &path),

@@ -71,7 +71,7 @@ pub trait Handler {
 /// The handler named by `FORKQ_HANDLER` or a route.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum HandlerSpec {
-    /// The builtin tasks `noop`, `sleep`, `fail`, `crash`.
+    /// The builtin tasks `noop`, `sleep`, `fail` (and the demo tasks with `FORKQ_DEMO_TASKS=1`).
     Builtin,
     /// One program per job (argv, never a shell).
     Exec(Vec<String>),
@@ -148,7 +148,7 @@ impl Router {
 /// A fresh handler for `spec`.
 fn build(spec: &HandlerSpec, config: &crate::config::Config) -> Box<dyn Handler> {
     match spec {
-        HandlerSpec::Builtin => Box::new(builtin::Builtin),
+        HandlerSpec::Builtin => Box::new(builtin::Builtin::new(config)),
         HandlerSpec::Exec(argv) => Box::new(exec::Exec::new(argv.clone(), config)),
         HandlerSpec::Coproc(argv) => Box::new(coproc::Coproc::new(argv.clone(), config)),
     }
