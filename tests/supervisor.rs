@@ -766,14 +766,6 @@ fn sighup_replaces_every_child_one_by_one() {
     );
 }
 
-/// A process's state letter from /proc (`T`: stopped), or '?' when it is gone.
-fn process_state(pid: i32) -> char {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| stat.rsplit(')').next()?.trim_start().chars().next())
-        .unwrap_or('?')
-}
-
 /// Signals sent to the daemon's whole process group (a terminal's hang-up, `kill -HUP -PGID`,
 /// job control's TTIN and TTOU) are the supervisor's to act on (one child more, one less, a
 /// rolling restart): the children and the probe ignore them, so none is stopped and none dies of
@@ -793,7 +785,7 @@ fn signals_to_the_whole_process_group_are_the_supervisors_alone() {
     let stopped = |daemon: &Daemon| -> Vec<i32> {
         children_of(daemon.pid())
             .into_iter()
-            .filter(|&p| process_state(p) == 'T')
+            .filter(|&p| common::process_state(p) == Some('T'))
             .collect()
     };
     for (signal, fleet) in [(Signal::SIGTTIN, 3), (Signal::SIGTTOU, 2)] {
