@@ -378,7 +378,9 @@ fn main() -> ExitCode {
         return ExitCode::from(code.clamp(0, 255) as u8);
     }
     if let Command::Run = cli.command {
-        let code = forkq::run(config, |_| Box::new(Builtin) as Box<dyn Handler>);
+        let code = forkq::run(config, |config| {
+            Box::new(Builtin::new(config)) as Box<dyn Handler>
+        });
         return ExitCode::from(code.clamp(0, 255) as u8);
     }
     exit_code(command(cli.command, &config))

@@ -86,9 +86,15 @@ pub fn wake_one_idle(table: &SlotTable, except: Option<usize>) -> bool {
 /// database's CPU; taking turns keeps that walk short. The count is read, not locked, so it may
 /// admit one or two more than `max` in a race: it shapes load, it is no correctness bound. The
 /// supervisor clears a dead child's flag when it reaps it, so no turn is ever lost.
+///
+/// Waiting here is being alive, so the waiter heartbeats: a turn is held only by a child that is
+/// itself alive (beating, or in a bounded database call) or about to be killed as stuck, which
+/// frees its turn; during a database outage the holders retry their connection, heartbeating,
+/// and the waiters wait as long, heartbeating too.
 pub fn claim_gate_enter(table: &SlotTable, index: usize, max: usize) {
     let slot = &table.slots[index];
     loop {
+        slot.beat();
         let seen = table.header.claim_done.load(Ordering::Acquire);
         let busy = table
             .active()

@@ -1045,7 +1045,7 @@ fn maintenance_purges_archived_jobs_after_retention() {
             ids[0], ids[2], ids[3]
         ),
     );
-    let report = maintenance::run_pass(&mut connect(), s, Duration::from_secs(86_400))
+    let report = maintenance::run_pass(&mut connect(), s, Duration::from_secs(86_400), &mut || {})
         .unwrap()
         .expect("the maintenance lock was free");
     assert_eq!(report.purged, 2);
@@ -1069,7 +1069,7 @@ fn maintenance_purges_archived_jobs_after_retention() {
         .get(0);
     assert!(locked);
     assert!(
-        maintenance::run_pass(&mut connect(), s, Duration::from_secs(1))
+        maintenance::run_pass(&mut connect(), s, Duration::from_secs(1), &mut || {})
             .unwrap()
             .is_none()
     );
@@ -1369,9 +1369,14 @@ fn a_cancel_reaches_jobs_claimed_ahead_at_the_next_round() {
         "cancelled before it started, uncharged: {job}"
     );
     // Folding the changes keeps the count.
-    maintenance::run_pass(&mut connect(), &schema.name, Duration::from_secs(60))
-        .unwrap()
-        .unwrap();
+    maintenance::run_pass(
+        &mut connect(),
+        &schema.name,
+        Duration::from_secs(60),
+        &mut || {},
+    )
+    .unwrap()
+    .unwrap();
     assert_eq!(schema.count("SELECT count(*) FROM {s}.changes"), 1);
     assert_eq!(c.settle_and_claim(&[], 0).unwrap().changes, next.changes);
 }

@@ -17,13 +17,15 @@ use crate::config::Config;
 use crate::handler::{process, Handler, Job, JobContext, Outcome};
 use crate::logging::{self, Activity};
 use crate::queue::consumer::{Ack, Claimed, Consumer, Round, Settlement};
-use crate::queue::{maintenance, QueueError};
+use crate::queue::{maintenance, QueueError, WorkerTimeouts};
 use crate::slots::{monotonic_ms, take_turn, Header, Slot, SlotState, SlotTable};
 use crate::wakeup;
 
 mod signals;
 
-pub use signals::{immediate_stop_requested, install_signal_handlers, stop_requested};
+pub use signals::{
+    immediate_stop_requested, install_signal_handlers, stop_requested, SUPERVISOR_ONLY,
+};
 
 /// Who this child is and what it inherits from its slot.
 pub struct ChildSpec<'a> {
@@ -277,6 +279,8 @@ impl Worker<'_> {
             // would fail again at every re-run.
             process::storable(outcome)
         };
+        // The handler is done with its programs for this job (see runs_in_process_group).
+        self.slot.handler_pgid.store(0, Ordering::Release);
         let elapsed = started.elapsed();
         self.current = None;
         self.last_job_took = elapsed;
@@ -624,34 +628,66 @@ impl Worker<'_> {
         }
     }
 
-    /// Runs the maintenance pass when this host's turn has come.
+    /// Runs the maintenance pass when this host's turn has come. Not through [`Self::db`]: a
+    /// pass that fails (a statement timed out, the connection dropped) is given up until the next
+    /// interval, never retried on the spot, so maintenance cannot keep this child from its jobs;
+    /// each of its statements is announced in the slot, so it cannot get the child killed either.
     fn maybe_run_maintenance(&mut self) {
-        if !take_turn(&self.header.maintenance_ms, maintenance::INTERVAL) {
+        if self.db.is_none() || !take_turn(&self.header.maintenance_ms, maintenance::INTERVAL) {
             return;
         }
-        let schema = self.config.schema.clone();
-        let retention = self.config.retention;
-        match self.db(|db| maintenance::run_pass(db.client(), &schema, retention)) {
+        let slot = self.slot;
+        let statement = WorkerTimeouts::new(self.config.health_stale).text_statement();
+        let db = self.db.as_mut().expect("checked above");
+        let pass = maintenance::run_pass(
+            db.client(),
+            &self.config.schema,
+            self.config.retention,
+            &mut || slot.wait_on_database(statement),
+        );
+        slot.database_returned();
+        // The next turn counts from the end of this pass, so a pass that blocks until its
+        // statement timeout still leaves the host an interval of work between two.
+        self.header
+            .maintenance_ms
+            .store(monotonic_ms(), Ordering::Release);
+        match pass {
             Ok(Some(report)) if report.changed_jobs() => log::info!("maintenance: {report}"),
             // Vacuums and expired unique windows alone are routine: not worth a line at info level.
             Ok(Some(report)) if !report.vacuumed.is_empty() || report.windows_purged > 0 => {
                 log::debug!("maintenance: {report}")
             }
             Ok(_) => {}
-            Err(e) => log::warn!("maintenance pass failed: {e}"),
+            Err(e) => {
+                if e.is_connection_lost() {
+                    // The next claim reconnects (and gives back what it finds under our name).
+                    self.db = None;
+                    self.lost_connection = true;
+                }
+                log::warn!(
+                    "maintenance pass failed, skipped until the next one in {:?}: {e}",
+                    maintenance::INTERVAL
+                );
+            }
         }
     }
 
-    /// Runs `op` on the connection, opening or re-opening it with backoff while the database is
-    /// unreachable (heartbeating meanwhile). Errors other than a lost connection are returned.
+    /// Runs `op` (one round trip) on the connection, opening or re-opening it with backoff while
+    /// the database is unreachable (heartbeating meanwhile). Errors other than a lost connection
+    /// are returned. Each blocking call is announced in the slot with its bound.
     fn db<T>(
         &mut self,
         mut op: impl FnMut(&mut Consumer) -> Result<T, QueueError>,
     ) -> Result<T, QueueError> {
+        let timeouts = WorkerTimeouts::new(self.config.health_stale);
         let mut failures = 0u32;
         loop {
             if self.db.is_none() {
-                match self.reconnect() {
+                self.slot
+                    .wait_on_database(timeouts.connect() + timeouts.text_statement());
+                let connected = self.reconnect();
+                self.slot.database_returned();
+                match connected {
                     Ok(db) => {
                         if failures > 0 {
                             log::info!("worker {} reconnected to the database", self.owner);
@@ -667,7 +703,10 @@ impl Worker<'_> {
                 }
             }
             let db = self.db.as_mut().expect("connected above");
-            match op(db) {
+            self.slot.wait_on_database(timeouts.round_trip());
+            let done = op(db);
+            self.slot.database_returned();
+            match done {
                 Ok(v) => return Ok(v),
                 Err(e) if e.is_connection_lost() => {
                     self.db = None;
@@ -747,6 +786,13 @@ impl JobContext for Context<'_, '_> {
 
     fn timeout(&self) -> Option<Duration> {
         self.worker.config.job_timeout
+    }
+
+    fn runs_in_process_group(&mut self, pgid: u32) {
+        self.worker
+            .slot
+            .handler_pgid
+            .store(pgid as i32, Ordering::Release);
     }
 }
 

@@ -162,9 +162,9 @@ impl Consumer {
     /// supervisor boot, slot and generation).
     pub fn connect(config: &Config, owner: &str) -> Result<Consumer, QueueError> {
         // A worker cannot heartbeat while it waits on the database, so every wait on it is
-        // bounded well inside the stale window: a slow or partitioned database makes the child
-        // reconnect (heartbeating meanwhile), never look wedged.
-        let budget = (config.health_stale / 3).max(Duration::from_secs(2));
+        // bounded (see WorkerTimeouts) and announced in its slot: a slow or partitioned database
+        // makes the child reconnect (heartbeating meanwhile), never look wedged.
+        let budget = super::WorkerTimeouts::new(config.health_stale).budget;
         let mut client = connect_with_timeout(&config.database_url, "forkq worker", budget)?;
         // Delivery is at least once anyway: an ack or claim lost in a database crash only makes
         // its job run again, exactly as a worker crash before the ack would (and the worker gives

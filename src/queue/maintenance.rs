@@ -69,14 +69,19 @@ impl std::fmt::Display for Report {
 /// Runs every service once, if no other process holds the maintenance lock. Returns `None`
 /// when another holder had it. Each service runs in short transactions of its own (under the
 /// same lock, taken per transaction, so it also works behind a pooler in transaction mode), and
-/// the vacuums outside any.
+/// the vacuums outside any. `before_each` is called before every round trip, so a worker can
+/// announce how long that one may block it (each is bounded by the connection's timeouts; a pass
+/// has several). An error ends the pass (the transaction at hand rolled back); the caller gives it
+/// up until the next interval rather than retrying a statement that timed out.
 pub fn run_pass(
     client: &mut Client,
     schema: &str,
     retention: Duration,
+    before_each: &mut dyn FnMut(),
 ) -> Result<Option<Report>, QueueError> {
     let retain = !retention.is_zero();
-    let Some(rescued) = locked(client, schema, |tx| {
+    let Some(rescued) = locked(client, schema, before_each, |tx, before_each| {
+        before_each();
         Ok(tx
             .query_one(&render(sql::RESCUE_EXPIRED, schema), &[&retain])?
             .get(0))
@@ -86,10 +91,12 @@ pub fn run_pass(
     };
     let mut report = Report {
         rescued,
-        purged: purge_archive(client, schema, retention)?,
-        windows_purged: purge_windows(client, schema)?,
-        batches_repaired: locked(client, schema, |tx| {
+        purged: purge_archive(client, schema, retention, before_each)?,
+        windows_purged: purge_windows(client, schema, before_each)?,
+        batches_repaired: locked(client, schema, before_each, |tx, before_each| {
+            before_each();
             let repaired = repair_batches(tx, schema, retain)?;
+            before_each();
             tx.execute(&render(sql::COMPACT_CHANGES, schema), &[])?;
             Ok(repaired)
         })?
@@ -97,7 +104,7 @@ pub fn run_pass(
         vacuumed: Vec::new(),
     };
     for (table, base, fraction) in VACUUMED {
-        if vacuum_if_bloated(client, schema, table, base, fraction)? {
+        if vacuum_if_bloated(client, schema, table, base, fraction, before_each)? {
             report.vacuumed.push(table);
         }
     }
@@ -105,13 +112,16 @@ pub fn run_pass(
 }
 
 /// Runs `work` in a transaction holding the maintenance lock; `None` when another process holds
-/// it.
+/// it. `before_each` announces every round trip (`work` calls it before each of its own).
 fn locked<T>(
     client: &mut Client,
     schema: &str,
-    work: impl FnOnce(&mut postgres::Transaction<'_>) -> Result<T, QueueError>,
+    before_each: &mut dyn FnMut(),
+    work: impl FnOnce(&mut postgres::Transaction<'_>, &mut dyn FnMut()) -> Result<T, QueueError>,
 ) -> Result<Option<T>, QueueError> {
+    before_each();
     let mut tx = client.transaction()?;
+    before_each();
     let got: bool = tx
         .query_one(
             sql::TRY_MAINTENANCE_LOCK,
@@ -121,7 +131,8 @@ fn locked<T>(
     if !got {
         return Ok(None);
     }
-    let out = work(&mut tx)?;
+    let out = work(&mut tx, before_each)?;
+    before_each();
     tx.commit()?;
     Ok(Some(out))
 }
@@ -132,13 +143,16 @@ fn purge_archive(
     client: &mut Client,
     schema: &str,
     retention: Duration,
+    before_each: &mut dyn FnMut(),
 ) -> Result<u64, QueueError> {
     let started = Instant::now();
+    before_each();
     client.execute(&render(sql::SUMMARIZE_ARCHIVE, schema), &[])?;
     let purge = render(sql::PURGE_EXPIRED_ARCHIVE, schema);
     let mut purged = 0;
     loop {
-        let chunk = locked(client, schema, |tx| {
+        let chunk = locked(client, schema, before_each, |tx, before_each| {
+            before_each();
             Ok(tx.execute(&purge, &[&retention.as_secs_f64(), &(PURGE_CHUNK as i64)])?)
         })?
         .unwrap_or(0);
@@ -151,8 +165,13 @@ fn purge_archive(
 
 /// The unique-window service: deletes one chunk of expired unique windows per pass, in a
 /// transaction of its own.
-fn purge_windows(client: &mut Client, schema: &str) -> Result<u64, QueueError> {
-    Ok(locked(client, schema, |tx| {
+fn purge_windows(
+    client: &mut Client,
+    schema: &str,
+    before_each: &mut dyn FnMut(),
+) -> Result<u64, QueueError> {
+    Ok(locked(client, schema, before_each, |tx, before_each| {
+        before_each();
         Ok(tx.execute(&render(sql::PURGE_EXPIRED_WINDOWS, schema), &[])?)
     })?
     .unwrap_or(0))
@@ -178,8 +197,10 @@ fn vacuum_if_bloated(
     table: &str,
     base: i64,
     fraction: f64,
+    before_each: &mut dyn FnMut(),
 ) -> Result<bool, QueueError> {
     let relation = format!("{}.{table}", render("{s}", schema));
+    before_each();
     let dead: Option<i64> = client
         .query_opt(
             "SELECT n_dead_tup FROM pg_stat_user_tables
@@ -190,6 +211,7 @@ fn vacuum_if_bloated(
     let Some(dead) = dead else {
         return Ok(false);
     };
+    before_each();
     match client.batch_execute(&format!("VACUUM (SKIP_LOCKED) {relation}")) {
         Ok(()) => {
             log::debug!("vacuumed {relation}: {dead} dead rows");

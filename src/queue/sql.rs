@@ -27,9 +27,13 @@ pub fn advisory_key(purpose: &str, schema: &str) -> i64 {
     hash as i64
 }
 
-/// The LISTEN/NOTIFY channel of a schema.
+/// What the LISTEN/NOTIFY channel of a schema starts with.
+pub const CHANNEL_PREFIX: &str = "forkq_";
+
+/// The LISTEN/NOTIFY channel of a schema: an identifier too, so a schema name is bounded by it
+/// (see [`crate::config::MAX_SCHEMA_BYTES`]).
 pub fn channel(schema: &str) -> String {
-    format!("forkq_{schema}")
+    format!("{CHANNEL_PREFIX}{schema}")
 }
 
 /// Enqueues one job through the SQL function that every producer shares; answers its id and
@@ -197,6 +201,35 @@ pub const PURGE_EXPIRED_WINDOWS: &str = "
     DELETE FROM {s}.unique_windows
     WHERE key IN (SELECT key FROM {s}.unique_windows WHERE expires_at < now()
                   LIMIT 10000 FOR UPDATE SKIP LOCKED)";
+
+/// What a session sees of the server's connections (see `queue::capacity`): the port the server
+/// listens on, whether this session's backend was started within the last `$1` seconds (not a
+/// pooled one), `max_connections`, the slots this role cannot use, the client connections in use
+/// by others, and what the role's and the database's `CONNECTION LIMIT` leave (NULL: none).
+/// Superusers may use the reserved slots and ignore the limits.
+pub const CONNECTION_HEADROOM: &str = "
+    SELECT current_setting('port')::int AS port,
+           s.backend_start > now() - make_interval(secs => $1) AS own_session,
+           current_setting('max_connections')::int AS max_connections,
+           CASE WHEN r.rolsuper THEN 0
+                ELSE current_setting('superuser_reserved_connections')::int
+                     + coalesce(current_setting('reserved_connections', true), '0')::int
+           END AS reserved,
+           (SELECT count(*) FROM pg_stat_activity
+            WHERE backend_type = 'client backend')::int - 1 AS in_use,
+           CASE WHEN r.rolsuper OR r.rolconnlimit < 0 THEN NULL
+                ELSE r.rolconnlimit + 1
+                     - (SELECT count(*) FROM pg_stat_activity
+                        WHERE usesysid = r.oid AND backend_type = 'client backend')::int
+           END AS role_free,
+           CASE WHEN r.rolsuper OR d.datconnlimit < 0 THEN NULL
+                ELSE d.datconnlimit + 1
+                     - (SELECT count(*) FROM pg_stat_activity
+                        WHERE datid = d.oid AND backend_type = 'client backend')::int
+           END AS database_free
+    FROM pg_stat_activity s, pg_roles r, pg_database d
+    WHERE s.pid = pg_backend_pid() AND r.rolname = current_user
+      AND d.datname = current_database()";
 
 /// Takes the maintenance lock for the rest of the transaction, if no one else holds it.
 pub const TRY_MAINTENANCE_LOCK: &str = "SELECT pg_try_advisory_xact_lock($1)";

@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 
@@ -48,6 +48,16 @@ const PROBE_RESTART_DELAY: Duration = Duration::from_millis(200);
 pub(crate) const TIMEOUT_KILL_GRACE: Duration = Duration::from_secs(2);
 /// The loop's longest sleep: stale heartbeats and job timeouts are checked at least this often.
 const TICK: Duration = Duration::from_secs(1);
+/// After the shutdown deadline's SIGKILL, the longest wait for the killed children to be reaped.
+pub const SHUTDOWN_REAP_LIMIT: Duration = Duration::from_secs(2);
+/// The longest the shutdown releaser may take to give back the jobs of killed children.
+pub const SHUTDOWN_RELEASER_LIMIT: Duration = Duration::from_secs(5);
+/// The longest a stop lasts beyond `FORKQ_SHUTDOWN_GRACE_SECONDS`: reaping what the deadline
+/// killed, the releaser, and a second for stopping the probe and exiting. A service manager's stop
+/// timeout must be at least the grace plus this, or it kills jobs the daemon was about to give
+/// back. (Only a child stuck in the kernel, which even SIGKILL cannot end, makes it longer.)
+pub const STOP_OVERHEAD: Duration =
+    Duration::from_secs(SHUTDOWN_REAP_LIMIT.as_secs() + SHUTDOWN_RELEASER_LIMIT.as_secs() + 1);
 
 /// Runs the fleet until it is stopped; returns the process exit code.
 pub fn run(config: Config, factory: &HandlerFactory) -> i32 {
@@ -366,8 +376,18 @@ impl<'f> Supervisor<'f> {
         slot.last_exit
             .store(signal.map_or(code, |s| -(s as i32)), Ordering::Release);
         slot.pid.store(0, Ordering::Release);
+        // Its handler program's group outlives it (only the program itself dies with it): kill
+        // it now, before the successor forked below releases the job to run again.
+        let pgid = slot.handler_pgid.swap(0, Ordering::AcqRel);
+        if pgid > 0 && killpg(Pid::from_raw(pgid), Signal::SIGKILL).is_ok() {
+            log::info!(
+                "child {index} (pid {pid}) {how}; killed its handler's process group {pgid}"
+            );
+        }
         // A child killed in the middle of a claim must not keep its turn (see wakeup::claim_gate_enter).
         slot.in_claim.store(false, Ordering::Release);
+        // Nor its promise that a database call would return: the slot ages from its last beat.
+        slot.waiting_until_ms.store(0, Ordering::Release);
         let plan = &mut self.plans[index];
         let uptime = now.saturating_duration_since(plan.forked_at);
         plan.exit_expected |= clean;
@@ -543,23 +563,18 @@ impl<'f> Supervisor<'f> {
             .config
             .max_jobs_per_child
             .map(|max| max + fastrand::u64(0..=max / 10));
-        // Age from the fork, never from a fresh heartbeat: heartbeat_ms is left as it was.
-        slot.forked_at_ms.store(monotonic_ms(), Ordering::Release);
-        if previous_generation == 0 {
-            slot.heartbeat_ms.store(monotonic_ms(), Ordering::Release);
-        }
-        match self.fork()? {
+        let previous_state = slot.state();
+        slot.prepare_fork();
+        let forked = self
+            .fork()
+            .inspect_err(|_| slot.set_state(previous_state))?;
+        match forked {
             ForkResult::Child => {
                 let code = self.become_child(index, owner, predecessor, recycle_after_jobs);
                 std::process::exit(code);
             }
             ForkResult::Parent { child } => {
-                slot.generation.store(generation, Ordering::Release);
-                slot.pid.store(child.as_raw(), Ordering::Release);
-                slot.set_state(SlotState::Starting);
-                if previous_generation > 0 {
-                    slot.restarts.fetch_add(1, Ordering::Relaxed);
-                }
+                slot.forked(child.as_raw(), generation);
                 let plan = &mut self.plans[index];
                 plan.pid = Some(child.as_raw());
                 plan.forked_at = Instant::now();
@@ -720,7 +735,7 @@ impl<'f> Supervisor<'f> {
                     );
                 }
             }
-            self.wait_for_children(Duration::from_secs(2));
+            self.wait_for_children(SHUTDOWN_REAP_LIMIT);
         }
         if self.plans.iter().any(|p| p.pid.is_some()) {
             return None;
@@ -781,7 +796,7 @@ impl<'f> Supervisor<'f> {
             }
             0
         };
-        run_forked("the shutdown releaser", Duration::from_secs(5), release);
+        run_forked("the shutdown releaser", SHUTDOWN_RELEASER_LIMIT, release);
     }
 
     /// Blocks until every child is reaped or `limit` passes (used only after SIGKILL).
@@ -877,13 +892,33 @@ impl<'f> Supervisor<'f> {
     }
 }
 
-/// Checks the database and the schema in a short-lived forked process, so the supervisor itself
-/// never opens a connection. An unreachable database or an old schema stops start-up with 78.
+/// Checks the database, the schema and the connections the fleet needs in a short-lived forked
+/// process, so the supervisor itself never opens a connection. An unreachable database, an old
+/// schema or too few free connections stops start-up with 78.
 fn preflight(config: &Config) -> Result<(), i32> {
-    let check = || match queue::connect(&config.database_url, "forkq preflight")
-        .and_then(|mut c| queue::migrations::require_current(&mut c, &config.schema))
-    {
-        Ok(()) => 0,
+    // One connection per child, two for the probe (readiness and metrics, the wake-up listener).
+    let needed = config.concurrency as i64 + 2;
+    let check = || match check_database(config) {
+        Ok(Some(room)) if room.free < needed => {
+            log::error!(
+                "FORKQ_CONCURRENCY={} needs {needed} connections to PostgreSQL (one per child, \
+                 two for the probe) but only {} are free ({}): lower FORKQ_CONCURRENCY, or make \
+                 room on the server (raise max_connections, stop other clients)",
+                config.concurrency,
+                room.free.max(0),
+                room.bound_by
+            );
+            EX_CONFIG
+        }
+        Ok(room) => {
+            if room.is_none() {
+                log::info!(
+                    "the database URL leads to a connection pooler, not straight to PostgreSQL: \
+                     the fleet's {needed} connections are not checked against the server's"
+                );
+            }
+            0
+        }
         Err(e) if e.is_connection_lost() => {
             log::error!("cannot reach the database at start-up ({e}); check DATABASE_URL and that PostgreSQL is running");
             EX_CONFIG
@@ -905,6 +940,15 @@ fn preflight(config: &Config) -> Result<(), i32> {
         Some(code) => Err(code),
         None => Err(EXIT_STARTUP),
     }
+}
+
+/// In the preflight process: connects, checks the schema, and measures the connection headroom.
+fn check_database(config: &Config) -> Result<Option<queue::capacity::Headroom>, queue::QueueError> {
+    let started = Instant::now();
+    let mut client = queue::connect(&config.database_url, "forkq preflight")?;
+    let connected_in = started.elapsed();
+    queue::migrations::require_current(&mut client, &config.schema)?;
+    queue::capacity::headroom(&config.database_url, connected_in, &mut client)
 }
 
 /// The number of threads of this process, from /proc (None where it cannot be read).

@@ -405,15 +405,18 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 
 /// Whether a process exists (and is not a zombie).
 pub fn process_alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
+    process_state(pid).is_some_and(|state| state != 'Z')
+}
+
+/// A process's state letter from /proc (`R`, `S`, `T` stopped, `Z` zombie…), `None` when gone.
+pub fn process_state(pid: i32) -> Option<char> {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()?
+        .rsplit(')')
+        .next()?
+        .trim_start()
+        .chars()
+        .next()
 }
 
 /// A schema name of its own that is dropped at the end but never migrated, for tests of the
