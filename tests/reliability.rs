@@ -1516,3 +1516,37 @@ fn a_fleet_the_server_has_no_connections_for_does_not_start() {
         "a fleet of 10 did not start on a server of 20 connections"
     );
 }
+
+/// Lease renewals come due between jobs claimed ahead (a short lease, so many renewals): each
+/// renewal must count the job about to start as held, or it gives it back and the job runs twice.
+#[test]
+fn renewals_between_prefetched_jobs_run_each_job_once() {
+    let schema = TestSchema::new("renewonce");
+    let dir = temp_dir("renewonce");
+    let record = dir.join("starts");
+    let handler = stamping_coproc(&dir, &record);
+    schema.enqueue_n("default", "stamp", json!({"ms": 10}), 400);
+    let daemon = Daemon::start(
+        &schema,
+        &[
+            ("FORKQ_HANDLER", handler.as_str()),
+            ("FORKQ_CONCURRENCY", "2"),
+            ("FORKQ_LEASE_SECONDS", "4"),
+        ],
+    );
+    assert!(wait_until(Duration::from_secs(60), || schema
+        .archived("completed")
+        == 400));
+    let mut runs = std::collections::HashMap::new();
+    for (id, _) in stamps(&record) {
+        *runs.entry(id).or_insert(0) += 1;
+    }
+    let twice: Vec<_> = runs.iter().filter(|(_, &n)| n > 1).collect();
+    assert_eq!(runs.len(), 400);
+    assert!(twice.is_empty(), "jobs run more than once: {twice:?}");
+    assert!(
+        !daemon.log_text().contains("refused the result"),
+        "{}",
+        daemon.log_text()
+    );
+}

@@ -16,7 +16,7 @@ use crate::backoff;
 use crate::config::Config;
 use crate::handler::{process, Handler, Job, JobContext, Outcome};
 use crate::logging::{self, Activity};
-use crate::queue::consumer::{Ack, Claimed, Consumer, Round, Settlement};
+use crate::queue::consumer::{Ack, Claimed, Consumer, Settlement};
 use crate::queue::{maintenance, QueueError, WorkerTimeouts};
 use crate::slots::{monotonic_ms, take_turn, Header, Slot, SlotState, SlotTable};
 use crate::wakeup;
@@ -179,24 +179,24 @@ impl Worker<'_> {
             // idle wait short instead of being lost.
             let wake_seen = self.slot.wake.load(Ordering::Acquire);
             let limit = claim_size(self.average_job, self.config.prefetch);
-            let round = self.send_acks_and_claim(limit)?;
-            if round.claimed.is_empty() {
+            let claimed = self.send_acks_and_claim(limit)?;
+            if self.buffer.is_empty() {
                 // An empty claim is this host's latest poll.
                 self.header.poll_ms.store(monotonic_ms(), Ordering::Release);
                 self.wait_idle(wake_seen);
                 continue;
             }
-            if round.claimed.len() == limit {
+            if claimed == limit {
                 // More work is probably waiting: pass the wake-up on to an idle sibling.
                 wakeup::wake_one_idle(self.table, Some(self.index));
             }
-            self.buffer.extend(round.claimed);
-            while let Some(claimed) = self.buffer.pop_front() {
-                if stop_requested() || self.recycling {
-                    self.buffer.push_front(claimed);
-                    break;
-                }
+            while !stop_requested() && !self.recycling {
+                // Renewed while the next job is still in the buffer: whatever a renewal does not
+                // count as held, it gives back.
                 self.renew_if_due();
+                let Some(claimed) = self.buffer.pop_front() else {
+                    break;
+                };
                 if claimed.suspect && !self.report_start(&claimed)? {
                     continue;
                 }
@@ -384,11 +384,13 @@ impl Worker<'_> {
         self.send_acks_and_claim(0).map(|_| ())
     }
 
-    /// Sends the pending acks and claims up to `limit` jobs in one round trip. If the database
-    /// refuses the statement itself (not a lost connection), the acks are sent one by one and
-    /// one it still refuses is dead-lettered with the database's reason, so a single bad result
-    /// can neither hold back the others nor crash this child at every re-run.
-    fn send_acks_and_claim(&mut self, limit: usize) -> Result<Round, QueueError> {
+    /// Sends the pending acks and claims up to `limit` jobs in one round trip; the jobs claimed
+    /// join the buffer at once (so any later round trip counts them as held), and their number is
+    /// returned. If the database refuses the statement itself (not a lost connection), the acks
+    /// are sent one by one and one it still refuses is dead-lettered with the database's reason,
+    /// so a single bad result can neither hold back the others nor crash this child at every
+    /// re-run.
+    fn send_acks_and_claim(&mut self, limit: usize) -> Result<usize, QueueError> {
         // Cloned, not taken: while the database is away, pending acks keep a stopping worker
         // trying until its deadline (see reconnect_pause).
         let acks = self.acks.clone();
@@ -408,37 +410,37 @@ impl Worker<'_> {
             }
             Err(e) if acks.is_empty() || matches!(e, QueueError::Unavailable(_)) => return Err(e),
             Err(e) => {
-                self.acks.clear();
-                self.oldest_ack = None;
                 log::error!(
                     "worker {}: the queue refused {} acknowledgement(s) together ({e}); sending them one by one",
                     self.owner,
                     acks.len()
                 );
+                // Each stays pending (so held, should the connection drop) until it is sent.
                 for ack in acks {
+                    let id = ack.id;
                     self.send_one_ack(ack);
+                    self.acks.retain(|a| a.id != id);
                 }
+                self.oldest_ack = None;
                 self.db(|db| db.settle_and_claim(&[], limit))?
             }
         };
         self.report_refused(&round.refused);
-        let mut round = round;
-        self.drop_cancelled_if_changed(&mut round)?;
-        Ok(round)
+        let claimed = round.claimed.len();
+        self.buffer.extend(round.claimed);
+        self.drop_cancelled_if_changed(round.changes)?;
+        Ok(claimed)
     }
 
     /// When the queue's count of changes moved since the last round (a cancel, a batch stopped by
     /// fail-fast or cancel), ends cancelled the prefetched jobs that must no longer run, so no
-    /// such job starts after this round: the ones waiting in the buffer and the ones just claimed.
-    fn drop_cancelled_if_changed(&mut self, round: &mut Round) -> Result<(), QueueError> {
-        let seen = self.changes_seen.replace(round.changes);
-        if seen.map_or(true, |seen| seen == round.changes) {
+    /// such job starts after this round.
+    fn drop_cancelled_if_changed(&mut self, changes: i64) -> Result<(), QueueError> {
+        let seen = self.changes_seen.replace(changes);
+        if seen.map_or(true, |seen| seen == changes) || self.buffer.is_empty() {
             return Ok(());
         }
-        let held: Vec<Claimed> = self.buffer.iter().chain(&round.claimed).cloned().collect();
-        if held.is_empty() {
-            return Ok(());
-        }
+        let held: Vec<Claimed> = self.buffer.iter().cloned().collect();
         let dropped = self.db(|db| db.drop_cancelled(&held.iter().collect::<Vec<_>>()))?;
         if !dropped.is_empty() {
             log::info!(
@@ -447,7 +449,6 @@ impl Worker<'_> {
                 dropped.len()
             );
             self.buffer.retain(|c| !dropped.contains(&c.job.id));
-            round.claimed.retain(|c| !dropped.contains(&c.job.id));
         }
         Ok(())
     }
@@ -562,9 +563,8 @@ impl Worker<'_> {
             return;
         }
         self.looked_ahead = true;
-        match self.send_acks_and_claim(1) {
-            Ok(round) => self.buffer.extend(round.claimed),
-            Err(e) => log::warn!("worker {}: could not claim ahead: {e}", self.owner),
+        if let Err(e) = self.send_acks_and_claim(1) {
+            log::warn!("worker {}: could not claim ahead: {e}", self.owner);
         }
     }
 

@@ -357,7 +357,8 @@ $$;
 -- p_keep: one worker (owners end with '/', so a whole owner names only itself), or every past
 -- occupant of a slot (the slot's prefix), so jobs of a child that died before it could release its
 -- own predecessor's come back too. The job in flight (p_in_flight, 0 for none) keeps the attempt it
--- was charged and is dead-lettered with p_error when it has no attempts left; the others never
+-- was charged and is dead-lettered with p_error when it has no attempts left, else queued behind
+-- the jobs already waiting at its priority; the others never
 -- started (or finished and their acknowledgement was lost) and go back uncharged, except those
 -- cancelled meanwhile, which end cancelled instead of running later. Returns how many jobs went back
 -- to the queue.
@@ -389,9 +390,11 @@ BEGIN
                            array_fill(NULL::jsonb, ARRAY[cardinality(done_ids)]),
                            p_retain);
     END IF;
+    -- The job in flight goes behind the jobs already waiting at its priority (it may be what
+    -- killed its worker; others should not wait on it); the rest keep their place.
     UPDATE {s}.jobs j
     SET state = 'available',
-        run_at = least(j.run_at, now()),
+        run_at = CASE WHEN j.id = p_in_flight THEN now() ELSE least(j.run_at, now()) END,
         attempt = CASE WHEN j.id = p_in_flight THEN j.attempt ELSE greatest(j.attempt - 1, 0) END,
         last_error = CASE WHEN j.id = p_in_flight THEN coalesce(p_error, j.last_error)
                           ELSE j.last_error END,
