@@ -245,6 +245,13 @@ fn default_concurrency() -> i64 {
 }
 
 impl Config {
+    /// Connections the probe process holds: readiness and metrics, the wake-up listener (unless
+    /// `FORKQ_LISTEN=0`), the hosts table, and the schedules ticker when there are schedules. A
+    /// fleet needs `concurrency` + this many.
+    pub fn probe_connections(&self) -> usize {
+        2 + usize::from(self.listen) + usize::from(!self.schedules.is_empty())
+    }
+
     /// Reads and validates the process environment.
     pub fn from_env() -> Result<Config, ConfigError> {
         Config::from_vars(std::env::vars().collect())

@@ -1501,7 +1501,7 @@ fn a_fleet_the_server_has_no_connections_for_does_not_start() {
     assert_eq!(child.0.wait().unwrap().code(), Some(78), "{text}");
     let said = text
         .lines()
-        .find(|l| l.contains("FORKQ_CONCURRENCY=30 needs 32 connections"))
+        .find(|l| l.contains("FORKQ_CONCURRENCY=30 needs 33 connections"))
         .unwrap_or_else(|| panic!("no message naming the need; log:\n{text}"));
     println!("30 children, max_connections 20: exit 78: {said}");
     assert!(said.contains("only 20 are free"), "{said}");

@@ -896,14 +896,14 @@ impl<'f> Supervisor<'f> {
 /// process, so the supervisor itself never opens a connection. An unreachable database, an old
 /// schema or too few free connections stops start-up with 78.
 fn preflight(config: &Config) -> Result<(), i32> {
-    // One connection per child, two for the probe (readiness and metrics, the wake-up listener).
-    let needed = config.concurrency as i64 + 2;
+    let probe = config.probe_connections();
+    let needed = (config.concurrency + probe) as i64;
     let check = || match check_database(config) {
         Ok(Some(room)) if room.free < needed => {
             log::error!(
                 "FORKQ_CONCURRENCY={} needs {needed} connections to PostgreSQL (one per child, \
-                 two for the probe) but only {} are free ({}): lower FORKQ_CONCURRENCY, or make \
-                 room on the server (raise max_connections, stop other clients)",
+                 {probe} for the probe) but only {} are free ({}): lower FORKQ_CONCURRENCY, or \
+                 make room on the server (raise max_connections, stop other clients)",
                 config.concurrency,
                 room.free.max(0),
                 room.bound_by
