@@ -172,9 +172,13 @@ impl Worker<'_> {
         // Until here the slot still named the predecessor's job in flight, so that if this child
         // died before releasing, its successor would still charge the right job.
         self.slot.job_id.store(0, Ordering::Release);
+        let mut woken = false;
         while !stop_requested() && !self.recycling {
-            self.maybe_run_maintenance();
-            self.maybe_promote_due()?;
+            // A child woken for new work claims it first; idle children do the chores.
+            if !woken {
+                self.maybe_run_maintenance();
+                self.maybe_promote_due()?;
+            }
             // Read before the claim: a wake-up that arrives during an empty claim then cuts the
             // idle wait short instead of being lost.
             let wake_seen = self.slot.wake.load(Ordering::Acquire);
@@ -183,9 +187,10 @@ impl Worker<'_> {
             if self.buffer.is_empty() {
                 // An empty claim is this host's latest poll.
                 self.header.poll_ms.store(monotonic_ms(), Ordering::Release);
-                self.wait_idle(wake_seen);
+                woken = self.wait_idle(wake_seen)?;
                 continue;
             }
+            woken = false;
             if claimed == limit {
                 // More work is probably waiting: pass the wake-up on to an idle sibling.
                 wakeup::wake_one_idle(self.table, Some(self.index));
@@ -608,21 +613,28 @@ impl Worker<'_> {
     }
 
     /// Sleeps until woken (an enqueue notification relayed by the listener, or a sibling with
-    /// more work than it can take), a signal, or this child's turn to poll; heartbeats meanwhile.
-    /// One idle child per host polls the database per `FORKQ_POLL_INTERVAL_MS` (for scheduled
-    /// jobs that became due, and as the fallback when notifications are off), not every child.
-    fn wait_idle(&mut self, wake_seen: u32) {
+    /// more work than it can take), a signal, or this child's turn to poll; heartbeats meanwhile,
+    /// and does the host's chores (maintenance, promoting due jobs) when their turn comes, so a
+    /// child woken for work never does them first. One idle child per host polls the database per
+    /// `FORKQ_POLL_INTERVAL_MS` (as the fallback when notifications are off), not every child.
+    /// Returns whether a wake-up ended the wait.
+    fn wait_idle(&mut self, wake_seen: u32) -> Result<bool, QueueError> {
         let _idle = logging::activity(Activity::Idle);
         self.slot.set_state(SlotState::Idle);
         self.slot.beat();
         let slice = self.config.poll_interval.min(IDLE_SLICE);
         loop {
-            if stop_requested()
-                || self.slot.wake.load(Ordering::Acquire) != wake_seen
-                || take_turn(&self.header.poll_ms, self.config.poll_interval)
-            {
-                return;
+            if self.slot.wake.load(Ordering::Acquire) != wake_seen {
+                return Ok(true);
             }
+            if stop_requested() || take_turn(&self.header.poll_ms, self.config.poll_interval) {
+                return Ok(false);
+            }
+            // Busy meanwhile, so a wake-up goes to a child that can take it at once.
+            self.slot.set_state(SlotState::Claiming);
+            self.maybe_run_maintenance();
+            self.maybe_promote_due()?;
+            self.slot.set_state(SlotState::Idle);
             wakeup::wait(&self.slot.wake, wake_seen, slice);
             self.slot.beat();
         }
