@@ -24,9 +24,12 @@
 
 pub mod backoff;
 pub mod child;
+pub mod claim_gate;
 pub mod client;
 pub mod config;
 pub mod dashboard;
+mod database_hooks;
+pub mod futex;
 pub mod handler;
 pub mod host;
 pub mod logging;
@@ -59,7 +62,7 @@ where
     let routed = move |config: &Config| -> Box<dyn Handler> {
         Box::new(handler::Router::new(config, || factory(config)))
     };
-    supervisor::run(config, &routed)
+    supervisor::run(config, &routed, database_hooks::HOOKS)
 }
 
 /// Prints a configuration error and exits with code 78 (`EX_CONFIG`).

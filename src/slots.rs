@@ -138,7 +138,7 @@ pub struct Slot {
     pub retried: AtomicU64,
     /// Claim round trips sent to the database from this slot (busy or idle polling).
     pub claims: AtomicU64,
-    /// Set while this slot's child waits on a claim round trip (see [`crate::wakeup::claim_gate_enter`]).
+    /// Set while this slot's child waits on a claim round trip (see [`crate::claim_gate::enter`]).
     pub in_claim: AtomicBool,
     /// Deaths in a row that came before the healthy uptime.
     pub fast_crashes: AtomicU32,

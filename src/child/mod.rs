@@ -19,7 +19,7 @@ use crate::logging::{self, Activity};
 use crate::queue::consumer::{Ack, Claimed, Consumer, Settlement};
 use crate::queue::{maintenance, QueueError, WorkerTimeouts};
 use crate::slots::{monotonic_ms, take_turn, Header, Slot, SlotState, SlotTable};
-use crate::wakeup;
+use crate::{claim_gate, futex, wakeup};
 
 mod signals;
 
@@ -401,11 +401,11 @@ impl Worker<'_> {
         let acks = self.acks.clone();
         if limit > 0 {
             self.slot.claims.fetch_add(1, Ordering::Relaxed);
-            wakeup::claim_gate_enter(self.table, self.index, self.max_claimers);
+            claim_gate::enter(self.table, self.index, self.max_claimers);
         }
         let sent = self.db(|db| db.settle_and_claim(&acks, limit));
         if limit > 0 {
-            wakeup::claim_gate_leave(self.table, self.index);
+            claim_gate::leave(self.table, self.index);
         }
         let round = match sent {
             Ok(round) => {
@@ -635,7 +635,7 @@ impl Worker<'_> {
             self.maybe_run_maintenance();
             self.maybe_promote_due()?;
             self.slot.set_state(SlotState::Idle);
-            wakeup::wait(&self.slot.wake, wake_seen, slice);
+            futex::wait(&self.slot.wake, wake_seen, slice);
             self.slot.beat();
         }
     }
