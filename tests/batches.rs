@@ -493,7 +493,7 @@ fn repair_fixes_a_parent_whose_counters_were_corrupted_by_hand() {
             .unwrap();
     };
     let pass = || {
-        maintenance::run_pass(&mut connect(), &schema.name, retention)
+        maintenance::run_pass(&mut connect(), &schema.name, retention, &mut || {})
             .unwrap()
             .expect("maintenance lock free")
     };

@@ -268,8 +268,8 @@ fn a_long_job_keeps_its_lease_through_pgbouncer() {
     // Enqueued before the fleet starts, so a child claims it in its first round.
     let id = enqueue_sleep(&schema, &env, 7000);
     let mut extra = pairs(&env);
-    // Renewed every second; without renewals the maintenance pass would take it back after 3.
-    extra.push(("FORKQ_LEASE_SECONDS", "3"));
+    // Renewed every 1.3 s; without renewals the maintenance pass would take it back after 4.
+    extra.push(("FORKQ_LEASE_SECONDS", "4"));
     let daemon = Daemon::start(&schema, &extra);
     let job = archived(&schema, id, Duration::from_secs(40));
     assert_eq!(job["state"], "completed", "{job}");
@@ -345,9 +345,14 @@ fn every_consumer_statement_and_the_maintenance_pass_work_through_pgbouncer() {
         &format!("UPDATE {{s}}.jobs SET lease_expires_at = now() - interval '1 s' WHERE id = {e}"),
     );
     let mut maintainer = pooled_client();
-    let report = maintenance::run_pass(&mut maintainer, &schema.name, Duration::from_secs(3600))
-        .unwrap()
-        .expect("nobody else holds the maintenance lock");
+    let report = maintenance::run_pass(
+        &mut maintainer,
+        &schema.name,
+        Duration::from_secs(3600),
+        &mut || {},
+    )
+    .unwrap()
+    .expect("nobody else holds the maintenance lock");
     assert_eq!(report.rescued, 1, "{report}");
     assert_eq!(schema.job(e).unwrap()["state"], "available");
 }

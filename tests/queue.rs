@@ -1045,7 +1045,7 @@ fn maintenance_purges_archived_jobs_after_retention() {
             ids[0], ids[2], ids[3]
         ),
     );
-    let report = maintenance::run_pass(&mut connect(), s, Duration::from_secs(86_400))
+    let report = maintenance::run_pass(&mut connect(), s, Duration::from_secs(86_400), &mut || {})
         .unwrap()
         .expect("the maintenance lock was free");
     assert_eq!(report.purged, 2);
@@ -1069,7 +1069,7 @@ fn maintenance_purges_archived_jobs_after_retention() {
         .get(0);
     assert!(locked);
     assert!(
-        maintenance::run_pass(&mut connect(), s, Duration::from_secs(1))
+        maintenance::run_pass(&mut connect(), s, Duration::from_secs(1), &mut || {})
             .unwrap()
             .is_none()
     );
@@ -1341,4 +1341,68 @@ fn client_api_enqueues_through_its_pool() {
         .enqueue(&NewJob::new("default", "noop", json!("x".repeat(2 << 20))))
         .unwrap_err();
     assert!(err.to_string().contains("FORKQ_MAX_PAYLOAD_BYTES"), "{err}");
+}
+
+#[test]
+fn a_cancel_reaches_jobs_claimed_ahead_at_the_next_round() {
+    let schema = TestSchema::new("changes");
+    let ids: Vec<i64> = (0..3)
+        .map(|_| enqueue(&schema, NewJob::new("default", "noop", json!({}))))
+        .collect();
+    let mut c = consumer(&schema, "w", &[]);
+    let first = c.settle_and_claim(&[], 3).unwrap();
+    assert_eq!(first.claimed.len(), 3);
+    // Nothing changed: the next round reports the same count.
+    assert_eq!(c.settle_and_claim(&[], 0).unwrap().changes, first.changes);
+    assert_eq!(
+        admin::cancel(&mut connect(), &schema.name, ids[1], true).unwrap(),
+        Some("cancelling".to_string())
+    );
+    let next = c.settle_and_claim(&[], 0).unwrap();
+    assert_eq!(next.changes, first.changes + 1, "the cancel is a change");
+    let held: Vec<&Claimed> = first.claimed.iter().collect();
+    assert_eq!(c.drop_cancelled(&held).unwrap(), vec![ids[1]]);
+    let job = schema.job(ids[1]).unwrap();
+    assert_eq!(
+        (job["state"].as_str(), job["attempt"].as_i64()),
+        (Some("cancelled"), Some(0)),
+        "cancelled before it started, uncharged: {job}"
+    );
+    // Folding the changes keeps the count.
+    maintenance::run_pass(
+        &mut connect(),
+        &schema.name,
+        Duration::from_secs(60),
+        &mut || {},
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(schema.count("SELECT count(*) FROM {s}.changes"), 1);
+    assert_eq!(c.settle_and_claim(&[], 0).unwrap().changes, next.changes);
+}
+
+#[test]
+fn renewal_keeps_what_is_held_and_gives_back_the_rest() {
+    let schema = TestSchema::new("strays");
+    for _ in 0..3 {
+        enqueue(&schema, NewJob::new("default", "noop", json!({})));
+    }
+    let mut c = consumer(&schema, "w/", &[]);
+    let claimed = claim(&mut c, 3);
+    // The worker lost track of the last two (an ack lost in a crash, a claim reply lost with the
+    // connection): the renewal keeps the first and gives the others back, uncharged.
+    let held = [(claimed[0].job.id, claimed[0].lease_token)];
+    assert_eq!(
+        c.renew(&held, Some(claimed[0].job.id)).unwrap(),
+        vec![claimed[0].job.id]
+    );
+    assert_eq!(schema.live("running"), 1);
+    assert_eq!(
+        schema.count("SELECT count(*) FROM {s}.jobs WHERE state = 'available' AND attempt = 0"),
+        2
+    );
+    assert_eq!(
+        schema.count("SELECT count(*) FROM {s}.jobs WHERE started"),
+        1
+    );
 }

@@ -16,14 +16,16 @@ use crate::backoff;
 use crate::config::Config;
 use crate::handler::{process, Handler, Job, JobContext, Outcome};
 use crate::logging::{self, Activity};
-use crate::queue::consumer::{Ack, Claimed, Consumer, Round, Settlement};
-use crate::queue::{maintenance, QueueError};
+use crate::queue::consumer::{Ack, Claimed, Consumer, Settlement};
+use crate::queue::{maintenance, QueueError, WorkerTimeouts};
 use crate::slots::{monotonic_ms, take_turn, Header, Slot, SlotState, SlotTable};
-use crate::wakeup;
+use crate::{claim_gate, futex, wakeup};
 
 mod signals;
 
-pub use signals::{immediate_stop_requested, install_signal_handlers, stop_requested};
+pub use signals::{
+    immediate_stop_requested, install_signal_handlers, stop_requested, SUPERVISOR_ONLY,
+};
 
 /// Who this child is and what it inherits from its slot.
 pub struct ChildSpec<'a> {
@@ -170,39 +172,46 @@ impl Worker<'_> {
         // Until here the slot still named the predecessor's job in flight, so that if this child
         // died before releasing, its successor would still charge the right job.
         self.slot.job_id.store(0, Ordering::Release);
+        let mut woken = false;
         while !stop_requested() && !self.recycling {
-            self.maybe_run_maintenance();
-            self.maybe_promote_due()?;
+            // A child woken for new work claims it first; idle children do the chores.
+            if !woken {
+                self.maybe_run_maintenance();
+                self.maybe_promote_due()?;
+            }
             // Read before the claim: a wake-up that arrives during an empty claim then cuts the
             // idle wait short instead of being lost.
             let wake_seen = self.slot.wake.load(Ordering::Acquire);
             let limit = claim_size(self.average_job, self.config.prefetch);
-            let round = self.send_acks_and_claim(limit)?;
-            if round.claimed.is_empty() {
+            let claimed = self.send_acks_and_claim(limit)?;
+            if self.buffer.is_empty() {
                 // An empty claim is this host's latest poll.
                 self.header.poll_ms.store(monotonic_ms(), Ordering::Release);
-                self.wait_idle(wake_seen);
+                woken = self.wait_idle(wake_seen)?;
                 continue;
             }
-            if round.claimed.len() == limit {
+            woken = false;
+            if claimed == limit {
                 // More work is probably waiting: pass the wake-up on to an idle sibling.
                 wakeup::wake_one_idle(self.table, Some(self.index));
             }
-            self.buffer.extend(round.claimed);
-            while let Some(claimed) = self.buffer.pop_front() {
-                if stop_requested() || self.recycling {
-                    self.buffer.push_front(claimed);
-                    break;
-                }
+            while !stop_requested() && !self.recycling {
+                // Renewed while the next job is still in the buffer: whatever a renewal does not
+                // count as held, it gives back.
                 self.renew_if_due();
+                let Some(claimed) = self.buffer.pop_front() else {
+                    break;
+                };
                 if claimed.suspect && !self.report_start(&claimed)? {
                     continue;
                 }
                 self.run_job(claimed, handler);
                 // After the last buffered job the next claim is one step away and carries the
                 // acks: flushing them alone would cost a second round trip (and, in durable mode,
-                // a second commit) per batch.
-                if !self.buffer.is_empty() && self.ack_flush_due() {
+                // a second commit) per batch. Likewise after a job that claimed its successor
+                // while it ran: that successor's own look-ahead carries them, while it runs.
+                let carried = self.looked_ahead && !self.config.durable;
+                if !self.buffer.is_empty() && !carried && self.ack_flush_due() {
                     self.flush_acks()?;
                 }
             }
@@ -275,6 +284,8 @@ impl Worker<'_> {
             // would fail again at every re-run.
             process::storable(outcome)
         };
+        // The handler is done with its programs for this job (see runs_in_process_group).
+        self.slot.handler_pgid.store(0, Ordering::Release);
         let elapsed = started.elapsed();
         self.current = None;
         self.last_job_took = elapsed;
@@ -378,21 +389,23 @@ impl Worker<'_> {
         self.send_acks_and_claim(0).map(|_| ())
     }
 
-    /// Sends the pending acks and claims up to `limit` jobs in one round trip. If the database
-    /// refuses the statement itself (not a lost connection), the acks are sent one by one and
-    /// one it still refuses is dead-lettered with the database's reason, so a single bad result
-    /// can neither hold back the others nor crash this child at every re-run.
-    fn send_acks_and_claim(&mut self, limit: usize) -> Result<Round, QueueError> {
+    /// Sends the pending acks and claims up to `limit` jobs in one round trip; the jobs claimed
+    /// join the buffer at once (so any later round trip counts them as held), and their number is
+    /// returned. If the database refuses the statement itself (not a lost connection), the acks
+    /// are sent one by one and one it still refuses is dead-lettered with the database's reason,
+    /// so a single bad result can neither hold back the others nor crash this child at every
+    /// re-run.
+    fn send_acks_and_claim(&mut self, limit: usize) -> Result<usize, QueueError> {
         // Cloned, not taken: while the database is away, pending acks keep a stopping worker
         // trying until its deadline (see reconnect_pause).
         let acks = self.acks.clone();
         if limit > 0 {
             self.slot.claims.fetch_add(1, Ordering::Relaxed);
-            wakeup::claim_gate_enter(self.table, self.index, self.max_claimers);
+            claim_gate::enter(self.table, self.index, self.max_claimers);
         }
         let sent = self.db(|db| db.settle_and_claim(&acks, limit));
         if limit > 0 {
-            wakeup::claim_gate_leave(self.table, self.index);
+            claim_gate::leave(self.table, self.index);
         }
         let round = match sent {
             Ok(round) => {
@@ -402,37 +415,37 @@ impl Worker<'_> {
             }
             Err(e) if acks.is_empty() || matches!(e, QueueError::Unavailable(_)) => return Err(e),
             Err(e) => {
-                self.acks.clear();
-                self.oldest_ack = None;
                 log::error!(
                     "worker {}: the queue refused {} acknowledgement(s) together ({e}); sending them one by one",
                     self.owner,
                     acks.len()
                 );
+                // Each stays pending (so held, should the connection drop) until it is sent.
                 for ack in acks {
+                    let id = ack.id;
                     self.send_one_ack(ack);
+                    self.acks.retain(|a| a.id != id);
                 }
+                self.oldest_ack = None;
                 self.db(|db| db.settle_and_claim(&[], limit))?
             }
         };
         self.report_refused(&round.refused);
-        let mut round = round;
-        self.drop_cancelled_if_changed(&mut round)?;
-        Ok(round)
+        let claimed = round.claimed.len();
+        self.buffer.extend(round.claimed);
+        self.drop_cancelled_if_changed(round.changes)?;
+        Ok(claimed)
     }
 
     /// When the queue's count of changes moved since the last round (a cancel, a batch stopped by
     /// fail-fast or cancel), ends cancelled the prefetched jobs that must no longer run, so no
-    /// such job starts after this round: the ones waiting in the buffer and the ones just claimed.
-    fn drop_cancelled_if_changed(&mut self, round: &mut Round) -> Result<(), QueueError> {
-        let seen = self.changes_seen.replace(round.changes);
-        if seen.map_or(true, |seen| seen == round.changes) {
+    /// such job starts after this round.
+    fn drop_cancelled_if_changed(&mut self, changes: i64) -> Result<(), QueueError> {
+        let seen = self.changes_seen.replace(changes);
+        if seen.map_or(true, |seen| seen == changes) || self.buffer.is_empty() {
             return Ok(());
         }
-        let held: Vec<Claimed> = self.buffer.iter().chain(&round.claimed).cloned().collect();
-        if held.is_empty() {
-            return Ok(());
-        }
+        let held: Vec<Claimed> = self.buffer.iter().cloned().collect();
         let dropped = self.db(|db| db.drop_cancelled(&held.iter().collect::<Vec<_>>()))?;
         if !dropped.is_empty() {
             log::info!(
@@ -441,7 +454,6 @@ impl Worker<'_> {
                 dropped.len()
             );
             self.buffer.retain(|c| !dropped.contains(&c.job.id));
-            round.claimed.retain(|c| !dropped.contains(&c.job.id));
         }
         Ok(())
     }
@@ -556,9 +568,8 @@ impl Worker<'_> {
             return;
         }
         self.looked_ahead = true;
-        match self.send_acks_and_claim(1) {
-            Ok(round) => self.buffer.extend(round.claimed),
-            Err(e) => log::warn!("worker {}: could not claim ahead: {e}", self.owner),
+        if let Err(e) = self.send_acks_and_claim(1) {
+            log::warn!("worker {}: could not claim ahead: {e}", self.owner);
         }
     }
 
@@ -602,54 +613,93 @@ impl Worker<'_> {
     }
 
     /// Sleeps until woken (an enqueue notification relayed by the listener, or a sibling with
-    /// more work than it can take), a signal, or this child's turn to poll; heartbeats meanwhile.
-    /// One idle child per host polls the database per `FORKQ_POLL_INTERVAL_MS` (for scheduled
-    /// jobs that became due, and as the fallback when notifications are off), not every child.
-    fn wait_idle(&mut self, wake_seen: u32) {
+    /// more work than it can take), a signal, or this child's turn to poll; heartbeats meanwhile,
+    /// and does the host's chores (maintenance, promoting due jobs) when their turn comes, so a
+    /// child woken for work never does them first. One idle child per host polls the database per
+    /// `FORKQ_POLL_INTERVAL_MS` (as the fallback when notifications are off), not every child.
+    /// Returns whether a wake-up ended the wait.
+    fn wait_idle(&mut self, wake_seen: u32) -> Result<bool, QueueError> {
         let _idle = logging::activity(Activity::Idle);
         self.slot.set_state(SlotState::Idle);
         self.slot.beat();
         let slice = self.config.poll_interval.min(IDLE_SLICE);
         loop {
-            if stop_requested()
-                || self.slot.wake.load(Ordering::Acquire) != wake_seen
-                || take_turn(&self.header.poll_ms, self.config.poll_interval)
-            {
-                return;
+            if self.slot.wake.load(Ordering::Acquire) != wake_seen {
+                return Ok(true);
             }
-            wakeup::wait(&self.slot.wake, wake_seen, slice);
+            if stop_requested() || take_turn(&self.header.poll_ms, self.config.poll_interval) {
+                return Ok(false);
+            }
+            // Busy meanwhile, so a wake-up goes to a child that can take it at once.
+            self.slot.set_state(SlotState::Claiming);
+            self.maybe_run_maintenance();
+            self.maybe_promote_due()?;
+            self.slot.set_state(SlotState::Idle);
+            futex::wait(&self.slot.wake, wake_seen, slice);
             self.slot.beat();
         }
     }
 
-    /// Runs the maintenance pass when this host's turn has come.
+    /// Runs the maintenance pass when this host's turn has come. Not through [`Self::db`]: a
+    /// pass that fails (a statement timed out, the connection dropped) is given up until the next
+    /// interval, never retried on the spot, so maintenance cannot keep this child from its jobs;
+    /// each of its statements is announced in the slot, so it cannot get the child killed either.
     fn maybe_run_maintenance(&mut self) {
-        if !take_turn(&self.header.maintenance_ms, maintenance::INTERVAL) {
+        if self.db.is_none() || !take_turn(&self.header.maintenance_ms, maintenance::INTERVAL) {
             return;
         }
-        let schema = self.config.schema.clone();
-        let retention = self.config.retention;
-        match self.db(|db| maintenance::run_pass(db.client(), &schema, retention)) {
+        let slot = self.slot;
+        let statement = WorkerTimeouts::new(self.config.health_stale).text_statement();
+        let db = self.db.as_mut().expect("checked above");
+        let pass = maintenance::run_pass(
+            db.client(),
+            &self.config.schema,
+            self.config.retention,
+            &mut || slot.wait_on_database(statement),
+        );
+        slot.database_returned();
+        // The next turn counts from the end of this pass, so a pass that blocks until its
+        // statement timeout still leaves the host an interval of work between two.
+        self.header
+            .maintenance_ms
+            .store(monotonic_ms(), Ordering::Release);
+        match pass {
             Ok(Some(report)) if report.changed_jobs() => log::info!("maintenance: {report}"),
-            // Vacuums alone are routine at full rate: not worth a line at info level.
-            Ok(Some(report)) if !report.vacuumed.is_empty() => {
+            // Vacuums and expired unique windows alone are routine: not worth a line at info level.
+            Ok(Some(report)) if !report.vacuumed.is_empty() || report.windows_purged > 0 => {
                 log::debug!("maintenance: {report}")
             }
             Ok(_) => {}
-            Err(e) => log::warn!("maintenance pass failed: {e}"),
+            Err(e) => {
+                if e.is_connection_lost() {
+                    // The next claim reconnects (and gives back what it finds under our name).
+                    self.db = None;
+                    self.lost_connection = true;
+                }
+                log::warn!(
+                    "maintenance pass failed, skipped until the next one in {:?}: {e}",
+                    maintenance::INTERVAL
+                );
+            }
         }
     }
 
-    /// Runs `op` on the connection, opening or re-opening it with backoff while the database is
-    /// unreachable (heartbeating meanwhile). Errors other than a lost connection are returned.
+    /// Runs `op` (one round trip) on the connection, opening or re-opening it with backoff while
+    /// the database is unreachable (heartbeating meanwhile). Errors other than a lost connection
+    /// are returned. Each blocking call is announced in the slot with its bound.
     fn db<T>(
         &mut self,
         mut op: impl FnMut(&mut Consumer) -> Result<T, QueueError>,
     ) -> Result<T, QueueError> {
+        let timeouts = WorkerTimeouts::new(self.config.health_stale);
         let mut failures = 0u32;
         loop {
             if self.db.is_none() {
-                match self.reconnect() {
+                self.slot
+                    .wait_on_database(timeouts.connect() + timeouts.text_statement());
+                let connected = self.reconnect();
+                self.slot.database_returned();
+                match connected {
                     Ok(db) => {
                         if failures > 0 {
                             log::info!("worker {} reconnected to the database", self.owner);
@@ -665,7 +715,10 @@ impl Worker<'_> {
                 }
             }
             let db = self.db.as_mut().expect("connected above");
-            match op(db) {
+            self.slot.wait_on_database(timeouts.round_trip());
+            let done = op(db);
+            self.slot.database_returned();
+            match done {
                 Ok(v) => return Ok(v),
                 Err(e) if e.is_connection_lost() => {
                     self.db = None;
@@ -745,6 +798,13 @@ impl JobContext for Context<'_, '_> {
 
     fn timeout(&self) -> Option<Duration> {
         self.worker.config.job_timeout
+    }
+
+    fn runs_in_process_group(&mut self, pgid: u32) {
+        self.worker
+            .slot
+            .handler_pgid
+            .store(pgid as i32, Ordering::Release);
     }
 }
 

@@ -66,6 +66,12 @@ pub trait JobContext {
     fn heartbeat(&mut self) -> bool;
     /// The hard limit on this job's run time, if one is configured.
     fn timeout(&self) -> Option<Duration>;
+    /// Says that the job now runs in process group `pgid` (a handler program leading its own
+    /// group), so that if this worker dies, that whole group is killed before the job can run
+    /// again anywhere. The worker forgets it when the handler returns.
+    fn runs_in_process_group(&mut self, pgid: u32) {
+        let _ = pgid;
+    }
 }
 
 /// Runs jobs. One instance lives in one child and sees one job at a time.
@@ -77,7 +83,7 @@ pub trait Handler {
 /// The handler named by `FORKQ_HANDLER` or a route.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum HandlerSpec {
-    /// The builtin tasks `noop`, `sleep`, `fail`, `crash`.
+    /// The builtin tasks `noop`, `sleep`, `fail` (and the demo tasks with `FORKQ_DEMO_TASKS=1`).
     Builtin,
     /// One program per job (argv, never a shell).
     Exec(Vec<String>),
@@ -154,7 +160,7 @@ impl Router {
 /// A fresh handler for `spec`.
 fn build(spec: &HandlerSpec, config: &crate::config::Config) -> Box<dyn Handler> {
     match spec {
-        HandlerSpec::Builtin => Box::new(builtin::Builtin),
+        HandlerSpec::Builtin => Box::new(builtin::Builtin::new(config)),
         HandlerSpec::Exec(argv) => Box::new(exec::Exec::new(argv.clone(), config)),
         HandlerSpec::Coproc(argv) => Box::new(coproc::Coproc::new(argv.clone(), config)),
     }

@@ -293,9 +293,9 @@ impl Consumer {
     /// supervisor boot, slot and generation).
     pub fn connect(config: &Config, owner: &str) -> Result<Consumer, QueueError> {
         // A worker cannot heartbeat while it waits on the database, so every wait on it is
-        // bounded well inside the stale window: a slow or partitioned database makes the child
-        // reconnect (heartbeating meanwhile), never look wedged.
-        let budget = config.statement_budget();
+        // bounded (see WorkerTimeouts) and announced in its slot: a slow or partitioned database
+        // makes the child reconnect (heartbeating meanwhile), never look wedged.
+        let budget = super::WorkerTimeouts::new(config.health_stale).budget;
         let mut client = connect_with_timeout(&config.database_url, "forkq worker", budget)?;
         let pooled = config.pooler == Pooler::Transaction;
         if !pooled {

@@ -10,7 +10,7 @@ use postgres::types::Type;
 use postgres::Client;
 
 use super::sql::{self, render};
-use super::{batch, QueueError};
+use super::{batch, execute_typed, QueueError};
 
 /// How often a host attempts the maintenance pass.
 pub const INTERVAL: Duration = Duration::from_secs(2);
@@ -22,6 +22,8 @@ pub struct Report {
     pub rescued: i32,
     /// Archived jobs deleted after their retention.
     pub purged: u64,
+    /// Expired unique windows deleted.
+    pub windows_purged: u64,
     /// Open batches whose counters or state were repaired (each is logged).
     pub batches_repaired: usize,
     /// Tables vacuumed because dead rows piled up in them.
@@ -46,6 +48,7 @@ impl std::fmt::Display for Report {
         let parts = [
             (self.rescued as u64, "expired lease(s) rescued"),
             (self.purged, "archived job(s) purged"),
+            (self.windows_purged, "expired unique window(s) purged"),
             (self.batches_repaired as u64, "batch(es) repaired"),
         ];
         let mut changed: Vec<String> = parts
@@ -67,14 +70,19 @@ impl std::fmt::Display for Report {
 /// Runs every service once, if no other process holds the maintenance lock. Returns `None`
 /// when another holder had it. Each service runs in short transactions of its own (under the
 /// same lock, taken per transaction, so it also works behind a pooler in transaction mode), and
-/// the vacuums outside any.
+/// the vacuums outside any. `before_each` is called before every round trip, so a worker can
+/// announce how long that one may block it (each is bounded by the connection's timeouts; a pass
+/// has several). An error ends the pass (the transaction at hand rolled back); the caller gives it
+/// up until the next interval rather than retrying a statement that timed out.
 pub fn run_pass(
     client: &mut Client,
     schema: &str,
     retention: Duration,
+    before_each: &mut dyn FnMut(),
 ) -> Result<Option<Report>, QueueError> {
     let retain = !retention.is_zero();
-    let Some(rescued) = locked(client, schema, |tx| {
+    let Some(rescued) = locked(client, schema, before_each, |tx, before_each| {
+        before_each();
         Ok(tx
             .query_typed_one(
                 &render(sql::RESCUE_EXPIRED, schema),
@@ -87,9 +95,12 @@ pub fn run_pass(
     };
     let mut report = Report {
         rescued,
-        purged: purge_archive(client, schema, retention)?,
-        batches_repaired: locked(client, schema, |tx| {
+        purged: purge_archive(client, schema, retention, before_each)?,
+        windows_purged: purge_windows(client, schema, before_each)?,
+        batches_repaired: locked(client, schema, before_each, |tx, before_each| {
+            before_each();
             let repaired = repair_batches(tx, schema, retain)?;
+            before_each();
             tx.query_typed(&render(sql::COMPACT_CHANGES, schema), &[])?;
             Ok(repaired)
         })?
@@ -97,7 +108,7 @@ pub fn run_pass(
         vacuumed: Vec::new(),
     };
     for (table, base, fraction) in VACUUMED {
-        if vacuum_if_bloated(client, schema, table, base, fraction)? {
+        if vacuum_if_bloated(client, schema, table, base, fraction, before_each)? {
             report.vacuumed.push(table);
         }
     }
@@ -105,13 +116,16 @@ pub fn run_pass(
 }
 
 /// Runs `work` in a transaction holding the maintenance lock; `None` when another process holds
-/// it.
+/// it. `before_each` announces every round trip (`work` calls it before each of its own).
 fn locked<T>(
     client: &mut Client,
     schema: &str,
-    work: impl FnOnce(&mut postgres::Transaction<'_>) -> Result<T, QueueError>,
+    before_each: &mut dyn FnMut(),
+    work: impl FnOnce(&mut postgres::Transaction<'_>, &mut dyn FnMut()) -> Result<T, QueueError>,
 ) -> Result<Option<T>, QueueError> {
+    before_each();
     let mut tx = client.transaction()?;
+    before_each();
     let got: bool = tx
         .query_typed_one(
             sql::TRY_MAINTENANCE_LOCK,
@@ -121,7 +135,8 @@ fn locked<T>(
     if !got {
         return Ok(None);
     }
-    let out = work(&mut tx)?;
+    let out = work(&mut tx, before_each)?;
+    before_each();
     tx.commit()?;
     Ok(Some(out))
 }
@@ -132,21 +147,24 @@ fn purge_archive(
     client: &mut Client,
     schema: &str,
     retention: Duration,
+    before_each: &mut dyn FnMut(),
 ) -> Result<u64, QueueError> {
     let started = Instant::now();
+    before_each();
     client.query_typed(&render(sql::SUMMARIZE_ARCHIVE, schema), &[])?;
     let purge = render(sql::PURGE_EXPIRED_ARCHIVE, schema);
     let mut purged = 0;
     loop {
-        let chunk = locked(client, schema, |tx| {
-            let deleted = tx.query_typed_one(
+        let chunk = locked(client, schema, before_each, |tx, before_each| {
+            before_each();
+            Ok(execute_typed(
+                tx,
                 &purge,
                 &[
                     (&retention.as_secs_f64(), Type::FLOAT8),
                     (&(PURGE_CHUNK as i64), Type::INT8),
                 ],
-            )?;
-            Ok(deleted.get::<_, i64>(0) as u64)
+            )?)
         })?
         .unwrap_or(0);
         purged += chunk;
@@ -156,14 +174,33 @@ fn purge_archive(
     }
 }
 
+/// The unique-window service: deletes one chunk of expired unique windows per pass, in a
+/// transaction of its own.
+fn purge_windows(
+    client: &mut Client,
+    schema: &str,
+    before_each: &mut dyn FnMut(),
+) -> Result<u64, QueueError> {
+    Ok(locked(client, schema, before_each, |tx, before_each| {
+        before_each();
+        Ok(execute_typed(
+            tx,
+            &render(sql::PURGE_EXPIRED_WINDOWS, schema),
+            &[],
+        )?)
+    })?
+    .unwrap_or(0))
+}
+
 /// The tables the vacuum service watches: name, and the dead rows that trigger a vacuum (a base,
 /// plus a fraction of the live rows). The hot table is vacuumed early: every claim walks past its
 /// dead index entries, so claims slow down as they pile up, and autovacuum (when it is on at all)
 /// visits a busy table only once a minute.
-const VACUUMED: [(&str, i64, f64); 3] = [
+const VACUUMED: [(&str, i64, f64); 4] = [
     ("jobs", 10_000, 0.1),
     ("jobs_archive", 100_000, 0.2),
     ("changes", 1_000, 0.0),
+    ("unique_windows", 10_000, 0.2),
 ];
 
 /// The vacuum service: vacuums `table` when its dead rows exceed `base + fraction × live rows`.
@@ -175,8 +212,10 @@ fn vacuum_if_bloated(
     table: &str,
     base: i64,
     fraction: f64,
+    before_each: &mut dyn FnMut(),
 ) -> Result<bool, QueueError> {
     let relation = format!("{}.{table}", render("{s}", schema));
+    before_each();
     let dead: Option<i64> = client
         .query_typed_opt(
             sql::DEAD_ROWS,
@@ -190,6 +229,7 @@ fn vacuum_if_bloated(
     let Some(dead) = dead else {
         return Ok(false);
     };
+    before_each();
     match client.batch_execute(&format!("VACUUM (SKIP_LOCKED) {relation}")) {
         Ok(()) => {
             log::debug!("vacuumed {relation}: {dead} dead rows");
@@ -235,13 +275,14 @@ mod tests {
         let report = Report {
             rescued: 3,
             purged: 120,
+            windows_purged: 4,
             batches_repaired: 1,
             vacuumed: vec!["jobs"],
         };
         assert_eq!(
             report.to_string(),
-            "3 expired lease(s) rescued, 120 archived job(s) purged, 1 batch(es) repaired, \
-             vacuumed jobs"
+            "3 expired lease(s) rescued, 120 archived job(s) purged, 4 expired unique window(s) \
+             purged, 1 batch(es) repaired, vacuumed jobs"
         );
     }
 }

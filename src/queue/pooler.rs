@@ -58,7 +58,7 @@ pub fn findings(config: &Config, settings: &RoleSettings) -> Vec<(Severity, Stri
             settings.role, settings.database
         )
     };
-    let budget = config.statement_budget();
+    let budget = super::WorkerTimeouts::new(config.health_stale).budget;
     let timeout = Duration::from_millis(settings.statement_timeout_ms.max(0) as u64);
     if timeout.is_zero() || timeout > budget {
         out.push((

@@ -27,19 +27,28 @@ pub fn advisory_key(purpose: &str, schema: &str) -> i64 {
     hash as i64
 }
 
-/// The LISTEN/NOTIFY channel of a schema.
+/// What the LISTEN/NOTIFY channel of a schema starts with.
+pub const CHANNEL_PREFIX: &str = "forkq_";
+
+/// The LISTEN/NOTIFY channel of a schema: an identifier too, so a schema name is bounded by it
+/// (see [`crate::config::MAX_SCHEMA_BYTES`]).
 pub fn channel(schema: &str) -> String {
-    format!("forkq_{schema}")
+    format!("{CHANNEL_PREFIX}{schema}")
 }
 
-/// Enqueues one job through the SQL function that every producer shares.
+/// Enqueues one job through the SQL function that every producer shares; answers its id and
+/// whether it was created or replaced (see `enqueue_job` in the migration).
 /// `$5` is an RFC 3339 text and `$6` a delay in seconds; at most one of them is non-null.
+/// `$10` is a unique window in seconds.
 pub const ENQUEUE: &str = "
-    SELECT {s}.enqueue($1, $2, $3, $4,
-                       coalesce($5::text::timestamptz, now() + make_interval(secs => $6::float8)),
-                       $7, $8, $9)";
+    SELECT id, created, replaced
+    FROM {s}.enqueue_job($1, $2, $3, $4,
+                         coalesce($5::text::timestamptz, now() + make_interval(secs => $6::float8)),
+                         $7, $8, $9, make_interval(secs => $10::float8), $11)";
 
-/// Enqueues many jobs in one statement; unique keys that are live already are skipped.
+/// Enqueues many jobs in one statement; unique keys that are live already are skipped. Answers
+/// how many were inserted. Jobs with a unique window or `replace` go through
+/// [`ENQUEUE_EACH`] instead.
 pub const ENQUEUE_MANY: &str = "
     WITH input AS (
         SELECT queue, task, payload, priority,
@@ -60,6 +69,21 @@ pub const ENQUEUE_MANY: &str = "
         RETURNING queue
     )
     SELECT count(*) FROM inserted";
+
+/// Enqueues many jobs one by one, in order, through `enqueue_job` (for unique windows and
+/// `replace`); answers how many were created and how many replaced a waiting job.
+pub const ENQUEUE_EACH: &str = "
+    SELECT count(*) FILTER (WHERE e.created), count(*) FILTER (WHERE e.replaced)
+    FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::smallint[], $5::text[],
+                $6::float8[], $7::int[], $8::text[], $9::bigint[], $10::float8[], $11::bool[])
+            WITH ORDINALITY
+            AS a(queue, task, payload, priority, run_at_text, delay, max_attempts, unique_key,
+                 batch_id, unique_for, replace, n),
+         LATERAL {s}.enqueue_job(a.queue, a.task, a.payload, a.priority,
+                                 coalesce(a.run_at_text::timestamptz,
+                                          now() + make_interval(secs => a.delay)),
+                                 a.max_attempts, a.unique_key, a.batch_id,
+                                 make_interval(secs => a.unique_for), a.replace) e";
 
 /// Wakes idle workers once the enqueuing transaction commits.
 pub const NOTIFY: &str = "SELECT pg_notify('{c}', $1)";
@@ -168,26 +192,58 @@ pub const COMPACT_CHANGES: &str = "SELECT {s}.compact_changes()";
 pub const SUMMARIZE_ARCHIVE: &str =
     "SELECT brin_summarize_new_values('{s}.jobs_archive_finished_idx'::regclass)";
 
-/// Deletes completed and cancelled jobs older than the retention (`$1` seconds), at most `$2`;
-/// returns how many. Children of open batches are kept: they are the rows the batch repair
-/// recomputes from.
+/// Deletes completed and cancelled jobs older than the retention (`$1` seconds), at most `$2`.
+/// Children of open batches are kept: they are the rows the batch repair recomputes from.
 pub const PURGE_EXPIRED_ARCHIVE: &str = "
-    WITH purged AS (
-        DELETE FROM {s}.jobs_archive
-        WHERE id = ANY(ARRAY(
-            SELECT a.id FROM {s}.jobs_archive a
-            WHERE a.state <> 'failed' AND a.finished_at < now() - make_interval(secs => $1)
-              AND (a.batch_id IS NULL
-                   OR NOT EXISTS (SELECT 1 FROM {s}.batches b
-                                  WHERE b.id = a.batch_id AND b.state = 'open'))
-            LIMIT $2))
-        RETURNING 1)
-    SELECT count(*) FROM purged";
+    DELETE FROM {s}.jobs_archive
+    WHERE id = ANY(ARRAY(
+        SELECT a.id FROM {s}.jobs_archive a
+        WHERE a.state <> 'failed' AND a.finished_at < now() - make_interval(secs => $1)
+          AND (a.batch_id IS NULL
+               OR NOT EXISTS (SELECT 1 FROM {s}.batches b
+                              WHERE b.id = a.batch_id AND b.state = 'open'))
+        LIMIT $2))";
 
 /// The dead rows of table `$1` when they exceed `$2` plus `$3` times its live rows.
 pub const DEAD_ROWS: &str = "
     SELECT n_dead_tup FROM pg_stat_user_tables
     WHERE relid = $1::text::regclass AND n_dead_tup > $2::bigint + $3::float8 * n_live_tup";
+
+/// Deletes unique windows that expired, a bounded chunk at a time (an enqueue of the key takes an
+/// expired window over anyway; this keeps keys that never come back from piling up).
+pub const PURGE_EXPIRED_WINDOWS: &str = "
+    DELETE FROM {s}.unique_windows
+    WHERE key IN (SELECT key FROM {s}.unique_windows WHERE expires_at < now()
+                  LIMIT 10000 FOR UPDATE SKIP LOCKED)";
+
+/// What a session sees of the server's connections (see `queue::capacity`): the port the server
+/// listens on, whether this session's backend was started within the last `$1` seconds (not a
+/// pooled one), `max_connections`, the slots this role cannot use, the client connections in use
+/// by others, and what the role's and the database's `CONNECTION LIMIT` leave (NULL: none).
+/// Superusers may use the reserved slots and ignore the limits.
+pub const CONNECTION_HEADROOM: &str = "
+    SELECT current_setting('port')::int AS port,
+           s.backend_start > now() - make_interval(secs => $1) AS own_session,
+           current_setting('max_connections')::int AS max_connections,
+           CASE WHEN r.rolsuper THEN 0
+                ELSE current_setting('superuser_reserved_connections')::int
+                     + coalesce(current_setting('reserved_connections', true), '0')::int
+           END AS reserved,
+           (SELECT count(*) FROM pg_stat_activity
+            WHERE backend_type = 'client backend')::int - 1 AS in_use,
+           CASE WHEN r.rolsuper OR r.rolconnlimit < 0 THEN NULL
+                ELSE r.rolconnlimit + 1
+                     - (SELECT count(*) FROM pg_stat_activity
+                        WHERE usesysid = r.oid AND backend_type = 'client backend')::int
+           END AS role_free,
+           CASE WHEN r.rolsuper OR d.datconnlimit < 0 THEN NULL
+                ELSE d.datconnlimit + 1
+                     - (SELECT count(*) FROM pg_stat_activity
+                        WHERE datid = d.oid AND backend_type = 'client backend')::int
+           END AS database_free
+    FROM pg_stat_activity s, pg_roles r, pg_database d
+    WHERE s.pid = pg_backend_pid() AND r.rolname = current_user
+      AND d.datname = current_database()";
 
 /// Takes the maintenance lock for the rest of the transaction, if no one else holds it.
 pub const TRY_MAINTENANCE_LOCK: &str = "SELECT pg_try_advisory_xact_lock($1)";
@@ -254,6 +310,25 @@ pub const BATCH_CANCEL: &str = "SELECT state, changed FROM {s}.batch_cancel($1, 
 /// Repairs open batches whose counters disagree with their children (see `batch_repair`).
 pub const BATCH_REPAIR: &str = "
     SELECT batch_id, old_counts, new_counts FROM {s}.batch_repair($1, $2)";
+
+/// Declares a daemon's schedules (see `schedule_declare` in the migration): $1 names, $2
+/// definitions, $3 the daemon's start time (RFC 3339), $4 who declares. Answers what the database
+/// holds for those names, in the columns of [`SCHEDULE_STATE`].
+pub const SCHEDULE_DECLARE: &str =
+    "SELECT * FROM {s}.schedule_declare($1, $2, $3::text::timestamptz, $4)";
+
+/// The schedules named in $1 (every one when null): name, definition, revision, declared_by,
+/// declared_at, ticks_after, last_tick_at, last_run_at (seconds since the epoch), last_job_id.
+pub const SCHEDULE_STATE: &str = "SELECT * FROM {s}.schedule_state($1)";
+
+/// Enqueues due ticks (see `schedule_fire` in the migration): $1 names, $2 ticks (RFC 3339),
+/// $3 revisions, sorted by name then tick. Answers the job enqueued (null when the tick was
+/// enqueued already) and the schedule's revision (null when it is gone), per tick.
+pub const SCHEDULE_FIRE: &str = "
+    SELECT job_id, revision FROM {s}.schedule_fire($1, $2::text[]::timestamptz[], $3)";
+
+/// Enqueues one run of a schedule now; answers the job id, null when there is no such schedule.
+pub const SCHEDULE_RUN: &str = "SELECT {s}.schedule_run($1)";
 
 /// One keyset page of the job browser over one table, newest first: `{walk}` picks at most `$2`
 /// candidate rows below id `$1` by walking an index in id order (one of the `BROWSE_*_WALK`

@@ -133,8 +133,8 @@ const METHOD: &str = "
   for 10 s (quick: 3 s): their backends' CPU, the forkq processes' CPU and the statements they
   sent, by kind, with their mean server time (`pg_stat_statements`, reset at the start of the
   window, which is why it runs on a server of its own), per host.
-  *Busy*: each child runs an hour-long `sleep` job with `FORKQ_LEASE_SECONDS=3`, so it renews its
-  lease once a second.
+  *Busy*: each child runs an hour-long `sleep` job with `FORKQ_LEASE_SECONDS=4` (the shortest), so
+  it renews its lease every 1.3 s.
 * **Raw (e)**: `pg_notify` back to back, each in its own transaction, from one connection, to 1 or
   100 connections that LISTEN on the channel (a thread each); CPU of the sending backend and of the
   listening backends per notification.

@@ -182,7 +182,7 @@ pub fn rest(ctx: &Ctx, plan: &Plan, report: &mut Report) {
     for (what, busy) in [
         ("at rest: empty queue", false),
         (
-            "busy with long jobs (FORKQ_LEASE_SECONDS=3: one renewal per child per second)",
+            "busy with long jobs (FORKQ_LEASE_SECONDS=4: a renewal per child every 1.3 s)",
             true,
         ),
     ] {
