@@ -481,3 +481,30 @@ fn session_features_behind_a_transaction_pooler_are_refused_with_exit_78() {
         );
     }
 }
+
+#[test]
+fn the_schedules_ticker_enqueues_through_pgbouncer() {
+    let pgb = pgbouncer();
+    let schema = TestSchema::new("pltick");
+    let env = pooled(&pgb);
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/schedules.toml");
+    let mut extra = pairs(&env);
+    extra.push(("FORKQ_SCHEDULES", file));
+    extra.push(("FORKQ_QUEUES", "ticks"));
+    let daemon = Daemon::start(&schema, &extra);
+    let ticks = || {
+        schema.count(
+            "SELECT (SELECT count(*) FROM {s}.jobs WHERE queue = 'ticks')
+                  + (SELECT count(*) FROM {s}.jobs_archive WHERE queue = 'ticks')",
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || ticks() >= 3),
+        "{} ticks; log:\n{}",
+        ticks(),
+        daemon.log_text()
+    );
+    assert!(schema.archived("completed") >= 1, "the ticks ran");
+    let log = daemon.log_text();
+    assert!(!log.contains("database unavailable"), "{log}");
+}
