@@ -286,8 +286,6 @@ pub struct Header {
     pub maintenance_ms: AtomicU64,
     /// Last time any child of this host polled for jobs, so idle children poll one at a time.
     pub poll_ms: AtomicU64,
-    /// Last time any child of this host made due scheduled jobs claimable (one per interval).
-    pub promote_ms: AtomicU64,
     /// Bumped when a claim round trip ends, to wake children waiting for their turn to claim.
     pub claim_done: AtomicU32,
     /// Pid of the probe process.

@@ -29,11 +29,14 @@ fn enqueue(schema: &TestSchema, job: NewJob) -> i64 {
     producer::enqueue(&mut connect(), &schema.name, &limits(), &job).expect("enqueue")
 }
 
-/// Claims as a child does: due scheduled jobs are promoted first (a child does that once per
-/// poll interval).
+/// Claims as a child does: a round that made due scheduled jobs claimable (and claimed nothing)
+/// is followed by another.
 fn claim(c: &mut Consumer, limit: usize) -> Vec<Claimed> {
-    c.promote_due(10_000).expect("promote");
-    c.settle_and_claim(&[], limit).expect("claim").claimed
+    let round = c.settle_and_claim(&[], limit).expect("claim");
+    if round.claimed.is_empty() && round.promoted > 0 {
+        return c.settle_and_claim(&[], limit).expect("claim").claimed;
+    }
+    round.claimed
 }
 
 fn settle(c: &mut Consumer, id: i64, token: i64, settlement: Settlement) -> Round {
@@ -1045,9 +1048,15 @@ fn maintenance_purges_archived_jobs_after_retention() {
             ids[0], ids[2], ids[3]
         ),
     );
-    let report = maintenance::run_pass(&mut connect(), s, Duration::from_secs(86_400), &mut || {})
-        .unwrap()
-        .expect("the maintenance lock was free");
+    let report = maintenance::run_pass(
+        &mut connect(),
+        s,
+        Duration::from_secs(86_400),
+        Duration::ZERO,
+        &mut || {},
+    )
+    .unwrap()
+    .expect("the maintenance lock was free");
     assert_eq!(report.purged, 2);
     assert!(schema.job(ids[0]).is_none() && schema.job(ids[3]).is_none());
     assert_eq!(schema.job(ids[1]).unwrap()["state"], "completed");
@@ -1057,23 +1066,26 @@ fn maintenance_purges_archived_jobs_after_retention() {
         "the dead letter is kept"
     );
 
-    // Only one holder at a time.
-    let mut holder = connect();
-    let mut tx = holder.transaction().unwrap();
-    let locked: bool = tx
-        .query_one(
-            sql::TRY_MAINTENANCE_LOCK,
-            &[&sql::advisory_key("maintenance", s)],
+    // One pass per gap across the fleet: a pass that just ran leaves the next caller out...
+    let pass = |gap: u64| {
+        maintenance::run_pass(
+            &mut connect(),
+            s,
+            Duration::from_secs(1),
+            Duration::from_secs(gap),
+            &mut || {},
         )
         .unwrap()
-        .get(0);
-    assert!(locked);
-    assert!(
-        maintenance::run_pass(&mut connect(), s, Duration::from_secs(1), &mut || {})
-            .unwrap()
-            .is_none()
-    );
+    };
+    assert!(pass(60).is_none(), "the pass above took the turn");
+    // ... and so does one taking its turn right now (holding the row).
+    let mut holder = connect();
+    let mut tx = holder.transaction().unwrap();
+    tx.batch_execute(&render("SELECT * FROM {s}.maintenance_turn FOR UPDATE", s))
+        .unwrap();
+    assert!(pass(0).is_none());
     tx.rollback().unwrap();
+    assert!(pass(0).is_some());
 }
 
 #[test]
@@ -1084,18 +1096,24 @@ fn due_jobs_are_promoted_into_the_claim() {
         NewJob::new("default", "noop", json!({})).with_delay(600.0),
     );
     let mut c = consumer(&schema, "w", &[]);
-    assert!(claim(&mut c, 10).is_empty(), "not due yet");
+    let round = c.settle_and_claim(&[], 10).unwrap();
+    assert!(
+        round.claimed.is_empty() && round.promoted == 0,
+        "not due yet"
+    );
     exec(
         &schema,
         "UPDATE {s}.jobs SET run_at = now() - interval '1 second'",
     );
+    // The round that finds it due makes it claimable; the next one claims it.
+    let round = c.settle_and_claim(&[], 10).unwrap();
     assert!(
-        c.settle_and_claim(&[], 10).unwrap().claimed.is_empty(),
-        "due, but not promoted yet"
+        round.claimed.is_empty(),
+        "promoted, not claimed in the same round"
     );
-    assert_eq!(c.promote_due(100).unwrap(), 1);
+    assert_eq!(round.promoted, 1);
     assert_eq!(schema.job(id).unwrap()["state"], "available");
-    assert_eq!(claim(&mut c, 10)[0].job.id, id);
+    assert_eq!(c.settle_and_claim(&[], 10).unwrap().claimed[0].job.id, id);
 }
 
 #[test]
@@ -1373,6 +1391,7 @@ fn a_cancel_reaches_jobs_claimed_ahead_at_the_next_round() {
         &mut connect(),
         &schema.name,
         Duration::from_secs(60),
+        Duration::ZERO,
         &mut || {},
     )
     .unwrap()

@@ -112,6 +112,14 @@ fn claim_size(average_job: Option<Duration>, prefetch: usize) -> usize {
     }
 }
 
+/// What one round trip brought.
+struct Brought {
+    /// Jobs claimed (now in the buffer).
+    claimed: usize,
+    /// Due scheduled jobs made claimable, for the next round.
+    promoted: i64,
+}
+
 /// How long one idle wait lasts at most, so the heartbeat and stop flags stay fresh.
 const IDLE_SLICE: Duration = Duration::from_millis(1000);
 /// Resident memory is checked after every this many jobs (reading /proc costs a little).
@@ -177,21 +185,25 @@ impl Worker<'_> {
             // A child woken for new work claims it first; idle children do the chores.
             if !woken {
                 self.maybe_run_maintenance();
-                self.maybe_promote_due()?;
             }
             // Read before the claim: a wake-up that arrives during an empty claim then cuts the
             // idle wait short instead of being lost.
             let wake_seen = self.slot.wake.load(Ordering::Acquire);
             let limit = claim_size(self.average_job, self.config.prefetch);
-            let claimed = self.send_acks_and_claim(limit)?;
+            let brought = self.send_acks_and_claim(limit)?;
+            if self.buffer.is_empty() && brought.promoted > 0 {
+                // Due scheduled jobs were just made claimable: claim them now.
+                woken = true;
+                continue;
+            }
             if self.buffer.is_empty() {
                 // An empty claim is this host's latest poll.
                 self.header.poll_ms.store(monotonic_ms(), Ordering::Release);
-                woken = self.wait_idle(wake_seen)?;
+                woken = self.wait_idle(wake_seen);
                 continue;
             }
             woken = false;
-            if claimed == limit {
+            if brought.claimed == limit {
                 // More work is probably waiting: pass the wake-up on to an idle sibling.
                 wakeup::wake_one_idle(self.table, Some(self.index));
             }
@@ -390,12 +402,11 @@ impl Worker<'_> {
     }
 
     /// Sends the pending acks and claims up to `limit` jobs in one round trip; the jobs claimed
-    /// join the buffer at once (so any later round trip counts them as held), and their number is
-    /// returned. If the database refuses the statement itself (not a lost connection), the acks
+    /// join the buffer at once (so any later round trip counts them as held). If the database refuses the statement itself (not a lost connection), the acks
     /// are sent one by one and one it still refuses is dead-lettered with the database's reason,
     /// so a single bad result can neither hold back the others nor crash this child at every
     /// re-run.
-    fn send_acks_and_claim(&mut self, limit: usize) -> Result<usize, QueueError> {
+    fn send_acks_and_claim(&mut self, limit: usize) -> Result<Brought, QueueError> {
         // Cloned, not taken: while the database is away, pending acks keep a stopping worker
         // trying until its deadline (see reconnect_pause).
         let acks = self.acks.clone();
@@ -431,10 +442,13 @@ impl Worker<'_> {
             }
         };
         self.report_refused(&round.refused);
-        let claimed = round.claimed.len();
+        let brought = Brought {
+            claimed: round.claimed.len(),
+            promoted: round.promoted,
+        };
         self.buffer.extend(round.claimed);
         self.drop_cancelled_if_changed(round.changes)?;
-        Ok(claimed)
+        Ok(brought)
     }
 
     /// When the queue's count of changes moved since the last round (a cancel, a batch stopped by
@@ -470,21 +484,6 @@ impl Worker<'_> {
             );
         }
         Ok(ours)
-    }
-
-    /// Makes due scheduled and retryable jobs claimable, once per poll interval per host
-    /// (busy or idle: a busy host must not leave them waiting), and at once again while a full
-    /// chunk moved.
-    fn maybe_promote_due(&mut self) -> Result<(), QueueError> {
-        const CHUNK: i32 = 10_000;
-        if !take_turn(&self.header.promote_ms, self.config.poll_interval) {
-            return Ok(());
-        }
-        let moved = self.db(|db| db.promote_due(CHUNK))?;
-        if moved == CHUNK {
-            self.header.promote_ms.store(0, Ordering::Release);
-        }
-        Ok(())
     }
 
     fn send_one_ack(&mut self, ack: Ack) {
@@ -614,26 +613,26 @@ impl Worker<'_> {
 
     /// Sleeps until woken (an enqueue notification relayed by the listener, or a sibling with
     /// more work than it can take), a signal, or this child's turn to poll; heartbeats meanwhile,
-    /// and does the host's chores (maintenance, promoting due jobs) when their turn comes, so a
-    /// child woken for work never does them first. One idle child per host polls the database per
-    /// `FORKQ_POLL_INTERVAL_MS` (as the fallback when notifications are off), not every child.
-    /// Returns whether a wake-up ended the wait.
-    fn wait_idle(&mut self, wake_seen: u32) -> Result<bool, QueueError> {
+    /// and runs the host's maintenance pass when its turn comes, so a child woken for work never
+    /// runs it first. One idle child per host polls the database per `FORKQ_POLL_INTERVAL_MS`
+    /// (for scheduled jobs that fell due, whose claim round makes them claimable, and as the
+    /// fallback when notifications are off), not every child. Returns whether a wake-up ended
+    /// the wait.
+    fn wait_idle(&mut self, wake_seen: u32) -> bool {
         let _idle = logging::activity(Activity::Idle);
         self.slot.set_state(SlotState::Idle);
         self.slot.beat();
         let slice = self.config.poll_interval.min(IDLE_SLICE);
         loop {
             if self.slot.wake.load(Ordering::Acquire) != wake_seen {
-                return Ok(true);
+                return true;
             }
             if stop_requested() || take_turn(&self.header.poll_ms, self.config.poll_interval) {
-                return Ok(false);
+                return false;
             }
             // Busy meanwhile, so a wake-up goes to a child that can take it at once.
             self.slot.set_state(SlotState::Claiming);
             self.maybe_run_maintenance();
-            self.maybe_promote_due()?;
             self.slot.set_state(SlotState::Idle);
             futex::wait(&self.slot.wake, wake_seen, slice);
             self.slot.beat();
@@ -651,10 +650,13 @@ impl Worker<'_> {
         let slot = self.slot;
         let statement = WorkerTimeouts::new(self.config.health_stale).text_statement();
         let db = self.db.as_mut().expect("checked above");
+        // Fleet-wide, at most one pass per three quarters of the interval: each host tries once
+        // per interval, and some slack keeps a host from just missing its turn.
         let pass = maintenance::run_pass(
             db.client(),
             &self.config.schema,
             self.config.retention,
+            maintenance::INTERVAL * 3 / 4,
             &mut || slot.wait_on_database(statement),
         );
         slot.database_returned();

@@ -1,4 +1,4 @@
-//! The queue as one consumer child sees it: claim, settle, renew, release, promote.
+//! The queue as one consumer child sees it: claim, settle, renew, release.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,6 +80,8 @@ pub struct Round {
     /// The count of changes a worker must notice (cancels, stopped batches) as of this round;
     /// when it moves, prefetched jobs are checked with [`Consumer::drop_cancelled`].
     pub changes: i64,
+    /// Due scheduled and retryable jobs this round made claimable (for the next round).
+    pub promoted: i64,
 }
 
 /// A consumer's connection; its statements are prepared on first use.
@@ -102,7 +104,6 @@ struct Statements {
     release: Option<Prepared>,
     mark_started: Option<Prepared>,
     drop_cancelled: Option<Prepared>,
-    promote: Option<Prepared>,
 }
 
 /// A consumer's connection, and whether it goes through a pooler in transaction mode.
@@ -395,6 +396,7 @@ impl Consumer {
                     .get::<_, Option<Vec<i64>>>("refused")
                     .unwrap_or_default();
                 out.changes = row.get("changes");
+                out.promoted = row.get("promoted");
                 continue;
             };
             let queue: String = row.get("queue");
@@ -510,16 +512,5 @@ impl Consumer {
             .client
             .query_one(&drop, &[&ids, &tokens, &self.retain])?
             .get(0))
-    }
-
-    /// Makes up to `limit` due scheduled and retryable jobs claimable; returns how many.
-    pub fn promote_due(&mut self, limit: i32) -> Result<i32, QueueError> {
-        let promote = prepared(
-            &mut self.client,
-            &mut self.statements.promote,
-            &self.schema,
-            sql::PROMOTE_DUE,
-        )?;
-        Ok(self.client.query_one(&promote, &[&limit])?.get(0))
     }
 }

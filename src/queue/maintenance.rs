@@ -67,82 +67,53 @@ impl std::fmt::Display for Report {
     }
 }
 
-/// Runs every service once, if no other process holds the maintenance lock. Returns `None`
-/// when another holder had it. Each service runs in short transactions of its own (under the
-/// same lock, taken per transaction, so it also works behind a pooler in transaction mode), and
-/// the vacuums outside any. `before_each` is called before every round trip, so a worker can
-/// announce how long that one may block it (each is bounded by the connection's timeouts; a pass
-/// has several). An error ends the pass (the transaction at hand rolled back); the caller gives it
-/// up until the next interval rather than retrying a statement that timed out.
+/// Runs every service once, if it is this caller's turn: at most one pass per `gap` across every
+/// host of the schema (the `maintenance_turn` row; a caller that finds it taken, or locked by a
+/// pass starting elsewhere, gets `None`). Every statement is one round trip of its own, committed
+/// on its own, and every service skips rows others hold (`SKIP LOCKED`), so passes never wait on
+/// each other and everything works behind a pooler in transaction mode. `before_each` is called
+/// before every round trip, so a worker can announce how long that one may block it (each is
+/// bounded by the connection's timeouts). An error ends the pass; the caller gives it up until
+/// the next interval rather than retrying a statement that timed out.
 pub fn run_pass(
     client: &mut Client,
     schema: &str,
     retention: Duration,
+    gap: Duration,
     before_each: &mut dyn FnMut(),
 ) -> Result<Option<Report>, QueueError> {
     let retain = !retention.is_zero();
-    let Some(rescued) = locked(client, schema, before_each, |tx, before_each| {
-        before_each();
-        Ok(tx
-            .query_typed_one(
-                &render(sql::RESCUE_EXPIRED, schema),
-                &[(&retain, Type::BOOL)],
-            )?
-            .get(0))
-    })?
+    before_each();
+    let Some(rescued) = client
+        .query_typed_one(
+            &render(sql::TAKE_TURN_AND_RESCUE, schema),
+            &[(&retain, Type::BOOL), (&gap.as_secs_f64(), Type::FLOAT8)],
+        )?
+        .get::<_, Option<i32>>(0)
     else {
         return Ok(None);
     };
     let mut report = Report {
         rescued,
         purged: purge_archive(client, schema, retention, before_each)?,
-        windows_purged: purge_windows(client, schema, before_each)?,
-        batches_repaired: locked(client, schema, before_each, |tx, before_each| {
+        windows_purged: {
             before_each();
-            let repaired = repair_batches(tx, schema, retain)?;
+            execute_typed(client, &render(sql::PURGE_EXPIRED_WINDOWS, schema), &[])?
+        },
+        batches_repaired: {
             before_each();
-            tx.query_typed(&render(sql::COMPACT_CHANGES, schema), &[])?;
-            Ok(repaired)
-        })?
-        .unwrap_or(0),
+            repair_batches(client, schema, retain)?
+        },
         vacuumed: Vec::new(),
     };
-    for (table, base, fraction) in VACUUMED {
-        if vacuum_if_bloated(client, schema, table, base, fraction, before_each)? {
-            report.vacuumed.push(table);
-        }
-    }
+    before_each();
+    client.query_typed(&render(sql::COMPACT_CHANGES, schema), &[])?;
+    report.vacuumed = vacuum_bloated(client, schema, before_each)?;
     Ok(Some(report))
 }
 
-/// Runs `work` in a transaction holding the maintenance lock; `None` when another process holds
-/// it. `before_each` announces every round trip (`work` calls it before each of its own).
-fn locked<T>(
-    client: &mut Client,
-    schema: &str,
-    before_each: &mut dyn FnMut(),
-    work: impl FnOnce(&mut postgres::Transaction<'_>, &mut dyn FnMut()) -> Result<T, QueueError>,
-) -> Result<Option<T>, QueueError> {
-    before_each();
-    let mut tx = client.transaction()?;
-    before_each();
-    let got: bool = tx
-        .query_typed_one(
-            sql::TRY_MAINTENANCE_LOCK,
-            &[(&sql::advisory_key("maintenance", schema), Type::INT8)],
-        )?
-        .get(0);
-    if !got {
-        return Ok(None);
-    }
-    let out = work(&mut tx, before_each)?;
-    before_each();
-    tx.commit()?;
-    Ok(Some(out))
-}
-
-/// The retention service: deletes expired archived jobs in chunks, each in its own transaction,
-/// until none is left or [`PURGE_BUDGET`] is spent, so it keeps pace with the drain.
+/// The retention service: deletes expired archived jobs in chunks, one statement each, until
+/// none is left or [`PURGE_BUDGET`] is spent, so it keeps pace with the drain.
 fn purge_archive(
     client: &mut Client,
     schema: &str,
@@ -155,41 +126,20 @@ fn purge_archive(
     let purge = render(sql::PURGE_EXPIRED_ARCHIVE, schema);
     let mut purged = 0;
     loop {
-        let chunk = locked(client, schema, before_each, |tx, before_each| {
-            before_each();
-            Ok(execute_typed(
-                tx,
-                &purge,
-                &[
-                    (&retention.as_secs_f64(), Type::FLOAT8),
-                    (&(PURGE_CHUNK as i64), Type::INT8),
-                ],
-            )?)
-        })?
-        .unwrap_or(0);
+        before_each();
+        let chunk = execute_typed(
+            client,
+            &purge,
+            &[
+                (&retention.as_secs_f64(), Type::FLOAT8),
+                (&(PURGE_CHUNK as i64), Type::INT8),
+            ],
+        )?;
         purged += chunk;
         if chunk < PURGE_CHUNK || started.elapsed() >= PURGE_BUDGET {
             return Ok(purged);
         }
     }
-}
-
-/// The unique-window service: deletes one chunk of expired unique windows per pass, in a
-/// transaction of its own.
-fn purge_windows(
-    client: &mut Client,
-    schema: &str,
-    before_each: &mut dyn FnMut(),
-) -> Result<u64, QueueError> {
-    Ok(locked(client, schema, before_each, |tx, before_each| {
-        before_each();
-        Ok(execute_typed(
-            tx,
-            &render(sql::PURGE_EXPIRED_WINDOWS, schema),
-            &[],
-        )?)
-    })?
-    .unwrap_or(0))
 }
 
 /// The tables the vacuum service watches: name, and the dead rows that trigger a vacuum (a base,
@@ -203,57 +153,60 @@ const VACUUMED: [(&str, i64, f64); 4] = [
     ("unique_windows", 10_000, 0.2),
 ];
 
-/// The vacuum service: vacuums `table` when its dead rows exceed `base + fraction × live rows`.
-/// A table someone else is vacuuming is skipped; a vacuum that outlasts the statement timeout
-/// is abandoned with a warning (the next pass tries again). Returns whether it vacuumed.
-fn vacuum_if_bloated(
+/// The vacuum service: vacuums each watched table whose dead rows exceed `base + fraction × live
+/// rows` (one query finds them). A table someone else is vacuuming is skipped; a vacuum that
+/// outlasts the statement timeout is abandoned with a warning (the next pass tries again).
+/// Returns the tables vacuumed.
+fn vacuum_bloated(
     client: &mut Client,
     schema: &str,
-    table: &str,
-    base: i64,
-    fraction: f64,
     before_each: &mut dyn FnMut(),
-) -> Result<bool, QueueError> {
-    let relation = format!("{}.{table}", render("{s}", schema));
+) -> Result<Vec<&'static str>, QueueError> {
+    let names: Vec<&str> = VACUUMED.iter().map(|v| v.0).collect();
+    let bases: Vec<i64> = VACUUMED.iter().map(|v| v.1).collect();
+    let fractions: Vec<f64> = VACUUMED.iter().map(|v| v.2).collect();
     before_each();
-    let dead: Option<i64> = client
-        .query_typed_opt(
-            sql::DEAD_ROWS,
+    let bloated: Vec<(String, i64)> = client
+        .query_typed(
+            sql::BLOATED_TABLES,
             &[
-                (&relation, Type::TEXT),
-                (&base, Type::INT8),
-                (&fraction, Type::FLOAT8),
+                (&schema, Type::TEXT),
+                (&names, Type::TEXT_ARRAY),
+                (&bases, Type::INT8_ARRAY),
+                (&fractions, Type::FLOAT8_ARRAY),
             ],
         )?
-        .map(|r| r.get(0));
-    let Some(dead) = dead else {
-        return Ok(false);
-    };
-    before_each();
-    match client.batch_execute(&format!("VACUUM (SKIP_LOCKED) {relation}")) {
-        Ok(()) => {
-            log::debug!("vacuumed {relation}: {dead} dead rows");
-            Ok(true)
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut vacuumed = Vec::new();
+    for (table, dead) in bloated {
+        let Some(&(name, _, _)) = VACUUMED.iter().find(|v| v.0 == table) else {
+            continue;
+        };
+        let relation = format!("{}.{name}", render("{s}", schema));
+        before_each();
+        match client.batch_execute(&format!("VACUUM (SKIP_LOCKED) {relation}")) {
+            Ok(()) => {
+                log::debug!("vacuumed {relation}: {dead} dead rows");
+                vacuumed.push(name);
+            }
+            Err(e) if e.code() == Some(&postgres::error::SqlState::QUERY_CANCELED) => {
+                log::warn!(
+                    "the vacuum of {relation} ({dead} dead rows) outlasted the statement timeout \
+                     and was abandoned; the next maintenance pass tries again"
+                );
+            }
+            Err(e) => return Err(e.into()),
         }
-        Err(e) if e.code() == Some(&postgres::error::SqlState::QUERY_CANCELED) => {
-            log::warn!(
-                "the vacuum of {relation} ({dead} dead rows) outlasted the statement timeout and \
-                 was abandoned; the next maintenance pass tries again"
-            );
-            Ok(false)
-        }
-        Err(e) => Err(e.into()),
     }
+    Ok(vacuumed)
 }
 
 /// The batch repair service: fixes open batches whose counters disagree with their children and
 /// logs each fix, since a repair means something bypassed `retire()` (a hand edit, a bug).
-fn repair_batches(
-    tx: &mut postgres::Transaction<'_>,
-    schema: &str,
-    retain: bool,
-) -> Result<usize, QueueError> {
-    let repairs = batch::repair(tx, schema, retain)?;
+fn repair_batches(client: &mut Client, schema: &str, retain: bool) -> Result<usize, QueueError> {
+    let repairs = batch::repair(client, schema, retain)?;
     for r in &repairs {
         log::warn!(
             "batch repair: batch {} had {} and now has {}",

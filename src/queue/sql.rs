@@ -88,12 +88,14 @@ pub const ENQUEUE_EACH: &str = "
 /// Wakes idle workers once the enqueuing transaction commits.
 pub const NOTIFY: &str = "SELECT pg_notify('{c}', $1)";
 
-/// The lean round: settles plain completed jobs (fenced by lease token; archived when `$4`) and
-/// claims up to `$9` jobs from the queues `$8` in one statement, with no procedural code in the
-/// way. Jobs come back in index order per queue, not in claim order: the caller sorts them (by
-/// queue position, priority, run_at, id). One extra row with a null id carries the acks refused
-/// (stale leases; null when none) and the sum of `changes` (see the migration), which tells the
-/// worker when to check its prefetched jobs for a cancel. Built by [`round`] for the number of
+/// The lean round: settles plain completed jobs (fenced by lease token; archived when `$4`),
+/// claims up to `$9` jobs from the queues `$8`, and makes up to `$9` due scheduled or retryable
+/// jobs claimable for the next round (one probe of `jobs_due_idx` when none is due), in one
+/// statement, with no procedural code in the way. Jobs come back in index order per queue, not in
+/// claim order: the caller sorts them (by queue position, priority, run_at, id). One extra row
+/// with a null id carries the acks refused (stale leases; null when none), the sum of `changes`
+/// (see the migration), which tells the worker when to check its prefetched jobs for a cancel,
+/// and how many jobs it made claimable. Built by [`round`] for the number of
 /// queues; `$1` ids, `$2` tokens, `$3` results, `$5` owner, `$6` this claim's lease token, `$7`
 /// lease seconds.
 const ROUND: &str = "
@@ -118,15 +120,23 @@ const ROUND: &str = "
         WHERE j.id = ANY(ARRAY({pick}))
         RETURNING j.id, j.queue, j.task, j.payload, j.priority, j.run_at, j.attempt,
                   j.max_attempts, j.batch_id, j.expiries
+    ), promoted AS (
+        UPDATE {s}.jobs j SET state = 'available'
+        WHERE j.id = ANY(ARRAY(SELECT d.id FROM {s}.jobs d
+                               WHERE d.state IN ('scheduled', 'retryable') AND d.run_at <= now()
+                               ORDER BY d.run_at LIMIT $9::int FOR UPDATE SKIP LOCKED))
+          AND j.state IN ('scheduled', 'retryable')
+        RETURNING 1
     )
     SELECT id, queue, task, payload, priority, run_at, attempt, max_attempts, batch_id, expiries,
-           NULL::bigint[] AS refused, NULL::bigint AS changes
+           NULL::bigint[] AS refused, NULL::bigint AS changes, NULL::bigint AS promoted
     FROM claimed
     UNION ALL
     SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
            CASE WHEN (SELECT count(*) FROM done) < cardinality($1::bigint[])
                 THEN ARRAY(SELECT id FROM acked EXCEPT SELECT id FROM done) END,
-           (SELECT coalesce(sum(weight), 0)::bigint FROM {s}.changes)";
+           (SELECT coalesce(sum(weight), 0)::bigint FROM {s}.changes),
+           (SELECT count(*) FROM promoted)";
 
 /// One queue's pick: its first `$9` claimable jobs in claim order, locked, skipping rows others
 /// hold. Served by `jobs_claim_idx` (equality on queue, then its exact order).
@@ -178,9 +188,6 @@ pub const MARK_STARTED: &str = "SELECT {s}.mark_started($1, $2)";
 /// Ends cancelled the prefetched jobs that must no longer run (see `drop_cancelled`).
 pub const DROP_CANCELLED: &str = "SELECT {s}.drop_cancelled($1, $2, $3)";
 
-/// Makes due scheduled and retryable jobs claimable (see `promote_due` in the migration).
-pub const PROMOTE_DUE: &str = "SELECT {s}.promote_due($1)";
-
 /// Returns expired leases to the queue.
 pub const RESCUE_EXPIRED: &str = "SELECT {s}.rescue_expired($1)";
 
@@ -202,12 +209,7 @@ pub const PURGE_EXPIRED_ARCHIVE: &str = "
           AND (a.batch_id IS NULL
                OR NOT EXISTS (SELECT 1 FROM {s}.batches b
                               WHERE b.id = a.batch_id AND b.state = 'open'))
-        LIMIT $2))";
-
-/// The dead rows of table `$1` when they exceed `$2` plus `$3` times its live rows.
-pub const DEAD_ROWS: &str = "
-    SELECT n_dead_tup FROM pg_stat_user_tables
-    WHERE relid = $1::text::regclass AND n_dead_tup > $2::bigint + $3::float8 * n_live_tup";
+        LIMIT $2 FOR UPDATE SKIP LOCKED))";
 
 /// Deletes unique windows that expired, a bounded chunk at a time (an enqueue of the key takes an
 /// expired window over anyway; this keeps keys that never come back from piling up).
@@ -245,8 +247,25 @@ pub const CONNECTION_HEADROOM: &str = "
     WHERE s.pid = pg_backend_pid() AND r.rolname = current_user
       AND d.datname = current_database()";
 
-/// Takes the maintenance lock for the rest of the transaction, if no one else holds it.
-pub const TRY_MAINTENANCE_LOCK: &str = "SELECT pg_try_advisory_xact_lock($1)";
+/// Takes this schema's maintenance turn if the last pass anywhere began at least `$2` seconds ago
+/// (and no pass is taking it right now), and if so rescues expired leases; returns null when it
+/// was not this caller's turn. One statement, one round trip.
+pub const TAKE_TURN_AND_RESCUE: &str = "
+    WITH turn AS (
+        UPDATE {s}.maintenance_turn t SET at = now()
+        WHERE t.at <= now() - make_interval(secs => $2::float8)
+          AND t.id IN (SELECT m.id FROM {s}.maintenance_turn m FOR UPDATE SKIP LOCKED)
+        RETURNING 1
+    )
+    SELECT CASE WHEN EXISTS (SELECT 1 FROM turn) THEN {s}.rescue_expired($1::boolean) END";
+
+/// The watched tables of schema `$1` (names `$2`) whose dead rows exceed `$3 + $4 × live rows`
+/// (per table, in the same order), with their dead rows.
+pub const BLOATED_TABLES: &str = "
+    SELECT w.name, t.n_dead_tup
+    FROM unnest($2::text[], $3::bigint[], $4::float8[]) AS w(name, base, fraction)
+    JOIN pg_stat_user_tables t ON t.schemaname = $1 AND t.relname = w.name
+    WHERE t.n_dead_tup > w.base + w.fraction * t.n_live_tup";
 
 /// Counts live jobs per queue and effective state (a due scheduled job counts as available), and
 /// the failed and cancelled jobs of the archive (through their partial index).

@@ -560,10 +560,9 @@ pub struct Rest {
 
 /// What kind of statement `query` (as pg_stat_statements shows it) is, by the SQL forkq sends.
 fn statement_kind(query: &str) -> &'static str {
-    const KINDS: [(&str, &str); 9] = [
+    const KINDS: [(&str, &str); 8] = [
         ("WITH acked AS", "claim rounds"),
         (".renew(", "renewals"),
-        (".promote_due(", "promotions"),
         (".settle(", "settlements"),
         ("hosts", "host rows"),
         ("schema_migrations", "schema checks"),

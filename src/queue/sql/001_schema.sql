@@ -30,9 +30,9 @@ CREATE TABLE {s}.jobs (
 
 -- Serves the claim: equality on queue, then exactly the claim's ORDER BY, only rows that can run
 -- now. Waiting rows are in jobs_due_idx instead, so a million jobs scheduled for tomorrow cost the
--- claim nothing: promote_due() moves them here when they fall due.
+-- claim nothing: every claim round (ROUND in sql.rs) moves the due ones here.
 CREATE INDEX jobs_claim_idx ON {s}.jobs (queue, priority, run_at, id) WHERE state = 'available';
--- Serves promote_due(): scheduled and retryable rows by the time they fall due.
+-- Serves the claim round's promotion: scheduled and retryable rows by the time they fall due.
 CREATE INDEX jobs_due_idx ON {s}.jobs (run_at) WHERE state IN ('scheduled', 'retryable');
 -- Serves lease renewal and release by owner, and the rescue of expired leases.
 CREATE INDEX jobs_running_idx ON {s}.jobs (lease_owner) WHERE state = 'running';
@@ -524,26 +524,14 @@ BEGIN
 END
 $$;
 
--- Makes due scheduled and retryable jobs available to the claim, oldest first, at most p_limit;
--- index-driven (jobs_due_idx), so it costs one index probe when nothing is due. Rows locked by
--- someone else are left for the next call. Wakes idle workers when it moved any.
-CREATE FUNCTION {s}.promote_due(p_limit int) RETURNS int LANGUAGE plpgsql AS $$
-DECLARE
-    moved int;
-BEGIN
-    UPDATE {s}.jobs j SET state = 'available'
-    WHERE j.id = ANY(ARRAY(SELECT d.id FROM {s}.jobs d
-                           WHERE d.state IN ('scheduled', 'retryable') AND d.run_at <= now()
-                           ORDER BY d.run_at LIMIT p_limit
-                           FOR UPDATE SKIP LOCKED))
-      AND j.state IN ('scheduled', 'retryable');
-    GET DIAGNOSTICS moved = ROW_COUNT;
-    IF moved > 0 THEN
-        PERFORM pg_notify('{c}', '');
-    END IF;
-    RETURN moved;
-END
-$$;
+-- When the last maintenance pass began, fleet-wide: a host runs the pass only if it can move this
+-- forward by the pass interval (see TAKE_TURN_AND_RESCUE in sql.rs), so a hundred hosts run one
+-- pass per interval between them, not a hundred.
+CREATE TABLE {s}.maintenance_turn (
+    id boolean PRIMARY KEY DEFAULT true CHECK (id),
+    at timestamptz NOT NULL DEFAULT '-infinity'
+);
+INSERT INTO {s}.maintenance_turn DEFAULT VALUES;
 
 -- Changes that workers must notice before they start a job they claimed ahead (a cancel, a batch
 -- stopped by fail-fast or cancel). Insert-only, so noting a change never waits on a lock; every
