@@ -15,4 +15,13 @@ if [ -z "${BENCH_STOCK_URL+set}" ]; then
     BENCH_STOCK_URL="$(private_cluster "$PWD/target/pg-stock" 54330)"
 fi
 export BENCH_STOCK_URL
+# The scale curve (8 daemons x 32 children, ~300 connections), the hosts at rest and the NOTIFY
+# fan-out run on a private cluster that takes that many connections and loads pg_stat_statements
+# (stock settings otherwise) and runs nothing else, so the statements it counts are forkq's alone;
+# BENCH_SCALE_URL=URL picks another server.
+if [ -z "${BENCH_SCALE_URL+set}" ]; then
+    BENCH_SCALE_URL="$(private_cluster "$PWD/target/pg-scale" 54331 \
+        "-c max_connections=400 -c shared_preload_libraries=pg_stat_statements")"
+fi
+export BENCH_SCALE_URL
 exec ./target/release/forkq-bench

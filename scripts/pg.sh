@@ -12,9 +12,10 @@ find_pg_bin() {
 }
 
 # Starts (initialising it first if needed) a private cluster with stock settings under $1 on
-# 127.0.0.1:$2 from the installed binaries, and prints its URL.
+# 127.0.0.1:$2 from the installed binaries, and prints its URL; $3 adds server options
+# ("-c max_connections=400").
 private_cluster() {
-    local root="$1" port="$2"
+    local root="$1" port="$2" options="${3:-}"
     local bin; bin="$(find_pg_bin)" || { echo "no PostgreSQL found: set DATABASE_URL or install PostgreSQL (initdb, pg_ctl)" >&2; return 1; }
     mkdir -p "$root"
     local as_user=()
@@ -30,7 +31,7 @@ private_cluster() {
     fi
     if ! "${as_user[@]}" "$bin/pg_ctl" -D "$root/data" status >/dev/null 2>&1; then
         "${as_user[@]}" "$bin/pg_ctl" -D "$root/data" -l "$root/server.log" -w \
-            -o "-p $port -k $root -c listen_addresses=127.0.0.1" start >/dev/null \
+            -o "-p $port -k $root -c listen_addresses=127.0.0.1 $options" start >/dev/null \
             || { echo "the private PostgreSQL did not start; see $root/server.log" >&2; return 1; }
         echo "started a private PostgreSQL in $root/data on 127.0.0.1:$port (stop: pg_ctl -D $root/data stop)" >&2
     fi

@@ -70,8 +70,15 @@ pub struct Config {
     pub retry_backoff_max: Duration,
     /// Idle polling period (the fallback when no notification arrives).
     pub poll_interval: Duration,
-    /// Wake idle children with LISTEN/NOTIFY (off behind PgBouncer in transaction mode).
+    /// Wake idle children with LISTEN/NOTIFY (by default off behind a transaction-mode pooler
+    /// unless `listen_database_url` gives the listener a direct connection).
     pub listen: bool,
+    /// The connection string of the wake-up listener: a direct one when `database_url` goes
+    /// through a pooler (`FORKQ_LISTEN_DATABASE_URL`), else `database_url`.
+    pub listen_database_url: String,
+    /// How `database_url` reaches PostgreSQL (`FORKQ_POOLER`): directly, or through a pooler in
+    /// transaction mode, which keeps no session state between transactions.
+    pub pooler: Pooler,
     /// Largest accepted payload, in bytes of JSON text.
     pub max_payload_bytes: usize,
     /// How long completed jobs stay in the archive; zero deletes them on completion.
@@ -117,6 +124,17 @@ pub struct Config {
     /// Every connection holds the boot's session lock, and the probe brings back the jobs of
     /// provably gone hosts before their leases expire (off behind a transaction-mode pooler).
     pub host_release: bool,
+}
+
+/// What stands between forkq and PostgreSQL (`FORKQ_POOLER`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooler {
+    /// Direct connections, or a pooler in session mode: session settings, named prepared
+    /// statements and session advisory locks last as long as the connection.
+    None,
+    /// A pooler in transaction mode (PgBouncer `pool_mode = transaction`): each transaction may
+    /// run on another server connection, so forkq relies on none of those (docs/pooler.md).
+    Transaction,
 }
 
 /// Reads variables from a map so parsing can be tested without touching the process environment.
@@ -181,6 +199,24 @@ impl Vars<'_> {
         Ok(Duration::from_millis(
             self.int(name, default, min, max)? as u64
         ))
+    }
+
+    /// A PostgreSQL connection string, or `None` when unset.
+    fn url(&self, name: &str) -> Result<Option<String>, ConfigError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(url)
+                if url.starts_with("postgres://")
+                    || url.starts_with("postgresql://")
+                    || url.contains('=') =>
+            {
+                Ok(Some(url.to_string()))
+            }
+            Some(_) => Err(self.error(
+                name,
+                "a postgres:// or postgresql:// URL, or a key=value connection string",
+            )),
+        }
     }
 
     /// A positive limit where 0 means "off".
@@ -260,9 +296,12 @@ impl Config {
     /// Reads and validates settings from `vars` (the environment, in tests a literal map).
     pub fn from_vars(vars: HashMap<String, String>) -> Result<Config, ConfigError> {
         let v = Vars(&vars);
-        let database_url = match (v.get("DATABASE_URL"), v.get("FORKQ_DATABASE_URL")) {
-            (_, Some(url)) | (Some(url), None) => url.to_string(),
-            (None, None) => {
+        // FORKQ_DATABASE_URL wins, so it is the one checked (and named) when both are set.
+        let database_url = match (v.url("FORKQ_DATABASE_URL")?, v.url("DATABASE_URL")) {
+            (Some(url), _) => url,
+            (None, Ok(Some(url))) => url,
+            (None, Err(e)) => return Err(e),
+            (None, Ok(None)) => {
                 return Err(v.error(
                     "DATABASE_URL",
                     "a PostgreSQL URL such as postgres://user@127.0.0.1:5432/db \
@@ -270,20 +309,11 @@ impl Config {
                 ))
             }
         };
-        if !(database_url.starts_with("postgres://")
-            || database_url.starts_with("postgresql://")
-            || database_url.contains('='))
-        {
-            let name = if v.get("FORKQ_DATABASE_URL").is_some() {
-                "FORKQ_DATABASE_URL"
-            } else {
-                "DATABASE_URL"
-            };
-            return Err(v.error(
-                name,
-                "a postgres:// or postgresql:// URL, or a key=value connection string",
-            ));
-        }
+        let pooler = pooler(&v)?;
+        let listen_url = v.url("FORKQ_LISTEN_DATABASE_URL")?;
+        let listen = listen_setting(&v, pooler, listen_url.is_some())?;
+        let listen_database_url = listen_url.unwrap_or_else(|| database_url.clone());
+        let host_release = host_release_setting(&v, pooler)?;
 
         let schema = v.get("FORKQ_SCHEMA").unwrap_or("forkq").to_string();
         if !is_valid_schema_name(&schema) {
@@ -392,7 +422,9 @@ impl Config {
             retry_backoff_base,
             retry_backoff_max,
             poll_interval: v.millis("FORKQ_POLL_INTERVAL_MS", 1000, 10, 60_000)?,
-            listen: v.flag("FORKQ_LISTEN", true)?,
+            listen,
+            listen_database_url,
+            pooler,
             max_payload_bytes: v.int("FORKQ_MAX_PAYLOAD_BYTES", 1 << 20, 2, 64 << 20)? as usize,
             retention: v.seconds("FORKQ_RETENTION_SECONDS", 86_400, 0, 3_650 * 86_400)?,
             handler,
@@ -422,7 +454,7 @@ impl Config {
             schedules_file,
             schedules,
             host_interval: v.seconds("FORKQ_HOST_INTERVAL_SECONDS", 5, 1, 3_600)?,
-            host_release: v.flag("FORKQ_HOST_RELEASE", true)?,
+            host_release,
         })
     }
 
@@ -434,6 +466,60 @@ impl Config {
             .map(|(_, spec)| spec)
             .unwrap_or(&self.handler)
     }
+}
+
+/// `FORKQ_POOLER`: `none` (the default) or `transaction`.
+fn pooler(v: &Vars<'_>) -> Result<Pooler, ConfigError> {
+    match v
+        .get("FORKQ_POOLER")
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None | Some("none") => Ok(Pooler::None),
+        Some("transaction") => Ok(Pooler::Transaction),
+        Some(_) => Err(v.error(
+            "FORKQ_POOLER",
+            "none (direct connections, or a pooler in session mode) or transaction (PgBouncer or \
+             another pooler in transaction mode; see docs/pooler.md)",
+        )),
+    }
+}
+
+/// `FORKQ_LISTEN`: on by default, except behind a transaction-mode pooler without a direct
+/// connection for the listener, where LISTEN would receive nothing; asking for it there is an
+/// error rather than a fleet that silently falls back to polling.
+fn listen_setting(
+    v: &Vars<'_>,
+    pooler: Pooler,
+    direct_listener: bool,
+) -> Result<bool, ConfigError> {
+    let usable = pooler == Pooler::None || direct_listener;
+    let listen = v.flag("FORKQ_LISTEN", usable)?;
+    if listen && !usable {
+        return Err(v.error(
+            "FORKQ_LISTEN",
+            "0 behind a pooler in transaction mode (FORKQ_POOLER=transaction), where LISTEN \
+             receives nothing; or set FORKQ_LISTEN_DATABASE_URL to a direct connection for the \
+             wake-up listener",
+        ));
+    }
+    Ok(listen)
+}
+
+/// `FORKQ_HOST_RELEASE`: on by default, except behind a transaction-mode pooler, which drops
+/// session advisory locks between transactions; asking for it there is an error.
+fn host_release_setting(v: &Vars<'_>, pooler: Pooler) -> Result<bool, ConfigError> {
+    let usable = pooler == Pooler::None;
+    let release = v.flag("FORKQ_HOST_RELEASE", usable)?;
+    if release && !usable {
+        return Err(v.error(
+            "FORKQ_HOST_RELEASE",
+            "0 behind a pooler in transaction mode (FORKQ_POOLER=transaction): it needs a \
+             session advisory lock on every connection, which such a pooler does not keep; the \
+             jobs of a dead host then come back when their leases expire",
+        ));
+    }
+    Ok(release)
 }
 
 /// The stale window when `FORKQ_HEALTH_STALE_SECONDS` is not set (and the lease allows it).
@@ -708,6 +794,38 @@ mod tests {
     fn missing_database_url_is_an_error() {
         let err = Config::from_vars(HashMap::new()).unwrap_err();
         assert_eq!(err.variable, "DATABASE_URL");
+    }
+
+    #[test]
+    fn a_transaction_pooler_turns_off_what_needs_a_session() {
+        let c = parse(&[("FORKQ_POOLER", "transaction")]).unwrap();
+        assert_eq!(c.pooler, Pooler::Transaction);
+        assert!(!c.listen && !c.host_release);
+        assert_eq!(c.listen_database_url, c.database_url);
+        let direct = "postgres://u@10.0.0.5:5432/db";
+        let c = parse(&[
+            ("FORKQ_POOLER", "transaction"),
+            ("FORKQ_LISTEN_DATABASE_URL", direct),
+        ])
+        .unwrap();
+        assert!(c.listen && !c.host_release);
+        assert_eq!(c.listen_database_url, direct);
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.pooler, Pooler::None);
+        assert!(c.listen && c.host_release);
+    }
+
+    #[test]
+    fn session_features_asked_for_behind_a_transaction_pooler_are_refused() {
+        for (name, value) in [("FORKQ_LISTEN", "1"), ("FORKQ_HOST_RELEASE", "on")] {
+            let err = parse(&[("FORKQ_POOLER", "transaction"), (name, value)]).unwrap_err();
+            assert_eq!(err.variable, name);
+            assert!(err.allowed.contains("FORKQ_POOLER=transaction"), "{err}");
+        }
+        let err = parse(&[("FORKQ_POOLER", "statement")]).unwrap_err();
+        assert_eq!(err.variable, "FORKQ_POOLER");
+        let err = parse(&[("FORKQ_LISTEN_DATABASE_URL", "db:5432")]).unwrap_err();
+        assert_eq!(err.variable, "FORKQ_LISTEN_DATABASE_URL");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use crate::child::Predecessor;
-use crate::config::{Config, EX_CONFIG};
+use crate::config::{Config, Pooler, EX_CONFIG};
 use crate::queue;
 use crate::queue::consumer::Consumer;
 use crate::supervisor::DatabaseHooks;
@@ -51,12 +51,16 @@ fn preflight(config: &Config) -> i32 {
     }
 }
 
-/// Connects, checks the schema, and measures the connection headroom (`None` behind a pooler).
+/// Connects, checks the schema, and measures the connection headroom (`None` behind a pooler,
+/// declared with `FORKQ_POOLER=transaction` or recognised).
 fn check_database(config: &Config) -> Result<Option<queue::capacity::Headroom>, queue::QueueError> {
     let started = Instant::now();
     let mut client = queue::connect(&config.database_url, "forkq preflight")?;
     let connected_in = started.elapsed();
     queue::migrations::require_current(&mut client, &config.schema)?;
+    if config.pooler == Pooler::Transaction {
+        return Ok(None);
+    }
     queue::capacity::headroom(&config.database_url, connected_in, &mut client)
 }
 

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use crate::backoff;
 use crate::child;
-use crate::config::Config;
+use crate::config::{Config, Pooler};
 use crate::host;
 use crate::probe;
-use crate::queue::{self, hosts, QueueError};
+use crate::queue::{self, hosts, pooler, QueueError};
 use crate::slots::SlotTable;
 
 /// Writes this daemon's row every interval until the process ends; reconnects with backoff when
@@ -22,6 +22,7 @@ pub fn run(config: &Config, table: &SlotTable) -> ! {
         table,
         last_total: None,
         release_refused: None,
+        role_checked: false,
     };
     let mut failures = 0u32;
     loop {
@@ -67,6 +68,8 @@ struct Presence<'a> {
     last_total: Option<(u64, Instant)>,
     /// Why this host does not bring back other hosts' jobs, once known (logged once).
     release_refused: Option<String>,
+    /// Whether the role's settings were checked (behind a transaction-mode pooler; once).
+    role_checked: bool,
 }
 
 impl Presence<'_> {
@@ -90,7 +93,24 @@ impl Presence<'_> {
                 }
             }
         }
+        if self.config.pooler == Pooler::Transaction && !self.role_checked {
+            self.check_role(&mut client)?;
+        }
         Ok(client)
+    }
+
+    /// Behind a transaction-mode pooler the workers set nothing per session, so the role's
+    /// settings stand in (see [`queue::pooler`]): says once per daemon what they lack.
+    fn check_role(&mut self, client: &mut postgres::Client) -> Result<(), QueueError> {
+        let settings = pooler::role_settings(client)?;
+        for (severity, finding) in pooler::findings(self.config, &settings) {
+            match severity {
+                pooler::Severity::Advice => log::warn!("behind the pooler: {finding}"),
+                pooler::Severity::Broken => log::error!("behind the pooler: {finding}"),
+            }
+        }
+        self.role_checked = true;
+        Ok(())
     }
 
     /// Why bringing back gone hosts' jobs early would not be safe here, if it would not: the

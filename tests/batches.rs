@@ -3,13 +3,12 @@
 #[rustfmt::skip]
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use common::{connect, forkq_bin, http_get, wait_until, Daemon, TestSchema};
+use common::{connect, http_get, run_cli, wait_until, Daemon, TestSchema};
 use forkq::queue::batch::{self, BatchInfo, CancelOutcome};
 use forkq::queue::maintenance;
 use forkq::{NewBatch, NewJob};
@@ -90,23 +89,7 @@ fn counts(b: &BatchInfo) -> (&str, i32, i32, i32, i32, i32) {
 
 /// Runs the forkq CLI against `schema`, with `stdin` as its input.
 fn forkq(schema: &TestSchema, args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(forkq_bin())
-        .args(args)
-        .env_clear()
-        .envs(schema.env())
-        .env("FORKQ_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    run_cli(schema, &[], args, stdin)
 }
 
 fn stdout(o: &Output) -> String {

@@ -21,7 +21,7 @@ use postgres::NoTls;
 use r2d2_postgres::PostgresConnectionManager;
 use tiny_http::{Header, Method, Request, Response, Server};
 
-use crate::config::{Config, DashboardSettings, EX_CONFIG};
+use crate::config::{Config, DashboardSettings, Pooler, EX_CONFIG};
 use crate::queue::browse::{self, Cursor, Filter, FilterError};
 use crate::queue::{admin, batch, hosts, migrations, overview, schedules, QueueError};
 use auth::{Auth, Credentials, Verdict};
@@ -113,10 +113,16 @@ fn connect(config: &Config) -> Result<Pool, QueueError> {
     let mut check = pg.connect(NoTls)?;
     migrations::require_current(&mut check, &config.schema)?;
     let manager = PostgresConnectionManager::new(pg, NoTls);
-    r2d2::Pool::builder()
+    let builder = r2d2::Pool::builder()
         .max_size(THREADS)
-        .connection_timeout(Duration::from_secs(5))
-        .connection_customizer(Box::new(SessionSettings))
+        .connection_timeout(Duration::from_secs(5));
+    // Behind a transaction-mode pooler a session SET would stay behind on whichever server
+    // connection ran it, for other clients; the role's statement_timeout bounds pages there.
+    let builder = match config.pooler {
+        Pooler::None => builder.connection_customizer(Box::new(SessionSettings)),
+        Pooler::Transaction => builder,
+    };
+    builder
         .build(manager)
         .map_err(|e| QueueError::Unavailable(e.to_string()))
 }

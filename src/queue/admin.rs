@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use postgres::types::Type;
 use postgres::GenericClient;
 use serde::Serialize;
 use serde_json::Value;
@@ -70,7 +71,7 @@ pub fn status(
     completed: bool,
 ) -> Result<BTreeMap<String, QueueStatus>, QueueError> {
     let mut queues: BTreeMap<String, QueueStatus> = BTreeMap::new();
-    for row in client.query(&render(sql::STATUS_COUNTS, schema), &[])? {
+    for row in client.query_typed(&render(sql::STATUS_COUNTS, schema), &[])? {
         let queue: String = row.get(0);
         let state: String = row.get(1);
         if let Some(count) = queues.entry(queue).or_default().count_mut(&state) {
@@ -78,11 +79,11 @@ pub fn status(
         }
     }
     if completed {
-        for row in client.query(&render(sql::COMPLETED_COUNTS, schema), &[])? {
+        for row in client.query_typed(&render(sql::COMPLETED_COUNTS, schema), &[])? {
             queues.entry(row.get(0)).or_default().completed = row.get(1);
         }
     }
-    for row in client.query(&render(sql::OLDEST_AVAILABLE, schema), &[])? {
+    for row in client.query_typed(&render(sql::OLDEST_AVAILABLE, schema), &[])? {
         queues
             .entry(row.get(0))
             .or_default()
@@ -98,7 +99,7 @@ pub fn job(
     id: i64,
 ) -> Result<Option<Value>, QueueError> {
     Ok(client
-        .query_opt(&render(sql::JOB_BY_ID, schema), &[&id])?
+        .query_typed_opt(&render(sql::JOB_BY_ID, schema), &[(&id, Type::INT8)])?
         .map(|row| row.get(0)))
 }
 
@@ -111,7 +112,10 @@ pub fn cancel(
     retain: bool,
 ) -> Result<Option<String>, QueueError> {
     Ok(client
-        .query_one(&render(sql::CANCEL, schema), &[&id, &retain])?
+        .query_typed_one(
+            &render(sql::CANCEL, schema),
+            &[(&id, Type::INT8), (&retain, Type::BOOL)],
+        )?
         .get(0))
 }
 
@@ -119,6 +123,6 @@ pub fn cancel(
 /// (or a live job holds its unique key).
 pub fn retry(client: &mut impl GenericClient, schema: &str, id: i64) -> Result<bool, QueueError> {
     Ok(client
-        .query_one(&render(sql::RETRY, schema), &[&id])?
+        .query_typed_one(&render(sql::RETRY, schema), &[(&id, Type::INT8)])?
         .get(0))
 }

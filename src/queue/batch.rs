@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 
+use postgres::types::Type;
 use postgres::GenericClient;
 use serde::Serialize;
 use serde_json::Value;
@@ -187,18 +188,18 @@ pub fn create(
     };
     let mut tx = client.transaction()?;
     let id: i64 = tx
-        .query_one(
+        .query_typed_one(
             &render(sql::BATCH_OPEN, schema),
             &[
-                &batch.queue,
-                &batch.fail_fast,
-                &batch.on_complete_task,
-                &batch.on_complete_queue,
+                (&batch.queue, Type::TEXT),
+                (&batch.fail_fast, Type::BOOL),
+                (&batch.on_complete_task, Type::TEXT),
+                (&batch.on_complete_queue, Type::TEXT),
             ],
         )?
         .get(0);
     producer::enqueue_many(&mut tx, schema, limits, &jobs, Some(id))?;
-    tx.query_one(&render(sql::BATCH_SEAL, schema), &[&id])?;
+    tx.query_typed_one(&render(sql::BATCH_SEAL, schema), &[(&id, Type::INT8)])?;
     tx.commit()?;
     Ok(id)
 }
@@ -210,7 +211,7 @@ pub fn status(
     id: i64,
 ) -> Result<Option<BatchInfo>, QueueError> {
     Ok(client
-        .query_opt(&render(sql::BATCH_STATUS, schema), &[&id])?
+        .query_typed_opt(&render(sql::BATCH_STATUS, schema), &[(&id, Type::INT8)])?
         .as_ref()
         .map(BatchInfo::from_row))
 }
@@ -225,7 +226,14 @@ pub fn list(
     before: Option<i64>,
 ) -> Result<Vec<BatchInfo>, QueueError> {
     Ok(client
-        .query(&render(sql::BATCH_LIST, schema), &[&state, &limit, &before])?
+        .query_typed(
+            &render(sql::BATCH_LIST, schema),
+            &[
+                (&state, Type::TEXT),
+                (&limit, Type::INT8),
+                (&before, Type::INT8),
+            ],
+        )?
         .iter()
         .map(BatchInfo::from_row)
         .collect())
@@ -249,7 +257,10 @@ pub fn cancel(
     retain: bool,
 ) -> Result<Option<CancelOutcome>, QueueError> {
     Ok(client
-        .query_opt(&render(sql::BATCH_CANCEL, schema), &[&id, &retain])?
+        .query_typed_opt(
+            &render(sql::BATCH_CANCEL, schema),
+            &[(&id, Type::INT8), (&retain, Type::BOOL)],
+        )?
         .map(|row| {
             if row.get::<_, bool>(1) {
                 CancelOutcome::Cancelled
@@ -279,9 +290,9 @@ pub fn repair(
     retain: bool,
 ) -> Result<Vec<Repair>, QueueError> {
     Ok(client
-        .query(
+        .query_typed(
             &render(sql::BATCH_REPAIR, schema),
-            &[&REPAIR_LIMIT, &retain],
+            &[(&REPAIR_LIMIT, Type::INT4), (&retain, Type::BOOL)],
         )?
         .iter()
         .map(|row| Repair {

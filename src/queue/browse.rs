@@ -319,9 +319,15 @@ fn target_ids(
     };
     let state = state.map_err(|e| QueueError::InvalidJob(e.0))?;
     Ok(client
-        .query(
+        .query_typed(
             &render(statement, schema),
-            &[&after, &filter.queue, &filter.task, &state, &limit],
+            &[
+                (&after, Type::INT8),
+                (&filter.queue, Type::TEXT),
+                (&filter.task, Type::TEXT),
+                (&state, Type::TEXT),
+                (&limit, Type::INT8),
+            ],
         )?
         .iter()
         .map(|r| r.get(0))
@@ -366,8 +372,14 @@ pub fn apply(
             return Ok(done);
         };
         let moved: i64 = match action {
-            Bulk::Retry => tx.query_one(&render(sql::RETRY_MANY, schema), &[&ids])?,
-            Bulk::Cancel => tx.query_one(&render(sql::CANCEL_MANY, schema), &[&ids, &retain])?,
+            Bulk::Retry => tx.query_typed_one(
+                &render(sql::RETRY_MANY, schema),
+                &[(&ids, Type::INT8_ARRAY)],
+            )?,
+            Bulk::Cancel => tx.query_typed_one(
+                &render(sql::CANCEL_MANY, schema),
+                &[(&ids, Type::INT8_ARRAY), (&retain, Type::BOOL)],
+            )?,
         }
         .get(0);
         tx.commit()?;
@@ -380,7 +392,7 @@ pub fn apply(
 /// an open batch, whose counters are recomputed from its children).
 pub fn discard(client: &mut impl GenericClient, schema: &str, id: i64) -> Result<bool, QueueError> {
     Ok(client
-        .query_opt(&render(sql::DISCARD, schema), &[&id])?
+        .query_typed_opt(&render(sql::DISCARD, schema), &[(&id, Type::INT8)])?
         .is_some())
 }
 

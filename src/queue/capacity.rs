@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use postgres::types::Type;
 use postgres::Client;
 
 use super::sql;
@@ -37,7 +38,7 @@ pub fn headroom(
         .unwrap_or(5432);
     // A second of slack between the server's clock for the session start and now().
     let own_within = connected_in.as_secs_f64() + 1.0;
-    let row = client.query_one(sql::CONNECTION_HEADROOM, &[&own_within])?;
+    let row = client.query_typed_one(sql::CONNECTION_HEADROOM, &[(&own_within, Type::FLOAT8)])?;
     let server_port: i32 = row.get("port");
     let own_session: bool = row.get("own_session");
     if i32::from(url_port) != server_port || !own_session {

@@ -1,13 +1,15 @@
 //! The queue as one consumer child sees it: claim, settle, renew, release.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use postgres::{Client, Statement};
+use postgres::types::{ToSql, Type};
+use postgres::{Client, Row, Statement};
 use serde_json::Value;
 
 use super::sql::{self, render};
 use super::{connect_with_timeout, hosts, migrations, QueueError};
-use crate::config::Config;
+use crate::config::{Config, Pooler};
 use crate::handler::Job;
 
 /// A claimed job and the lease token that fences its acknowledgement.
@@ -84,7 +86,7 @@ pub struct Round {
 
 /// A consumer's connection; its statements are prepared on first use.
 pub struct Consumer {
-    client: Client,
+    client: Connection,
     schema: String,
     owner: String,
     queues: Vec<String>,
@@ -93,30 +95,134 @@ pub struct Consumer {
     statements: Statements,
 }
 
-/// The prepared statements of one connection, by what they do.
+/// The statements of one connection, by what they do.
 #[derive(Default)]
 struct Statements {
-    round: Option<Statement>,
-    settle: Option<Statement>,
-    renew: Option<Statement>,
-    release: Option<Statement>,
-    mark_started: Option<Statement>,
-    drop_cancelled: Option<Statement>,
+    round: Option<Prepared>,
+    settle: Option<Prepared>,
+    renew: Option<Prepared>,
+    release: Option<Prepared>,
+    mark_started: Option<Prepared>,
+    drop_cancelled: Option<Prepared>,
 }
 
-/// Prepares `text` (rendered for `schema`) into `slot` on first use and returns it.
+/// A consumer's connection, and whether it goes through a pooler in transaction mode.
+struct Connection {
+    client: Client,
+    pooled: bool,
+}
+
+/// A statement ready to be sent on one connection (see [`prepared`]).
+#[derive(Clone)]
+enum Prepared {
+    /// Prepared once under a name: each use sends only the values. What keeps a direct
+    /// connection fast: the server parses and plans the statement once, not at every round.
+    Named(Statement),
+    /// Sent whole and unnamed, with its parameter types, in the one round trip of each use:
+    /// behind a pooler in transaction mode, a named statement would stay on a server connection
+    /// the next transaction may not get (and another client's may already hold its name).
+    Unnamed(Arc<(String, Vec<Type>)>),
+}
+
+/// Makes `text` (rendered for `schema`) ready to send on `client`, once per connection, and
+/// returns it from `slot` afterwards. The one place that decides how a consumer's statements
+/// travel: named prepared statements on a direct connection; behind a transaction-mode pooler,
+/// unnamed ones with parameter types learned once (see [`parameter_types`]).
 fn prepared(
-    client: &mut Client,
-    slot: &mut Option<Statement>,
+    client: &mut Connection,
+    slot: &mut Option<Prepared>,
     schema: &str,
     text: &str,
-) -> Result<Statement, QueueError> {
+) -> Result<Prepared, QueueError> {
     if let Some(statement) = slot {
         return Ok(statement.clone());
     }
-    let statement = client.prepare(&render(text, schema))?;
+    let text = render(text, schema);
+    let statement = if client.pooled {
+        let types = parameter_types(&mut client.client, &text)?;
+        Prepared::Unnamed(Arc::new((text, types)))
+    } else {
+        Prepared::Named(client.client.prepare(&text)?)
+    };
     *slot = Some(statement.clone());
     Ok(statement)
+}
+
+/// The parameter types PostgreSQL infers for `text`, asked in one simple query (so on one
+/// server connection, even behind a pooler) that prepares it under a name of forkq's own, reads
+/// the types and deallocates it again: nothing is left on the server connection.
+fn parameter_types(client: &mut Client, text: &str) -> Result<Vec<Type>, QueueError> {
+    let reply = client.simple_query(&sql::DESCRIBE.replace("{statement}", text))?;
+    let oids = reply
+        .iter()
+        .find_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap_or_default();
+    oids.trim_matches(['{', '}'])
+        .split(',')
+        .filter(|o| !o.is_empty())
+        .map(|oid| {
+            oid.parse().ok().and_then(Type::from_oid).ok_or_else(|| {
+                QueueError::Unavailable(format!(
+                    "statement parameter of type oid {oid} is not a built-in type; it cannot \
+                         be sent unnamed behind a pooler: {text}"
+                ))
+            })
+        })
+        .collect()
+}
+
+impl Connection {
+    /// Sends `statement` with `params`; the rows it returns.
+    fn query(
+        &mut self,
+        statement: &Prepared,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, postgres::Error> {
+        match statement {
+            Prepared::Named(named) => self.client.query(named, params),
+            Prepared::Unnamed(unnamed) => {
+                let (text, types) = &**unnamed;
+                self.client.query_typed(text, &typed(text, types, params))
+            }
+        }
+    }
+
+    /// Sends `statement` with `params`; the one row it must return.
+    fn query_one(
+        &mut self,
+        statement: &Prepared,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, postgres::Error> {
+        match statement {
+            Prepared::Named(named) => self.client.query_one(named, params),
+            Prepared::Unnamed(unnamed) => {
+                let (text, types) = &**unnamed;
+                self.client
+                    .query_typed_one(text, &typed(text, types, params))
+            }
+        }
+    }
+}
+
+/// Pairs `params` with the statement's parameter types, for `query_typed`.
+fn typed<'a>(
+    text: &str,
+    types: &[Type],
+    params: &[&'a (dyn ToSql + Sync)],
+) -> Vec<(&'a (dyn ToSql + Sync), Type)> {
+    // A count that disagrees is a bug in the caller, which a named statement would have
+    // refused too: never send the values shifted.
+    assert_eq!(
+        params.len(),
+        types.len(),
+        "statement takes {} parameters, got {}: {text}",
+        types.len(),
+        params.len()
+    );
+    params.iter().copied().zip(types.iter().cloned()).collect()
 }
 
 /// Splits `acks` into the columns a settling statement takes.
@@ -158,6 +264,31 @@ impl<'a> AckColumns<'a> {
     }
 }
 
+/// What a worker sets for its whole session on a direct connection, in the round trip it makes
+/// anyway. Behind a transaction-mode pooler none of it would last beyond one transaction: there
+/// the role's settings stand in for the first two (docs/pooler.md), and no boot lock is held
+/// (`FORKQ_HOST_RELEASE` is off).
+fn session_settings(config: &Config, owner: &str, budget: Duration) -> String {
+    // Delivery is at least once anyway: an ack or claim lost in a database crash only makes its
+    // job run again, exactly as a worker crash before the ack would (and the worker gives back
+    // what it finds under its name when it reconnects). Not waiting for the WAL flush at every
+    // round trip is what lets a child keep up with short jobs. FORKQ_DURABLE=1 keeps every
+    // acknowledgement durable before the next job.
+    let commit = if config.durable { "on" } else { "off" };
+    // A worker of a daemon boot holds the boot's session lock for as long as it is connected: no
+    // other host brings back the jobs of a boot that still has a session (see queue::hosts).
+    let boot_lock = match crate::host::boot_of_owner(owner) {
+        Some(boot) if config.host_release => {
+            format!("; {}", hosts::hold_lock_statement(&config.schema, boot))
+        }
+        _ => String::new(),
+    };
+    format!(
+        "SET statement_timeout = {}; SET synchronous_commit = {commit}{boot_lock}",
+        budget.as_millis()
+    )
+}
+
 impl Consumer {
     /// Connects and checks the schema version. `owner` names this consumer's leases (host,
     /// supervisor boot, slot and generation).
@@ -167,28 +298,13 @@ impl Consumer {
         // makes the child reconnect (heartbeating meanwhile), never look wedged.
         let budget = super::WorkerTimeouts::new(config.health_stale).budget;
         let mut client = connect_with_timeout(&config.database_url, "forkq worker", budget)?;
-        // Delivery is at least once anyway: an ack or claim lost in a database crash only makes
-        // its job run again, exactly as a worker crash before the ack would (and the worker gives
-        // back what it finds under its name when it reconnects). Not waiting for the WAL flush at
-        // every round trip is what lets a child keep up with short jobs. FORKQ_DURABLE=1 keeps
-        // every acknowledgement durable before the next job.
-        let commit = if config.durable { "on" } else { "off" };
-        // A worker of a daemon boot holds the boot's session lock for as long as it is connected:
-        // no other host brings back the jobs of a boot that still has a session (see
-        // queue::hosts).
-        let boot_lock = match crate::host::boot_of_owner(owner) {
-            Some(boot) if config.host_release => {
-                format!("; {}", hosts::hold_lock_statement(&config.schema, boot))
-            }
-            _ => String::new(),
-        };
-        client.batch_execute(&format!(
-            "SET statement_timeout = {}; SET synchronous_commit = {commit}{boot_lock}",
-            budget.as_millis()
-        ))?;
+        let pooled = config.pooler == Pooler::Transaction;
+        if !pooled {
+            client.batch_execute(&session_settings(config, owner, budget))?;
+        }
         migrations::require_current(&mut client, &config.schema)?;
         Ok(Consumer {
-            client,
+            client: Connection { client, pooled },
             schema: config.schema.clone(),
             owner: owner.to_string(),
             queues: config.queues.clone(),
@@ -205,7 +321,7 @@ impl Consumer {
 
     /// The connection, for maintenance work.
     pub fn client(&mut self) -> &mut Client {
-        &mut self.client
+        &mut self.client.client
     }
 
     /// Sends `acks` and claims up to `limit` jobs (`limit` 0 only settles). Plain completed jobs

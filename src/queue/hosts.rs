@@ -14,6 +14,7 @@
 
 use std::time::Duration;
 
+use postgres::types::{ToSql, Type};
 use postgres::GenericClient;
 use serde::Serialize;
 use serde_json::Value;
@@ -95,33 +96,31 @@ pub fn record(
     let r = report;
     let w = &r.workload;
     let key = lock_key(schema, &r.boot);
-    client.execute(
-        &render(sql::HOST_UPSERT, schema),
-        &[
-            &r.boot,
-            &r.host,
-            &r.lease_prefix,
-            &r.pid,
-            &r.version,
-            &w.queues,
-            &w.concurrency,
-            &w.alive,
-            &w.busy,
-            &w.crash_looping,
-            &w.slots,
-            &w.succeeded,
-            &w.failed,
-            &w.jobs_per_second,
-            &r.interval.as_secs_f64(),
-            &r.holds_lock,
-            &key,
-            &r.stopping,
-            &r.started_unix,
-        ],
-    )?;
-    client.execute(
+    let params: [(&(dyn ToSql + Sync), Type); 19] = [
+        (&r.boot, Type::TEXT),
+        (&r.host, Type::TEXT),
+        (&r.lease_prefix, Type::TEXT),
+        (&r.pid, Type::INT4),
+        (&r.version, Type::TEXT),
+        (&w.queues, Type::TEXT_ARRAY),
+        (&w.concurrency, Type::INT4),
+        (&w.alive, Type::INT4),
+        (&w.busy, Type::INT4),
+        (&w.crash_looping, Type::INT4_ARRAY),
+        (&w.slots, Type::JSONB),
+        (&w.succeeded, Type::INT8),
+        (&w.failed, Type::INT8),
+        (&w.jobs_per_second, Type::FLOAT8),
+        (&r.interval.as_secs_f64(), Type::FLOAT8),
+        (&r.holds_lock, Type::BOOL),
+        (&key, Type::INT8),
+        (&r.stopping, Type::BOOL),
+        (&r.started_unix, Type::FLOAT8),
+    ];
+    client.query_typed(&render(sql::HOST_UPSERT, schema), &params)?;
+    client.query_typed(
         &render(sql::HOST_PRUNE, schema),
-        &[&PRUNE_AFTER.as_secs_f64()],
+        &[(&PRUNE_AFTER.as_secs_f64(), Type::FLOAT8)],
     )?;
     Ok(())
 }
@@ -148,9 +147,9 @@ pub fn expire_gone(
 ) -> Result<Vec<Expired>, QueueError> {
     let mut tx = client.transaction()?;
     let expired: Vec<Expired> = tx
-        .query(
+        .query_typed(
             &render(sql::EXPIRE_GONE_HOSTS, schema),
-            &[&gone_after.as_secs_f64()],
+            &[(&gone_after.as_secs_f64(), Type::FLOAT8)],
         )?
         .iter()
         .map(|row| Expired {
@@ -160,7 +159,10 @@ pub fn expire_gone(
         })
         .collect();
     if expired.iter().any(|e| e.jobs > 0) {
-        tx.query_one(&render(sql::RESCUE_EXPIRED, schema), &[&retain])?;
+        tx.query_typed_one(
+            &render(sql::RESCUE_EXPIRED, schema),
+            &[(&retain, Type::BOOL)],
+        )?;
     }
     tx.commit()?;
     Ok(expired)
@@ -172,7 +174,7 @@ pub fn dead_client_timeout(
     client: &mut impl GenericClient,
 ) -> Result<Option<Duration>, QueueError> {
     Ok(client
-        .query_one(sql::DEAD_CLIENT_SECONDS, &[])?
+        .query_typed_one(sql::DEAD_CLIENT_SECONDS, &[])?
         .get::<_, Option<f64>>(0)
         .map(Duration::from_secs_f64))
 }
@@ -207,7 +209,7 @@ pub struct HostRow {
 /// Every recorded host (gone ones until they are pruned).
 pub fn list(client: &mut impl GenericClient, schema: &str) -> Result<Vec<HostRow>, QueueError> {
     Ok(client
-        .query(&render(sql::HOSTS_LIST, schema), &[])?
+        .query_typed(&render(sql::HOSTS_LIST, schema), &[])?
         .iter()
         .map(|row| {
             let interval: f64 = row.get(13);

@@ -16,9 +16,10 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Connects and subscribes.
+    /// Connects (through `FORKQ_LISTEN_DATABASE_URL` when set: LISTEN needs a session, which a
+    /// pooler in transaction mode does not keep) and subscribes.
     pub fn connect(config: &Config) -> Result<Listener, QueueError> {
-        let mut client = connect(&config.database_url, "forkq listener")?;
+        let mut client = connect(&config.listen_database_url, "forkq listener")?;
         client.batch_execute(&format!("LISTEN \"{}\"", sql::channel(&config.schema)))?;
         Ok(Listener {
             client,

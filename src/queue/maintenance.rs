@@ -6,10 +6,11 @@
 
 use std::time::{Duration, Instant};
 
+use postgres::types::Type;
 use postgres::Client;
 
 use super::sql::{self, render};
-use super::{batch, QueueError};
+use super::{batch, execute_typed, QueueError};
 
 /// How often a host attempts the maintenance pass.
 pub const INTERVAL: Duration = Duration::from_secs(2);
@@ -84,9 +85,9 @@ pub fn run_pass(
     let retain = !retention.is_zero();
     before_each();
     let Some(rescued) = client
-        .query_one(
+        .query_typed_one(
             &render(sql::TAKE_TURN_AND_RESCUE, schema),
-            &[&retain, &gap.as_secs_f64()],
+            &[(&retain, Type::BOOL), (&gap.as_secs_f64(), Type::FLOAT8)],
         )?
         .get::<_, Option<i32>>(0)
     else {
@@ -97,7 +98,7 @@ pub fn run_pass(
         purged: purge_archive(client, schema, retention, before_each)?,
         windows_purged: {
             before_each();
-            client.execute(&render(sql::PURGE_EXPIRED_WINDOWS, schema), &[])?
+            execute_typed(client, &render(sql::PURGE_EXPIRED_WINDOWS, schema), &[])?
         },
         batches_repaired: {
             before_each();
@@ -106,7 +107,7 @@ pub fn run_pass(
         vacuumed: Vec::new(),
     };
     before_each();
-    client.execute(&render(sql::COMPACT_CHANGES, schema), &[])?;
+    client.query_typed(&render(sql::COMPACT_CHANGES, schema), &[])?;
     report.vacuumed = vacuum_bloated(client, schema, before_each)?;
     Ok(Some(report))
 }
@@ -121,12 +122,19 @@ fn purge_archive(
 ) -> Result<u64, QueueError> {
     let started = Instant::now();
     before_each();
-    client.execute(&render(sql::SUMMARIZE_ARCHIVE, schema), &[])?;
+    client.query_typed(&render(sql::SUMMARIZE_ARCHIVE, schema), &[])?;
     let purge = render(sql::PURGE_EXPIRED_ARCHIVE, schema);
     let mut purged = 0;
     loop {
         before_each();
-        let chunk = client.execute(&purge, &[&retention.as_secs_f64(), &(PURGE_CHUNK as i64)])?;
+        let chunk = execute_typed(
+            client,
+            &purge,
+            &[
+                (&retention.as_secs_f64(), Type::FLOAT8),
+                (&(PURGE_CHUNK as i64), Type::INT8),
+            ],
+        )?;
         purged += chunk;
         if chunk < PURGE_CHUNK || started.elapsed() >= PURGE_BUDGET {
             return Ok(purged);
@@ -159,7 +167,15 @@ fn vacuum_bloated(
     let fractions: Vec<f64> = VACUUMED.iter().map(|v| v.2).collect();
     before_each();
     let bloated: Vec<(String, i64)> = client
-        .query(sql::BLOATED_TABLES, &[&schema, &names, &bases, &fractions])?
+        .query_typed(
+            sql::BLOATED_TABLES,
+            &[
+                (&schema, Type::TEXT),
+                (&names, Type::TEXT_ARRAY),
+                (&bases, Type::INT8_ARRAY),
+                (&fractions, Type::FLOAT8_ARRAY),
+            ],
+        )?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();

@@ -4,6 +4,7 @@
 //! [`crate::config::is_valid_schema_name`], never taken from job input). Migrations only ever append;
 //! a released one is never edited, so a database records exactly what it ran.
 
+use postgres::types::Type;
 use postgres::Client;
 
 use super::sql::{self, render};
@@ -58,9 +59,9 @@ pub struct MigrationStatus {
 /// Applies every pending migration; returns the versions applied. Safe to run concurrently.
 pub fn migrate(client: &mut Client, schema: &str) -> Result<Vec<i32>, QueueError> {
     let mut tx = client.transaction()?;
-    tx.execute(
+    tx.query_typed(
         "SELECT pg_advisory_xact_lock($1)",
-        &[&sql::advisory_key("migrate", schema)],
+        &[(&sql::advisory_key("migrate", schema), Type::INT8)],
     )?;
     tx.batch_execute(&render(
         "CREATE SCHEMA IF NOT EXISTS {s};
@@ -72,7 +73,7 @@ pub fn migrate(client: &mut Client, schema: &str) -> Result<Vec<i32>, QueueError
         schema,
     ))?;
     let applied: Vec<i32> = tx
-        .query(
+        .query_typed(
             &render("SELECT version FROM {s}.schema_migrations", schema),
             &[],
         )?
@@ -86,12 +87,15 @@ pub fn migrate(client: &mut Client, schema: &str) -> Result<Vec<i32>, QueueError
                 version: migration.version,
                 source: e,
             })?;
-        tx.execute(
+        tx.query_typed(
             &render(
                 "INSERT INTO {s}.schema_migrations (version, name) VALUES ($1, $2)",
                 schema,
             ),
-            &[&migration.version, &migration.name],
+            &[
+                (&migration.version, Type::INT4),
+                (&migration.name, Type::TEXT),
+            ],
         )?;
         done.push(migration.version);
     }
@@ -117,16 +121,16 @@ pub fn status(client: &mut Client, schema: &str) -> Result<Vec<MigrationStatus>,
 
 fn applied_versions(client: &mut Client, schema: &str) -> Result<Vec<(i32, String)>, QueueError> {
     let exists: bool = client
-        .query_one(
+        .query_typed_one(
             "SELECT to_regclass($1) IS NOT NULL",
-            &[&format!("\"{schema}\".schema_migrations")],
+            &[(&format!("\"{schema}\".schema_migrations"), Type::TEXT)],
         )?
         .get(0);
     if !exists {
         return Ok(Vec::new());
     }
     Ok(client
-        .query(
+        .query_typed(
             &render(
                 "SELECT version, applied_at::text FROM {s}.schema_migrations ORDER BY version",
                 schema,

@@ -13,6 +13,7 @@ pub mod listener;
 pub mod maintenance;
 pub mod migrations;
 pub mod overview;
+pub mod pooler;
 pub mod producer;
 pub mod schedules;
 pub mod sql;
@@ -20,7 +21,9 @@ pub mod sql;
 use std::fmt;
 use std::time::Duration;
 
-use postgres::{Client, NoTls};
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::types::{ToSql, Type};
+use postgres::{Client, GenericClient, NoTls};
 
 /// Everything that can go wrong talking to the queue.
 #[derive(Debug)]
@@ -63,6 +66,13 @@ impl fmt::Display for QueueError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             QueueError::Db(e) => match e.as_db_error() {
+                Some(db) if looks_pooled(db.code().code()) => write!(
+                    f,
+                    "database error: {}; named prepared statements are being lost between \
+                     transactions, as behind PgBouncer in transaction mode: set \
+                     FORKQ_POOLER=transaction (see docs/pooler.md)",
+                    db.message()
+                ),
                 Some(db) => write!(f, "database error: {}", db.message()),
                 // The driver's own message is terse ("error connecting to server"); the
                 // cause (refused, timed out, name unknown) is what the operator needs.
@@ -127,6 +137,13 @@ fn is_transient_server_state(code: &str) -> bool {
     code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "57014")
 }
 
+/// SQLSTATEs of a named prepared statement that exists where it should not (42P05) or is
+/// missing where it should be (26000): what a session-bound client sees behind a pooler in
+/// transaction mode.
+fn looks_pooled(code: &str) -> bool {
+    matches!(code, "42P05" | "26000")
+}
+
 /// How long a worker's database waits may last.
 ///
 /// A child heartbeats from its single thread, so it cannot beat while a synchronous call blocks;
@@ -177,6 +194,20 @@ impl WorkerTimeouts {
 /// Keepalive probes of an idle connection are this far apart, so that `tcp_user_timeout` is
 /// checked this often once the first probe went out (the kernel's default is 75 s).
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Runs one statement unnamed with declared parameter types, in one round trip and leaving
+/// nothing on the server connection (so also behind a pooler in transaction mode); returns the
+/// rows it changed.
+pub fn execute_typed(
+    client: &mut impl GenericClient,
+    statement: &str,
+    params: &[(&(dyn ToSql + Sync), Type)],
+) -> Result<u64, postgres::Error> {
+    let mut rows =
+        client.query_typed_raw(statement, params.iter().map(|(v, t)| (*v, t.clone())))?;
+    while rows.next()?.is_some() {}
+    Ok(rows.rows_affected().unwrap_or(0))
+}
 
 /// Opens one connection, shown as `application` in `pg_stat_activity`.
 pub fn connect(url: &str, application: &str) -> Result<Client, QueueError> {

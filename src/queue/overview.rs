@@ -2,6 +2,7 @@
 //! state (the hot table is small by design), the dead letter up to a cap (through its partial
 //! index), the age of the oldest runnable job and how many hosts serve each queue.
 
+use postgres::types::Type;
 use postgres::GenericClient;
 use serde::Serialize;
 
@@ -42,12 +43,12 @@ pub struct QueueRow {
 /// Every queue with live or dead-lettered jobs or a host serving it, by name.
 pub fn queues(client: &mut impl GenericClient, schema: &str) -> Result<Vec<QueueRow>, QueueError> {
     Ok(client
-        .query(
+        .query_typed(
             &render(sql::QUEUE_OVERVIEW, schema),
             &[
-                &DEAD_COUNT_CAP,
-                &f64::from(GONE_AFTER_INTERVALS),
-                &MAX_QUEUES,
+                (&DEAD_COUNT_CAP, Type::INT8),
+                (&f64::from(GONE_AFTER_INTERVALS), Type::FLOAT8),
+                (&MAX_QUEUES, Type::INT8),
             ],
         )?
         .iter()

@@ -593,26 +593,29 @@ impl<'a> BulkInsert<'a> {
             let attempts: Vec<i32> = run.iter().map(|r| r.max_attempts).collect();
             let keys: Vec<Option<&str>> = run.iter().map(|r| r.unique_key.as_deref()).collect();
             let batches: Vec<Option<i64>> = vec![self.batch_id; run.len()];
-            let mut params: Vec<&(dyn ToSql + Sync)> = vec![
-                &queues,
-                &tasks,
-                &payloads,
-                &priorities,
-                &run_ats,
-                &delays,
-                &attempts,
-                &keys,
-                &batches,
+            let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
+                (&queues, Type::TEXT_ARRAY),
+                (&tasks, Type::TEXT_ARRAY),
+                (&payloads, Type::JSONB_ARRAY),
+                (&priorities, Type::INT2_ARRAY),
+                (&run_ats, Type::TEXT_ARRAY),
+                (&delays, Type::FLOAT8_ARRAY),
+                (&attempts, Type::INT4_ARRAY),
+                (&keys, Type::TEXT_ARRAY),
+                (&batches, Type::INT8_ARRAY),
             ];
             let windows: Vec<Option<f64>> = run.iter().map(|r| r.unique_for).collect();
             let replaces: Vec<bool> = run.iter().map(|r| r.replace).collect();
             let each = run[0].needs_function();
             if each {
-                params.extend([&windows as &(dyn ToSql + Sync), &replaces]);
+                params.extend([
+                    (&windows as &(dyn ToSql + Sync), Type::FLOAT8_ARRAY),
+                    (&replaces, Type::BOOL_ARRAY),
+                ]);
             }
             let row = self
                 .tx
-                .query_one(if each { &self.each } else { &self.insert }, &params)
+                .query_typed_one(if each { &self.each } else { &self.insert }, &params)
                 .map_err(|e| bad_time(e, &run.iter().find_map(|r| r.run_at.clone())))?;
             let created = row.get::<_, i64>(0) as u64;
             // The bulk insert never replaces: it answers only the jobs it created.
@@ -631,7 +634,7 @@ impl<'a> BulkInsert<'a> {
         self.flush()?;
         if self.counts.created + self.counts.replaced > 0 {
             self.tx
-                .execute(&render(sql::NOTIFY, &self.schema), &[&""])?;
+                .query_typed(&render(sql::NOTIFY, &self.schema), &[(&"", Type::TEXT)])?;
         }
         self.tx.commit()?;
         Ok(self.counts)

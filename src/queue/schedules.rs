@@ -100,9 +100,14 @@ pub fn declare(
         .iter()
         .map(|s| serde_json::to_value(&s.definition).expect("a definition is plain data"))
         .collect();
-    let rows = client.query(
+    let rows = client.query_typed(
         &render(sql::SCHEDULE_DECLARE, schema),
-        &[&names, &definitions, &started_at.to_string(), &declared_by],
+        &[
+            (&names, Type::TEXT_ARRAY),
+            (&definitions, Type::JSONB_ARRAY),
+            (&started_at.to_string(), Type::TEXT),
+            (&declared_by, Type::TEXT),
+        ],
     )?;
     Ok(rows.iter().map(Stored::from_row).collect())
 }

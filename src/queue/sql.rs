@@ -163,6 +163,15 @@ pub fn round(queues: usize) -> String {
     ROUND.replace("{pick}", &pick)
 }
 
+/// Learns the parameter types of `{statement}` without leaving anything on the server
+/// connection: one simple query (one implicit transaction, so one server connection even behind
+/// a pooler in transaction mode) prepares it under forkq's own name, reads the types and
+/// deallocates it.
+pub const DESCRIBE: &str = "
+    PREPARE forkq_describe AS {statement};
+    SELECT parameter_types::oid[]::text FROM pg_prepared_statements WHERE name = 'forkq_describe';
+    DEALLOCATE forkq_describe";
+
 /// Settles what the lean round does not: failures, retries, cancels and batch children (see
 /// `settle` in the migration). Returns the ids refused (stale leases).
 pub const SETTLE: &str = "SELECT {s}.settle($1, $2, $3, $4, $5, $6, $7)";
@@ -443,6 +452,13 @@ pub const HOSTS_LIST: &str = "
            succeeded, failed, jobs_per_second, interval_seconds, stopping, started_at::text,
            last_seen::text, extract(epoch FROM now() - last_seen)::float8, released_at::text
     FROM {s}.hosts ORDER BY host, started_at DESC";
+
+/// The role, the database, and the session's statement timeout (ms) and commit mode: behind a
+/// transaction-mode pooler, the role's defaults (see `queue::pooler`).
+pub const ROLE_SETTINGS: &str = "
+    SELECT current_user::text, current_database()::text,
+           (SELECT setting::bigint FROM pg_settings WHERE name = 'statement_timeout'),
+           current_setting('synchronous_commit')";
 
 /// Takes this boot's shared session lock (see `expire_gone_hosts` in migration 003); every
 /// connection of the boot holds it until it closes.

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod pgbouncer;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -188,6 +189,34 @@ impl Drop for TestSchema {
                 client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name));
         }
     }
+}
+
+/// Runs the forkq CLI for `schema` with `env` on top of its environment and `stdin` as its
+/// input; waits for it to exit.
+pub fn run_cli(
+    schema: &TestSchema,
+    env: &[(&str, String)],
+    args: &[&str],
+    stdin: &str,
+) -> std::process::Output {
+    let mut child = Command::new(forkq_bin())
+        .args(args)
+        .env_clear()
+        .envs(schema.env())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("FORKQ_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
 }
 
 /// A connection to the test database.

@@ -20,6 +20,7 @@ pub enum Program {
 }
 
 /// Where the programs are and where logs go.
+#[derive(Clone)]
 pub struct Programs {
     /// The `forkq` binary.
     pub forkq: PathBuf,

@@ -47,8 +47,13 @@ impl BenchSchema {
     /// The URL every process of this workload uses: tagged with an application name, so the
     /// PostgreSQL backends serving this workload (and only those) can be found and measured.
     pub fn tagged_url(&self) -> String {
-        let sep = if self.url.contains('?') { '&' } else { '?' };
-        format!("{}{sep}application_name={}", self.url, self.name)
+        self.tagged(&self.url)
+    }
+
+    /// `url` (this workload's server, or a pooler in front of it) with this workload's tag.
+    pub fn tagged(&self, url: &str) -> String {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}application_name={}", self.name)
     }
 
     /// Pre-enqueues `n` jobs of `task` in queue `default` in one statement, then analyzes the

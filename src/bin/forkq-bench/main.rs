@@ -4,15 +4,21 @@
 //! `forkq-bench` runs the whole plan; `forkq-bench worker` is the library worker the latency and
 //! recovery workloads spawn. Settings (environment): `DATABASE_URL`, `BENCH_FORKQ_BIN` (the release
 //! `forkq`, default: next to this binary), `BENCH_QUICK=1` (a few minutes instead of about half
-//! an hour), `BENCH_ONLY=raw,w1,crowded,durable,mixed,w2,w3,recovery,idle,scale,purge,soak` (a subset),
+//! an hour), `BENCH_ONLY=raw,w1,crowded,durable,mixed,w2,w3,recovery,idle,scale,rest,fanout,purge,
+//! soak` (a subset),
 //! `BENCH_STOCK_URL` (a server with stock settings, for the second soak; `scripts/bench.sh`
-//! starts a private one), `BENCH_OUT` (default `docs/benchmarks.md`; `-` writes nothing), `BENCH_DIR`
-//! (logs, default `target/bench`).
+//! starts a private one), `BENCH_SCALE_URL` (a server that takes the scale curve's ~300
+//! connections, for scale, rest and fanout; default `DATABASE_URL`; `scripts/bench.sh` starts a
+//! private one with pg_stat_statements), `BENCH_OUT`
+//! (default `docs/benchmarks.md`, with the scale chart beside it; `-` writes nothing),
+//! `BENCH_DIR` (logs, default `target/bench`).
 
 mod daemon;
 mod db;
+mod pooler;
 mod raw;
 mod report;
+mod scale;
 mod sys;
 mod worker;
 mod workloads;
@@ -39,7 +45,8 @@ struct Plan {
     w3: usize,
     recovery_rounds: usize,
     idle_seconds: f64,
-    scale_n: usize,
+    scale: scale::Plan,
+    fanout_n: usize,
     purge: usize,
     soak_seconds: u64,
 }
@@ -58,7 +65,8 @@ impl Plan {
                 w3: 100,
                 recovery_rounds: 2,
                 idle_seconds: 3.0,
-                scale_n: 5_000,
+                scale: scale::Plan::new(true),
+                fanout_n: 300,
                 purge: 100_000,
                 soak_seconds: 60,
             }
@@ -74,7 +82,8 @@ impl Plan {
                 w3: 400,
                 recovery_rounds: 4,
                 idle_seconds: 10.0,
-                scale_n: 20_000,
+                scale: scale::Plan::new(false),
+                fanout_n: 2_000,
                 purge: 1_000_000,
                 soak_seconds: 600,
             }
@@ -125,6 +134,7 @@ fn run() -> BenchResult<()> {
             bench,
             work_dir,
         },
+        via: None,
     };
     let plan = Plan::new(quick);
     let machine = sys::machine();
@@ -467,29 +477,40 @@ fn run() -> BenchResult<()> {
             Err(e) => report.add("idle", format!("error: {e}"), "", ""),
         }
     }
+    let scale_ctx = Ctx {
+        url: std::env::var("BENCH_SCALE_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| url.clone()),
+        ..ctx.clone()
+    };
+    let mut scale_points = Vec::new();
     if wants("scale") {
-        let n = plan.scale_n;
-        let base = raw_rate(round100(false))
-            .map(|r| (r.rate, r.pg_us_per_job, "raw round of 100 (delete)"));
-        let fleets: Vec<(String, Vec<usize>)> = [1usize, 2, 4, 16, 64]
-            .iter()
-            .map(|&c| (format!("scale {}k: {c} children", n / 1000), vec![c]))
-            .chain([(
-                format!("scale {}k: 4 daemons x 2 children, one schema", n / 1000),
-                vec![2; 4],
-            )])
-            .collect();
-        for (label, fleet) in fleets {
-            let result = workloads::drain(
-                &ctx,
-                "scale",
-                n,
-                noop(),
-                &fleet,
-                std::slice::from_ref(&retain0),
-                Crowd::default(),
+        scale_points = scale::run(&scale_ctx, &plan.scale, &mut report);
+    }
+    if wants("rest") {
+        scale::rest(&scale_ctx, &plan.scale, &mut report);
+    }
+    if wants("fanout") {
+        for listeners in [1, 100] {
+            let label = format!(
+                "raw (e): {} NOTIFYs, each its own transaction, to {listeners} LISTENing \
+                 connection(s)",
+                plan.fanout_n
             );
-            drain_row(&mut report, &label, result, base, None);
+            match raw::notify_fanout(&scale_ctx.url, listeners, plan.fanout_n) {
+                Ok(f) => report.add(
+                    label,
+                    format!(
+                        "{:.0} notifications/s; PG CPU per notification: sender {:.1} µs, each \
+                         listener {:.1} µs",
+                        f.per_second, f.sender_us, f.delivery_us
+                    ),
+                    format!("{} deliveries", f.sent * f.listeners),
+                    "",
+                ),
+                Err(e) => report.add(label, format!("error: {e}"), "", ""),
+            }
         }
     }
 
@@ -561,9 +582,25 @@ fn run() -> BenchResult<()> {
         } else {
             "full"
         };
+        let chart = std::path::Path::new(&out).with_file_name("scale.svg");
+        let chart = if scale_points.is_empty() {
+            None
+        } else {
+            scale::chart(&scale_points, &chart, &format!("{mode} run, {date}"))?;
+            eprintln!("forkq-bench: wrote {}", chart.display());
+            chart.file_name().map(|n| n.to_string_lossy().into_owned())
+        };
         std::fs::write(
             &out,
-            report::document(&date, &machine, &settings, mode, elapsed, &table),
+            report::document(
+                &date,
+                &machine,
+                &settings,
+                mode,
+                elapsed,
+                &table,
+                chart.as_deref(),
+            ),
         )?;
         eprintln!("forkq-bench: wrote {out} ({elapsed:.0} s)");
     }

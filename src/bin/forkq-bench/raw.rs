@@ -4,6 +4,7 @@
 use std::sync::{Arc, Barrier};
 
 use postgres::fallible_iterator::FallibleIterator;
+use postgres::Client;
 use std::time::Instant;
 
 use crate::db::{connect, BenchResult, BenchSchema};
@@ -196,4 +197,78 @@ pub fn notify_latency(url: &str, n: usize) -> BenchResult<Vec<f64>> {
         .collect();
     out.sort_by(f64::total_cmp);
     Ok(out)
+}
+
+/// What one notification costs when many hosts listen.
+pub struct Fanout {
+    /// Notifications sent.
+    pub sent: usize,
+    /// Listening connections (one per host in forkq).
+    pub listeners: usize,
+    /// Notifications sent per second (each its own transaction, one connection, back to back).
+    pub per_second: f64,
+    /// Server CPU of the sending backend per notification, µs.
+    pub sender_us: f64,
+    /// Server CPU of all listening backends per notification and listener, µs.
+    pub delivery_us: f64,
+}
+
+/// `n` notifications (autocommit `pg_notify`, back to back) from one connection to `listeners`
+/// connections that LISTEN on the channel, each drained by a thread of its own: the cost of one
+/// enqueue's wake-up when every host of a fleet listens.
+pub fn notify_fanout(url: &str, listeners: usize, n: usize) -> BenchResult<Fanout> {
+    let channel = format!("forkq_bench_fanout_{}", std::process::id());
+    let tag = format!("forkq-bench fanout {}", std::process::id());
+    let mut threads = Vec::new();
+    for _ in 0..listeners {
+        let mut client = connect(url, &tag)?;
+        client.batch_execute(&format!("LISTEN {channel}"))?;
+        // Each thread hands its connection back, so its backend is still there to be measured.
+        threads.push(std::thread::spawn(move || -> BenchResult<Client> {
+            let mut notifications = client.notifications();
+            let mut it = notifications.timeout_iter(std::time::Duration::from_secs(30));
+            for _ in 0..n {
+                if it.next()?.is_none() {
+                    return Err("a listener waited 30 s for a notification".into());
+                }
+            }
+            drop(it);
+            drop(notifications);
+            Ok(client)
+        }));
+    }
+    let mut sender = connect(url, &format!("{tag} sender"))?;
+    let mut monitor = connect(url, "forkq-bench monitor")?;
+    let pids = |monitor: &mut Client, name: &str| -> BenchResult<Vec<i32>> {
+        Ok(monitor
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+                &[&name],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    };
+    let listening = pids(&mut monitor, &tag)?;
+    let sending = pids(&mut monitor, &format!("{tag} sender"))?;
+    let (l0, s0) = (sys::cpu_total(&listening), sys::cpu_total(&sending));
+    let notify = sender.prepare("SELECT pg_notify($1, 'default')")?;
+    let start = Instant::now();
+    for _ in 0..n {
+        sender.execute(&notify, &[&channel])?;
+    }
+    let sent_in = start.elapsed().as_secs_f64();
+    let mut done = Vec::new();
+    for t in threads {
+        done.push(t.join().map_err(|_| "a listener thread panicked")??);
+    }
+    let (l1, s1) = (sys::cpu_total(&listening), sys::cpu_total(&sending));
+    drop(done);
+    Ok(Fanout {
+        sent: n,
+        listeners,
+        per_second: n as f64 / sent_in,
+        sender_us: (s1 - s0) * 1e6 / n as f64,
+        delivery_us: (l1 - l0) * 1e6 / (n * listeners) as f64,
+    })
 }

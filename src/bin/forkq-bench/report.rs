@@ -76,6 +76,7 @@ pub fn document(
     mode: &str,
     elapsed_s: f64,
     table: &str,
+    chart: Option<&str>,
 ) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# forkq benchmarks\n");
@@ -94,6 +95,15 @@ pub fn document(
         let _ = writeln!(out, "* {k}: {v}");
     }
     let _ = writeln!(out, "\n## Results\n\n{table}");
+    if let Some(chart) = chart {
+        let _ = writeln!(
+            out,
+            "## Scale curve, PgBouncer, hosts at rest\n\nThe scale rows above as a chart \
+             (docs/sizing.md reads them with the rest and fanout rows): jobs/s and PostgreSQL CPU \
+             per job against the children in all, one line per number of daemons; triangles \
+             went through PgBouncer.\n\n![scale curve]({chart})\n"
+        );
+    }
     out.push_str(METHOD);
     out
 }
@@ -109,6 +119,25 @@ const METHOD: &str = "
   `FORKQ_RETENTION_SECONDS=0` (delete on completion) unless the row says *archive*, so the work
   matches raw (a)/(b). CPU is the summed user+system time of all forkq processes and of the
   PostgreSQL backends serving them (found by an `application_name` tag), per job.
+* **Scale curve** (rows `D daemon(s) x C children`, and the chart): on `BENCH_SCALE_URL`, a
+  private cluster with stock settings and `max_connections=400` that `scripts/bench.sh` starts, so
+  8 x 32 children fit and nothing else runs there. D daemons of C children each on one schema,
+  max(20k, 500 x D x C) noop jobs (quick: 5k, 100 per child), retention 0. Throughput is the
+  steady rate (10 % to 90 % done; spawn→empty when too fast to sample), compared with the best
+  point with the same children in all. *Through PgBouncer*: the same drain with the daemons on a
+  PgBouncer 1.18 in transaction mode (`scripts/pgbouncer.sh`, 8 server connections whose
+  `connect_query` sets what a direct worker sets for its session: `synchronous_commit = off`,
+  `statement_timeout = 5000`) and `FORKQ_POOLER=transaction`, compared with the direct point of the
+  same fleet; PgBouncer's own CPU is counted per job.
+* **At rest / busy with long jobs**: 8 daemons x 8 children on one schema, after start-up, watched
+  for 10 s (quick: 3 s): their backends' CPU, the forkq processes' CPU and the statements they
+  sent, by kind, with their mean server time (`pg_stat_statements`, reset at the start of the
+  window, which is why it runs on a server of its own), per host.
+  *Busy*: each child runs an hour-long `sleep` job with `FORKQ_LEASE_SECONDS=4` (the shortest), so
+  it renews its lease every 1.3 s.
+* **Raw (e)**: `pg_notify` back to back, each in its own transaction, from one connection, to 1 or
+  100 connections that LISTEN on the channel (a thread each); CPU of the sending backend and of the
+  listening backends per notification.
 * **W1-durable**: `FORKQ_DURABLE=1` (prefetch 1, each ack committed before the next job starts);
   compared with raw (b) (delete) and raw (c) (archive), the one-commit-per-job loops.
 * **W2**: the benchmark's own worker binary (`forkq-bench worker`: `forkq::run` with a Rust handler

@@ -12,11 +12,15 @@ use crate::sys::{self, mono_ns};
 use crate::worker::{read_stamps, STAMPS_VAR};
 
 /// What every workload needs.
+#[derive(Clone)]
 pub struct Ctx {
     /// The database.
     pub url: String,
     /// The binaries and the work directory.
     pub programs: Programs,
+    /// A pooler in transaction mode the daemons of a drain go through (`FORKQ_POOLER=transaction`,
+    /// tagged like the direct URL); schemas are made and watched directly.
+    pub via: Option<String>,
 }
 
 /// A drain: pre-enqueued jobs, fleets started, time until the hot table is empty.
@@ -97,6 +101,11 @@ pub fn drain(
     schema.fill(n, job.0, &job.1)?;
     let mut monitor = connect(&ctx.url, "forkq-bench monitor")?;
     let timeout = Duration::from_secs(60 + n as u64 / 500);
+    let mut env = extra.to_vec();
+    if let Some(pooler) = &ctx.via {
+        env.push(("DATABASE_URL", schema.tagged(pooler)));
+        env.push(("FORKQ_POOLER", "transaction".into()));
+    }
     let started = Instant::now();
     let mut daemons = Vec::new();
     for &concurrency in fleets {
@@ -105,7 +114,7 @@ pub fn drain(
             Program::Forkq,
             &schema,
             concurrency,
-            extra,
+            &env,
         )?);
     }
     let mut samples: Vec<(f64, u64)> = Vec::new();
@@ -529,6 +538,127 @@ pub fn soak(ctx: &Ctx, url: &str, seconds: u64, backlog: u64) -> BenchResult<Soa
         hot_rows: producer
             .query_one(&schema.sql("SELECT count(*) FROM {s}.jobs"), &[])?
             .get(0),
+    })
+}
+
+/// Hosts at rest, watched over a window.
+pub struct Rest {
+    /// Daemons.
+    pub hosts: usize,
+    /// The window, seconds.
+    pub seconds: f64,
+    /// CPU of the PostgreSQL backends serving them, percent of one core, all hosts together.
+    pub pg_cpu_pct: f64,
+    /// CPU of every forkq process, percent of one core, all hosts together.
+    pub forkq_cpu_pct: f64,
+    /// The statements they sent, by kind: (kind, calls per second, mean server time in ms), all
+    /// hosts together; empty when the server does not load pg_stat_statements.
+    pub statements: Vec<(String, f64, f64)>,
+    /// Children running a job during the window.
+    pub busy: usize,
+}
+
+/// What kind of statement `query` (as pg_stat_statements shows it) is, by the SQL forkq sends.
+fn statement_kind(query: &str) -> &'static str {
+    const KINDS: [(&str, &str); 8] = [
+        ("WITH acked AS", "claim rounds"),
+        (".renew(", "renewals"),
+        (".settle(", "settlements"),
+        ("hosts", "host rows"),
+        ("schema_migrations", "schema checks"),
+        ("pg_notify", "notifications"),
+        ("BEGIN", "BEGIN/COMMIT"),
+        ("COMMIT", "BEGIN/COMMIT"),
+    ];
+    KINDS
+        .iter()
+        .find(|(needle, _)| query.contains(needle))
+        .map_or("maintenance", |(_, kind)| kind)
+}
+
+/// `hosts` daemons of `children` on one schema, either idle on an empty queue or (`busy`) each
+/// child running a job far longer than the window with `FORKQ_LEASE_SECONDS=4` (the shortest),
+/// so every child renews its lease every 1.3 s: what the fleet costs the database when no job finishes.
+/// Statements are counted with pg_stat_statements when the server loads it (reset at the start
+/// of the window: run it on a server of its own).
+pub fn rest(
+    ctx: &Ctx,
+    hosts: usize,
+    children: usize,
+    seconds: f64,
+    busy: bool,
+) -> BenchResult<Rest> {
+    let schema = BenchSchema::new(&ctx.url, "rest")?;
+    let total = hosts * children;
+    let mut extra: Vec<(&str, String)> = Vec::new();
+    if busy {
+        schema.fill(total, "sleep", &json!({"ms": 3_600_000}))?;
+        extra.push(("FORKQ_LEASE_SECONDS", "4".into()));
+    }
+    let mut daemons = Vec::new();
+    for _ in 0..hosts {
+        let mut d = Daemon::spawn(&ctx.programs, Program::Forkq, &schema, children, &extra)?;
+        d.wait_ready(children, Duration::from_secs(60))?;
+        daemons.push(d);
+    }
+    let mut monitor = connect(&ctx.url, "forkq-bench monitor")?;
+    let running = schema.sql("SELECT count(*) FROM {s}.jobs WHERE state = 'running'");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let busy_now = |monitor: &mut postgres::Client| -> BenchResult<usize> {
+        Ok(monitor.query_one(&running, &[])?.get::<_, i64>(0) as usize)
+    };
+    while busy && busy_now(&mut monitor)? < total {
+        if Instant::now() > deadline {
+            return Err("the long jobs did not all start within 60 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Past start-up work (first claims, the first maintenance pass, the first host rows).
+    std::thread::sleep(Duration::from_secs(1));
+    let counted = monitor
+        .batch_execute(
+            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset()",
+        )
+        .is_ok();
+    let pids: Vec<i32> = daemons.iter().flat_map(Daemon::all_pids).collect();
+    let backends = schema.backend_pids(&mut monitor)?;
+    let (f0, p0) = (sys::cpu_total(&pids), sys::cpu_total(&backends));
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    let (f1, p1) = (sys::cpu_total(&pids), sys::cpu_total(&backends));
+    let window = t0.elapsed().as_secs_f64();
+    let mut statements: Vec<(String, f64, f64)> = Vec::new();
+    if counted {
+        let rows = monitor.query(
+            "SELECT s.query, s.calls, s.total_exec_time FROM pg_stat_statements s
+             WHERE s.dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+               AND (s.query LIKE '%' || $1 || '%' OR s.query IN ('BEGIN', 'COMMIT'))",
+            &[&schema.name],
+        )?;
+        for row in rows {
+            let kind = statement_kind(row.get(0));
+            let (calls, ms): (i64, f64) = (row.get(1), row.get(2));
+            match statements.iter_mut().find(|(k, _, _)| k == kind) {
+                Some(entry) => {
+                    entry.1 += calls as f64;
+                    entry.2 += ms;
+                }
+                None => statements.push((kind.to_string(), calls as f64, ms)),
+            }
+        }
+        for entry in &mut statements {
+            entry.2 /= entry.1.max(1.0);
+            entry.1 /= window;
+        }
+        statements.sort_by(|a, b| b.1.total_cmp(&a.1));
+    }
+    Ok(Rest {
+        hosts,
+        seconds: window,
+        pg_cpu_pct: (p1 - p0) * 100.0 / window,
+        forkq_cpu_pct: (f1 - f0) * 100.0 / window,
+        statements,
+        busy: busy_now(&mut monitor)?,
     })
 }
 
