@@ -877,7 +877,7 @@ fn rescue_returns_expired_leases_only() {
     expire(renewed);
     assert_eq!(
         b.renew(&[(renewed, cb.lease_token)], None).unwrap(),
-        vec![renewed]
+        vec![(renewed, false)]
     );
     assert_eq!(rescue(), 1);
     // Its worker never reported the start, so the expiry does not charge it an attempt; it is a
@@ -1282,7 +1282,7 @@ fn listener_wakes_on_notify_and_times_out_without() {
     let config = schema.config(&[("FORKQ_QUEUES", "default,other")]);
     let mut listener = forkq::queue::listener::Listener::connect(&config).unwrap();
     let started = Instant::now();
-    assert_eq!(listener.wait(Duration::from_millis(300)).unwrap(), 0);
+    assert_eq!(listener.wait(Duration::from_millis(300)).unwrap().wakeups, 0);
     assert!(started.elapsed() >= Duration::from_millis(250));
 
     // Scheduled jobs do not wake anyone, nor jobs of queues this daemon does not serve; due ones
@@ -1292,7 +1292,7 @@ fn listener_wakes_on_notify_and_times_out_without() {
         NewJob::new("default", "noop", json!({})).with_delay(600.0),
     );
     enqueue(&schema, NewJob::new("elsewhere", "noop", json!({})));
-    assert_eq!(listener.wait(Duration::from_millis(300)).unwrap(), 0);
+    assert_eq!(listener.wait(Duration::from_millis(300)).unwrap().wakeups, 0);
     let producer = std::thread::spawn({
         let name = schema.name.clone();
         move || {
@@ -1307,19 +1307,19 @@ fn listener_wakes_on_notify_and_times_out_without() {
         }
     });
     let started = Instant::now();
-    assert_eq!(listener.wait(Duration::from_secs(10)).unwrap(), 1);
+    assert_eq!(listener.wait(Duration::from_secs(10)).unwrap().wakeups, 1);
     assert!(started.elapsed() < Duration::from_secs(5));
     producer.join().unwrap();
     schema.enqueue_n("default", "noop", json!({}), 3);
     enqueue(&schema, NewJob::new("other", "noop", json!({})));
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(
-        listener.wait(Duration::from_secs(5)).unwrap(),
+        listener.wait(Duration::from_secs(5)).unwrap().wakeups,
         2,
         "one for the bulk insert, one for queue other"
     );
     assert_eq!(
-        listener.wait(Duration::from_millis(200)).unwrap(),
+        listener.wait(Duration::from_millis(200)).unwrap().wakeups,
         0,
         "buffered notifications were drained"
     );

@@ -56,6 +56,9 @@ fn sleep_with_heartbeats(total: Duration, ctx: &mut dyn JobContext) -> Outcome {
             return Outcome::Success(Value::Null);
         }
         if !ctx.heartbeat() {
+            if ctx.cancelled() {
+                return Outcome::Failure("cancelled while it slept".into());
+            }
             return Outcome::Retry("interrupted by an immediate shutdown".into());
         }
         std::thread::sleep((deadline - now).min(Duration::from_millis(100)));

@@ -23,6 +23,11 @@ pub struct Report {
     pub purged: u64,
     /// Open batches whose counters or state were repaired (each is logged).
     pub batches_repaired: usize,
+    /// Running jobs of capped queues counted against their caps after the fact (claimed while
+    /// the cap was being set).
+    pub limited_adopted: i32,
+    /// Progress reports of finished jobs deleted after the retention.
+    pub progress_purged: i32,
     /// Tables vacuumed because dead rows piled up in them.
     pub vacuumed: Vec<&'static str>,
 }
@@ -35,7 +40,11 @@ const PURGE_CHUNK: u64 = 10_000;
 impl Report {
     /// Whether the pass changed any job or batch (not only vacuumed).
     pub fn changed_jobs(&self) -> bool {
-        self.rescued > 0 || self.purged > 0 || self.batches_repaired > 0
+        self.rescued > 0
+            || self.purged > 0
+            || self.batches_repaired > 0
+            || self.limited_adopted > 0
+            || self.progress_purged > 0
     }
 }
 
@@ -46,6 +55,11 @@ impl std::fmt::Display for Report {
             (self.rescued as u64, "expired lease(s) rescued"),
             (self.purged, "archived job(s) purged"),
             (self.batches_repaired as u64, "batch(es) repaired"),
+            (
+                self.limited_adopted as u64,
+                "running job(s) counted against their queue's new cap",
+            ),
+            (self.progress_purged as u64, "progress report(s) purged"),
         ];
         let mut changed: Vec<String> = parts
             .iter()
@@ -88,6 +102,21 @@ pub fn run_pass(
             let repaired = repair_batches(tx, schema, retain)?;
             tx.execute(&render(sql::COMPACT_CHANGES, schema), &[])?;
             Ok(repaired)
+        })?
+        .unwrap_or(0),
+        limited_adopted: locked(client, schema, |tx| {
+            Ok(tx
+                .query_one(&render(sql::MARK_LIMITED, schema), &[])?
+                .get(0))
+        })?
+        .unwrap_or(0),
+        progress_purged: locked(client, schema, |tx| {
+            Ok(tx
+                .query_one(
+                    &render(sql::PURGE_PROGRESS, schema),
+                    &[&retention.as_secs_f64(), &(PURGE_CHUNK as i32)],
+                )?
+                .get(0))
         })?
         .unwrap_or(0),
         vacuumed: Vec::new(),
@@ -149,10 +178,13 @@ fn purge_archive(
 /// plus a fraction of the live rows). The hot table is vacuumed early: every claim walks past its
 /// dead index entries, so claims slow down as they pile up, and autovacuum (when it is on at all)
 /// visits a busy table only once a minute.
-const VACUUMED: [(&str, i64, f64); 3] = [
+const VACUUMED: [(&str, i64, f64); 5] = [
     ("jobs", 10_000, 0.1),
     ("jobs_archive", 100_000, 0.2),
     ("changes", 1_000, 0.0),
+    // Rewritten at every progress report and rate-limited claim.
+    ("job_progress", 1_000, 0.5),
+    ("queues", 1_000, 0.0),
 ];
 
 /// The vacuum service: vacuums `table` when its dead rows exceed `base + fraction × live rows`.
@@ -223,6 +255,7 @@ mod tests {
             purged: 120,
             batches_repaired: 1,
             vacuumed: vec!["jobs"],
+            ..Report::default()
         };
         assert_eq!(
             report.to_string(),

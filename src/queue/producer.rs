@@ -37,6 +37,15 @@ pub struct NewJob {
     /// While a live job has this key, enqueueing another returns the existing job's id.
     #[serde(default)]
     pub unique_key: Option<String>,
+    /// The key a per-key cap of its queue counts running jobs by (docs/flow-control.md).
+    #[serde(default)]
+    pub concurrency_key: Option<String>,
+    /// This job's timeout in seconds, overriding `FORKQ_JOB_TIMEOUT_SECONDS`.
+    #[serde(default)]
+    pub timeout_seconds: Option<f64>,
+    /// This job's retry backoff base in seconds, overriding `FORKQ_RETRY_BACKOFF_BASE_SECONDS`.
+    #[serde(default)]
+    pub backoff_seconds: Option<f64>,
 }
 
 fn empty_object() -> Value {
@@ -55,6 +64,9 @@ impl NewJob {
             delay: None,
             max_attempts: None,
             unique_key: None,
+            concurrency_key: None,
+            timeout_seconds: None,
+            backoff_seconds: None,
         }
     }
 
@@ -87,6 +99,26 @@ impl NewJob {
         self.unique_key = Some(key.into());
         self
     }
+
+    /// Sets the concurrency key: a per-key cap of the queue (`forkq queue set Q --per-key N`)
+    /// limits how many jobs with the same key run at once across the fleet.
+    pub fn with_concurrency_key(mut self, key: impl Into<String>) -> NewJob {
+        self.concurrency_key = Some(key.into());
+        self
+    }
+
+    /// Sets this job's own timeout (instead of `FORKQ_JOB_TIMEOUT_SECONDS`).
+    pub fn with_timeout(mut self, timeout: std::time::Duration) -> NewJob {
+        self.timeout_seconds = Some(timeout.as_secs_f64());
+        self
+    }
+
+    /// Sets this job's own retry backoff base (instead of `FORKQ_RETRY_BACKOFF_BASE_SECONDS`):
+    /// the first retry waits about this long, each further one twice as long.
+    pub fn with_backoff(mut self, base: std::time::Duration) -> NewJob {
+        self.backoff_seconds = Some(base.as_secs_f64());
+        self
+    }
 }
 
 /// Limits applied to every job before it reaches the database.
@@ -108,6 +140,9 @@ struct Row {
     delay: Option<f64>,
     max_attempts: i32,
     unique_key: Option<String>,
+    concurrency_key: Option<String>,
+    timeout_seconds: Option<f64>,
+    backoff_seconds: Option<f64>,
     /// The payload's size as compact JSON.
     payload_bytes: usize,
 }
@@ -236,6 +271,24 @@ fn validate(job: &NewJob, limits: &Limits) -> Result<Row, QueueError> {
             )));
         }
     }
+    if let Some(key) = &job.concurrency_key {
+        check_text("concurrency key", key, 256)?;
+    }
+    // The same bounds as check_job_options() in the schema.
+    if let Some(t) = job.timeout_seconds {
+        if !(0.001..=604_800.0).contains(&t) {
+            return Err(QueueError::InvalidJob(format!(
+                "timeout is {t} seconds; use more than 0 and at most 604800 (7 days)"
+            )));
+        }
+    }
+    if let Some(b) = job.backoff_seconds {
+        if !(0.0..=2_592_000.0).contains(&b) {
+            return Err(QueueError::InvalidJob(format!(
+                "backoff is {b} seconds; use 0 to 2592000 (30 days)"
+            )));
+        }
+    }
     Ok(Row {
         queue: job.queue.clone(),
         task: job.task.clone(),
@@ -245,6 +298,9 @@ fn validate(job: &NewJob, limits: &Limits) -> Result<Row, QueueError> {
         delay: job.delay,
         max_attempts,
         unique_key: job.unique_key.clone(),
+        concurrency_key: job.concurrency_key.clone(),
+        timeout_seconds: job.timeout_seconds,
+        backoff_seconds: job.backoff_seconds,
         payload_bytes: size,
     })
 }
@@ -280,7 +336,7 @@ pub fn enqueue_in_batch(
     // Typed parameters let the statement go out with its values in one round trip, without a
     // separate prepare: a single enqueue is latency-bound, and the caller's client (often a
     // transaction) has nowhere to cache a prepared statement.
-    let params: [(&(dyn ToSql + Sync), Type); 9] = [
+    let params: [(&(dyn ToSql + Sync), Type); 12] = [
         (&row.queue, Type::TEXT),
         (&row.task, Type::TEXT),
         (&row.payload, Type::JSONB),
@@ -290,6 +346,9 @@ pub fn enqueue_in_batch(
         (&row.max_attempts, Type::INT4),
         (&row.unique_key, Type::TEXT),
         (&batch_id, Type::INT8),
+        (&row.concurrency_key, Type::TEXT),
+        (&row.timeout_seconds, Type::FLOAT8),
+        (&row.backoff_seconds, Type::FLOAT8),
     ];
     client
         .query_typed_one(&render(sql::ENQUEUE, schema), &params)
@@ -471,6 +530,10 @@ impl<'a> BulkInsert<'a> {
         let attempts: Vec<i32> = chunk.iter().map(|r| r.max_attempts).collect();
         let keys: Vec<Option<&str>> = chunk.iter().map(|r| r.unique_key.as_deref()).collect();
         let batches: Vec<Option<i64>> = vec![self.batch_id; chunk.len()];
+        let concurrency_keys: Vec<Option<&str>> =
+            chunk.iter().map(|r| r.concurrency_key.as_deref()).collect();
+        let timeouts: Vec<Option<f64>> = chunk.iter().map(|r| r.timeout_seconds).collect();
+        let backoffs: Vec<Option<f64>> = chunk.iter().map(|r| r.backoff_seconds).collect();
         let count: i64 = self
             .tx
             .query_one(
@@ -485,6 +548,9 @@ impl<'a> BulkInsert<'a> {
                     &attempts,
                     &keys,
                     &batches,
+                    &concurrency_keys,
+                    &timeouts,
+                    &backoffs,
                 ],
             )
             .map_err(|e| bad_time(e, &chunk.iter().find_map(|r| r.run_at.clone())))?
