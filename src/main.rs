@@ -212,10 +212,20 @@ struct EnqueueArgs {
     #[arg(long, value_name = "KEY", conflicts_with = "jsonl")]
     concurrency_key: Option<String>,
     /// This job's timeout in seconds (instead of FORKQ_JOB_TIMEOUT_SECONDS).
-    #[arg(long, value_name = "SECONDS", conflicts_with = "jsonl")]
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        conflicts_with = "jsonl",
+        allow_hyphen_values = true
+    )]
     timeout: Option<f64>,
     /// This job's retry backoff base in seconds (instead of FORKQ_RETRY_BACKOFF_BASE_SECONDS).
-    #[arg(long, value_name = "SECONDS", conflicts_with = "jsonl")]
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        conflicts_with = "jsonl",
+        allow_hyphen_values = true
+    )]
     backoff: Option<f64>,
     /// Wait for the job to end; print its result (exit codes below).
     #[arg(long, conflicts_with = "jsonl")]
@@ -793,13 +803,15 @@ fn enqueue(args: EnqueueArgs, config: &Config) -> Result<(), Failure> {
                 format!("job {id} was cancelled: {error}"),
             ))
         }
-        None => return Err(fail(
-            EXIT_WAIT_TIMEOUT,
-            format!(
+        None => {
+            return Err(fail(
+                EXIT_WAIT_TIMEOUT,
+                format!(
                 "job {id} has not ended after {:.1} s; it goes on (wait again with forkq job {id})",
                 timeout.as_secs_f64()
             ),
-        )),
+            ))
+        }
     }
     Ok(())
 }

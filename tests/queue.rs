@@ -1282,7 +1282,10 @@ fn listener_wakes_on_notify_and_times_out_without() {
     let config = schema.config(&[("FORKQ_QUEUES", "default,other")]);
     let mut listener = forkq::queue::listener::Listener::connect(&config).unwrap();
     let started = Instant::now();
-    assert_eq!(listener.wait(Duration::from_millis(300)).unwrap().wakeups, 0);
+    assert_eq!(
+        listener.wait(Duration::from_millis(300)).unwrap().wakeups,
+        0
+    );
     assert!(started.elapsed() >= Duration::from_millis(250));
 
     // Scheduled jobs do not wake anyone, nor jobs of queues this daemon does not serve; due ones
@@ -1292,7 +1295,10 @@ fn listener_wakes_on_notify_and_times_out_without() {
         NewJob::new("default", "noop", json!({})).with_delay(600.0),
     );
     enqueue(&schema, NewJob::new("elsewhere", "noop", json!({})));
-    assert_eq!(listener.wait(Duration::from_millis(300)).unwrap().wakeups, 0);
+    assert_eq!(
+        listener.wait(Duration::from_millis(300)).unwrap().wakeups,
+        0
+    );
     let producer = std::thread::spawn({
         let name = schema.name.clone();
         move || {
