@@ -135,8 +135,8 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
-    /// Cancel jobs: at once when waiting, after their current run when running. One by id, or
-    /// every live job a filter matches.
+    /// Cancel jobs: at once when waiting; when running, their handler is told to stop (and they
+    /// are never retried). One by id, or every live job a filter matches.
     #[command(
         after_help = "Examples:\n  forkq cancel 42\n  forkq cancel --queue mail --state scheduled --yes\n\n\
         More than one matching job needs --yes (without it, the count is printed and nothing changes)."
@@ -371,7 +371,7 @@ enum BatchCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Cancel an open batch: waiting children are cancelled, running ones finish without retries.
+    /// Cancel an open batch: waiting children are cancelled, running ones are told to stop.
     #[command(after_help = "Example:\n  forkq batch cancel 7")]
     Cancel {
         /// The batch id.
@@ -613,7 +613,7 @@ fn command(command: Command, config: &Config) -> Result<(), Failure> {
             match admin::cancel(&mut client, schema, id, !config.retention.is_zero())? {
                 None => return Err(fail(1, format!("no job {id}"))),
                 Some(state) if state == "cancelling" => {
-                    println!("job {id} is running; it will not be retried")
+                    println!("job {id} is running; its handler is told to stop, and it will not be retried")
                 }
                 Some(state) if state == "cancelled" => println!("job {id} cancelled"),
                 Some(state) => return Err(fail(1, format!("job {id} is already {state}"))),
@@ -713,7 +713,7 @@ fn bulk(
     browse::check_bulk(action, filter).map_err(|e| fail(EX_DATAERR, e.0))?;
     let (verb, done) = match action {
         browse::Bulk::Retry => ("retry", "back in their queue"),
-        browse::Bulk::Cancel => ("cancel", "cancelled (running ones finish without retries)"),
+        browse::Bulk::Cancel => ("cancel", "cancelled (running ones are told to stop)"),
     };
     let mut client = connect(config)?;
     migrations::require_current(&mut client, &config.schema)?;
@@ -847,28 +847,9 @@ fn queue_command(command: QueueCommand, config: &Config) -> Result<(), Failure> 
             "queue {queue} paused: no new job of it starts; running ones finish; enqueues go on"
         ),
         QueueCommand::Resume { .. } => println!("queue {queue} resumed"),
-        _ => println!("queue {queue}: {}", describe_limits(&now)),
+        _ => println!("queue {queue}: {}", now.limits()),
     }
     Ok(())
-}
-
-/// "max_running 5, per_key 1, rate 50/s (burst 1)" or "no limits".
-fn describe_limits(s: &queues::Settings) -> String {
-    let mut parts = Vec::new();
-    if let Some(n) = s.max_running {
-        parts.push(format!("max_running {n}"));
-    }
-    if let Some(n) = s.per_key {
-        parts.push(format!("per_key {n}"));
-    }
-    if let Some(r) = s.rate {
-        parts.push(format!("rate {r} (burst {})", s.burst));
-    }
-    if parts.is_empty() {
-        "no limits".into()
-    } else {
-        parts.join(", ")
-    }
 }
 
 /// Prints the queues as a table.
@@ -895,7 +876,7 @@ fn print_queues(listed: &[queues::Listed]) {
             } else {
                 "active"
             },
-            describe_limits(&q.settings),
+            q.settings.limits(),
             c.available,
             c.scheduled,
             c.running,
@@ -959,9 +940,7 @@ fn batch_command(command: BatchCommand, config: &Config) -> Result<(), Failure> 
             Some(CancelOutcome::Cancelled) => {
                 let pending =
                     batch::status(&mut client, schema, id)?.map_or(0, |b| b.status.pending);
-                println!(
-                        "batch {id} cancelled; {pending} running child(ren) will finish without retries"
-                    );
+                println!("batch {id} cancelled; {pending} running child(ren) are told to stop");
             }
             Some(CancelOutcome::AlreadyFinished(state)) => {
                 return Err(fail(1, format!("batch {id} is already {state}")))

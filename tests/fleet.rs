@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,20 +15,7 @@ use serde_json::{json, Value};
 
 /// `forkq` with the schema's environment; (exit code, stdout, stderr).
 fn forkq(schema: &TestSchema, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(forkq_bin())
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("FORKQ_LOG", "warn")
-        .envs(schema.env())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    common::cli(schema, args)
 }
 
 /// The hosts table as `forkq hosts --json` prints it.
@@ -478,10 +464,7 @@ fn jobs_retry_and_cancel_by_filter() {
     );
     assert_eq!(
         (code, out.trim()),
-        (
-            0,
-            "3 job(s) cancelled (running ones finish without retries)"
-        )
+        (0, "3 job(s) cancelled (running ones are told to stop)")
     );
     assert_eq!(schema.archived("cancelled"), 3);
 }

@@ -10,31 +10,20 @@ mod common;
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{forkq_bin, wait_until, Daemon, TestSchema};
+use common::{
+    cli, doc_block, forkq_bin, run_doc_script, wait_until, Daemon, FreshSchema, TestSchema,
+};
 use forkq::queue::consumer::{Ack, Consumer, Settlement};
 use forkq::NewJob;
 use serde_json::{json, Value};
 
 /// `forkq` with the schema's environment; (exit code, stdout, stderr).
 fn forkq(schema: &TestSchema, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(forkq_bin())
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("FORKQ_LOG", "warn")
-        .envs(schema.env())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    cli(schema, args)
 }
 
 /// Runs `forkq` and insists it succeeds; its stdout.
@@ -1012,4 +1001,30 @@ fn per_job_timeout_and_backoff_apply() {
         (400.0..=800.0).contains(&wait),
         "retry in {wait:.0} s, not about 600"
     );
+}
+
+/// The "Try it" block of docs/flow-control.md runs as written with bash on a fresh schema, in a
+/// directory where `target/release/forkq` is the binary under test.
+#[test]
+fn the_flow_control_walkthrough_runs_as_written() {
+    let block = doc_block(include_str!("../docs/flow-control.md"), "Try it");
+    let schema = FreshSchema::new("flowdoc");
+    let run = run_doc_script("flowdoc", &block, &schema.0, Duration::from_secs(60));
+    let log = std::fs::read_to_string(run.dir.join("forkq.log")).unwrap_or_default();
+    let printed = &run.printed;
+    assert!(
+        run.status.is_some_and(|s| s.success()),
+        "the walkthrough failed ({:?}):\n{printed}\n---- forkq.log ----\n{log}",
+        run.status
+    );
+    for expected in [
+        "refused with exit 65, nothing changed",
+        "exit 124",
+        "\"state\": \"cancelled\"",
+    ] {
+        assert!(
+            printed.contains(expected),
+            "{expected:?} missing:\n{printed}"
+        );
+    }
 }

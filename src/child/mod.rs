@@ -476,11 +476,14 @@ impl Worker<'_> {
     /// the ones of a queue paused or limited since their claim go back to the queue.
     fn notice_changes(&mut self, changes: i64) -> Result<(), QueueError> {
         let seen = self.changes_seen.replace(changes);
-        if seen.map_or(true, |seen| seen == changes) {
+        if seen == Some(changes) {
             return Ok(());
         }
+        // At the first round too: a setting may have changed since the connection read them.
         let flow = self.db(|db| db.refresh_flow())?;
-        self.drop_cancelled()?;
+        if seen.is_some() {
+            self.drop_cancelled()?;
+        }
         self.give_back_gated(&flow);
         Ok(())
     }

@@ -81,7 +81,7 @@ impl Serialize for Rate {
 }
 
 /// A queue's settings, as its row says (the defaults when it has none).
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Settings {
     /// No job of the queue is claimed while it is paused.
     pub paused: bool,
@@ -97,24 +97,58 @@ pub struct Settings {
     pub updated_at: Option<String>,
 }
 
+impl Default for Settings {
+    /// A queue without a row.
+    fn default() -> Settings {
+        Settings {
+            paused: false,
+            max_running: None,
+            per_key: None,
+            rate: None,
+            burst: 1,
+            updated_at: None,
+        }
+    }
+}
+
 impl Settings {
-    fn from_row(row: &postgres::Row) -> (String, Settings) {
+    /// The name and settings of a row with the columns of [`sql::QUEUE_SETTINGS`] from `first`
+    /// on (the settings of a queue without a row when the first one is null).
+    pub fn from_row(row: &postgres::Row, first: usize) -> (String, Settings) {
+        let name = row.get(first);
+        let Some(paused) = row.get::<_, Option<bool>>(first + 1) else {
+            return (name, Settings::default());
+        };
         (
-            row.get(0),
+            name,
             Settings {
-                paused: row.get(1),
-                max_running: row.get(2),
-                per_key: row.get(3),
-                rate: row.get::<_, Option<f64>>(4).map(Rate),
-                burst: row.get(5),
-                updated_at: row.get(6),
+                paused,
+                max_running: row.get(first + 2),
+                per_key: row.get(first + 3),
+                rate: row.get::<_, Option<f64>>(first + 4).map(Rate),
+                burst: row.get(first + 5),
+                updated_at: row.get(first + 6),
             },
         )
     }
 
-    /// Whether a limit applies (the queue's jobs are claimed one at a time, by a limited claim).
-    pub fn limited(&self) -> bool {
-        self.max_running.is_some() || self.per_key.is_some() || self.rate.is_some()
+    /// The limits in words: "max_running 5, per_key 1, rate 50/s (burst 1)", or "no limits".
+    pub fn limits(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(n) = self.max_running {
+            parts.push(format!("max_running {n}"));
+        }
+        if let Some(n) = self.per_key {
+            parts.push(format!("per_key {n}"));
+        }
+        if let Some(r) = self.rate {
+            parts.push(format!("rate {r} (burst {})", self.burst));
+        }
+        if parts.is_empty() {
+            "no limits".into()
+        } else {
+            parts.join(", ")
+        }
     }
 }
 
@@ -199,7 +233,7 @@ pub fn set(
             }
             _ => QueueError::Db(e),
         })?;
-    Ok(Settings::from_row(&row).1)
+    Ok(Settings::from_row(&row, 0).1)
 }
 
 /// Every queue's settings, by name (queues without a row are not listed).
@@ -210,7 +244,7 @@ pub fn settings(
     Ok(client
         .query(&render(sql::QUEUE_SETTINGS, schema), &[])?
         .iter()
-        .map(Settings::from_row)
+        .map(|row| Settings::from_row(row, 0))
         .collect())
 }
 
@@ -236,10 +270,7 @@ pub fn list(client: &mut impl GenericClient, schema: &str) -> Result<Vec<Listed>
     Ok(names
         .into_iter()
         .map(|queue| Listed {
-            settings: settings.remove(&queue).unwrap_or(Settings {
-                burst: 1,
-                ..Settings::default()
-            }),
+            settings: settings.remove(&queue).unwrap_or_default(),
             counts: counts.remove(&queue).unwrap_or_default(),
             queue,
         })

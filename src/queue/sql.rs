@@ -422,8 +422,10 @@ pub const DEAD_CLIENT_SECONDS: &str = "
 /// The dashboard's queue page: per queue, the live jobs by effective state and the age of the
 /// oldest runnable one (the hot table is small by design), the dead letter counted up to `$1`
 /// jobs (through its partial index, never the archive's bulk), and the hosts serving it now
-/// (seen within `$2` intervals). Queues are those with live jobs, dead-lettered jobs or a host
-/// (the dead letter's queue names come from a loose index scan), at most `$3` of them.
+/// (seen within `$2` intervals), then its name again and its settings (the columns of
+/// [`QUEUE_SETTINGS`], null without a row). Queues are those with live jobs, dead-lettered jobs,
+/// a host or settings (the dead letter's queue names come from a loose index scan), at most `$3`
+/// of them.
 pub const QUEUE_OVERVIEW: &str = "
     WITH RECURSIVE dead_names AS (
         (SELECT a.queue FROM {s}.jobs_archive a WHERE a.state <> 'completed'
@@ -448,14 +450,16 @@ pub const QUEUE_OVERVIEW: &str = "
         GROUP BY q.queue
     ), names AS (
         SELECT queue FROM live UNION SELECT queue FROM dead_names WHERE queue IS NOT NULL
-        UNION SELECT queue FROM serving
+        UNION SELECT queue FROM serving UNION SELECT name FROM {s}.queues
     )
     SELECT n.queue, coalesce(l.available, 0), coalesce(l.scheduled, 0), coalesce(l.running, 0),
            coalesce(l.retryable, 0), coalesce(l.oldest, 0), d.failed, d.cancelled, d.capped,
-           coalesce(s.hosts, 0)
+           coalesce(s.hosts, 0),
+           n.queue, g.paused, g.max_running, g.per_key, g.rate, g.burst, g.updated_at::text
     FROM (SELECT queue FROM names ORDER BY queue LIMIT $3::bigint) n
     LEFT JOIN live l ON l.queue = n.queue
     LEFT JOIN serving s ON s.queue = n.queue
+    LEFT JOIN {s}.queues g ON g.name = n.queue
     CROSS JOIN LATERAL (
         SELECT count(*) FILTER (WHERE x.state = 'failed') AS failed,
                count(*) FILTER (WHERE x.state = 'cancelled') AS cancelled,
