@@ -284,7 +284,7 @@ struct QueueSetArgs {
     /// At most this many starts: 50/s, 10/min, 100/h (or none).
     #[arg(long, value_name = "RATE|none", allow_hyphen_values = true)]
     rate: Option<String>,
-    /// Starts the rate limit allows at once after a quiet spell [default: 1].
+    /// Starts the rate limit allows at once after a quiet spell (1 until set).
     #[arg(long, value_name = "N", allow_hyphen_values = true)]
     burst: Option<String>,
 }

@@ -498,11 +498,7 @@ impl App {
 
     /// Whether the action `what` (for the log: "retry job 7") may go ahead: how the request was
     /// authorized, and its form fields; refusals are logged.
-    fn authorize(
-        &self,
-        r: &mut Incoming<'_>,
-        what: &str,
-    ) -> Result<(&'static str, Form), Failure> {
+    fn authorize(&self, r: &mut Incoming<'_>, what: &str) -> Result<(&'static str, Form), Failure> {
         let form = r.form();
         let csrf = form
             .iter()
