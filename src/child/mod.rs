@@ -476,10 +476,11 @@ impl Worker<'_> {
     /// the ones of a queue paused or limited since their claim go back to the queue.
     fn notice_changes(&mut self, changes: i64) -> Result<(), QueueError> {
         let seen = self.changes_seen.replace(changes);
-        if seen == Some(changes) {
+        // At the first round, against the count the connection read the settings at.
+        let settings_read_at = self.db.as_ref().map(|db| db.flow().changes);
+        if seen.or(settings_read_at) == Some(changes) {
             return Ok(());
         }
-        // At the first round too: a setting may have changed since the connection read them.
         let flow = self.db(|db| db.refresh_flow())?;
         if seen.is_some() {
             self.drop_cancelled()?;

@@ -112,6 +112,8 @@ pub struct Flow {
     pub paused: HashSet<String>,
     /// Limited queues (a cap or a rate limit): claimed one job at a time, by a limited claim.
     pub limited: HashSet<String>,
+    /// The count of changes as of this read (see [`Round::changes`]).
+    pub changes: i64,
 }
 
 /// One step of a worker's claim, in the order of its queues.
@@ -281,6 +283,7 @@ impl Consumer {
         let mut flow = Flow::default();
         for row in self.client.query(&read, &[&self.queues])? {
             let name: String = row.get(0);
+            flow.changes = row.get(3);
             if row.get(1) {
                 flow.paused.insert(name.clone());
             }
@@ -303,6 +306,11 @@ impl Consumer {
         }
         self.flow = flow.clone();
         Ok(flow)
+    }
+
+    /// What the last read of this worker's queue settings said.
+    pub fn flow(&self) -> &Flow {
+        &self.flow
     }
 
     /// The lease owner string.
@@ -674,6 +682,7 @@ mod tests {
         let flow = Flow {
             paused: ["d".to_string()].into(),
             limited: ["b".to_string(), "c".to_string()].into(),
+            changes: 0,
         };
         assert_eq!(
             plan(&queues, &flow),

@@ -161,12 +161,15 @@ pub const SNOOZE: &str = "SELECT {s}.snooze($1, $2, $3, $4)";
 /// Records a running job's progress, fenced by its lease (see `report_progress`).
 pub const REPORT_PROGRESS: &str = "SELECT {s}.report_progress($1, $2, $3)";
 
-/// What a worker needs to know of its queues `$1`: which are paused, which are limited (claimed
-/// through [`CLAIM_LIMITED`]). Queues without a row are neither.
+/// What a worker needs to know of its queues `$1`, one row each: whether it is paused, whether
+/// it is limited (claimed through [`CLAIM_LIMITED`]; a queue without a row is neither), and the
+/// sum of `changes` as of this read (see [`round`]), so a change after it is noticed.
 pub const QUEUE_FLOW: &str = "
-    SELECT g.name, g.paused,
-           g.max_running IS NOT NULL OR g.per_key IS NOT NULL OR g.rate IS NOT NULL
-    FROM {s}.queues g WHERE g.name = ANY($1::text[])";
+    SELECT q.name, coalesce(g.paused, false),
+           coalesce(g.max_running IS NOT NULL OR g.per_key IS NOT NULL OR g.rate IS NOT NULL,
+                    false),
+           (SELECT coalesce(sum(weight), 0)::bigint FROM {s}.changes)
+    FROM unnest($1::text[]) AS q(name) LEFT JOIN {s}.queues g ON g.name = q.name";
 
 /// Every queue's settings, by name.
 pub const QUEUE_SETTINGS: &str = "
