@@ -7,7 +7,7 @@ use r2d2_postgres::PostgresConnectionManager;
 
 use crate::config::Config;
 use crate::queue::batch::{self, NewBatch};
-use crate::queue::producer::{self, Limits, NewJob};
+use crate::queue::producer::{self, Enqueued, Limits, NewJob};
 use crate::queue::waiting::{self, Finished};
 use crate::queue::{migrations, QueueError};
 
@@ -55,6 +55,12 @@ impl Client {
     /// Enqueues one job; returns its id.
     pub fn enqueue(&self, job: &NewJob) -> Result<i64, QueueError> {
         producer::enqueue(&mut *self.connection()?, &self.schema, &self.limits, job)
+    }
+
+    /// Enqueues one job and says what happened: created, or the job holding its unique key
+    /// (replaced, with [`NewJob::with_replace`]).
+    pub fn enqueue_with_outcome(&self, job: &NewJob) -> Result<Enqueued, QueueError> {
+        producer::enqueue_with_outcome(&mut *self.connection()?, &self.schema, &self.limits, job)
     }
 
     /// Enqueues one job inside the caller's transaction: it exists only if that transaction

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::handler::HandlerSpec;
+use crate::schedule::{self, Schedule};
 
 /// Exit code for configuration errors (`EX_CONFIG` from sysexits.h), which systemd and operators
 /// recognise as "fix the settings, restarting will not help".
@@ -79,6 +80,8 @@ pub struct Config {
     pub handler: HandlerSpec,
     /// Per-task handlers (`task=handler;task=handler`).
     pub routes: Vec<(String, HandlerSpec)>,
+    /// Answer the builtin demo tasks that can harm a worker (`crash`, `spin`, `getenv`).
+    pub demo_tasks: bool,
     /// Environment variables handlers may see although they look like secrets.
     pub handler_pass_env: Vec<String>,
     /// Largest result a handler program may return: an exec program's stdout, a coproc's line.
@@ -107,6 +110,10 @@ pub struct Config {
     pub max_child_rss_mb: Option<u64>,
     /// One deadline for all children to stop on SIGTERM before they are killed.
     pub shutdown_grace: Duration,
+    /// The schedules file (`FORKQ_SCHEDULES`), if any.
+    pub schedules_file: Option<std::path::PathBuf>,
+    /// The schedules it declares, checked; empty without a file.
+    pub schedules: Vec<Schedule>,
     /// How often the probe records this daemon in the hosts table.
     pub host_interval: Duration,
     /// Every connection holds the boot's session lock, and the probe brings back the jobs of
@@ -185,13 +192,21 @@ impl Vars<'_> {
     }
 }
 
+/// PostgreSQL's longest identifier in bytes (NAMEDATALEN - 1).
+pub const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// The longest schema name: the schema's NOTIFY channel, `forkq_<schema>`, is an identifier too,
+/// and a channel name over the limit makes every enqueue fail.
+pub const MAX_SCHEMA_BYTES: usize = MAX_IDENTIFIER_BYTES - crate::queue::sql::CHANNEL_PREFIX.len();
+
 /// Whether `name` is a safe SQL identifier for the schema: it is spliced into statements, so only
-/// lower-case letters, digits and underscores, starting with a letter or underscore, are allowed.
+/// lower-case letters, digits and underscores, starting with a letter or underscore, are allowed,
+/// at most [`MAX_SCHEMA_BYTES`] of them.
 pub fn is_valid_schema_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && name.len() <= 63
+        && name.len() <= MAX_SCHEMA_BYTES
 }
 
 /// Whether `name` can be a queue name: printable, no commas (the list separator), at most 128 bytes.
@@ -232,6 +247,13 @@ fn default_concurrency() -> i64 {
 }
 
 impl Config {
+    /// Connections the probe process holds: readiness and metrics, the wake-up listener (unless
+    /// `FORKQ_LISTEN=0`), the hosts table, and the schedules ticker when there are schedules. A
+    /// fleet needs `concurrency` + this many.
+    pub fn probe_connections(&self) -> usize {
+        2 + usize::from(self.listen) + usize::from(!self.schedules.is_empty())
+    }
+
     /// Reads and validates the process environment.
     pub fn from_env() -> Result<Config, ConfigError> {
         Config::from_vars(std::env::vars().collect())
@@ -269,7 +291,11 @@ impl Config {
         if !is_valid_schema_name(&schema) {
             return Err(v.error(
                 "FORKQ_SCHEMA",
-                "a lower-case identifier: letters, digits and _, starting with a letter or _, at most 63 bytes",
+                format!(
+                    "a lower-case identifier: letters, digits and _, starting with a letter or _, \
+                     at most {MAX_SCHEMA_BYTES} bytes (the NOTIFY channel forkq_<schema> must fit \
+                     PostgreSQL's {MAX_IDENTIFIER_BYTES}-byte identifiers)"
+                ),
             ));
         }
 
@@ -310,7 +336,7 @@ impl Config {
             ack_delay = Duration::ZERO;
         }
 
-        let lease = v.seconds("FORKQ_LEASE_SECONDS", 30, 3, 86_400)?;
+        let lease = v.seconds("FORKQ_LEASE_SECONDS", 30, 4, 86_400)?;
         let retry_backoff_base = v.seconds("FORKQ_RETRY_BACKOFF_BASE_SECONDS", 2, 0, 86_400)?;
         let retry_backoff_max =
             v.seconds("FORKQ_RETRY_BACKOFF_MAX_SECONDS", 3_600, 0, 30 * 86_400)?;
@@ -331,9 +357,20 @@ impl Config {
         };
 
         let health_addr = health_addr(&v)?;
+        let max_attempts = v.int("FORKQ_MAX_ATTEMPTS", 25, 1, 1000)? as i32;
+        let schedules_file = v.get("FORKQ_SCHEDULES").map(std::path::PathBuf::from);
+        let schedules = match &schedules_file {
+            None => Vec::new(),
+            Some(path) => schedule::load(path, max_attempts).map_err(|why| {
+                v.error(
+                    "FORKQ_SCHEDULES",
+                    format!("{why}; fix the file or unset FORKQ_SCHEDULES"),
+                )
+            })?,
+        };
 
         let job_timeout = v.optional_limit("FORKQ_JOB_TIMEOUT_SECONDS", 7 * 86_400)?;
-        let health_stale = v.seconds("FORKQ_HEALTH_STALE_SECONDS", 15, 2, 86_400)?;
+        let health_stale = health_stale(&v, lease)?;
 
         let restart_backoff_base = v.millis("FORKQ_RESTART_BACKOFF_BASE_MS", 100, 0, 60_000)?;
         let restart_backoff_max = v.millis("FORKQ_RESTART_BACKOFF_MAX_MS", 30_000, 0, 3_600_000)?;
@@ -353,7 +390,7 @@ impl Config {
             ack_delay,
             durable,
             lease,
-            max_attempts: v.int("FORKQ_MAX_ATTEMPTS", 25, 1, 1000)? as i32,
+            max_attempts,
             retry_backoff_base,
             retry_backoff_max,
             poll_interval: v.millis("FORKQ_POLL_INTERVAL_MS", 1000, 10, 60_000)?,
@@ -362,6 +399,7 @@ impl Config {
             retention: v.seconds("FORKQ_RETENTION_SECONDS", 86_400, 0, 3_650 * 86_400)?,
             handler,
             routes,
+            demo_tasks: v.flag("FORKQ_DEMO_TASKS", false)?,
             handler_pass_env: v
                 .get("FORKQ_HANDLER_PASS_ENV")
                 .map(|raw| {
@@ -384,6 +422,8 @@ impl Config {
             max_jobs_per_child: v.optional_limit("FORKQ_MAX_JOBS_PER_CHILD", i64::MAX)?,
             max_child_rss_mb: v.optional_limit("FORKQ_MAX_CHILD_RSS_MB", 1 << 20)?,
             shutdown_grace: v.seconds("FORKQ_SHUTDOWN_GRACE_SECONDS", 30, 0, 86_400)?,
+            schedules_file,
+            schedules,
             host_interval: v.seconds("FORKQ_HOST_INTERVAL_SECONDS", 5, 1, 3_600)?,
             host_release: v.flag("FORKQ_HOST_RELEASE", true)?,
         })
@@ -397,6 +437,52 @@ impl Config {
             .map(|(_, spec)| spec)
             .unwrap_or(&self.handler)
     }
+}
+
+/// The stale window when `FORKQ_HEALTH_STALE_SECONDS` is not set (and the lease allows it).
+const DEFAULT_HEALTH_STALE_SECONDS: i64 = 15;
+
+/// `FORKQ_HEALTH_STALE_SECONDS`, which must stay below two thirds of the lease: a child renews its
+/// leases every third of the lease, so a wedged child's leases lapse two thirds of a lease after
+/// its last heartbeat, and it must be dead by then or its job can run twice at the same time.
+/// Unset, the default is lowered to fit a short lease (and that is logged); set, a value that does
+/// not fit is refused. A lease of 4 s, the shortest, fits a stale window of 2 s, the shortest.
+fn health_stale(v: &Vars<'_>, lease: Duration) -> Result<Duration, ConfigError> {
+    let lease_seconds = lease.as_secs() as i64;
+    // The largest whole number of seconds strictly below two thirds of the lease.
+    let fits = (2 * lease_seconds - 1) / 3;
+    let stale = match v.get("FORKQ_HEALTH_STALE_SECONDS") {
+        None => {
+            let stale = DEFAULT_HEALTH_STALE_SECONDS.min(fits);
+            if stale < DEFAULT_HEALTH_STALE_SECONDS {
+                log::info!(
+                    "FORKQ_HEALTH_STALE_SECONDS unset: using {stale} s, below two thirds of \
+                     FORKQ_LEASE_SECONDS={lease_seconds}"
+                );
+            }
+            stale
+        }
+        Some(_) => {
+            let stale = v.int(
+                "FORKQ_HEALTH_STALE_SECONDS",
+                DEFAULT_HEALTH_STALE_SECONDS,
+                2,
+                86_400,
+            )?;
+            if stale > fits {
+                return Err(v.error(
+                    "FORKQ_HEALTH_STALE_SECONDS",
+                    format!(
+                        "an integer from 2 to {fits}: below two thirds of \
+                         FORKQ_LEASE_SECONDS={lease_seconds}, so that a wedged child is killed \
+                         before its leases lapse and its job runs twice (or raise the lease)"
+                    ),
+                ));
+            }
+            stale
+        }
+    };
+    Ok(Duration::from_secs(stale as u64))
 }
 
 /// `FORKQ_HEALTH_ADDR`, or 0.0.0.0:9280.
@@ -546,6 +632,50 @@ mod tests {
             assert_eq!(err.value, value);
             assert!(err.to_string().contains(name));
         }
+    }
+
+    #[test]
+    fn schema_names_leave_room_for_the_notify_channel() {
+        let longest = "s".repeat(MAX_SCHEMA_BYTES);
+        assert!(is_valid_schema_name(&longest));
+        assert_eq!(
+            crate::queue::sql::channel(&longest).len(),
+            MAX_IDENTIFIER_BYTES
+        );
+        let err = parse(&[("FORKQ_SCHEMA", &format!("{longest}s"))]).unwrap_err();
+        assert_eq!(err.variable, "FORKQ_SCHEMA");
+        assert!(err.allowed.contains("at most 57 bytes"), "{err}");
+    }
+
+    #[test]
+    fn the_stale_window_stays_below_two_thirds_of_the_lease() {
+        let stale = |pairs: &[(&str, &str)]| parse(pairs).map(|c| c.health_stale.as_secs());
+        assert_eq!(stale(&[]), Ok(15));
+        assert_eq!(stale(&[("FORKQ_LEASE_SECONDS", "60")]), Ok(15));
+        // Unset, it is lowered to fit a short lease.
+        assert_eq!(stale(&[("FORKQ_LEASE_SECONDS", "10")]), Ok(6));
+        assert_eq!(stale(&[("FORKQ_LEASE_SECONDS", "4")]), Ok(2));
+        // Set, it must fit.
+        assert_eq!(
+            stale(&[
+                ("FORKQ_LEASE_SECONDS", "60"),
+                ("FORKQ_HEALTH_STALE_SECONDS", "39")
+            ]),
+            Ok(39)
+        );
+        for (lease, stale) in [("60", "40"), ("30", "20"), ("10", "7")] {
+            let err = parse(&[
+                ("FORKQ_LEASE_SECONDS", lease),
+                ("FORKQ_HEALTH_STALE_SECONDS", stale),
+            ])
+            .unwrap_err();
+            assert_eq!(err.variable, "FORKQ_HEALTH_STALE_SECONDS");
+            assert!(err.allowed.contains("FORKQ_LEASE_SECONDS"), "{err}");
+        }
+        assert_eq!(
+            parse(&[("FORKQ_LEASE_SECONDS", "3")]).unwrap_err().variable,
+            "FORKQ_LEASE_SECONDS"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Read};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::Value;
 
-use forkq::queue::producer::{BulkInsert, JsonLines, Limits, LineError, NewJob};
+use forkq::queue::producer::{BulkInsert, Counts, JsonLines, Limits, LineError, NewJob};
 
 use crate::{fail, Failure, EX_DATAERR};
 
@@ -90,16 +90,16 @@ impl JsonlInput {
             .map_err(|e| refused_line(&name, e))
     }
 
-    /// Streams every job into one transaction and commits; returns how many were inserted
-    /// (jobs whose unique key is live are skipped). A refused line rolls everything back and is
-    /// named.
+    /// Streams every job into one transaction and commits; returns how many were created, not
+    /// created because their unique key was taken, and replaced. A refused line rolls everything
+    /// back and is named.
     pub fn enqueue(
         self,
         client: &mut postgres::Client,
         schema: &str,
         queue: &str,
         limits: &Limits,
-    ) -> Result<u64, Failure> {
+    ) -> Result<Counts, Failure> {
         let mut bulk = BulkInsert::begin(client, schema, limits, None)?;
         let progress = Progress::new(self.size);
         let mut lines = JsonLines::new(self.reader, queue, limits);
@@ -118,9 +118,9 @@ impl JsonlInput {
         progress
             .bar
             .set_message(format!("{} jobs, committing", bulk.pushed()));
-        let inserted = bulk.commit()?;
+        let counts = bulk.commit()?;
         progress.bar.finish_and_clear();
-        Ok(inserted)
+        Ok(counts)
     }
 }
 

@@ -24,9 +24,12 @@
 
 pub mod backoff;
 pub mod child;
+pub mod claim_gate;
 pub mod client;
 pub mod config;
 pub mod dashboard;
+mod database_hooks;
+pub mod futex;
 pub mod handler;
 pub mod host;
 pub mod logging;
@@ -34,8 +37,10 @@ pub mod presence;
 pub mod probe;
 pub mod proctitle;
 pub mod queue;
+pub mod schedule;
 pub mod slots;
 pub mod supervisor;
+pub mod ticker;
 pub mod wakeup;
 
 pub use client::Client;
@@ -57,7 +62,7 @@ where
     let routed = move |config: &Config| -> Box<dyn Handler> {
         Box::new(handler::Router::new(config, || factory(config)))
     };
-    supervisor::run(config, &routed)
+    supervisor::run(config, &routed, database_hooks::HOOKS)
 }
 
 /// Prints a configuration error and exits with code 78 (`EX_CONFIG`).

@@ -16,7 +16,7 @@ use forkq::queue::batch::{self, CancelOutcome, NewBatch};
 use forkq::queue::producer::{self, Limits, NewJob};
 use forkq::queue::queues::{self, Change, Rate};
 use forkq::queue::waiting::{self, Finished};
-use forkq::queue::{self, admin, browse, hosts, migrations, QueueError};
+use forkq::queue::{self, admin, browse, hosts, migrations, schedules, QueueError};
 
 /// Exit code for refused input (`EX_DATAERR`).
 const EX_DATAERR: u8 = 65;
@@ -65,6 +65,8 @@ enum Command {
     #[command(
         after_help = "Examples:\n  forkq enqueue --queue default --task sleep --payload '{\"ms\": 500}'\n  \
         forkq enqueue --queue mail --task send --delay 60 --unique-key welcome-42\n  \
+        forkq enqueue --queue reports --task daily --unique-key daily-report --unique-for 1h --json\n  \
+        forkq enqueue --queue search --task reindex --payload '{\"user\": 7}' --delay 5 --unique-key reindex-7 --replace\n  \
         forkq enqueue --task resize --payload @job.json    # the payload from a file (- for stdin)\n  \
         forkq enqueue --queue default --jsonl jobs.jsonl   # each line {\"task\":..,\"payload\":..}\n  \
         forkq enqueue --queue api --task sync --concurrency-key customer-7 --timeout 60\n  \
@@ -170,6 +172,9 @@ enum Command {
     /// Create, inspect, list and cancel batches of jobs.
     #[command(subcommand)]
     Batch(BatchCommand),
+    /// List the periodic schedules, or enqueue one run of a schedule now.
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
     /// Exit 0 when the fleet's /livez answers 200 (for container HEALTHCHECKs).
     #[command(after_help = "Example:\n  forkq health --addr 127.0.0.1:9280")]
     Health {
@@ -205,8 +210,19 @@ struct EnqueueArgs {
     /// While a live job has this key, return its id instead of enqueueing another.
     #[arg(long)]
     unique_key: Option<String>,
+    /// With --unique-key: keep the key taken this long (90s, 30m, 1h30m, 1d) after this job took
+    /// it, whatever becomes of the job meanwhile.
+    #[arg(long, value_name = "DURATION", requires = "unique_key", value_parser = producer::parse_duration)]
+    unique_for: Option<std::time::Duration>,
+    /// With --unique-key: give the waiting job holding the key this payload and run time instead
+    /// of adding a job (debounce); a running one gives the key up to a new job.
+    #[arg(long, requires = "unique_key", conflicts_with = "unique_for")]
+    replace: bool,
+    /// Print {"id":..,"created":..,"replaced":..} (with --jsonl: {"created":..,"duplicate":..,"replaced":..}).
+    #[arg(long)]
+    json: bool,
     /// Enqueue every line of FILE (or - for stdin) in one transaction, streamed.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["unique_key", "unique_for", "replace"])]
     jsonl: Option<String>,
     /// The key a per-key cap of the queue counts running jobs by (see `forkq queue set`).
     #[arg(long, value_name = "KEY", conflicts_with = "jsonl")]
@@ -394,6 +410,27 @@ enum BatchCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum ScheduleCommand {
+    /// List the schedules the database holds (declared by daemons from FORKQ_SCHEDULES), with
+    /// their next run, last run and last job.
+    #[command(after_help = "Examples:\n  forkq schedule list\n  forkq schedule list --json")]
+    List {
+        /// Print one JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Enqueue one run of a schedule now, outside its ticks; prints the job id.
+    #[command(after_help = "Example:\n  forkq schedule run every-second")]
+    Run {
+        /// The schedule's name.
+        name: String,
+        /// Print {"id":..}.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[derive(Args)]
 struct BatchCreateArgs {
     /// The queue of the children (unless a line names one) and of the completion job.
@@ -473,7 +510,9 @@ fn main() -> ExitCode {
         return ExitCode::from(code.clamp(0, 255) as u8);
     }
     if let Command::Run = cli.command {
-        let code = forkq::run(config, |_| Box::new(Builtin) as Box<dyn Handler>);
+        let code = forkq::run(config, |config| {
+            Box::new(Builtin::new(config)) as Box<dyn Handler>
+        });
         return ExitCode::from(code.clamp(0, 255) as u8);
     }
     exit_code(command(cli.command, &config))
@@ -640,6 +679,7 @@ fn command(command: Command, config: &Config) -> Result<(), Failure> {
             }
         }
         Command::Batch(command) => batch_command(command, config)?,
+        Command::Schedule(command) => schedule_command(command, config)?,
         Command::Health { .. } => unreachable!("handled in main"),
     }
     Ok(())
@@ -748,8 +788,18 @@ fn enqueue(args: EnqueueArgs, config: &Config) -> Result<(), Failure> {
         let input = input::JsonlInput::open(path)?;
         let mut client = connect(config)?;
         migrations::require_current(&mut client, &config.schema)?;
-        let n = input.enqueue(&mut client, &config.schema, &args.queue, &limits)?;
-        println!("{n}");
+        let counts = input.enqueue(&mut client, &config.schema, &args.queue, &limits)?;
+        if args.json {
+            println!("{}", serde_json::to_string(&counts).unwrap_or_default());
+        } else {
+            println!("{}", counts.created);
+            if counts.duplicate + counts.replaced > 0 {
+                eprintln!(
+                    "{} duplicate(s) not enqueued (their unique key was taken), {} waiting job(s) replaced",
+                    counts.duplicate, counts.replaced
+                );
+            }
+        }
         return Ok(());
     }
     let payload = input::payload(args.payload.as_deref().unwrap_or("{}"))?;
@@ -762,11 +812,14 @@ fn enqueue(args: EnqueueArgs, config: &Config) -> Result<(), Failure> {
         delay: args.delay,
         max_attempts: args.max_attempts,
         unique_key: args.unique_key,
+        unique_for: args.unique_for,
+        replace: args.replace,
         concurrency_key: args.concurrency_key,
         timeout_seconds: args.timeout,
         backoff_seconds: args.backoff,
     };
-    let timeout = match args.wait_timeout {
+    // Checked before anything is enqueued: a bad value enqueues nothing.
+    let wait_timeout = match args.wait_timeout {
         Some(t) if !(0.0..=1e9).contains(&t) => {
             return Err(fail(
                 EX_DATAERR,
@@ -778,15 +831,39 @@ fn enqueue(args: EnqueueArgs, config: &Config) -> Result<(), Failure> {
     };
     let mut client = connect(config)?;
     migrations::require_current(&mut client, &config.schema)?;
-    let id = producer::enqueue(&mut client, &config.schema, &limits, &job)?;
-    if !args.wait {
-        println!("{id}");
+    let outcome = producer::enqueue_with_outcome(&mut client, &config.schema, &limits, &job)?;
+    if args.wait {
+        return wait_for(&mut client, &config.schema, outcome.id, wait_timeout);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&outcome).unwrap_or_default());
         return Ok(());
     }
-    match waiting::wait(
-        || waiting::finished(&mut client, &config.schema, id),
-        timeout,
-    )? {
+    println!("{}", outcome.id);
+    let key = job.unique_key.as_deref().unwrap_or_default();
+    if outcome.replaced {
+        eprintln!(
+            "job {} was waiting with unique key {key:?}: its payload and run time were replaced",
+            outcome.id
+        );
+    } else if !outcome.created {
+        eprintln!(
+            "duplicate: job {} holds unique key {key:?}; nothing was enqueued",
+            outcome.id
+        );
+    }
+    Ok(())
+}
+
+/// `enqueue --wait`: waits for job `id` to end, prints its result, and exits with the code that
+/// says how it ended.
+fn wait_for(
+    client: &mut postgres::Client,
+    schema: &str,
+    id: i64,
+    timeout: std::time::Duration,
+) -> Result<(), Failure> {
+    match waiting::wait(|| waiting::finished(client, schema, id), timeout)? {
         Some(Finished::Completed { result }) => println!("{result}"),
         Some(Finished::Gone) => {
             eprintln!(
@@ -807,9 +884,9 @@ fn enqueue(args: EnqueueArgs, config: &Config) -> Result<(), Failure> {
             return Err(fail(
                 EXIT_WAIT_TIMEOUT,
                 format!(
-                "job {id} has not ended after {:.1} s; it goes on (wait again with forkq job {id})",
-                timeout.as_secs_f64()
-            ),
+                    "job {id} has not ended after {:.1} s; it goes on (see forkq job {id})",
+                    timeout.as_secs_f64()
+                ),
             ))
         }
     }
@@ -972,6 +1049,85 @@ fn batch_command(command: BatchCommand, config: &Config) -> Result<(), Failure> 
                         b.created_at
                     );
                 }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn schedule_command(command: ScheduleCommand, config: &Config) -> Result<(), Failure> {
+    let schema = config.schema.as_str();
+    let mut client = connect(config)?;
+    migrations::require_current(&mut client, schema)?;
+    match command {
+        ScheduleCommand::List { json } => {
+            let now = jiff::Timestamp::now();
+            let stored = schedules::stored(&mut client, schema, None)?;
+            if !json {
+                println!(
+                    "{:<24} {:<20} {:<16} {:<24} {:<20} {:<20} {:>10}",
+                    "name", "cron", "timezone", "queue/task", "next run", "last run", "last job"
+                );
+            }
+            for s in &stored {
+                let next = s.next_run(now);
+                let text = |v: &str| s.field(v);
+                if json {
+                    let at = |t: Option<jiff::Timestamp>| t.map(|t| t.to_string());
+                    println!(
+                        "{}",
+                        json!({
+                            "name": s.name,
+                            "definition": s.definition,
+                            "revision": s.revision,
+                            "declared_by": s.declared_by,
+                            "declared_at": s.declared_at.to_string(),
+                            "next_run": at(next),
+                            "last_tick": at(s.last_tick_at),
+                            "last_run": at(s.last_run_at),
+                            "last_job_id": s.last_job_id,
+                        })
+                    );
+                } else {
+                    let at = |t: Option<jiff::Timestamp>| {
+                        t.map_or("-".into(), |t| t.strftime("%Y-%m-%d %H:%M:%SZ").to_string())
+                    };
+                    println!(
+                        "{:<24} {:<20} {:<16} {:<24} {:<20} {:<20} {:>10}",
+                        s.name,
+                        text("cron"),
+                        text("timezone"),
+                        format!("{}/{}", text("queue"), text("task")),
+                        at(next),
+                        at(s.last_run_at),
+                        s.last_job_id.map_or("-".into(), |id| id.to_string())
+                    );
+                }
+            }
+        }
+        ScheduleCommand::Run { name, json } => {
+            let Some(id) = schedules::run_now(&mut client, schema, &name)? else {
+                let known: Vec<String> = schedules::stored(&mut client, schema, None)?
+                    .into_iter()
+                    .map(|s| s.name)
+                    .collect();
+                return Err(fail(
+                    1,
+                    format!(
+                        "no schedule {name:?} in the database (it holds: {}); a daemon declares \
+                         the schedules of its FORKQ_SCHEDULES file when it starts",
+                        if known.is_empty() {
+                            "none".into()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                ));
+            };
+            if json {
+                println!("{}", json!({ "id": id }));
+            } else {
+                println!("{id}");
             }
         }
     }

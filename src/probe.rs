@@ -1,6 +1,7 @@
 //! The probe process: the fleet's `/livez`, `/readyz` and `/metrics` over HTTP, the wake-up
-//! listener that rouses one idle child per enqueue notification ([`crate::wakeup`]), and the
-//! presence service that records the daemon in the hosts table ([`crate::presence`]).
+//! listener that rouses one idle child per enqueue notification ([`crate::wakeup`]), the
+//! presence service that records the daemon in the hosts table ([`crate::presence`]) and, when
+//! the daemon has schedules, the ticker that enqueues them ([`crate::ticker`]).
 //!
 //! A forked child of the supervisor answers on the listener the supervisor bound (tiny_http
 //! starts threads, which the supervisor must never have). Liveness is computed from the shared
@@ -18,10 +19,9 @@ use serde_json::{json, Value};
 use tiny_http::{Header, Method, Request, Response, Server};
 
 use crate::config::Config;
-use crate::presence;
 use crate::queue::{self, admin, migrations, queues};
 use crate::slots::{monotonic_ms, SlotState, SlotTable, LATENCY_BUCKETS_MS};
-use crate::wakeup;
+use crate::{presence, ticker, wakeup};
 
 /// Request threads: liveness stays answerable while others wait on the database.
 const THREADS: usize = 4;
@@ -57,6 +57,10 @@ pub fn serve(listener: &TcpListener, table: &'static SlotTable, config: &Config)
     {
         let config = config.clone();
         std::thread::spawn(move || presence::run(&config, table));
+    }
+    if !config.schedules.is_empty() {
+        let config = config.clone();
+        std::thread::spawn(move || ticker::run(&config, table));
     }
     let db = Arc::new(Mutex::new(Database {
         client: None,
@@ -385,7 +389,12 @@ fn queue_metrics(
             return Ok(text.clone());
         }
     }
-    let status = admin::status(client, &config.schema, false).map_err(|e| e.to_string())?;
+    let mut status = admin::status(client, &config.schema, false).map_err(|e| e.to_string())?;
+    // The queues this daemon serves keep their series (at 0) when they hold nothing: a gauge
+    // that vanishes reads as "no data", not as "empty".
+    for queue in &config.queues {
+        status.entry(queue.clone()).or_default();
+    }
     let mut out = String::new();
     let _ = writeln!(
         out,

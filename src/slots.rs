@@ -114,6 +114,17 @@ pub struct Slot {
     /// The last time a child in this slot showed progress. Never reseeded at a fork, so a slot
     /// whose children never get to poll keeps ageing.
     pub heartbeat_ms: AtomicU64,
+    /// While the child is blocked in a database call (or a connection attempt), the time by which
+    /// that call must have returned, 0 otherwise. A single-threaded child cannot beat while a
+    /// synchronous call blocks, but every such call is bounded (see
+    /// [`crate::queue::WorkerTimeouts`]): until this deadline the child is waiting, not stuck.
+    /// Cleared by the supervisor at every fork and death: it speaks for one occupant only.
+    pub waiting_until_ms: AtomicU64,
+    /// The process group of the handler program running this child's job (0 when none). Set by
+    /// the child when it hands the job to an exec or coproc program, cleared when the job is over;
+    /// the supervisor kills this group when it reaps the child, before anything can give the job
+    /// to another worker, so no grandchild of a dead worker runs beside the job's next attempt.
+    pub handler_pgid: AtomicI32,
     /// The job being run (0 when none). Left behind by a child that dies mid-job, so its successor
     /// knows which job was in flight.
     pub job_id: AtomicI64,
@@ -129,7 +140,7 @@ pub struct Slot {
     pub retried: AtomicU64,
     /// Claim round trips sent to the database from this slot (busy or idle polling).
     pub claims: AtomicU64,
-    /// Set while this slot's child waits on a claim round trip (see [`crate::wakeup::claim_gate_enter`]).
+    /// Set while this slot's child waits on a claim round trip (see [`crate::claim_gate::enter`]).
     pub in_claim: AtomicBool,
     /// Deaths in a row that came before the healthy uptime.
     pub fast_crashes: AtomicU32,
@@ -162,25 +173,77 @@ impl Slot {
             .is_ok()
     }
 
+    /// The supervisor's part before it forks a child into this slot. The state is set here, not
+    /// after the fork: the child then owns it, and a fast child's own state (idle, claiming) must
+    /// never be overwritten by the parent. The slot ages from the fork, never from a fresh
+    /// heartbeat (only a slot's first child gets one), and the previous occupant's database wait
+    /// does not carry over.
+    pub fn prepare_fork(&self) {
+        let now = monotonic_ms();
+        self.forked_at_ms.store(now, Ordering::Release);
+        self.waiting_until_ms.store(0, Ordering::Release);
+        if self.generation.load(Ordering::Acquire) == 0 {
+            self.heartbeat_ms.store(now, Ordering::Release);
+        }
+        self.set_state(SlotState::Starting);
+    }
+
+    /// The supervisor's part once the child `pid` of `generation` runs: lifecycle fields only,
+    /// never the state, which is the child's by now.
+    pub fn forked(&self, pid: i32, generation: u64) {
+        if generation > 1 {
+            self.restarts.fetch_add(1, Ordering::Relaxed);
+        }
+        self.generation.store(generation, Ordering::Release);
+        self.pid.store(pid, Ordering::Release);
+    }
+
     /// Records progress now.
     pub fn beat(&self) {
         self.heartbeat_ms.store(monotonic_ms(), Ordering::Release);
     }
 
-    /// Milliseconds since any occupant of this slot last showed progress. A re-fork does not
+    /// Announces a database call that must return within `bound`: until then the child counts
+    /// as alive although it cannot beat.
+    pub fn wait_on_database(&self, bound: std::time::Duration) {
+        let until = monotonic_ms() + bound.as_millis() as u64;
+        self.waiting_until_ms.store(until, Ordering::Release);
+    }
+
+    /// The database call announced by [`Slot::wait_on_database`] returned: that is progress.
+    pub fn database_returned(&self) {
+        self.beat();
+        self.waiting_until_ms.store(0, Ordering::Release);
+    }
+
+    /// The later of the last heartbeat and the deadline of the database call in progress. The
+    /// deadline counts only once the occupant has beaten since its fork: a new child that hangs
+    /// in its very first connection attempt has proved nothing yet, and letting its promise stand
+    /// for a heartbeat would reseed the slot at every re-fork (a slot whose children never get to
+    /// poll must keep ageing).
+    fn alive_until_ms(&self) -> u64 {
+        let beat = self.heartbeat_ms.load(Ordering::Acquire);
+        if beat > self.forked_at_ms.load(Ordering::Acquire) {
+            beat.max(self.waiting_until_ms.load(Ordering::Acquire))
+        } else {
+            beat
+        }
+    }
+
+    /// Milliseconds since any occupant of this slot last showed progress, or since the deadline
+    /// of the database call its child is blocked in (0 before that deadline). A re-fork does not
     /// reset it: a slot whose children keep dying or hanging before their first poll keeps
     /// ageing, and liveness turns red (this is what `/livez` reports).
     pub fn heartbeat_age_ms(&self, now_ms: u64) -> u64 {
-        let last = self.heartbeat_ms.load(Ordering::Acquire);
-        now_ms.saturating_sub(last)
+        now_ms.saturating_sub(self.alive_until_ms())
     }
 
-    /// Milliseconds since the current occupant last showed progress or was forked, whichever is
-    /// later: the window the supervisor grants each new child before it counts as wedged.
+    /// As [`Slot::heartbeat_age_ms`], counted at the earliest from the current occupant's fork:
+    /// the window the supervisor grants each new child before it counts as wedged. The same
+    /// clock as `/livez` otherwise, so the supervisor never kills a child liveness calls alive.
     pub fn life_heartbeat_age_ms(&self, now_ms: u64) -> u64 {
         let last = self
-            .heartbeat_ms
-            .load(Ordering::Acquire)
+            .alive_until_ms()
             .max(self.forked_at_ms.load(Ordering::Acquire));
         now_ms.saturating_sub(last)
     }
@@ -229,17 +292,17 @@ pub struct Header {
     pub maintenance_ms: AtomicU64,
     /// Last time any child of this host polled for jobs, so idle children poll one at a time.
     pub poll_ms: AtomicU64,
-    /// Last time any child of this host made due scheduled jobs claimable (one per interval).
-    pub promote_ms: AtomicU64,
     /// Bumped when a claim round trip ends, to wake children waiting for their turn to claim.
     pub claim_done: AtomicU32,
     /// Pid of the probe process.
     pub probe_pid: AtomicI32,
     /// This boot's id (see [`crate::host`]), set by the supervisor before it forks anything.
     pub boot: AtomicU64,
-    /// When the supervisor started, in milliseconds since the Unix epoch.
+    /// Wall-clock time the supervisor started, in milliseconds since the epoch: the daemon's age
+    /// (`forkq hosts`), and for rules between daemons (the schedules of the daemon started last
+    /// win).
     pub started_unix_ms: AtomicU64,
-    /// The latest cancels of jobs the wake-up listener heard of (see [`Header::push_cancel`]).
+    /// The latest cancels of jobs the wake-up listener heard of (see [`CancelRing::push`]).
     pub cancels: CancelRing,
 }
 
@@ -341,6 +404,52 @@ mod tests {
         let table = SlotTable::create_shared().unwrap();
         assert!(table.slots.iter().all(|s| s.state() == SlotState::Unused));
         assert!(table.active().is_empty());
+    }
+
+    #[test]
+    fn a_database_wait_counts_as_alive_until_its_deadline() {
+        let slot = Slot::default();
+        let now = monotonic_ms();
+        slot.forked_at_ms.store(now - 20_000, Ordering::Release);
+        slot.heartbeat_ms.store(now - 10_000, Ordering::Release);
+        assert!(slot.heartbeat_age_ms(now) >= 10_000);
+        slot.wait_on_database(std::time::Duration::from_secs(4));
+        assert_eq!(slot.heartbeat_age_ms(now), 0);
+        assert_eq!(slot.life_heartbeat_age_ms(now), 0);
+        // Past the deadline the slot ages from the deadline, not from the old heartbeat.
+        let later = monotonic_ms() + 6_000;
+        assert!((1_900..=2_100).contains(&slot.heartbeat_age_ms(later)));
+        slot.database_returned();
+        assert_eq!(slot.waiting_until_ms.load(Ordering::Acquire), 0);
+        assert!(slot.heartbeat_age_ms(monotonic_ms()) < 1_000);
+    }
+
+    #[test]
+    fn a_new_child_stuck_in_its_first_database_call_keeps_ageing() {
+        let slot = Slot::default();
+        let now = monotonic_ms();
+        slot.heartbeat_ms.store(now - 10_000, Ordering::Release);
+        // Re-forked after that last beat, and waiting on the database ever since.
+        slot.forked_at_ms.store(now - 5_000, Ordering::Release);
+        slot.wait_on_database(std::time::Duration::from_secs(60));
+        assert!(slot.heartbeat_age_ms(now) >= 10_000);
+        assert!((5_000..6_000).contains(&slot.life_heartbeat_age_ms(now)));
+    }
+
+    #[test]
+    fn the_supervisor_never_overwrites_the_state_of_a_child_it_forked() {
+        let slot = Slot::default();
+        slot.prepare_fork();
+        assert_eq!(slot.state(), SlotState::Starting);
+        // The child runs first and is already waiting for work when the parent records the fork.
+        slot.set_state(SlotState::Idle);
+        slot.forked(4242, 1);
+        assert_eq!(slot.state(), SlotState::Idle);
+        assert_eq!(slot.pid.load(Ordering::Acquire), 4242);
+        assert_eq!(slot.restarts.load(Ordering::Relaxed), 0);
+        slot.prepare_fork();
+        slot.forked(4343, 2);
+        assert_eq!(slot.restarts.load(Ordering::Relaxed), 1);
     }
 
     #[test]

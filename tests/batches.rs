@@ -510,9 +510,15 @@ fn repair_fixes_a_parent_whose_counters_were_corrupted_by_hand() {
             .unwrap();
     };
     let pass = || {
-        maintenance::run_pass(&mut connect(), &schema.name, retention)
-            .unwrap()
-            .expect("maintenance lock free")
+        maintenance::run_pass(
+            &mut connect(),
+            &schema.name,
+            retention,
+            Duration::ZERO,
+            &mut || {},
+        )
+        .unwrap()
+        .expect("maintenance lock free")
     };
 
     // An open batch with 7 of 10 children done, whose counters were overwritten.

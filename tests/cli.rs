@@ -963,3 +963,34 @@ fn daemon_retries_then_dead_letters_with_the_error() {
     assert_eq!(job["last_error"], "disk on fire");
     assert_eq!(schema.job(ok).unwrap()["state"], "completed");
 }
+
+/// The NOTIFY channel `forkq_<schema>` is an identifier too, so a schema name may have 57 bytes
+/// (63 - 6): at that length `migrate`, `enqueue` and the daemon all work; one byte more and every
+/// command refuses it with exit 78 naming `FORKQ_SCHEMA`, `migrate` first.
+#[test]
+fn a_schema_name_is_accepted_by_every_command_or_by_none() {
+    let base = format!("t_long_{}_", std::process::id());
+    let longest = TestSchema {
+        name: format!("{base}{}", "x".repeat(57 - base.len())),
+    };
+    let env = longest.env();
+    run_with(&env, &["migrate"], None).ok();
+    let id = id_of(&run_with(&env, &["enqueue", "--task", "noop"], None));
+    let _daemon = Daemon::start(&longest, &[]);
+    assert!(
+        wait_until(Duration::from_secs(20), || longest.archived("completed")
+            == 1),
+        "job {id} not done"
+    );
+
+    let too_long = FreshSchema(format!("{base}{}", "x".repeat(58 - base.len())));
+    for args in [&["migrate"][..], &["enqueue", "--task", "noop"], &["run"]] {
+        let run = run_with(&env_of(&too_long.0), args, None);
+        assert_eq!(run.code, 78, "forkq {args:?}: {}", run.stderr);
+        assert!(
+            run.stderr.contains("FORKQ_SCHEMA") && run.stderr.contains("57 bytes"),
+            "forkq {args:?}: {}",
+            run.stderr
+        );
+    }
+}

@@ -275,10 +275,27 @@ fn every_page_shows_what_a_person_needs() {
         2,
         "two slots: {hosts}"
     );
+    // The example schedules, as a daemon carrying examples/schedules.toml declares them.
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/schedules.toml");
+    let declared = forkq::schedule::load(std::path::Path::new(file), 25).unwrap();
+    forkq::queue::schedules::declare(
+        &mut common::connect(),
+        &schema.name,
+        &declared,
+        jiff::Timestamp::now(),
+        "test",
+    )
+    .unwrap();
     browser.goto(&dashboard.url("/schedules"));
-    assert!(browser
-        .text("#unavailable")
-        .contains("not available in this version"));
+    let schedules = browser.text("#schedules");
+    assert!(
+        schedules.contains("every-second") && schedules.contains("ticks / noop"),
+        "{schedules}"
+    );
+    assert!(
+        schedules.contains("nightly-report") && schedules.contains("Europe/Berlin"),
+        "{schedules}"
+    );
 
     browser.goto(&dashboard.url("/jobs/987654321"));
     assert_eq!(browser.title(), "Not found · forkq");

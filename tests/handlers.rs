@@ -634,7 +634,7 @@ for line in sys.stdin:
         &schema,
         &[
             ("FORKQ_HANDLER", &handler),
-            ("FORKQ_LEASE_SECONDS", "3"),
+            ("FORKQ_LEASE_SECONDS", "4"),
             ("FORKQ_CONCURRENCY", "3"),
         ],
     );
@@ -826,4 +826,46 @@ fn library_example_hashes_files() {
         ("failed", 1),
         "a bad payload is not retried: {done:?}"
     );
+}
+
+/// The builtin demo tasks that can harm a worker are off unless `FORKQ_DEMO_TASKS=1`: `crash`,
+/// `spin` and `getenv` each fail at once with an error naming the setting, no child dies or
+/// hangs, and nothing of the environment (the database URL) is stored; `noop`, `sleep` and `fail`
+/// still answer.
+#[test]
+fn demo_tasks_are_off_unless_asked_for() {
+    let schema = TestSchema::new("hdl_demo");
+    let daemon = Daemon::start(&schema, &[("FORKQ_HEALTH_STALE_SECONDS", "3")]);
+    let pids = daemon.child_pids();
+    let demo = [
+        enqueue_with(&schema, "crash", json!({}), 3),
+        enqueue_with(&schema, "spin", json!({}), 3),
+        enqueue_with(&schema, "getenv", json!({"name": "DATABASE_URL"}), 3),
+    ];
+    for id in demo {
+        let done = wait_done(&schema, id, Duration::from_secs(30));
+        println!("{done:?}");
+        assert_eq!(
+            (done.state.as_str(), done.attempt),
+            ("failed", 1),
+            "{done:?}"
+        );
+        assert!(
+            done.error
+                .as_deref()
+                .is_some_and(|e| e.contains("FORKQ_DEMO_TASKS=1")),
+            "{done:?}"
+        );
+        assert_eq!(done.result, None, "{done:?}");
+    }
+    for (task, payload, state) in [
+        ("noop", json!({}), "completed"),
+        ("sleep", json!({"ms": 10}), "completed"),
+        ("fail", json!({}), "failed"),
+    ] {
+        let id = enqueue_with(&schema, task, payload, 1);
+        assert_eq!(wait_done(&schema, id, Duration::from_secs(30)).state, state);
+    }
+    assert_eq!(daemon.child_pids(), pids, "a demo task reached a worker");
+    assert_eq!(daemon.livez().map(|(c, _)| c), Some(200));
 }

@@ -37,8 +37,9 @@ const UNPREFIXED_SETTINGS: &[&str] = &["DATABASE_URL"];
 
 /// The stop timeout of every service manager must exceed the daemon's shutdown deadline by at
 /// least this much: after the deadline the supervisor SIGKILLs what is left and waits up to 2 s to
-/// reap it, then stops the probe and exits (docs/deploying.md, "The numbers that must agree").
-const STOP_MARGIN: Duration = Duration::from_secs(5);
+/// reap it, gives their jobs back through a releaser allowed 5 s, then stops the probe and exits
+/// (docs/deploying.md, "The numbers that must agree").
+const STOP_MARGIN: Duration = forkq::supervisor::STOP_OVERHEAD;
 
 /// The health port the images and manifests use: the default of `FORKQ_HEALTH_ADDR`.
 const HEALTH_PORT: u16 = 9280;
@@ -709,6 +710,64 @@ fn daemon_stops_within_its_grace_plus_the_stop_margin() {
     let took = started.elapsed();
     println!("stop with 2 running jobs, grace {grace:?}: exited {code:?} after {took:.2?}");
     assert_eq!(code, Some(0));
+    assert!(
+        took <= grace + STOP_MARGIN,
+        "took {took:?}, more than grace {grace:?} + margin {STOP_MARGIN:?}"
+    );
+}
+
+/// The slowest stop: a child that cannot stop (frozen) is killed at the deadline, and the
+/// releaser that gives its job back waits on a row lock until it is killed at its own limit. The
+/// daemon is still gone within FORKQ_SHUTDOWN_GRACE_SECONDS + STOP_MARGIN, the margin every
+/// shipped stop timeout is checked against.
+#[test]
+fn the_slowest_stop_fits_the_stop_margin() {
+    let schema = common::TestSchema::new("ops_slowstop");
+    let id = schema.enqueue("default", "sleep", serde_json::json!({"ms": 120_000}));
+    let grace = Duration::from_secs(2);
+    let mut daemon = common::Daemon::start(
+        &schema,
+        &[
+            ("FORKQ_SHUTDOWN_GRACE_SECONDS", "2"),
+            // A statement timeout (a third of the stale window) longer than the releaser's limit.
+            ("FORKQ_HEALTH_STALE_SECONDS", "30"),
+            ("FORKQ_LEASE_SECONDS", "60"),
+        ],
+    );
+    let mut holder = 0;
+    let running = common::wait_until(Duration::from_secs(20), || {
+        daemon.livez().is_some_and(|(_, body)| {
+            body["slots"].as_array().unwrap().iter().any(|s| {
+                holder = s["pid"].as_i64().unwrap_or(0) as i32;
+                s["job_id"].as_i64() == Some(id)
+            })
+        })
+    });
+    assert!(running, "the job did not start");
+    let stop = nix::sys::signal::Signal::SIGSTOP;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(holder), stop).unwrap();
+    let mut client = schema.client();
+    let mut lock = client.transaction().unwrap();
+    lock.execute(
+        &format!(
+            "SELECT 1 FROM \"{}\".jobs WHERE id = $1 FOR UPDATE",
+            schema.name
+        ),
+        &[&id],
+    )
+    .unwrap();
+    let started = Instant::now();
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    let code = daemon.wait_exit(grace + STOP_MARGIN + Duration::from_secs(10));
+    let took = started.elapsed();
+    lock.rollback().unwrap();
+    println!("slowest stop, grace {grace:?}: exited {code:?} after {took:.2?}");
+    assert_eq!(code, Some(0));
+    assert!(
+        daemon.log_text().contains("did not finish within"),
+        "the releaser was not the slow part; log:\n{}",
+        daemon.log_text()
+    );
     assert!(
         took <= grace + STOP_MARGIN,
         "took {took:?}, more than grace {grace:?} + margin {STOP_MARGIN:?}"

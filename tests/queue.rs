@@ -29,11 +29,14 @@ fn enqueue(schema: &TestSchema, job: NewJob) -> i64 {
     producer::enqueue(&mut connect(), &schema.name, &limits(), &job).expect("enqueue")
 }
 
-/// Claims as a child does: due scheduled jobs are promoted first (a child does that once per
-/// poll interval).
+/// Claims as a child does: a round that made due scheduled jobs claimable (and claimed nothing)
+/// is followed by another.
 fn claim(c: &mut Consumer, limit: usize) -> Vec<Claimed> {
-    c.promote_due(10_000).expect("promote");
-    c.settle_and_claim(&[], limit).expect("claim").claimed
+    let round = c.settle_and_claim(&[], limit).expect("claim");
+    if round.claimed.is_empty() && round.promoted > 0 {
+        return c.settle_and_claim(&[], limit).expect("claim").claimed;
+    }
+    round.claimed
 }
 
 fn settle(c: &mut Consumer, id: i64, token: i64, settlement: Settlement) -> Round {
@@ -1045,9 +1048,15 @@ fn maintenance_purges_archived_jobs_after_retention() {
             ids[0], ids[2], ids[3]
         ),
     );
-    let report = maintenance::run_pass(&mut connect(), s, Duration::from_secs(86_400))
-        .unwrap()
-        .expect("the maintenance lock was free");
+    let report = maintenance::run_pass(
+        &mut connect(),
+        s,
+        Duration::from_secs(86_400),
+        Duration::ZERO,
+        &mut || {},
+    )
+    .unwrap()
+    .expect("the maintenance lock was free");
     assert_eq!(report.purged, 2);
     assert!(schema.job(ids[0]).is_none() && schema.job(ids[3]).is_none());
     assert_eq!(schema.job(ids[1]).unwrap()["state"], "completed");
@@ -1057,23 +1066,26 @@ fn maintenance_purges_archived_jobs_after_retention() {
         "the dead letter is kept"
     );
 
-    // Only one holder at a time.
-    let mut holder = connect();
-    let mut tx = holder.transaction().unwrap();
-    let locked: bool = tx
-        .query_one(
-            sql::TRY_MAINTENANCE_LOCK,
-            &[&sql::advisory_key("maintenance", s)],
+    // One pass per gap across the fleet: a pass that just ran leaves the next caller out...
+    let pass = |gap: u64| {
+        maintenance::run_pass(
+            &mut connect(),
+            s,
+            Duration::from_secs(1),
+            Duration::from_secs(gap),
+            &mut || {},
         )
         .unwrap()
-        .get(0);
-    assert!(locked);
-    assert!(
-        maintenance::run_pass(&mut connect(), s, Duration::from_secs(1))
-            .unwrap()
-            .is_none()
-    );
+    };
+    assert!(pass(60).is_none(), "the pass above took the turn");
+    // ... and so does one taking its turn right now (holding the row).
+    let mut holder = connect();
+    let mut tx = holder.transaction().unwrap();
+    tx.batch_execute(&render("SELECT * FROM {s}.maintenance_turn FOR UPDATE", s))
+        .unwrap();
+    assert!(pass(0).is_none());
     tx.rollback().unwrap();
+    assert!(pass(0).is_some());
 }
 
 #[test]
@@ -1084,18 +1096,24 @@ fn due_jobs_are_promoted_into_the_claim() {
         NewJob::new("default", "noop", json!({})).with_delay(600.0),
     );
     let mut c = consumer(&schema, "w", &[]);
-    assert!(claim(&mut c, 10).is_empty(), "not due yet");
+    let round = c.settle_and_claim(&[], 10).unwrap();
+    assert!(
+        round.claimed.is_empty() && round.promoted == 0,
+        "not due yet"
+    );
     exec(
         &schema,
         "UPDATE {s}.jobs SET run_at = now() - interval '1 second'",
     );
+    // The round that finds it due makes it claimable; the next one claims it.
+    let round = c.settle_and_claim(&[], 10).unwrap();
     assert!(
-        c.settle_and_claim(&[], 10).unwrap().claimed.is_empty(),
-        "due, but not promoted yet"
+        round.claimed.is_empty(),
+        "promoted, not claimed in the same round"
     );
-    assert_eq!(c.promote_due(100).unwrap(), 1);
+    assert_eq!(round.promoted, 1);
     assert_eq!(schema.job(id).unwrap()["state"], "available");
-    assert_eq!(claim(&mut c, 10)[0].job.id, id);
+    assert_eq!(c.settle_and_claim(&[], 10).unwrap().claimed[0].job.id, id);
 }
 
 #[test]
@@ -1347,4 +1365,69 @@ fn client_api_enqueues_through_its_pool() {
         .enqueue(&NewJob::new("default", "noop", json!("x".repeat(2 << 20))))
         .unwrap_err();
     assert!(err.to_string().contains("FORKQ_MAX_PAYLOAD_BYTES"), "{err}");
+}
+
+#[test]
+fn a_cancel_reaches_jobs_claimed_ahead_at_the_next_round() {
+    let schema = TestSchema::new("changes");
+    let ids: Vec<i64> = (0..3)
+        .map(|_| enqueue(&schema, NewJob::new("default", "noop", json!({}))))
+        .collect();
+    let mut c = consumer(&schema, "w", &[]);
+    let first = c.settle_and_claim(&[], 3).unwrap();
+    assert_eq!(first.claimed.len(), 3);
+    // Nothing changed: the next round reports the same count.
+    assert_eq!(c.settle_and_claim(&[], 0).unwrap().changes, first.changes);
+    assert_eq!(
+        admin::cancel(&mut connect(), &schema.name, ids[1], true).unwrap(),
+        Some("cancelling".to_string())
+    );
+    let next = c.settle_and_claim(&[], 0).unwrap();
+    assert_eq!(next.changes, first.changes + 1, "the cancel is a change");
+    let held: Vec<&Claimed> = first.claimed.iter().collect();
+    assert_eq!(c.drop_cancelled(&held).unwrap(), vec![ids[1]]);
+    let job = schema.job(ids[1]).unwrap();
+    assert_eq!(
+        (job["state"].as_str(), job["attempt"].as_i64()),
+        (Some("cancelled"), Some(0)),
+        "cancelled before it started, uncharged: {job}"
+    );
+    // Folding the changes keeps the count.
+    maintenance::run_pass(
+        &mut connect(),
+        &schema.name,
+        Duration::from_secs(60),
+        Duration::ZERO,
+        &mut || {},
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(schema.count("SELECT count(*) FROM {s}.changes"), 1);
+    assert_eq!(c.settle_and_claim(&[], 0).unwrap().changes, next.changes);
+}
+
+#[test]
+fn renewal_keeps_what_is_held_and_gives_back_the_rest() {
+    let schema = TestSchema::new("strays");
+    for _ in 0..3 {
+        enqueue(&schema, NewJob::new("default", "noop", json!({})));
+    }
+    let mut c = consumer(&schema, "w/", &[]);
+    let claimed = claim(&mut c, 3);
+    // The worker lost track of the last two (an ack lost in a crash, a claim reply lost with the
+    // connection): the renewal keeps the first and gives the others back, uncharged.
+    let held = [(claimed[0].job.id, claimed[0].lease_token)];
+    assert_eq!(
+        c.renew(&held, Some(claimed[0].job.id)).unwrap(),
+        vec![(claimed[0].job.id, false)]
+    );
+    assert_eq!(schema.live("running"), 1);
+    assert_eq!(
+        schema.count("SELECT count(*) FROM {s}.jobs WHERE state = 'available' AND attempt = 0"),
+        2
+    );
+    assert_eq!(
+        schema.count("SELECT count(*) FROM {s}.jobs WHERE started"),
+        1
+    );
 }

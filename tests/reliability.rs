@@ -136,7 +136,7 @@ fn supervisor_killed_mid_drain_recovers_within_one_lease() {
     schema.enqueue_n("default", "sleep", json!({"ms": 20}), 400);
     let env = [
         ("FORKQ_CONCURRENCY", "4"),
-        ("FORKQ_LEASE_SECONDS", "3"),
+        ("FORKQ_LEASE_SECONDS", "4"),
         ("FORKQ_PREFETCH", "5"),
     ];
     let mut first = Daemon::start(&schema, &env);
@@ -162,7 +162,7 @@ fn supervisor_killed_mid_drain_recovers_within_one_lease() {
         "drain did not finish after restart"
     );
     let recovered_after = restarted.elapsed();
-    println!("new daemon finished the drain {recovered_after:.1?} after start (lease 3 s)");
+    println!("new daemon finished the drain {recovered_after:.1?} after start (lease 4 s)");
     assert_eq!(schema.archived("failed"), 0);
 }
 
@@ -422,7 +422,7 @@ fn long_job_outlives_its_lease_and_runs_once() {
     let id = schema.enqueue("default", "sleep", json!({"ms": 7000}));
     let _daemon = Daemon::start(
         &schema,
-        &[("FORKQ_LEASE_SECONDS", "3"), ("FORKQ_CONCURRENCY", "2")],
+        &[("FORKQ_LEASE_SECONDS", "4"), ("FORKQ_CONCURRENCY", "2")],
     );
     assert!(wait_until(Duration::from_secs(30), || schema
         .archived("completed")
@@ -432,19 +432,16 @@ fn long_job_outlives_its_lease_and_runs_once() {
 }
 
 /// A child frozen past its lease: the job is rescued and completed by another child, and the
-/// frozen child's late acknowledgement is refused when it wakes up.
+/// frozen child's late acknowledgement is refused when it wakes up. The stale window is below
+/// two thirds of the lease, so the supervisor would kill a child frozen that long; a lease lapses
+/// under a live child only when its whole host pauses (a suspended VM), supervisor included. The
+/// test pauses the child and lapses the lease in the database, which is what the rest of the
+/// fleet then sees.
 #[test]
 fn frozen_child_late_ack_is_refused() {
     let schema = TestSchema::new("frozen");
-    let daemon = Daemon::start(
-        &schema,
-        &[
-            ("FORKQ_LEASE_SECONDS", "3"),
-            ("FORKQ_CONCURRENCY", "2"),
-            ("FORKQ_HEALTH_STALE_SECONDS", "300"),
-        ],
-    );
-    let id = schema.enqueue("default", "sleep", json!({"ms": 2500}));
+    let daemon = Daemon::start(&schema, &[("FORKQ_CONCURRENCY", "2")]);
+    let id = schema.enqueue("default", "sleep", json!({"ms": 1500}));
     let mut holder = 0;
     assert!(wait_until(Duration::from_secs(10), || {
         daemon.livez().is_some_and(|(_, body)| {
@@ -458,12 +455,12 @@ fn frozen_child_late_ack_is_refused() {
             })
         })
     }));
-    // Freeze it once a lease renewal has recorded the run as started, so the expiry charges it.
-    assert!(wait_until(Duration::from_secs(10), || {
-        schema.count("SELECT count(*) FROM {s}.jobs WHERE started") == 1
-    }));
     kill(Pid::from_raw(holder), Signal::SIGSTOP).unwrap();
-    // Rescued after the lease (3 s) by the maintenance pass, run by the other child.
+    schema.count(&format!(
+        "WITH lapsed AS (UPDATE {{s}}.jobs SET lease_expires_at = now() - interval '1 second' \
+         WHERE id = {id} RETURNING 1) SELECT count(*) FROM lapsed"
+    ));
+    // Rescued by the next maintenance pass, run by the other child.
     let rescued = wait_until(Duration::from_secs(20), || {
         schema.archived("completed") == 1
     });
@@ -474,7 +471,9 @@ fn frozen_child_late_ack_is_refused() {
         daemon.log_text()
     );
     let job = schema.job(id).unwrap();
-    assert_eq!(job["attempt"], 2, "{job}");
+    // Its run was never reported started (no renewal came due in 1.5 s), so the expiry did not
+    // charge it: the run that completed is attempt 1 again.
+    assert_eq!(job["attempt"], 1, "{job}");
     assert!(
         wait_until(Duration::from_secs(10), || daemon
             .log_text()
@@ -543,6 +542,8 @@ fn invalid_settings_exit_78_naming_the_variable() {
         ("FORKQ_JOB_TIMEOUT_SECONDS", "1e3"),
         ("FORKQ_HEALTH_ADDR", "localhost"),
         ("FORKQ_HEALTH_STALE_SECONDS", "0"),
+        // Not below two thirds of the default lease (30 s).
+        ("FORKQ_HEALTH_STALE_SECONDS", "20"),
         ("FORKQ_CRASH_LOOP_THRESHOLD", "0"),
         ("FORKQ_HEALTHY_UPTIME_SECONDS", "0"),
         ("FORKQ_CRASH_LOOP_EXIT", "yes please"),
@@ -732,6 +733,7 @@ fn wedged_handler_is_detected_killed_and_nothing_else_stalls() {
     let daemon = Daemon::start(
         &schema,
         &[
+            ("FORKQ_DEMO_TASKS", "1"),
             ("FORKQ_HEALTH_STALE_SECONDS", "3"),
             ("FORKQ_CONCURRENCY", "2"),
             ("FORKQ_PREFETCH", "1"),
@@ -1002,7 +1004,7 @@ fn host_death_charges_only_jobs_that_started() {
     let env = [
         ("FORKQ_HANDLER", handler.as_str()),
         ("FORKQ_CONCURRENCY", "4"),
-        ("FORKQ_LEASE_SECONDS", "3"),
+        ("FORKQ_LEASE_SECONDS", "4"),
     ];
     let first = Daemon::start(&schema, &env);
     assert!(wait_until(Duration::from_secs(60), || schema
@@ -1077,7 +1079,7 @@ fn a_job_that_kills_its_host_reaches_the_dead_letter() {
     let env = [
         ("FORKQ_HANDLER", handler.as_str()),
         ("FORKQ_CONCURRENCY", "1"),
-        ("FORKQ_LEASE_SECONDS", "3"),
+        ("FORKQ_LEASE_SECONDS", "4"),
     ];
     let mut deaths = 0;
     while schema.archived("failed") == 0 && deaths < 6 {
@@ -1224,4 +1226,327 @@ fn fast_jobs_do_not_wait_behind_a_slow_one() {
         "{late} fast job(s) finished over 2 s after the slow one started (last: {worst:.2} s)"
     );
     assert_eq!(late, 0, "fast jobs waited behind the slow one");
+}
+
+/// Slot restart counts from /livez, by slot.
+fn restarts(addr: std::net::SocketAddr) -> Vec<u64> {
+    common::http_get(addr, "/livez")
+        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+        .map(|body| {
+            body["slots"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["restarts"].as_u64().unwrap_or(0))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A database outage longer than the stale window, with the fleet busy: 8 children on this
+/// 2-CPU machine (so half of them wait at the claim gate), stale window 5 s, PostgreSQL stopped
+/// for 12 s (long: 20 s). Waiting on the database is being alive: no child is killed, `/livez`
+/// stays 200 throughout, and the drain finishes once the database is back, nothing lost.
+#[test]
+fn a_database_outage_kills_no_healthy_child() {
+    let outage = Duration::from_secs(if long_run() { 20 } else { 12 });
+    let cluster = PrivateCluster::start("outage");
+    let url = cluster.url();
+    let db = ClusterSchema::migrate(&url);
+    // Tiny jobs: the children spend their time in claim round trips, so when the database goes
+    // away most of them are at the claim gate or in a claim.
+    let jobs = 50_000;
+    let lines: String = (0..jobs).map(|_| "{\"task\":\"noop\"}\n").collect();
+    let file = cluster.dir.join("jobs.jsonl");
+    std::fs::write(&file, lines).unwrap();
+    forkq_on(&url, &["enqueue", "--jsonl", file.to_str().unwrap()]);
+    let (child, addr, log) = spawn_on(
+        &url,
+        &[
+            ("FORKQ_CONCURRENCY", "8"),
+            ("FORKQ_HEALTH_STALE_SECONDS", "5"),
+        ],
+    );
+    let _guard = Killed(child);
+    assert!(wait_until(Duration::from_secs(30), || db
+        .count("SELECT count(*) FROM forkq.jobs_archive")
+        .unwrap_or(0)
+        >= 2_000));
+    let before = restarts(addr);
+    assert_eq!(before.len(), 8);
+
+    let stopped = Instant::now();
+    cluster.pg_ctl(&["stop", "-m", "fast", "-w"]);
+    let (live, _) = sample_probes(addr, || stopped.elapsed() < outage);
+    cluster.pg_ctl(&["start", "-w"]);
+    let after = restarts(addr);
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let red = live.iter().filter(|&&c| c != 200).count();
+    let killed = log_text().matches("is wedged").count();
+    println!(
+        "database down {outage:?}, 8 children, stale 5 s: /livez not 200 in {red} of {} samples, \
+         {killed} child(ren) killed as wedged, restarts {before:?} -> {after:?}",
+        live.len()
+    );
+    assert_eq!(
+        killed,
+        0,
+        "healthy children were killed; log:\n{}",
+        log_text()
+    );
+    assert_eq!(red, 0, "liveness failed during the outage: {live:?}");
+    assert_eq!(before, after, "children died during the outage");
+
+    let done = wait_until(Duration::from_secs(90), || {
+        db.count("SELECT count(*) FROM forkq.jobs_archive WHERE state = 'completed'") == Some(jobs)
+    });
+    assert!(done, "drain did not finish; log:\n{}", log_text());
+    assert_eq!(
+        db.count("SELECT count(*) FROM forkq.jobs_archive WHERE state = 'failed'"),
+        Some(0)
+    );
+}
+
+/// A maintenance statement that keeps timing out (the summary of the archive's BRIN index waits
+/// on a lock another session holds, as a manual VACUUM or an index build would): the pass is
+/// given up until the next interval, never retried on the spot, so the child that runs it is not
+/// kept from its jobs (one child: it is the whole fleet) and is not killed.
+#[test]
+fn a_maintenance_pass_that_times_out_keeps_no_child_from_its_jobs() {
+    let schema = TestSchema::new("mainttimeout");
+    schema.enqueue_n("default", "noop", json!({}), 20);
+    let daemon = Daemon::start(
+        &schema,
+        &[
+            ("FORKQ_CONCURRENCY", "1"),
+            ("FORKQ_RETENTION_SECONDS", "1"),
+            ("FORKQ_HEALTH_STALE_SECONDS", "2"),
+        ],
+    );
+    assert!(wait_until(Duration::from_secs(20), || schema
+        .archived("completed")
+        == 20));
+    // Hold the lock a vacuum holds (inserts into the archive go on): the summary of its BRIN
+    // index waits on it until its statement timeout (2 s here) cancels it, at every pass.
+    let mut holder = schema.client();
+    let mut tx = holder.transaction().unwrap();
+    tx.batch_execute(&format!(
+        "LOCK TABLE \"{}\".jobs_archive IN SHARE UPDATE EXCLUSIVE MODE",
+        schema.name
+    ))
+    .unwrap();
+    // Long enough for the child to have hit the purge once or more.
+    std::thread::sleep(Duration::from_secs(5));
+    let started = Instant::now();
+    schema.enqueue_n("default", "noop", json!({}), 200);
+    let drained = wait_until(Duration::from_secs(20), || {
+        schema.count("SELECT count(*) FROM {s}.jobs") == 0
+    });
+    let took = started.elapsed();
+    let failures = daemon.log_text().matches("maintenance pass failed").count();
+    tx.rollback().unwrap();
+    println!(
+        "maintenance blocked by a table lock: 200 jobs drained in {took:.1?}; {failures} \
+         maintenance pass(es) given up"
+    );
+    assert!(
+        drained,
+        "the children were kept from their jobs; log:\n{}",
+        daemon.log_text()
+    );
+    assert!(
+        failures >= 1,
+        "the purge never timed out; log:\n{}",
+        daemon.log_text()
+    );
+    assert!(
+        !daemon.log_text().contains("is wedged"),
+        "a child was killed; log:\n{}",
+        daemon.log_text()
+    );
+}
+
+/// An exec program that leaves a grandchild doing the job's work: it records "start <attempt>
+/// <ns>" and its grandchild "tick <attempt> <ns>" every 100 ms for 3 s, into `record`.
+fn program_with_a_grandchild(dir: &Path, record: &Path) -> String {
+    let script = dir.join("grandchild.sh");
+    std::fs::write(
+        &script,
+        format!(
+            r#"#!/bin/sh
+echo "start $FORKQ_JOB_ID $FORKQ_ATTEMPT $(date +%s%N)" >> {record}
+sh -c 'i=0; while [ $i -lt 30 ]; do
+    echo "tick $FORKQ_JOB_ID $FORKQ_ATTEMPT $(date +%s%N)" >> {record}; sleep 0.1; i=$((i+1))
+done' &
+wait
+"#,
+            record = record.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    format!("exec:{}", script.display())
+}
+
+/// Nanosecond timestamps by attempt.
+type ByAttempt = std::collections::BTreeMap<i64, u128>;
+
+/// (first start, last tick) of each attempt of `job` in the record.
+fn executions(record: &Path, job: i64) -> (ByAttempt, ByAttempt) {
+    let text = std::fs::read_to_string(record).unwrap_or_default();
+    let mut starts = ByAttempt::new();
+    let mut ticks = ByAttempt::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() != 4 || f[1].parse::<i64>().ok() != Some(job) {
+            continue;
+        }
+        let (attempt, at) = (f[2].parse::<i64>().unwrap(), f[3].parse::<u128>().unwrap());
+        match f[0] {
+            "start" => {
+                starts.entry(attempt).or_insert(at);
+            }
+            _ => {
+                let last = ticks.entry(attempt).or_insert(at);
+                *last = (*last).max(at);
+            }
+        }
+    }
+    (starts, ticks)
+}
+
+/// Whatever kills a worker, its handler program's whole process group dies before the job runs
+/// again: `kill -9` of the worker, and a worker frozen until it is killed as stale. The program
+/// leaves a grandchild doing the work (PDEATHSIG reaches only the program itself); no tick of an
+/// attempt may come after the start of the next one.
+#[test]
+fn a_killed_workers_program_never_runs_beside_the_jobs_next_attempt() {
+    let schema = TestSchema::new("pgroup");
+    let dir = temp_dir("pgroup");
+    let record = dir.join("executions");
+    let handler = program_with_a_grandchild(&dir, &record);
+    let daemon = Daemon::start(
+        &schema,
+        &[
+            ("FORKQ_HANDLER", &handler),
+            ("FORKQ_HEALTH_STALE_SECONDS", "3"),
+            ("FORKQ_PREFETCH", "1"),
+        ],
+    );
+    for (how, signal) in [
+        ("kill -9", Signal::SIGKILL),
+        ("frozen, then stale", Signal::SIGSTOP),
+    ] {
+        let id = schema.enqueue("default", "work", json!({}));
+        let mut holder = 0;
+        assert!(wait_until(Duration::from_secs(20), || {
+            let ticking = !executions(&record, id).1.is_empty();
+            ticking
+                && daemon.livez().is_some_and(|(_, body)| {
+                    body["slots"].as_array().unwrap().iter().any(|s| {
+                        holder = s["pid"].as_i64().unwrap_or(0) as i32;
+                        s["job_id"].as_i64() == Some(id)
+                    })
+                })
+        }));
+        kill(Pid::from_raw(holder), signal).unwrap();
+        let done = wait_until(Duration::from_secs(30), || {
+            schema.job(id).is_some_and(|j| j["state"] == "completed")
+        });
+        assert!(
+            done,
+            "{how}: job {id} not completed; log:\n{}",
+            daemon.log_text()
+        );
+        // Anything of attempt 1 still alive would tick on for up to 3 s.
+        std::thread::sleep(Duration::from_secs(1));
+        let (starts, ticks) = executions(&record, id);
+        let second = *starts.get(&2).expect("attempt 2 started");
+        let last_first = ticks[&1];
+        let overlap_ms = last_first as i128 / 1_000_000 - second as i128 / 1_000_000;
+        println!(
+            "{how}: attempt 1's last tick came {overlap_ms} ms after attempt 2 started \
+             (negative: no overlap)"
+        );
+        assert!(
+            last_first < second,
+            "{how}: attempt 1 ran {overlap_ms} ms beside attempt 2; log:\n{}",
+            daemon.log_text()
+        );
+    }
+}
+
+/// More children than the server has connections for (a private cluster with max_connections =
+/// 20, 30 children): start-up stops with exit 78 saying how many connections are free, before any
+/// child takes one; a fleet that fits (10 children) starts.
+#[test]
+fn a_fleet_the_server_has_no_connections_for_does_not_start() {
+    let cluster = PrivateCluster::start("maxconn");
+    let url = cluster.url();
+    postgres::Client::connect(&url, postgres::NoTls)
+        .unwrap()
+        .batch_execute("ALTER SYSTEM SET max_connections = 20")
+        .unwrap();
+    cluster.pg_ctl(&["restart", "-w"]);
+    ClusterSchema::migrate(&url);
+    let (child, _, log) = spawn_on(&url, &[("FORKQ_CONCURRENCY", "30")]);
+    let mut child = Killed(child);
+    let pid = child.0.id() as i32;
+    let exited = wait_until(Duration::from_secs(20), || !common::process_alive(pid));
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        exited,
+        "30 children started on a server of 20 connections; log:\n{text}"
+    );
+    assert_eq!(child.0.wait().unwrap().code(), Some(78), "{text}");
+    let said = text
+        .lines()
+        .find(|l| l.contains("FORKQ_CONCURRENCY=30 needs 33 connections"))
+        .unwrap_or_else(|| panic!("no message naming the need; log:\n{text}"));
+    println!("30 children, max_connections 20: exit 78: {said}");
+    assert!(said.contains("only 20 are free"), "{said}");
+
+    let (child, addr, _) = spawn_on(&url, &[("FORKQ_CONCURRENCY", "10")]);
+    let _guard = Killed(child);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            common::http_get(addr, "/livez")
+                .is_some_and(|(code, body)| code == 200 && body.contains("\"alive_children\":10"))
+        }),
+        "a fleet of 10 did not start on a server of 20 connections"
+    );
+}
+
+/// Lease renewals come due between jobs claimed ahead (a short lease, so many renewals): each
+/// renewal must count the job about to start as held, or it gives it back and the job runs twice.
+#[test]
+fn renewals_between_prefetched_jobs_run_each_job_once() {
+    let schema = TestSchema::new("renewonce");
+    let dir = temp_dir("renewonce");
+    let record = dir.join("starts");
+    let handler = stamping_coproc(&dir, &record);
+    schema.enqueue_n("default", "stamp", json!({"ms": 10}), 400);
+    let daemon = Daemon::start(
+        &schema,
+        &[
+            ("FORKQ_HANDLER", handler.as_str()),
+            ("FORKQ_CONCURRENCY", "2"),
+            ("FORKQ_LEASE_SECONDS", "4"),
+        ],
+    );
+    assert!(wait_until(Duration::from_secs(60), || schema
+        .archived("completed")
+        == 400));
+    let mut runs = std::collections::HashMap::new();
+    for (id, _) in stamps(&record) {
+        *runs.entry(id).or_insert(0) += 1;
+    }
+    let twice: Vec<_> = runs.iter().filter(|(_, &n)| n > 1).collect();
+    assert_eq!(runs.len(), 400);
+    assert!(twice.is_empty(), "jobs run more than once: {twice:?}");
+    assert!(
+        !daemon.log_text().contains("refused the result"),
+        "{}",
+        daemon.log_text()
+    );
 }

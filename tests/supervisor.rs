@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixDatagram;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -221,6 +221,7 @@ fn crash_loop_turns_liveness_red_and_heals_after_the_healthy_uptime() {
     let daemon = Daemon::start(
         &schema,
         &[
+            ("FORKQ_DEMO_TASKS", "1"),
             ("FORKQ_CONCURRENCY", "2"),
             ("FORKQ_PREFETCH", "1"),
             ("FORKQ_HEALTHY_UPTIME_SECONDS", "2"),
@@ -269,6 +270,7 @@ fn crash_loop_exit_makes_the_supervisor_exit_70() {
     let mut daemon = Daemon::spawn(
         &schema,
         &[
+            ("FORKQ_DEMO_TASKS", "1"),
             ("FORKQ_CONCURRENCY", "1"),
             ("FORKQ_PREFETCH", "1"),
             ("FORKQ_CRASH_LOOP_EXIT", "1"),
@@ -286,6 +288,7 @@ fn poison_job_is_dead_lettered_while_the_fleet_keeps_going() {
     let daemon = Daemon::start(
         &schema,
         &[
+            ("FORKQ_DEMO_TASKS", "1"),
             ("FORKQ_CONCURRENCY", "4"),
             ("FORKQ_PREFETCH", "1"),
             ("FORKQ_HEALTHY_UPTIME_SECONDS", "2"),
@@ -314,10 +317,13 @@ fn poison_job_is_dead_lettered_while_the_fleet_keeps_going() {
 }
 
 /// A TCP proxy to PostgreSQL whose new connections can be black-holed (accepted, never
-/// forwarded) while established ones keep flowing.
+/// forwarded) while established ones keep flowing, and whose requests to the server can be held
+/// back (a slow network or a slow server, as the client sees it).
 struct Proxy {
     addr: SocketAddr,
     black_hole: Arc<AtomicBool>,
+    /// Milliseconds every chunk sent to the server waits before it is forwarded.
+    request_delay_ms: Arc<AtomicU64>,
 }
 
 impl Proxy {
@@ -326,6 +332,8 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let black_hole = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&black_hole);
+        let request_delay_ms = Arc::new(AtomicU64::new(0));
+        let delay = Arc::clone(&request_delay_ms);
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 if flag.load(Ordering::SeqCst) {
@@ -340,23 +348,52 @@ impl Proxy {
                 let Ok(server) = TcpStream::connect("127.0.0.1:5432") else {
                     continue;
                 };
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
-                ] {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
-                }
+                let requests = client.try_clone().unwrap();
+                let to_server = server.try_clone().unwrap();
+                let delay = Arc::clone(&delay);
+                std::thread::spawn(move || delay_line(requests, to_server, &delay));
+                std::thread::spawn(move || {
+                    let (mut from, mut to) = (server, client);
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
             }
         });
-        Proxy { addr, black_hole }
+        Proxy {
+            addr,
+            black_hole,
+            request_delay_ms,
+        }
     }
 
     fn url(&self) -> String {
         format!("postgres://postgres@{}/test", self.addr)
     }
+}
+
+/// Forwards what `from` sends to `to`, each chunk `delay_ms` after it arrived (a latency: chunks
+/// in flight overlap, as on a slow network, rather than queue behind each other's delay).
+fn delay_line(mut from: TcpStream, to: TcpStream, delay_ms: &AtomicU64) {
+    let (sender, receiver) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    let mut writer = to.try_clone().unwrap();
+    let forward = std::thread::spawn(move || {
+        for (due, chunk) in receiver {
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            if writer.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let mut buf = [0u8; 64 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buf) {
+        let due = Instant::now() + Duration::from_millis(delay_ms.load(Ordering::SeqCst));
+        if sender.send((due, buf[..n].to_vec())).is_err() {
+            break;
+        }
+    }
+    drop(sender);
+    let _ = forward.join();
+    let _ = to.shutdown(std::net::Shutdown::Both);
 }
 
 #[test]
@@ -433,6 +470,57 @@ fn a_reforked_child_that_never_polls_ages_and_liveness_stays_red() {
         "{:?}",
         daemon.livez()
     );
+}
+
+/// A database slower than the stale window: every request takes 2.5 s to reach the server, the
+/// stale window is 2 s. A child blocked in such a call has announced how long the call may take
+/// (its bound is 4 s here), so it is waiting, not wedged: none is killed, `/livez` stays 200, and
+/// the jobs still get done.
+#[test]
+fn a_child_blocked_in_a_slow_database_call_is_not_killed() {
+    let schema = TestSchema::new("sup_slowdb");
+    let proxy = Proxy::start();
+    let url = proxy.url();
+    let daemon = Daemon::start(
+        &schema,
+        &[
+            ("DATABASE_URL", &url),
+            ("FORKQ_HEALTH_STALE_SECONDS", "2"),
+            ("FORKQ_LISTEN", "0"),
+        ],
+    );
+    let pids = daemon.child_pids();
+    proxy.request_delay_ms.store(2_500, Ordering::SeqCst);
+    schema.enqueue_n("default", "noop", json!({}), 10);
+    let started = Instant::now();
+    let mut codes = Vec::new();
+    let done = wait_until(Duration::from_secs(60), || {
+        let answer = daemon.livez();
+        if let Some((code, body)) = answer.as_ref().filter(|(c, _)| *c != 200) {
+            println!("/livez {code}: {body}");
+        }
+        codes.extend(answer.map(|(c, _)| c));
+        schema.archived("completed") == 10 && started.elapsed() > Duration::from_secs(8)
+    });
+    proxy.request_delay_ms.store(0, Ordering::SeqCst);
+    let red = codes.iter().filter(|&&c| c != 200).count();
+    println!(
+        "requests delayed 2.5 s, stale window 2 s: 10 jobs done in {:.1?}; /livez not 200 in {red} \
+         of {} answers",
+        started.elapsed(),
+        codes.len()
+    );
+    assert!(done, "the jobs were not done; log:\n{}", daemon.log_text());
+    assert!(
+        !daemon.log_text().contains("is wedged"),
+        "a child waiting on the database was killed; log:\n{}",
+        daemon.log_text()
+    );
+    assert_eq!(
+        red, 0,
+        "liveness failed while children waited on the database"
+    );
+    assert_eq!(daemon.child_pids(), pids, "children were replaced");
 }
 
 #[test]
@@ -678,6 +766,75 @@ fn sighup_replaces_every_child_one_by_one() {
     );
 }
 
+/// Signals sent to the daemon's whole process group (a terminal's hang-up, `kill -HUP -PGID`,
+/// job control's TTIN and TTOU) are the supervisor's to act on (one child more, one less, a
+/// rolling restart): the children and the probe ignore them, so none is stopped and none dies of
+/// SIGHUP. Handler programs get the default dispositions back.
+#[test]
+fn signals_to_the_whole_process_group_are_the_supervisors_alone() {
+    let schema = TestSchema::new("sup_pgsig");
+    let daemon = Daemon::start(
+        &schema,
+        &[(
+            "FORKQ_ROUTES",
+            "sigign=exec:/bin/grep SigIgn /proc/self/status",
+        )],
+    );
+    let group = Pid::from_raw(-daemon.pid());
+    let probe = probe_pid(&daemon);
+    let stopped = |daemon: &Daemon| -> Vec<i32> {
+        children_of(daemon.pid())
+            .into_iter()
+            .filter(|&p| common::process_state(p) == Some('T'))
+            .collect()
+    };
+    for (signal, fleet) in [(Signal::SIGTTIN, 3), (Signal::SIGTTOU, 2)] {
+        kill(group, signal).unwrap();
+        assert!(
+            wait_until(Duration::from_secs(10), || healthy_with(&daemon, fleet)),
+            "{signal} to the group: {:?}",
+            daemon.livez()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(stopped(&daemon), Vec::<i32>::new(), "{signal} stopped them");
+    }
+    kill(group, Signal::SIGHUP).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || daemon
+            .log_text()
+            .contains("rolling restart done")),
+        "{}",
+        daemon.log_text()
+    );
+    assert!(
+        !daemon.log_text().contains("(SIGHUP)"),
+        "a process died of SIGHUP: {}",
+        daemon.log_text()
+    );
+    assert_eq!(probe_pid(&daemon), probe, "the probe was replaced");
+    assert!(wait_until(Duration::from_secs(10), || healthy_with(
+        &daemon, 2
+    )));
+
+    let id = schema.enqueue("default", "sigign", json!({}));
+    assert!(wait_until(Duration::from_secs(20), || schema
+        .job(id)
+        .is_some_and(|j| j["state"] == "completed")));
+    let result = schema.job(id).unwrap()["result"].clone();
+    let mask = result
+        .as_str()
+        .and_then(|r| r.split_whitespace().nth(1))
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .unwrap_or_else(|| panic!("not a SigIgn line: {result}"));
+    for signal in [Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU] {
+        assert_eq!(
+            mask & (1 << (signal as u64 - 1)),
+            0,
+            "the handler program ignores {signal}: {result}"
+        );
+    }
+}
+
 #[test]
 fn ttin_and_ttou_change_the_number_of_children_never_below_one() {
     let schema = TestSchema::new("sup_ttin");
@@ -879,13 +1036,11 @@ fn sigterm_to_one_child_replaces_that_child_only() {
     }));
     assert!(!process_alive(pids[0]));
     // A SIGHUP meant for the supervisor but sent to a child must not reach the supervisor
-    // through an inherited handler and its pipe (no rolling restart): the child just ends.
+    // through an inherited handler and its pipe (no rolling restart); the child ignores it (the
+    // supervisor's commands also reach the whole process group) and lives on.
     signal_pid(pids[1], Signal::SIGHUP);
-    assert!(wait_until(Duration::from_secs(10), || {
-        let now = daemon.child_pids();
-        now[1] != 0 && now[1] != pids[1]
-    }));
     std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(daemon.child_pids()[1], pids[1], "SIGHUP ended a child");
     let log = daemon.log_text();
     assert!(!log.contains("rolling restart"), "{log}");
     assert!(
@@ -1024,6 +1179,7 @@ fn systemd_notifications_come_from_the_supervisor_only() {
     let mut daemon = Daemon::start(
         &schema,
         &[
+            ("FORKQ_DEMO_TASKS", "1"),
             ("FORKQ_CONCURRENCY", "2"),
             ("FORKQ_PREFETCH", "1"),
             ("NOTIFY_SOCKET", &path),

@@ -19,13 +19,15 @@ use crate::config::Config;
 use crate::handler::{process, Handler, Job, JobContext, Outcome};
 use crate::logging::{self, Activity};
 use crate::queue::consumer::{Ack, Claimed, Consumer, Flow, Settlement};
-use crate::queue::{maintenance, QueueError};
+use crate::queue::{maintenance, QueueError, WorkerTimeouts};
 use crate::slots::{monotonic_ms, take_turn, Header, Slot, SlotState, SlotTable};
-use crate::wakeup;
+use crate::{claim_gate, futex, wakeup};
 
 mod signals;
 
-pub use signals::{immediate_stop_requested, install_signal_handlers, stop_requested};
+pub use signals::{
+    immediate_stop_requested, install_signal_handlers, stop_requested, SUPERVISOR_ONLY,
+};
 
 /// Who this child is and what it inherits from its slot.
 pub struct ChildSpec<'a> {
@@ -116,6 +118,16 @@ fn claim_size(average_job: Option<Duration>, prefetch: usize) -> usize {
     }
 }
 
+/// What one round trip brought.
+struct Brought {
+    /// Jobs claimed (now in the buffer).
+    claimed: usize,
+    /// Due scheduled jobs made claimable, for the next round.
+    promoted: i64,
+    /// When a rate-limited queue allows its next start, if it refused this claim.
+    retry_in: Option<Duration>,
+}
+
 /// How long one idle wait lasts at most, so the heartbeat and stop flags stay fresh.
 const IDLE_SLICE: Duration = Duration::from_millis(1000);
 /// A job's progress is written at most this often; the latest value wins, the last is flushed.
@@ -189,25 +201,36 @@ impl Worker<'_> {
         // Until here the slot still named the predecessor's job in flight, so that if this child
         // died before releasing, its successor would still charge the right job.
         self.slot.job_id.store(0, Ordering::Release);
+        let mut woken = false;
         while !stop_requested() && !self.recycling {
-            self.maybe_run_maintenance();
-            self.maybe_promote_due()?;
+            // A child woken for new work claims it first; idle children do the chores.
+            if !woken {
+                self.maybe_run_maintenance();
+            }
             // Read before the claim: a wake-up that arrives during an empty claim then cuts the
             // idle wait short instead of being lost.
             let wake_seen = self.slot.wake.load(Ordering::Acquire);
             let limit = claim_size(self.average_job, self.config.prefetch);
-            let claim = self.send_acks_and_claim(limit, false)?;
-            if claim.claimed == 0 {
-                // An empty claim is this host's latest poll.
-                self.header.poll_ms.store(monotonic_ms(), Ordering::Release);
-                self.wait_idle(wake_seen, claim.retry_in);
+            let brought = self.send_acks_and_claim(limit, false)?;
+            if self.buffer.is_empty() && brought.promoted > 0 {
+                // Due scheduled jobs were just made claimable: claim them now.
+                woken = true;
                 continue;
             }
-            if claim.claimed == limit {
+            if self.buffer.is_empty() {
+                // An empty claim is this host's latest poll.
+                self.header.poll_ms.store(monotonic_ms(), Ordering::Release);
+                woken = self.wait_idle(wake_seen, brought.retry_in);
+                continue;
+            }
+            woken = false;
+            if brought.claimed == limit {
                 // More work is probably waiting: pass the wake-up on to an idle sibling.
                 wakeup::wake_one_idle(self.table, Some(self.index));
             }
             while !stop_requested() && !self.recycling {
+                // Renewed while the next job is still in the buffer: whatever a renewal does not
+                // count as held, it gives back.
                 self.renew_if_due();
                 self.notice_cancels()?;
                 let Some(claimed) = self.buffer.pop_front() else {
@@ -219,8 +242,10 @@ impl Worker<'_> {
                 self.run_job(claimed, handler);
                 // After the last buffered job the next claim is one step away and carries the
                 // acks: flushing them alone would cost a second round trip (and, in durable mode,
-                // a second commit) per batch.
-                if !self.buffer.is_empty() && self.ack_flush_due() {
+                // a second commit) per batch. Likewise after a job that claimed its successor
+                // while it ran: that successor's own look-ahead carries them, while it runs.
+                let carried = self.looked_ahead && !self.config.durable;
+                if !self.buffer.is_empty() && !carried && self.ack_flush_due() {
                     self.flush_acks()?;
                 }
             }
@@ -296,6 +321,8 @@ impl Worker<'_> {
             // would fail again at every re-run.
             process::storable(outcome)
         };
+        // The handler is done with its programs for this job (see runs_in_process_group).
+        self.slot.handler_pgid.store(0, Ordering::Release);
         let elapsed = started.elapsed();
         self.send_progress(true);
         self.current = None;
@@ -418,18 +445,19 @@ impl Worker<'_> {
         self.send_acks_and_claim(0, false).map(|_| ())
     }
 
-    /// Sends the pending acks and claims up to `limit` jobs into the buffer, in one round trip
-    /// when it can (`ahead`: a claim while a job runs, which leaves limited queues alone). If the
-    /// database refuses the statement itself (not a lost connection), the acks are sent one by
-    /// one and one it still refuses is dead-lettered with the database's reason, so a single bad
-    /// result can neither hold back the others nor crash this child at every re-run.
-    fn send_acks_and_claim(&mut self, limit: usize, ahead: bool) -> Result<Claim, QueueError> {
+    /// Sends the pending acks and claims up to `limit` jobs in one round trip when it can
+    /// (`ahead`: a claim while a job runs, which leaves limited queues alone); the jobs claimed
+    /// join the buffer at once (so any later round trip counts them as held). If the database
+    /// refuses the statement itself (not a lost connection), the acks are sent one by one and one
+    /// it still refuses is dead-lettered with the database's reason, so a single bad result can
+    /// neither hold back the others nor crash this child at every re-run.
+    fn send_acks_and_claim(&mut self, limit: usize, ahead: bool) -> Result<Brought, QueueError> {
         // Cloned, not taken: while the database is away, pending acks keep a stopping worker
         // trying until its deadline (see reconnect_pause).
         let acks = self.acks.clone();
         if limit > 0 {
             self.slot.claims.fetch_add(1, Ordering::Relaxed);
-            wakeup::claim_gate_enter(self.table, self.index, self.max_claimers);
+            claim_gate::enter(self.table, self.index, self.max_claimers);
         }
         let claim = |db: &mut Consumer, acks: &[Ack]| match ahead {
             true => db.settle_and_claim_ahead(acks, limit),
@@ -437,7 +465,7 @@ impl Worker<'_> {
         };
         let sent = self.db(|db| claim(db, &acks));
         if limit > 0 {
-            wakeup::claim_gate_leave(self.table, self.index);
+            claim_gate::leave(self.table, self.index);
         }
         let round = match sent {
             Ok(round) => {
@@ -447,27 +475,30 @@ impl Worker<'_> {
             }
             Err(e) if acks.is_empty() || matches!(e, QueueError::Unavailable(_)) => return Err(e),
             Err(e) => {
-                self.acks.clear();
-                self.oldest_ack = None;
                 log::error!(
                     "worker {}: the queue refused {} acknowledgement(s) together ({e}); sending them one by one",
                     self.owner,
                     acks.len()
                 );
+                // Each stays pending (so held, should the connection drop) until it is sent.
                 for ack in acks {
+                    let id = ack.id;
                     self.send_one_ack(ack);
+                    self.acks.retain(|a| a.id != id);
                 }
+                self.oldest_ack = None;
                 self.db(|db| claim(db, &[]))?
             }
         };
         self.report_refused(&round.refused);
-        let claimed = round.claimed.len();
+        let brought = Brought {
+            claimed: round.claimed.len(),
+            promoted: round.promoted,
+            retry_in: round.retry_in,
+        };
         self.buffer.extend(round.claimed);
         self.notice_changes(round.changes)?;
-        Ok(Claim {
-            claimed,
-            retry_in: round.retry_in,
-        })
+        Ok(brought)
     }
 
     /// When the queue's count of changes moved since the last round (a cancel, a batch stopped by
@@ -610,21 +641,6 @@ impl Worker<'_> {
         Ok(ours)
     }
 
-    /// Makes due scheduled and retryable jobs claimable, once per poll interval per host
-    /// (busy or idle: a busy host must not leave them waiting), and at once again while a full
-    /// chunk moved.
-    fn maybe_promote_due(&mut self) -> Result<(), QueueError> {
-        const CHUNK: i32 = 10_000;
-        if !take_turn(&self.header.promote_ms, self.config.poll_interval) {
-            return Ok(());
-        }
-        let moved = self.db(|db| db.promote_due(CHUNK))?;
-        if moved == CHUNK {
-            self.header.promote_ms.store(0, Ordering::Release);
-        }
-        Ok(())
-    }
-
     fn send_one_ack(&mut self, ack: Ack) {
         let refused = match self.db(|db| db.settle_and_claim(std::slice::from_ref(&ack), 0)) {
             Ok(round) => return self.report_refused(&round.refused),
@@ -763,59 +779,105 @@ impl Worker<'_> {
     }
 
     /// Sleeps until woken (an enqueue notification relayed by the listener, or a sibling with
-    /// more work than it can take), a signal, or this child's turn to poll; heartbeats meanwhile.
-    /// One idle child per host polls the database per `FORKQ_POLL_INTERVAL_MS` (for scheduled
-    /// jobs that became due, and as the fallback when notifications are off), not every child.
-    /// `retry_in`: a rate-limited queue allows its next start then, so the wait ends by then.
-    fn wait_idle(&mut self, wake_seen: u32, retry_in: Option<Duration>) {
+    /// more work than it can take), a signal, or this child's turn to poll; heartbeats meanwhile,
+    /// and runs the host's maintenance pass when its turn comes, so a child woken for work never
+    /// runs it first. One idle child per host polls the database per `FORKQ_POLL_INTERVAL_MS`
+    /// (for scheduled jobs that fell due, whose claim round makes them claimable, and as the
+    /// fallback when notifications are off), not every child. `retry_in`: a rate-limited queue
+    /// allows its next start then, so the wait ends by then. Returns whether a wake-up ended the
+    /// wait.
+    fn wait_idle(&mut self, wake_seen: u32, retry_in: Option<Duration>) -> bool {
         let _idle = logging::activity(Activity::Idle);
         self.slot.set_state(SlotState::Idle);
         self.slot.beat();
         let slice = self.config.poll_interval.min(IDLE_SLICE);
         let until = retry_in.map(|d| Instant::now() + d);
         loop {
+            if self.slot.wake.load(Ordering::Acquire) != wake_seen {
+                return true;
+            }
             let now = Instant::now();
             if stop_requested()
-                || self.slot.wake.load(Ordering::Acquire) != wake_seen
                 || until.is_some_and(|until| now >= until)
                 || take_turn(&self.header.poll_ms, self.config.poll_interval)
             {
-                return;
+                return false;
             }
-            let slice = until.map_or(slice, |until| slice.min(until - now));
-            wakeup::wait(&self.slot.wake, wake_seen, slice);
+            // Busy meanwhile, so a wake-up goes to a child that can take it at once.
+            self.slot.set_state(SlotState::Claiming);
+            self.maybe_run_maintenance();
+            self.slot.set_state(SlotState::Idle);
+            let slice = until.map_or(slice, |until| {
+                slice.min(until.saturating_duration_since(Instant::now()))
+            });
+            futex::wait(&self.slot.wake, wake_seen, slice);
             self.slot.beat();
         }
     }
 
-    /// Runs the maintenance pass when this host's turn has come.
+    /// Runs the maintenance pass when this host's turn has come. Not through [`Self::db`]: a
+    /// pass that fails (a statement timed out, the connection dropped) is given up until the next
+    /// interval, never retried on the spot, so maintenance cannot keep this child from its jobs;
+    /// each of its statements is announced in the slot, so it cannot get the child killed either.
     fn maybe_run_maintenance(&mut self) {
-        if !take_turn(&self.header.maintenance_ms, maintenance::INTERVAL) {
+        if self.db.is_none() || !take_turn(&self.header.maintenance_ms, maintenance::INTERVAL) {
             return;
         }
-        let schema = self.config.schema.clone();
-        let retention = self.config.retention;
-        match self.db(|db| maintenance::run_pass(db.client(), &schema, retention)) {
+        let slot = self.slot;
+        let statement = WorkerTimeouts::new(self.config.health_stale).text_statement();
+        let db = self.db.as_mut().expect("checked above");
+        // Fleet-wide, at most one pass per three quarters of the interval: each host tries once
+        // per interval, and some slack keeps a host from just missing its turn.
+        let pass = maintenance::run_pass(
+            db.client(),
+            &self.config.schema,
+            self.config.retention,
+            maintenance::INTERVAL * 3 / 4,
+            &mut || slot.wait_on_database(statement),
+        );
+        slot.database_returned();
+        // The next turn counts from the end of this pass, so a pass that blocks until its
+        // statement timeout still leaves the host an interval of work between two.
+        self.header
+            .maintenance_ms
+            .store(monotonic_ms(), Ordering::Release);
+        match pass {
             Ok(Some(report)) if report.changed_jobs() => log::info!("maintenance: {report}"),
-            // Vacuums alone are routine at full rate: not worth a line at info level.
-            Ok(Some(report)) if !report.vacuumed.is_empty() => {
+            // Vacuums and expired unique windows alone are routine: not worth a line at info level.
+            Ok(Some(report)) if !report.vacuumed.is_empty() || report.windows_purged > 0 => {
                 log::debug!("maintenance: {report}")
             }
             Ok(_) => {}
-            Err(e) => log::warn!("maintenance pass failed: {e}"),
+            Err(e) => {
+                if e.is_connection_lost() {
+                    // The next claim reconnects (and gives back what it finds under our name).
+                    self.db = None;
+                    self.lost_connection = true;
+                }
+                log::warn!(
+                    "maintenance pass failed, skipped until the next one in {:?}: {e}",
+                    maintenance::INTERVAL
+                );
+            }
         }
     }
 
-    /// Runs `op` on the connection, opening or re-opening it with backoff while the database is
-    /// unreachable (heartbeating meanwhile). Errors other than a lost connection are returned.
+    /// Runs `op` (one round trip) on the connection, opening or re-opening it with backoff while
+    /// the database is unreachable (heartbeating meanwhile). Errors other than a lost connection
+    /// are returned. Each blocking call is announced in the slot with its bound.
     fn db<T>(
         &mut self,
         mut op: impl FnMut(&mut Consumer) -> Result<T, QueueError>,
     ) -> Result<T, QueueError> {
+        let timeouts = WorkerTimeouts::new(self.config.health_stale);
         let mut failures = 0u32;
         loop {
             if self.db.is_none() {
-                match self.reconnect() {
+                self.slot
+                    .wait_on_database(timeouts.connect() + timeouts.text_statement());
+                let connected = self.reconnect();
+                self.slot.database_returned();
+                match connected {
                     Ok(db) => {
                         if failures > 0 {
                             log::info!("worker {} reconnected to the database", self.owner);
@@ -831,7 +893,10 @@ impl Worker<'_> {
                 }
             }
             let db = self.db.as_mut().expect("connected above");
-            match op(db) {
+            self.slot.wait_on_database(timeouts.round_trip());
+            let done = op(db);
+            self.slot.database_returned();
+            match done {
                 Ok(v) => return Ok(v),
                 Err(e) if e.is_connection_lost() => {
                     self.db = None;
@@ -924,14 +989,13 @@ impl JobContext for Context<'_, '_> {
     fn progress(&mut self, value: Value) {
         self.worker.note_progress(value);
     }
-}
 
-/// What a claim round trip brought into the buffer.
-struct Claim {
-    /// How many jobs were claimed.
-    claimed: usize,
-    /// When a rate-limited queue allows its next start, if it refused this claim.
-    retry_in: Option<Duration>,
+    fn runs_in_process_group(&mut self, pgid: u32) {
+        self.worker
+            .slot
+            .handler_pgid
+            .store(pgid as i32, Ordering::Release);
+    }
 }
 
 /// The running job's progress reports (see [`Worker::note_progress`]).

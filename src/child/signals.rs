@@ -1,5 +1,6 @@
 //! A child's own signal handling: flags set by SIGTERM/SIGINT (stop after the current job) and
-//! SIGQUIT (stop now), read by the consumer loop and by handlers through their job context.
+//! SIGQUIT (stop now), read by the consumer loop and by handlers through their job context; and
+//! the signals meant for the supervisor alone, ignored.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -18,6 +19,12 @@ extern "C" fn on_immediate(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
     IMMEDIATE.store(true, Ordering::SeqCst);
 }
+
+/// Signals a child (or the probe) ignores: they are the supervisor's commands (rolling restart,
+/// one child more or less), and they also reach the whole process group when sent to it (a
+/// terminal's hang-up, `kill -HUP -PGID`), where their default actions would end or stop every
+/// child. Handler programs get the default dispositions back (see `handler::process`).
+pub const SUPERVISOR_ONLY: [Signal; 3] = [Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU];
 
 /// Installs the child's own signal handlers. Called right after the fork, once the supervisor's
 /// dispositions have been reset, so a child never runs the supervisor's handlers.
@@ -38,6 +45,10 @@ pub fn install_signal_handlers() {
             let _ = signal::sigaction(sig, &stop);
         }
         let _ = signal::sigaction(Signal::SIGQUIT, &immediate);
+        let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+        for sig in SUPERVISOR_ONLY {
+            let _ = signal::sigaction(sig, &ignore);
+        }
     }
 }
 

@@ -23,7 +23,7 @@ use tiny_http::{Header, Method, Request, Response, Server};
 
 use crate::config::{Config, DashboardSettings, EX_CONFIG};
 use crate::queue::browse::{self, Cursor, Filter, FilterError};
-use crate::queue::{admin, batch, hosts, migrations, overview, queues, QueueError};
+use crate::queue::{admin, batch, hosts, migrations, overview, queues, schedules, QueueError};
 use auth::{Auth, Credentials, Verdict};
 use pages::Ctx;
 
@@ -432,7 +432,10 @@ impl App {
                     .flatten();
                 Ok(self.page(r, |ctx| pages::batches(ctx, &list, state, next)))
             }
-            (Method::Get | Method::Head, ["schedules"]) => Ok(self.page(r, pages::schedules)),
+            (Method::Get | Method::Head, ["schedules"]) => {
+                let stored = schedules::stored(&mut *self.db()?, schema, None)?;
+                Ok(self.page(r, |ctx| pages::schedules(ctx, &stored)))
+            }
             (Method::Get | Method::Head, ["hosts"]) => {
                 let hosts = hosts::list(&mut *self.db()?, schema)?;
                 Ok(self.page(r, |ctx| pages::hosts(ctx, &hosts)))

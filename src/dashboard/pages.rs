@@ -2,7 +2,7 @@
 //! lists refresh with a meta tag, actions are plain forms.
 //!
 //! Extending: a new queue property is one [`QUEUE_COLUMNS`] entry plus its field in
-//! [`QueueRow`]; schedules are [`schedules_section`].
+//! [`QueueRow`].
 
 use maud::{html, Markup, PreEscaped, DOCTYPE};
 use serde_json::Value;
@@ -11,6 +11,7 @@ use crate::queue::batch::BatchInfo;
 use crate::queue::browse::{Filter, Page};
 use crate::queue::hosts::HostRow;
 use crate::queue::overview::{QueueRow, DEAD_COUNT_CAP};
+use crate::queue::schedules::Stored;
 
 /// Payloads and results longer than this are cut, with a link to the full value.
 pub const PREVIEW_BYTES: usize = 4096;
@@ -466,17 +467,43 @@ pub fn batches(
     layout(ctx, "Batches", None, body)
 }
 
-/// The schedules page's content. Schedules do not exist in this version; when they land
-/// (issue 14), this is the one place that shows them.
-pub fn schedules_section() -> Markup {
-    html! {
-        p #unavailable { "Schedules are not available in this version of forkq." }
-    }
-}
-
-/// `/schedules`.
-pub fn schedules(ctx: &Ctx<'_>) -> Markup {
-    layout(ctx, "Schedules", None, schedules_section())
+/// `/schedules`: every schedule the database holds (declared by the daemons' FORKQ_SCHEDULES
+/// files), with its next and last run and the last job it enqueued.
+pub fn schedules(ctx: &Ctx<'_>, schedules: &[Stored]) -> Markup {
+    let now = jiff::Timestamp::now();
+    let at = |t: Option<jiff::Timestamp>| {
+        t.map_or("-".to_string(), |t| {
+            t.strftime("%Y-%m-%d %H:%M:%SZ").to_string()
+        })
+    };
+    let body = html! {
+        @if schedules.is_empty() {
+            p #empty { "No schedules: a daemon declares the schedules of its FORKQ_SCHEDULES file when it starts." }
+        } @else {
+            table #schedules {
+                thead { tr { th { "Name" } th { "Cron" } th { "Time zone" } th { "Queue / task" }
+                             th { "Next run" } th { "Last run" } th { "Last job" } } }
+                tbody {
+                    @for s in schedules {
+                        tr {
+                            td { (s.name) }
+                            td { code { (s.field("cron")) } }
+                            td { (s.field("timezone")) }
+                            td { (s.field("queue")) " / " (s.field("task")) }
+                            td { (at(s.next_run(now))) }
+                            td { (at(s.last_run_at)) }
+                            td {
+                                @if let Some(id) = s.last_job_id {
+                                    a href=(format!("/jobs/{id}")) { (id) }
+                                } @else { "-" }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    layout(ctx, "Schedules", None, body)
 }
 
 /// `/hosts`: every daemon and its slots.

@@ -136,7 +136,10 @@ impl Handler for Coproc {
         let mut line = serde_json::to_vec(&request).expect("a JSON value always serializes");
         line.push(b'\n');
         match self.program() {
-            Ok(program) => program.send(&line),
+            Ok(program) => {
+                ctx.runs_in_process_group(program.pid());
+                program.send(&line);
+            }
             Err(e) => {
                 return Outcome::Failure(format!("cannot start coproc {:?}: {e}", self.argv[0]))
             }

@@ -82,6 +82,7 @@ impl Handler for Exec {
                 return Outcome::Failure(format!("cannot start {:?}: {e}", self.argv[0]));
             }
         };
+        ctx.runs_in_process_group(program.pid());
         let mut input = serde_json::to_vec(&job.payload).expect("a JSON value always serializes");
         input.push(b'\n');
         program.send(&input);

@@ -73,6 +73,12 @@ pub trait JobContext {
     /// The hard limit on this job's run time, if one is configured (the job's own timeout, else
     /// `FORKQ_JOB_TIMEOUT_SECONDS`).
     fn timeout(&self) -> Option<Duration>;
+    /// Says that the job now runs in process group `pgid` (a handler program leading its own
+    /// group), so that if this worker dies, that whole group is killed before the job can run
+    /// again anywhere. The worker forgets it when the handler returns.
+    fn runs_in_process_group(&mut self, pgid: u32) {
+        let _ = pgid;
+    }
     /// Whether this job's cancel was requested (`forkq cancel`, a batch cancel or fail-fast)
     /// while it runs; known within about one heartbeat.
     fn cancelled(&self) -> bool {
@@ -93,7 +99,7 @@ pub trait Handler {
 /// The handler named by `FORKQ_HANDLER` or a route.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum HandlerSpec {
-    /// The builtin tasks `noop`, `sleep`, `fail`, `crash`.
+    /// The builtin tasks `noop`, `sleep`, `fail` (and the demo tasks with `FORKQ_DEMO_TASKS=1`).
     Builtin,
     /// One program per job (argv, never a shell).
     Exec(Vec<String>),
@@ -170,7 +176,7 @@ impl Router {
 /// A fresh handler for `spec`.
 fn build(spec: &HandlerSpec, config: &crate::config::Config) -> Box<dyn Handler> {
     match spec {
-        HandlerSpec::Builtin => Box::new(builtin::Builtin),
+        HandlerSpec::Builtin => Box::new(builtin::Builtin::new(config)),
         HandlerSpec::Exec(argv) => Box::new(exec::Exec::new(argv.clone(), config)),
         HandlerSpec::Coproc(argv) => Box::new(coproc::Coproc::new(argv.clone(), config)),
     }

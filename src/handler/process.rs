@@ -137,6 +137,11 @@ impl Program {
         // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls.
         unsafe {
             command.pre_exec(move || {
+                // An ignored signal stays ignored across exec: the ones the worker ignores (they
+                // are the supervisor's) are the program's to handle as it pleases.
+                for sig in crate::child::SUPERVISOR_ONLY {
+                    libc::signal(sig as libc::c_int, libc::SIG_DFL);
+                }
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
                     return Err(io::Error::last_os_error());
                 }

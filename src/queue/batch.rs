@@ -159,6 +159,14 @@ pub fn create(
     jobs: &[NewJob],
 ) -> Result<i64, QueueError> {
     batch.validate(limits)?;
+    if let Some(job) = jobs.iter().find(|j| j.replace) {
+        return Err(QueueError::InvalidJob(format!(
+            "a batch child cannot replace another job (task {:?}, unique key {:?}): \
+             drop replace, or enqueue it outside the batch",
+            job.task,
+            job.unique_key.as_deref().unwrap_or("")
+        )));
+    }
     let jobs: Cow<'_, [NewJob]> = if jobs.iter().any(|j| j.queue.is_empty()) {
         Cow::Owned(
             jobs.iter()

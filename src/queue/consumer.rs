@@ -1,4 +1,4 @@
-//! The queue as one consumer child sees it: claim, settle, renew, release, promote.
+//! The queue as one consumer child sees it: claim, settle, renew, release.
 //!
 //! A worker serves its queues in strict order. Queues without limits are claimed together by the
 //! lean round, a batch per round trip; a limited queue (a cap or a rate limit, see
@@ -101,6 +101,8 @@ pub struct Round {
     /// this round; when it moves, the worker re-reads its queues' settings
     /// ([`Consumer::refresh_flow`]) and checks its prefetched jobs ([`Consumer::drop_cancelled`]).
     pub changes: i64,
+    /// Due scheduled and retryable jobs this round made claimable (for the next round).
+    pub promoted: i64,
     /// When a rate-limited queue allows its next start, if one refused this round's claim.
     pub retry_in: Option<Duration>,
 }
@@ -168,7 +170,6 @@ struct Statements {
     release: Option<Statement>,
     mark_started: Option<Statement>,
     drop_cancelled: Option<Statement>,
-    promote: Option<Statement>,
 }
 
 /// Prepares `text` (rendered for `schema`) into `slot` on first use and returns it.
@@ -232,9 +233,9 @@ impl Consumer {
     /// supervisor boot, slot and generation).
     pub fn connect(config: &Config, owner: &str) -> Result<Consumer, QueueError> {
         // A worker cannot heartbeat while it waits on the database, so every wait on it is
-        // bounded well inside the stale window: a slow or partitioned database makes the child
-        // reconnect (heartbeating meanwhile), never look wedged.
-        let budget = (config.health_stale / 3).max(Duration::from_secs(2));
+        // bounded (see WorkerTimeouts) and announced in its slot: a slow or partitioned database
+        // makes the child reconnect (heartbeating meanwhile), never look wedged.
+        let budget = super::WorkerTimeouts::new(config.health_stale).budget;
         let mut client = connect_with_timeout(&config.database_url, "forkq worker", budget)?;
         // Delivery is at least once anyway: an ack or claim lost in a database crash only makes
         // its job run again, exactly as a worker crash before the ack would (and the worker gives
@@ -387,6 +388,7 @@ impl Consumer {
                         out.refused = round.refused;
                         out.changes = round.changes;
                     }
+                    out.promoted += round.promoted;
                     round.claimed
                 }
                 Step::Limited(_) if ahead => break,
@@ -448,6 +450,7 @@ impl Consumer {
                     .get::<_, Option<Vec<i64>>>("refused")
                     .unwrap_or_default();
                 out.changes = row.get("changes");
+                out.promoted = row.get("promoted");
                 continue;
             };
             let position = queues.iter().position(|q| *q == claimed.job.queue);
@@ -647,17 +650,6 @@ impl Consumer {
             .client
             .query_one(&drop, &[&ids, &tokens, &self.retain])?
             .get(0))
-    }
-
-    /// Makes up to `limit` due scheduled and retryable jobs claimable; returns how many.
-    pub fn promote_due(&mut self, limit: i32) -> Result<i32, QueueError> {
-        let promote = prepared(
-            &mut self.client,
-            &mut self.statements.promote,
-            &self.schema,
-            sql::PROMOTE_DUE,
-        )?;
-        Ok(self.client.query_one(&promote, &[&limit])?.get(0))
     }
 }
 

@@ -21,6 +21,8 @@ pub struct Report {
     pub rescued: i32,
     /// Archived jobs deleted after their retention.
     pub purged: u64,
+    /// Expired unique windows deleted.
+    pub windows_purged: u64,
     /// Open batches whose counters or state were repaired (each is logged).
     pub batches_repaired: usize,
     /// Running jobs of capped queues counted against their caps after the fact (claimed while
@@ -54,6 +56,7 @@ impl std::fmt::Display for Report {
         let parts = [
             (self.rescued as u64, "expired lease(s) rescued"),
             (self.purged, "archived job(s) purged"),
+            (self.windows_purged, "expired unique window(s) purged"),
             (self.batches_repaired as u64, "batch(es) repaired"),
             (
                 self.limited_adopted as u64,
@@ -77,96 +80,82 @@ impl std::fmt::Display for Report {
     }
 }
 
-/// Runs every service once, if no other process holds the maintenance lock. Returns `None`
-/// when another holder had it. Each service runs in short transactions of its own (under the
-/// same lock, taken per transaction, so it also works behind a pooler in transaction mode), and
-/// the vacuums outside any.
+/// Runs every service once, if it is this caller's turn: at most one pass per `gap` across every
+/// host of the schema (the `maintenance_turn` row; a caller that finds it taken, or locked by a
+/// pass starting elsewhere, gets `None`). Every statement is one round trip of its own, committed
+/// on its own, and every service skips rows others hold (`SKIP LOCKED`), so passes never wait on
+/// each other and everything works behind a pooler in transaction mode. `before_each` is called
+/// before every round trip, so a worker can announce how long that one may block it (each is
+/// bounded by the connection's timeouts). An error ends the pass; the caller gives it up until
+/// the next interval rather than retrying a statement that timed out.
 pub fn run_pass(
     client: &mut Client,
     schema: &str,
     retention: Duration,
+    gap: Duration,
+    before_each: &mut dyn FnMut(),
 ) -> Result<Option<Report>, QueueError> {
     let retain = !retention.is_zero();
-    let Some(rescued) = locked(client, schema, |tx| {
-        Ok(tx
-            .query_one(&render(sql::RESCUE_EXPIRED, schema), &[&retain])?
-            .get(0))
-    })?
+    before_each();
+    let Some(rescued) = client
+        .query_one(
+            &render(sql::TAKE_TURN_AND_RESCUE, schema),
+            &[&retain, &gap.as_secs_f64()],
+        )?
+        .get::<_, Option<i32>>(0)
     else {
         return Ok(None);
     };
     let mut report = Report {
         rescued,
-        purged: purge_archive(client, schema, retention)?,
-        batches_repaired: locked(client, schema, |tx| {
-            let repaired = repair_batches(tx, schema, retain)?;
-            tx.execute(&render(sql::COMPACT_CHANGES, schema), &[])?;
-            Ok(repaired)
-        })?
-        .unwrap_or(0),
-        limited_adopted: locked(client, schema, |tx| {
-            Ok(tx
+        purged: purge_archive(client, schema, retention, before_each)?,
+        windows_purged: {
+            before_each();
+            client.execute(&render(sql::PURGE_EXPIRED_WINDOWS, schema), &[])?
+        },
+        batches_repaired: {
+            before_each();
+            repair_batches(client, schema, retain)?
+        },
+        limited_adopted: {
+            before_each();
+            client
                 .query_one(&render(sql::MARK_LIMITED, schema), &[])?
-                .get(0))
-        })?
-        .unwrap_or(0),
-        progress_purged: locked(client, schema, |tx| {
-            Ok(tx
+                .get(0)
+        },
+        progress_purged: {
+            before_each();
+            client
                 .query_one(
                     &render(sql::PURGE_PROGRESS, schema),
                     &[&retention.as_secs_f64(), &(PURGE_CHUNK as i32)],
                 )?
-                .get(0))
-        })?
-        .unwrap_or(0),
+                .get(0)
+        },
         vacuumed: Vec::new(),
     };
-    for (table, base, fraction) in VACUUMED {
-        if vacuum_if_bloated(client, schema, table, base, fraction)? {
-            report.vacuumed.push(table);
-        }
-    }
+    before_each();
+    client.execute(&render(sql::COMPACT_CHANGES, schema), &[])?;
+    report.vacuumed = vacuum_bloated(client, schema, before_each)?;
     Ok(Some(report))
 }
 
-/// Runs `work` in a transaction holding the maintenance lock; `None` when another process holds
-/// it.
-fn locked<T>(
-    client: &mut Client,
-    schema: &str,
-    work: impl FnOnce(&mut postgres::Transaction<'_>) -> Result<T, QueueError>,
-) -> Result<Option<T>, QueueError> {
-    let mut tx = client.transaction()?;
-    let got: bool = tx
-        .query_one(
-            sql::TRY_MAINTENANCE_LOCK,
-            &[&sql::advisory_key("maintenance", schema)],
-        )?
-        .get(0);
-    if !got {
-        return Ok(None);
-    }
-    let out = work(&mut tx)?;
-    tx.commit()?;
-    Ok(Some(out))
-}
-
-/// The retention service: deletes expired archived jobs in chunks, each in its own transaction,
-/// until none is left or [`PURGE_BUDGET`] is spent, so it keeps pace with the drain.
+/// The retention service: deletes expired archived jobs in chunks, one statement each, until
+/// none is left or [`PURGE_BUDGET`] is spent, so it keeps pace with the drain.
 fn purge_archive(
     client: &mut Client,
     schema: &str,
     retention: Duration,
+    before_each: &mut dyn FnMut(),
 ) -> Result<u64, QueueError> {
     let started = Instant::now();
+    before_each();
     client.execute(&render(sql::SUMMARIZE_ARCHIVE, schema), &[])?;
     let purge = render(sql::PURGE_EXPIRED_ARCHIVE, schema);
     let mut purged = 0;
     loop {
-        let chunk = locked(client, schema, |tx| {
-            Ok(tx.execute(&purge, &[&retention.as_secs_f64(), &(PURGE_CHUNK as i64)])?)
-        })?
-        .unwrap_or(0);
+        before_each();
+        let chunk = client.execute(&purge, &[&retention.as_secs_f64(), &(PURGE_CHUNK as i64)])?;
         purged += chunk;
         if chunk < PURGE_CHUNK || started.elapsed() >= PURGE_BUDGET {
             return Ok(purged);
@@ -178,60 +167,62 @@ fn purge_archive(
 /// plus a fraction of the live rows). The hot table is vacuumed early: every claim walks past its
 /// dead index entries, so claims slow down as they pile up, and autovacuum (when it is on at all)
 /// visits a busy table only once a minute.
-const VACUUMED: [(&str, i64, f64); 5] = [
+const VACUUMED: [(&str, i64, f64); 6] = [
     ("jobs", 10_000, 0.1),
     ("jobs_archive", 100_000, 0.2),
     ("changes", 1_000, 0.0),
+    ("unique_windows", 10_000, 0.2),
     // Rewritten at every progress report and rate-limited claim.
     ("job_progress", 1_000, 0.5),
     ("queues", 1_000, 0.0),
 ];
 
-/// The vacuum service: vacuums `table` when its dead rows exceed `base + fraction × live rows`.
-/// A table someone else is vacuuming is skipped; a vacuum that outlasts the statement timeout
-/// is abandoned with a warning (the next pass tries again). Returns whether it vacuumed.
-fn vacuum_if_bloated(
+/// The vacuum service: vacuums each watched table whose dead rows exceed `base + fraction × live
+/// rows` (one query finds them). A table someone else is vacuuming is skipped; a vacuum that
+/// outlasts the statement timeout is abandoned with a warning (the next pass tries again).
+/// Returns the tables vacuumed.
+fn vacuum_bloated(
     client: &mut Client,
     schema: &str,
-    table: &str,
-    base: i64,
-    fraction: f64,
-) -> Result<bool, QueueError> {
-    let relation = format!("{}.{table}", render("{s}", schema));
-    let dead: Option<i64> = client
-        .query_opt(
-            "SELECT n_dead_tup FROM pg_stat_user_tables
-             WHERE relid = $1::text::regclass AND n_dead_tup > $2::bigint + $3::float8 * n_live_tup",
-            &[&relation, &base, &fraction],
-        )?
-        .map(|r| r.get(0));
-    let Some(dead) = dead else {
-        return Ok(false);
-    };
-    match client.batch_execute(&format!("VACUUM (SKIP_LOCKED) {relation}")) {
-        Ok(()) => {
-            log::debug!("vacuumed {relation}: {dead} dead rows");
-            Ok(true)
+    before_each: &mut dyn FnMut(),
+) -> Result<Vec<&'static str>, QueueError> {
+    let names: Vec<&str> = VACUUMED.iter().map(|v| v.0).collect();
+    let bases: Vec<i64> = VACUUMED.iter().map(|v| v.1).collect();
+    let fractions: Vec<f64> = VACUUMED.iter().map(|v| v.2).collect();
+    before_each();
+    let bloated: Vec<(String, i64)> = client
+        .query(sql::BLOATED_TABLES, &[&schema, &names, &bases, &fractions])?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut vacuumed = Vec::new();
+    for (table, dead) in bloated {
+        let Some(&(name, _, _)) = VACUUMED.iter().find(|v| v.0 == table) else {
+            continue;
+        };
+        let relation = format!("{}.{name}", render("{s}", schema));
+        before_each();
+        match client.batch_execute(&format!("VACUUM (SKIP_LOCKED) {relation}")) {
+            Ok(()) => {
+                log::debug!("vacuumed {relation}: {dead} dead rows");
+                vacuumed.push(name);
+            }
+            Err(e) if e.code() == Some(&postgres::error::SqlState::QUERY_CANCELED) => {
+                log::warn!(
+                    "the vacuum of {relation} ({dead} dead rows) outlasted the statement timeout \
+                     and was abandoned; the next maintenance pass tries again"
+                );
+            }
+            Err(e) => return Err(e.into()),
         }
-        Err(e) if e.code() == Some(&postgres::error::SqlState::QUERY_CANCELED) => {
-            log::warn!(
-                "the vacuum of {relation} ({dead} dead rows) outlasted the statement timeout and \
-                 was abandoned; the next maintenance pass tries again"
-            );
-            Ok(false)
-        }
-        Err(e) => Err(e.into()),
     }
+    Ok(vacuumed)
 }
 
 /// The batch repair service: fixes open batches whose counters disagree with their children and
 /// logs each fix, since a repair means something bypassed `retire()` (a hand edit, a bug).
-fn repair_batches(
-    tx: &mut postgres::Transaction<'_>,
-    schema: &str,
-    retain: bool,
-) -> Result<usize, QueueError> {
-    let repairs = batch::repair(tx, schema, retain)?;
+fn repair_batches(client: &mut Client, schema: &str, retain: bool) -> Result<usize, QueueError> {
+    let repairs = batch::repair(client, schema, retain)?;
     for r in &repairs {
         log::warn!(
             "batch repair: batch {} had {} and now has {}",
@@ -253,14 +244,15 @@ mod tests {
         let report = Report {
             rescued: 3,
             purged: 120,
+            windows_purged: 4,
             batches_repaired: 1,
             vacuumed: vec!["jobs"],
             ..Report::default()
         };
         assert_eq!(
             report.to_string(),
-            "3 expired lease(s) rescued, 120 archived job(s) purged, 1 batch(es) repaired, \
-             vacuumed jobs"
+            "3 expired lease(s) rescued, 120 archived job(s) purged, 4 expired unique window(s) \
+             purged, 1 batch(es) repaired, vacuumed jobs"
         );
     }
 }

@@ -28,6 +28,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("sql/001_schema.sql"),
     },
     Migration {
+        version: 2,
+        name: "unique windows and schedules",
+        sql: include_str!("sql/002_time.sql"),
+    },
+    Migration {
         version: 3,
         name: "hosts, dead-letter indexes",
         sql: include_str!("sql/003_fleet.sql"),

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod batch;
 pub mod browse;
+pub mod capacity;
 pub mod consumer;
 pub mod hosts;
 pub mod listener;
@@ -14,6 +15,7 @@ pub mod migrations;
 pub mod overview;
 pub mod producer;
 pub mod queues;
+pub mod schedules;
 pub mod sql;
 pub mod waiting;
 
@@ -123,10 +125,63 @@ impl QueueError {
 /// SQLSTATEs that mean "the server is going away, not ready, or too slow", not "your statement is
 /// wrong": connection exceptions (class 08), an administrator or crash shutdown, a server still
 /// starting up, too many connections, and a statement cancelled by a worker's statement timeout.
-/// Retrying on a fresh connection is the cure for all.
+/// Retrying on a fresh connection is the cure for all, on the worker's claim-and-ack path; the
+/// maintenance pass never retries (a pass that timed out is given up until the next interval, see
+/// `child::Worker::maybe_run_maintenance`).
 fn is_transient_server_state(code: &str) -> bool {
     code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "57014")
 }
+
+/// How long a worker's database waits may last.
+///
+/// A child heartbeats from its single thread, so it cannot beat while a synchronous call blocks;
+/// instead it announces in its slot the time by which the call must return
+/// ([`crate::slots::Slot::wait_on_database`]), and only a child still blocked after that is
+/// judged by the stale window. These bounds are what make the announced time true: every wait of
+/// a worker's connection is cut by `statement_timeout` (the server), `connect_timeout`, and
+/// `tcp_user_timeout` with keepalives (a server or network that vanished without a word).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerTimeouts {
+    /// The worker connection's `statement_timeout`, `connect_timeout`, `tcp_user_timeout` and
+    /// keepalive idle time.
+    pub budget: Duration,
+}
+
+impl WorkerTimeouts {
+    /// A third of the stale window, at least 2 s: a slow database fails a statement (and the
+    /// child retries, beating meanwhile) well before the supervisor would judge the child.
+    pub fn new(health_stale: Duration) -> WorkerTimeouts {
+        WorkerTimeouts {
+            budget: (health_stale / 3).max(Duration::from_secs(2)),
+        }
+    }
+
+    /// The longest one round trip blocks unless the server itself is frozen: a statement runs at
+    /// most the budget (`statement_timeout`); a request the network does not deliver fails after
+    /// the budget (`tcp_user_timeout`); a reply that never comes from a server gone silent is
+    /// noticed at the first keepalive check after the connection has been quiet for the budget.
+    /// One more [`KEEPALIVE_INTERVAL`] is slack for the transfer and scheduling.
+    pub fn round_trip(&self) -> Duration {
+        self.budget + KEEPALIVE_INTERVAL * 2
+    }
+
+    /// The longest opening a worker connection blocks: the socket connect (`connect_timeout`),
+    /// then up to eight round trips (the start-up handshake with its authentication, the session
+    /// settings, the schema check, the statements to prepare), each cut as any round trip is.
+    pub fn connect(&self) -> Duration {
+        self.budget + self.round_trip() * 8
+    }
+
+    /// The longest one statement sent as text blocks: the client prepares it, then runs it, in
+    /// two round trips.
+    pub fn text_statement(&self) -> Duration {
+        self.round_trip() * 2
+    }
+}
+
+/// Keepalive probes of an idle connection are this far apart, so that `tcp_user_timeout` is
+/// checked this often once the first probe went out (the kernel's default is 75 s).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Opens one connection, shown as `application` in `pg_stat_activity`.
 pub fn connect(url: &str, application: &str) -> Result<Client, QueueError> {
@@ -152,5 +207,6 @@ pub fn connect_with_timeout(
         config.tcp_user_timeout(timeout);
     }
     config.keepalives_idle(timeout);
+    config.keepalives_interval(KEEPALIVE_INTERVAL);
     Ok(config.connect(NoTls)?)
 }

@@ -1,9 +1,11 @@
 //! Producers: validated jobs into the queue, one at a time, in bulk, or inside the caller's
 //! own transaction.
 
+use std::time::Duration;
+
 use postgres::types::{ToSql, Type};
 use postgres::GenericClient;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use super::sql::{self, render};
@@ -37,6 +39,14 @@ pub struct NewJob {
     /// While a live job has this key, enqueueing another returns the existing job's id.
     #[serde(default)]
     pub unique_key: Option<String>,
+    /// With `unique_key`: the key stays taken this long after this job took it, whatever becomes
+    /// of the job (in JSON: seconds, or a text such as "1h" or "90s").
+    #[serde(default, deserialize_with = "duration_from_json")]
+    pub unique_for: Option<Duration>,
+    /// With `unique_key`: a waiting job holding the key gets this job's payload and run time
+    /// instead of a second job being added (a running one gives the key up to this job).
+    #[serde(default)]
+    pub replace: bool,
     /// The key a per-key cap of its queue counts running jobs by (docs/flow-control.md).
     #[serde(default)]
     pub concurrency_key: Option<String>,
@@ -46,6 +56,60 @@ pub struct NewJob {
     /// This job's retry backoff base in seconds, overriding `FORKQ_RETRY_BACKOFF_BASE_SECONDS`.
     #[serde(default)]
     pub backoff_seconds: Option<f64>,
+}
+
+/// What an enqueue did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Enqueued {
+    /// The job: the new one, or the one that holds the unique key.
+    pub id: i64,
+    /// Whether a job was created; false when the key was taken, or a waiting job was replaced.
+    pub created: bool,
+    /// Whether the waiting job holding the key got the new payload and run time.
+    pub replaced: bool,
+}
+
+/// What a bulk enqueue did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    /// Jobs created.
+    pub created: u64,
+    /// Jobs not created because their unique key was taken.
+    pub duplicate: u64,
+    /// Waiting jobs that got a new payload and run time (`replace`).
+    pub replaced: u64,
+}
+
+/// Reads a duration as seconds (a JSON number) or as a text such as "1h", "30m" or "1h30m".
+fn duration_from_json<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Given {
+        Seconds(f64),
+        Text(String),
+    }
+    match Option::<Given>::deserialize(d)? {
+        None => Ok(None),
+        Some(Given::Seconds(s)) => Duration::try_from_secs_f64(s)
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("{s} is not a duration in seconds"))),
+        Some(Given::Text(text)) => parse_duration(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
+}
+
+/// Parses a duration such as "90s", "30m", "1h30m", "1d" (24 hours), "1w" or "PT1H" (ISO 8601).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    text.trim()
+        .parse::<jiff::Span>()
+        .ok()
+        .and_then(|span| {
+            span.to_duration(jiff::SpanRelativeTo::days_are_24_hours())
+                .ok()
+        })
+        .and_then(|d| Duration::try_from(d).ok())
+        .ok_or_else(|| format!("{text:?} is not a duration; use one such as 90s, 30m, 1h30m or 1d"))
 }
 
 fn empty_object() -> Value {
@@ -64,6 +128,8 @@ impl NewJob {
             delay: None,
             max_attempts: None,
             unique_key: None,
+            unique_for: None,
+            replace: false,
             concurrency_key: None,
             timeout_seconds: None,
             backoff_seconds: None,
@@ -97,6 +163,20 @@ impl NewJob {
     /// Sets a unique key.
     pub fn with_unique_key(mut self, key: impl Into<String>) -> NewJob {
         self.unique_key = Some(key.into());
+        self
+    }
+
+    /// Keeps the unique key taken for `window` after this job takes it, whatever becomes of the
+    /// job meanwhile (needs a unique key).
+    pub fn with_unique_for(mut self, window: Duration) -> NewJob {
+        self.unique_for = Some(window);
+        self
+    }
+
+    /// Replaces the payload and run time of the waiting job holding the unique key instead of
+    /// adding a job (debounce; needs a unique key).
+    pub fn with_replace(mut self) -> NewJob {
+        self.replace = true;
         self
     }
 
@@ -140,11 +220,21 @@ struct Row {
     delay: Option<f64>,
     max_attempts: i32,
     unique_key: Option<String>,
+    unique_for: Option<f64>,
+    replace: bool,
     concurrency_key: Option<String>,
     timeout_seconds: Option<f64>,
     backoff_seconds: Option<f64>,
     /// The payload's size as compact JSON.
     payload_bytes: usize,
+}
+
+impl Row {
+    /// Whether the row needs `enqueue_job` itself (a unique window or a replace) rather than the
+    /// bulk insert.
+    fn needs_function(&self) -> bool {
+        self.unique_for.is_some() || self.replace
+    }
 }
 
 fn check_text(what: &str, value: &str, max: usize) -> Result<(), QueueError> {
@@ -245,6 +335,24 @@ fn validate(job: &NewJob, limits: &Limits) -> Result<Row, QueueError> {
     if let Some(key) = &job.unique_key {
         check_text("unique key", key, 1024)?;
     }
+    if job.unique_key.is_none() && (job.unique_for.is_some() || job.replace) {
+        return Err(QueueError::InvalidJob(
+            "unique_for and replace need a unique_key".into(),
+        ));
+    }
+    if job.unique_for.is_some() && job.replace {
+        return Err(QueueError::InvalidJob(
+            "give unique_for or replace, not both: a window keeps the first job, replace the last"
+                .into(),
+        ));
+    }
+    if let Some(window) = job.unique_for {
+        if window < Duration::from_secs(1) || window > Duration::from_secs(10 * 365 * 86_400) {
+            return Err(QueueError::InvalidJob(format!(
+                "unique_for is {window:?}; use one second to ten years"
+            )));
+        }
+    }
     let max_attempts = job.max_attempts.unwrap_or(limits.default_max_attempts);
     if !(1..=1000).contains(&max_attempts) {
         return Err(QueueError::InvalidJob(format!(
@@ -298,6 +406,8 @@ fn validate(job: &NewJob, limits: &Limits) -> Result<Row, QueueError> {
         delay: job.delay,
         max_attempts,
         unique_key: job.unique_key.clone(),
+        unique_for: job.unique_for.map(|d| d.as_secs_f64()),
+        replace: job.replace,
         concurrency_key: job.concurrency_key.clone(),
         timeout_seconds: job.timeout_seconds,
         backoff_seconds: job.backoff_seconds,
@@ -313,30 +423,30 @@ pub(crate) fn check(job: &NewJob, limits: &Limits) -> Result<(), QueueError> {
 
 /// Enqueues one job through `client`, which may be the caller's own transaction: then the job
 /// is committed with the caller's rows or not at all, and workers are woken only after commit.
-/// Returns the job id (the existing job's id when its unique key is live already).
+/// Returns the job id (the existing job's id when its unique key is taken).
 pub fn enqueue(
     client: &mut impl GenericClient,
     schema: &str,
     limits: &Limits,
     job: &NewJob,
 ) -> Result<i64, QueueError> {
-    enqueue_in_batch(client, schema, limits, job, None)
+    enqueue_with_outcome(client, schema, limits, job).map(|e| e.id)
 }
 
-/// [`enqueue`] with a batch id, for the batch module.
-pub fn enqueue_in_batch(
+/// [`enqueue`], saying also whether the job was created, or which job holds its unique key.
+pub fn enqueue_with_outcome(
     client: &mut impl GenericClient,
     schema: &str,
     limits: &Limits,
     job: &NewJob,
-    batch_id: Option<i64>,
-) -> Result<i64, QueueError> {
+) -> Result<Enqueued, QueueError> {
     let row = validate(job, limits)?;
     let priority = i32::from(row.priority);
+    let batch_id: Option<i64> = None;
     // Typed parameters let the statement go out with its values in one round trip, without a
     // separate prepare: a single enqueue is latency-bound, and the caller's client (often a
     // transaction) has nowhere to cache a prepared statement.
-    let params: [(&(dyn ToSql + Sync), Type); 12] = [
+    let params: [(&(dyn ToSql + Sync), Type); 14] = [
         (&row.queue, Type::TEXT),
         (&row.task, Type::TEXT),
         (&row.payload, Type::JSONB),
@@ -346,13 +456,21 @@ pub fn enqueue_in_batch(
         (&row.max_attempts, Type::INT4),
         (&row.unique_key, Type::TEXT),
         (&batch_id, Type::INT8),
+        (&row.unique_for, Type::FLOAT8),
+        (&row.replace, Type::BOOL),
         (&row.concurrency_key, Type::TEXT),
         (&row.timeout_seconds, Type::FLOAT8),
         (&row.backoff_seconds, Type::FLOAT8),
     ];
     client
         .query_typed_one(&render(sql::ENQUEUE, schema), &params)
-        .and_then(|r| r.try_get(0))
+        .and_then(|r| {
+            Ok(Enqueued {
+                id: r.try_get(0)?,
+                created: r.try_get(1)?,
+                replaced: r.try_get(2)?,
+            })
+        })
         .map_err(|e| bad_time(e, &row.run_at))
 }
 
@@ -466,14 +584,17 @@ const CHUNK_BYTES: usize = 4 << 20;
 /// [`BulkInsert::commit`]; dropped without it, everything is rolled back.
 pub struct BulkInsert<'a> {
     tx: postgres::Transaction<'a>,
-    statement: String,
+    /// The bulk insert ([`sql::ENQUEUE_MANY`]).
+    insert: String,
+    /// `enqueue_job` row by row ([`sql::ENQUEUE_EACH`]), for unique windows and `replace`.
+    each: String,
     schema: String,
     limits: Limits,
     batch_id: Option<i64>,
     chunk: Vec<Row>,
     chunk_bytes: usize,
     pushed: u64,
-    inserted: u64,
+    counts: Counts,
 }
 
 impl<'a> BulkInsert<'a> {
@@ -487,14 +608,15 @@ impl<'a> BulkInsert<'a> {
     ) -> Result<BulkInsert<'a>, QueueError> {
         Ok(BulkInsert {
             tx: client.transaction()?,
-            statement: render(sql::ENQUEUE_MANY, schema),
+            insert: render(sql::ENQUEUE_MANY, schema),
+            each: render(sql::ENQUEUE_EACH, schema),
             schema: schema.to_string(),
             limits: *limits,
             batch_id,
             chunk: Vec::new(),
             chunk_bytes: 0,
             pushed: 0,
-            inserted: 0,
+            counts: Counts::default(),
         })
     }
 
@@ -515,66 +637,78 @@ impl<'a> BulkInsert<'a> {
         self.pushed
     }
 
+    /// Sends the chunk: each run of rows without a unique window or `replace` by the bulk insert,
+    /// each run of rows with either through `enqueue_job` one by one (still one statement).
     fn flush(&mut self) -> Result<(), QueueError> {
-        if self.chunk.is_empty() {
-            return Ok(());
-        }
         let chunk = std::mem::take(&mut self.chunk);
         self.chunk_bytes = 0;
-        let queues: Vec<&str> = chunk.iter().map(|r| r.queue.as_str()).collect();
-        let tasks: Vec<&str> = chunk.iter().map(|r| r.task.as_str()).collect();
-        let payloads: Vec<&Value> = chunk.iter().map(|r| &r.payload).collect();
-        let priorities: Vec<i16> = chunk.iter().map(|r| r.priority).collect();
-        let run_ats: Vec<Option<&str>> = chunk.iter().map(|r| r.run_at.as_deref()).collect();
-        let delays: Vec<Option<f64>> = chunk.iter().map(|r| r.delay).collect();
-        let attempts: Vec<i32> = chunk.iter().map(|r| r.max_attempts).collect();
-        let keys: Vec<Option<&str>> = chunk.iter().map(|r| r.unique_key.as_deref()).collect();
-        let batches: Vec<Option<i64>> = vec![self.batch_id; chunk.len()];
-        let concurrency_keys: Vec<Option<&str>> =
-            chunk.iter().map(|r| r.concurrency_key.as_deref()).collect();
-        let timeouts: Vec<Option<f64>> = chunk.iter().map(|r| r.timeout_seconds).collect();
-        let backoffs: Vec<Option<f64>> = chunk.iter().map(|r| r.backoff_seconds).collect();
-        let count: i64 = self
-            .tx
-            .query_one(
-                &self.statement,
-                &[
-                    &queues,
-                    &tasks,
-                    &payloads,
-                    &priorities,
-                    &run_ats,
-                    &delays,
-                    &attempts,
-                    &keys,
-                    &batches,
-                    &concurrency_keys,
-                    &timeouts,
-                    &backoffs,
-                ],
-            )
-            .map_err(|e| bad_time(e, &chunk.iter().find_map(|r| r.run_at.clone())))?
-            .get(0);
-        self.inserted += count as u64;
+        for run in chunk.chunk_by(|a, b| a.needs_function() == b.needs_function()) {
+            let queues: Vec<&str> = run.iter().map(|r| r.queue.as_str()).collect();
+            let tasks: Vec<&str> = run.iter().map(|r| r.task.as_str()).collect();
+            let payloads: Vec<&Value> = run.iter().map(|r| &r.payload).collect();
+            let priorities: Vec<i16> = run.iter().map(|r| r.priority).collect();
+            let run_ats: Vec<Option<&str>> = run.iter().map(|r| r.run_at.as_deref()).collect();
+            let delays: Vec<Option<f64>> = run.iter().map(|r| r.delay).collect();
+            let attempts: Vec<i32> = run.iter().map(|r| r.max_attempts).collect();
+            let keys: Vec<Option<&str>> = run.iter().map(|r| r.unique_key.as_deref()).collect();
+            let batches: Vec<Option<i64>> = vec![self.batch_id; run.len()];
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+                &queues,
+                &tasks,
+                &payloads,
+                &priorities,
+                &run_ats,
+                &delays,
+                &attempts,
+                &keys,
+                &batches,
+            ];
+            let windows: Vec<Option<f64>> = run.iter().map(|r| r.unique_for).collect();
+            let replaces: Vec<bool> = run.iter().map(|r| r.replace).collect();
+            let each = run[0].needs_function();
+            if each {
+                params.extend([&windows as &(dyn ToSql + Sync), &replaces]);
+            }
+            let concurrency_keys: Vec<Option<&str>> =
+                run.iter().map(|r| r.concurrency_key.as_deref()).collect();
+            let timeouts: Vec<Option<f64>> = run.iter().map(|r| r.timeout_seconds).collect();
+            let backoffs: Vec<Option<f64>> = run.iter().map(|r| r.backoff_seconds).collect();
+            params.extend([
+                &concurrency_keys as &(dyn ToSql + Sync),
+                &timeouts,
+                &backoffs,
+            ]);
+            let row = self
+                .tx
+                .query_one(if each { &self.each } else { &self.insert }, &params)
+                .map_err(|e| bad_time(e, &run.iter().find_map(|r| r.run_at.clone())))?;
+            let created = row.get::<_, i64>(0) as u64;
+            // The bulk insert never replaces: it answers only the jobs it created.
+            let replaced = if each { row.get::<_, i64>(1) as u64 } else { 0 };
+            self.counts.created += created;
+            self.counts.replaced += replaced;
+            self.counts.duplicate += run.len() as u64 - created - replaced;
+        }
         Ok(())
     }
 
-    /// Sends the last chunk, wakes the workers (on commit) and commits. Jobs whose unique key
-    /// was live are skipped; returns how many were inserted.
-    pub fn commit(mut self) -> Result<u64, QueueError> {
+    /// Sends the last chunk, wakes the workers (on commit) and commits. Returns how many jobs
+    /// were created, how many were not because their unique key was taken, and how many waiting
+    /// jobs were replaced.
+    pub fn commit(mut self) -> Result<Counts, QueueError> {
         self.flush()?;
-        if self.inserted > 0 {
+        if self.counts.created + self.counts.replaced > 0 {
             self.tx
                 .execute(&render(sql::NOTIFY, &self.schema), &[&""])?;
         }
         self.tx.commit()?;
-        Ok(self.inserted)
+        Ok(self.counts)
     }
 }
 
 /// Inserts `jobs` (built in code, or read with [`JsonLines`]) in one transaction owned by
 /// `client` (which may itself be the caller's transaction) through a [`BulkInsert`]. Jobs whose
-/// unique key is live are skipped. Returns how many were inserted.
+/// unique key is taken are skipped. Returns how many were created.
 pub fn enqueue_many(
     client: &mut impl GenericClient,
     schema: &str,
@@ -586,12 +720,43 @@ pub fn enqueue_many(
     for job in jobs {
         bulk.push(job)?;
     }
-    bulk.commit()
+    Ok(bulk.commit()?.created)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::is_rfc3339;
+    use super::{is_rfc3339, parse_duration, NewJob};
+    use std::time::Duration;
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        for (text, seconds) in [
+            ("90s", 90),
+            ("30m", 1800),
+            ("1h30m", 5400),
+            ("1.5h", 5400),
+            ("2 hours", 7200),
+            ("1d", 86_400),
+            ("1w", 604_800),
+            ("PT1H", 3600),
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_secs(seconds)),
+                "{text}"
+            );
+        }
+        for bad in ["", "soon", "1", "-5m", "1 fortnight"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        let line = r#"{"task":"t","unique_key":"k","unique_for":"1h"}"#;
+        let job: NewJob = serde_json::from_str(line).unwrap();
+        assert_eq!(job.unique_for, Some(Duration::from_secs(3600)));
+        let job: NewJob =
+            serde_json::from_str(r#"{"task":"t","unique_key":"k","unique_for":90}"#).unwrap();
+        assert_eq!(job.unique_for, Some(Duration::from_secs(90)));
+        assert!(serde_json::from_str::<NewJob>(r#"{"task":"t","unique_for":"soon"}"#).is_err());
+    }
 
     #[test]
     fn run_at_must_be_rfc3339_with_an_offset() {

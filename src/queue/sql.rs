@@ -27,20 +27,29 @@ pub fn advisory_key(purpose: &str, schema: &str) -> i64 {
     hash as i64
 }
 
-/// The LISTEN/NOTIFY channel of a schema.
+/// What the LISTEN/NOTIFY channel of a schema starts with.
+pub const CHANNEL_PREFIX: &str = "forkq_";
+
+/// The LISTEN/NOTIFY channel of a schema: an identifier too, so a schema name is bounded by it
+/// (see [`crate::config::MAX_SCHEMA_BYTES`]).
 pub fn channel(schema: &str) -> String {
-    format!("forkq_{schema}")
+    format!("{CHANNEL_PREFIX}{schema}")
 }
 
-/// Enqueues one job through the SQL function that every producer shares.
+/// Enqueues one job through the SQL function that every producer shares; answers its id and
+/// whether it was created or replaced (see `enqueue_job` in the migration).
 /// `$5` is an RFC 3339 text and `$6` a delay in seconds; at most one of them is non-null.
-/// `$10`-`$12` are the flow-control options (concurrency key, timeout, backoff).
+/// `$10` is a unique window in seconds; `$12`-`$14` are the flow-control options (concurrency
+/// key, timeout, backoff).
 pub const ENQUEUE: &str = "
-    SELECT {s}.enqueue($1, $2, $3, $4,
-                       coalesce($5::text::timestamptz, now() + make_interval(secs => $6::float8)),
-                       $7, $8, $9, $10, $11, $12)";
+    SELECT id, created, replaced
+    FROM {s}.enqueue_job($1, $2, $3, $4,
+                         coalesce($5::text::timestamptz, now() + make_interval(secs => $6::float8)),
+                         $7, $8, $9, make_interval(secs => $10::float8), $11, $12, $13, $14)";
 
-/// Enqueues many jobs in one statement; unique keys that are live already are skipped.
+/// Enqueues many jobs in one statement; unique keys that are live already are skipped. Answers
+/// how many were inserted. Jobs with a unique window or `replace` go through
+/// [`ENQUEUE_EACH`] instead.
 pub const ENQUEUE_MANY: &str = "
     WITH input AS (
         SELECT queue, task, payload, priority,
@@ -66,15 +75,35 @@ pub const ENQUEUE_MANY: &str = "
     )
     SELECT count(*) FROM inserted";
 
+/// Enqueues many jobs one by one, in order, through `enqueue_job` (for unique windows and
+/// `replace`); answers how many were created and how many replaced a waiting job.
+pub const ENQUEUE_EACH: &str = "
+    SELECT count(*) FILTER (WHERE e.created), count(*) FILTER (WHERE e.replaced)
+    FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::smallint[], $5::text[],
+                $6::float8[], $7::int[], $8::text[], $9::bigint[], $10::float8[], $11::bool[],
+                $12::text[], $13::float8[], $14::float8[])
+            WITH ORDINALITY
+            AS a(queue, task, payload, priority, run_at_text, delay, max_attempts, unique_key,
+                 batch_id, unique_for, replace, concurrency_key, timeout_seconds,
+                 backoff_seconds, n),
+         LATERAL {s}.enqueue_job(a.queue, a.task, a.payload, a.priority,
+                                 coalesce(a.run_at_text::timestamptz,
+                                          now() + make_interval(secs => a.delay)),
+                                 a.max_attempts, a.unique_key, a.batch_id,
+                                 make_interval(secs => a.unique_for), a.replace,
+                                 a.concurrency_key, a.timeout_seconds, a.backoff_seconds) e";
+
 /// Wakes idle workers once the enqueuing transaction commits.
 pub const NOTIFY: &str = "SELECT pg_notify('{c}', $1)";
 
-/// The lean round: settles plain completed jobs (fenced by lease token; archived when `$4`) and
-/// claims up to `$9` jobs from the queues `$8` in one statement, with no procedural code in the
-/// way. Jobs come back in index order per queue, not in claim order: the caller sorts them (by
-/// queue position, priority, run_at, id). One extra row with a null id carries the acks refused
-/// (stale leases; null when none) and the sum of `changes` (see the migration), which tells the
-/// worker when to check its prefetched jobs for a cancel. Built by [`round`] for the number of
+/// The lean round: settles plain completed jobs (fenced by lease token; archived when `$4`),
+/// claims up to `$9` jobs from the queues `$8`, and makes up to `$9` due scheduled or retryable
+/// jobs claimable for the next round (one probe of `jobs_due_idx` when none is due), in one
+/// statement, with no procedural code in the way. Jobs come back in index order per queue, not in
+/// claim order: the caller sorts them (by queue position, priority, run_at, id). One extra row
+/// with a null id carries the acks refused (stale leases; null when none), the sum of `changes`
+/// (see the migration), which tells the worker when to check its prefetched jobs for a cancel,
+/// and how many jobs it made claimable. Built by [`round`] for the number of
 /// queues; `$1` ids, `$2` tokens, `$3` results, `$5` owner, `$6` this claim's lease token, `$7`
 /// lease seconds.
 const ROUND: &str = "
@@ -99,15 +128,24 @@ const ROUND: &str = "
         WHERE j.id = ANY(ARRAY({pick}))
         RETURNING j.id, j.queue, j.task, j.payload, j.priority, j.run_at, j.attempt,
                   j.max_attempts, j.batch_id, j.expiries, j.timeout_seconds, j.backoff_seconds
+    ), promoted AS (
+        UPDATE {s}.jobs j SET state = 'available'
+        WHERE j.id = ANY(ARRAY(SELECT d.id FROM {s}.jobs d
+                               WHERE d.state IN ('scheduled', 'retryable') AND d.run_at <= now()
+                               ORDER BY d.run_at LIMIT $9::int FOR UPDATE SKIP LOCKED))
+          AND j.state IN ('scheduled', 'retryable')
+        RETURNING 1
     )
     SELECT id, queue, task, payload, priority, run_at, attempt, max_attempts, batch_id, expiries,
-           timeout_seconds, backoff_seconds, NULL::bigint[] AS refused, NULL::bigint AS changes
+           timeout_seconds, backoff_seconds, NULL::bigint[] AS refused, NULL::bigint AS changes,
+           NULL::bigint AS promoted
     FROM claimed
     UNION ALL
     SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
            CASE WHEN (SELECT count(*) FROM done) < cardinality($1::bigint[])
                 THEN ARRAY(SELECT id FROM acked EXCEPT SELECT id FROM done) END,
-           (SELECT coalesce(sum(weight), 0)::bigint FROM {s}.changes)";
+           (SELECT coalesce(sum(weight), 0)::bigint FROM {s}.changes),
+           (SELECT count(*) FROM promoted)";
 
 /// One queue's pick: its first `$9` claimable jobs in claim order, locked, skipping rows others
 /// hold. Served by `jobs_claim_idx` (equality on queue, then its exact order). A queue whose row
@@ -200,9 +238,6 @@ pub const MARK_STARTED: &str = "SELECT {s}.mark_started($1, $2)";
 /// Ends cancelled the prefetched jobs that must no longer run (see `drop_cancelled`).
 pub const DROP_CANCELLED: &str = "SELECT {s}.drop_cancelled($1, $2, $3)";
 
-/// Makes due scheduled and retryable jobs claimable (see `promote_due` in the migration).
-pub const PROMOTE_DUE: &str = "SELECT {s}.promote_due($1)";
-
 /// Returns expired leases to the queue.
 pub const RESCUE_EXPIRED: &str = "SELECT {s}.rescue_expired($1)";
 
@@ -224,10 +259,63 @@ pub const PURGE_EXPIRED_ARCHIVE: &str = "
           AND (a.batch_id IS NULL
                OR NOT EXISTS (SELECT 1 FROM {s}.batches b
                               WHERE b.id = a.batch_id AND b.state = 'open'))
-        LIMIT $2))";
+        LIMIT $2 FOR UPDATE SKIP LOCKED))";
 
-/// Takes the maintenance lock for the rest of the transaction, if no one else holds it.
-pub const TRY_MAINTENANCE_LOCK: &str = "SELECT pg_try_advisory_xact_lock($1)";
+/// Deletes unique windows that expired, a bounded chunk at a time (an enqueue of the key takes an
+/// expired window over anyway; this keeps keys that never come back from piling up).
+pub const PURGE_EXPIRED_WINDOWS: &str = "
+    DELETE FROM {s}.unique_windows
+    WHERE key IN (SELECT key FROM {s}.unique_windows WHERE expires_at < now()
+                  LIMIT 10000 FOR UPDATE SKIP LOCKED)";
+
+/// What a session sees of the server's connections (see `queue::capacity`): the port the server
+/// listens on, whether this session's backend was started within the last `$1` seconds (not a
+/// pooled one), `max_connections`, the slots this role cannot use, the client connections in use
+/// by others, and what the role's and the database's `CONNECTION LIMIT` leave (NULL: none).
+/// Superusers may use the reserved slots and ignore the limits.
+pub const CONNECTION_HEADROOM: &str = "
+    SELECT current_setting('port')::int AS port,
+           s.backend_start > now() - make_interval(secs => $1) AS own_session,
+           current_setting('max_connections')::int AS max_connections,
+           CASE WHEN r.rolsuper THEN 0
+                ELSE current_setting('superuser_reserved_connections')::int
+                     + coalesce(current_setting('reserved_connections', true), '0')::int
+           END AS reserved,
+           (SELECT count(*) FROM pg_stat_activity
+            WHERE backend_type = 'client backend')::int - 1 AS in_use,
+           CASE WHEN r.rolsuper OR r.rolconnlimit < 0 THEN NULL
+                ELSE r.rolconnlimit + 1
+                     - (SELECT count(*) FROM pg_stat_activity
+                        WHERE usesysid = r.oid AND backend_type = 'client backend')::int
+           END AS role_free,
+           CASE WHEN r.rolsuper OR d.datconnlimit < 0 THEN NULL
+                ELSE d.datconnlimit + 1
+                     - (SELECT count(*) FROM pg_stat_activity
+                        WHERE datid = d.oid AND backend_type = 'client backend')::int
+           END AS database_free
+    FROM pg_stat_activity s, pg_roles r, pg_database d
+    WHERE s.pid = pg_backend_pid() AND r.rolname = current_user
+      AND d.datname = current_database()";
+
+/// Takes this schema's maintenance turn if the last pass anywhere began at least `$2` seconds ago
+/// (and no pass is taking it right now), and if so rescues expired leases; returns null when it
+/// was not this caller's turn. One statement, one round trip.
+pub const TAKE_TURN_AND_RESCUE: &str = "
+    WITH turn AS (
+        UPDATE {s}.maintenance_turn t SET at = now()
+        WHERE t.at <= now() - make_interval(secs => $2::float8)
+          AND t.id IN (SELECT m.id FROM {s}.maintenance_turn m FOR UPDATE SKIP LOCKED)
+        RETURNING 1
+    )
+    SELECT CASE WHEN EXISTS (SELECT 1 FROM turn) THEN {s}.rescue_expired($1::boolean) END";
+
+/// The watched tables of schema `$1` (names `$2`) whose dead rows exceed `$3 + $4 × live rows`
+/// (per table, in the same order), with their dead rows.
+pub const BLOATED_TABLES: &str = "
+    SELECT w.name, t.n_dead_tup
+    FROM unnest($2::text[], $3::bigint[], $4::float8[]) AS w(name, base, fraction)
+    JOIN pg_stat_user_tables t ON t.schemaname = $1 AND t.relname = w.name
+    WHERE t.n_dead_tup > w.base + w.fraction * t.n_live_tup";
 
 /// Counts live jobs per queue and effective state (a due scheduled job counts as available), and
 /// the failed and cancelled jobs of the archive (through their partial index).
@@ -295,6 +383,25 @@ pub const BATCH_CANCEL: &str = "SELECT state, changed FROM {s}.batch_cancel($1, 
 /// Repairs open batches whose counters disagree with their children (see `batch_repair`).
 pub const BATCH_REPAIR: &str = "
     SELECT batch_id, old_counts, new_counts FROM {s}.batch_repair($1, $2)";
+
+/// Declares a daemon's schedules (see `schedule_declare` in the migration): $1 names, $2
+/// definitions, $3 the daemon's start time (RFC 3339), $4 who declares. Answers what the database
+/// holds for those names, in the columns of [`SCHEDULE_STATE`].
+pub const SCHEDULE_DECLARE: &str =
+    "SELECT * FROM {s}.schedule_declare($1, $2, $3::text::timestamptz, $4)";
+
+/// The schedules named in $1 (every one when null): name, definition, revision, declared_by,
+/// declared_at, ticks_after, last_tick_at, last_run_at (seconds since the epoch), last_job_id.
+pub const SCHEDULE_STATE: &str = "SELECT * FROM {s}.schedule_state($1)";
+
+/// Enqueues due ticks (see `schedule_fire` in the migration): $1 names, $2 ticks (RFC 3339),
+/// $3 revisions, sorted by name then tick. Answers the job enqueued (null when the tick was
+/// enqueued already) and the schedule's revision (null when it is gone), per tick.
+pub const SCHEDULE_FIRE: &str = "
+    SELECT job_id, revision FROM {s}.schedule_fire($1, $2::text[]::timestamptz[], $3)";
+
+/// Enqueues one run of a schedule now; answers the job id, null when there is no such schedule.
+pub const SCHEDULE_RUN: &str = "SELECT {s}.schedule_run($1)";
 
 /// One keyset page of the job browser over one table, newest first: `{walk}` picks at most `$2`
 /// candidate rows below id `$1` by walking an index in id order (one of the `BROWSE_*_WALK`

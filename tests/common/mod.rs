@@ -26,6 +26,30 @@ pub fn forkq_bin() -> &'static str {
     env!("CARGO_BIN_EXE_forkq")
 }
 
+/// Runs `forkq ARGS` against `schema` with a clean environment (PATH, `FORKQ_LOG=warn`, the
+/// schema's variables, then `extra`) and no stdin: (exit code, stdout, stderr).
+pub fn forkq_cli(
+    schema: &TestSchema,
+    extra: &[(&str, &str)],
+    args: &[&str],
+) -> (i32, String, String) {
+    let output = Command::new(forkq_bin())
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("FORKQ_LOG", "warn")
+        .envs(schema.env())
+        .envs(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run forkq");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 /// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -381,15 +405,18 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 
 /// Whether a process exists (and is not a zombie).
 pub fn process_alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
+    process_state(pid).is_some_and(|state| state != 'Z')
+}
+
+/// A process's state letter from /proc (`R`, `S`, `T` stopped, `Z` zombie…), `None` when gone.
+pub fn process_state(pid: i32) -> Option<char> {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()?
+        .rsplit(')')
+        .next()?
+        .trim_start()
+        .chars()
+        .next()
 }
 
 /// A schema name of its own that is dropped at the end but never migrated, for tests of the
@@ -417,24 +444,6 @@ impl Drop for FreshSchema {
             let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.0));
         }
     }
-}
-
-/// `forkq ARGS` with the schema's environment (logging at warn); (exit code, stdout, stderr).
-pub fn cli(schema: &TestSchema, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(forkq_bin())
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("FORKQ_LOG", "warn")
-        .envs(schema.env())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// The first fenced `sh` block of the section of `markdown` whose heading starts with `heading`

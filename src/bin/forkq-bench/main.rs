@@ -4,7 +4,7 @@
 //! `forkq-bench` runs the whole plan; `forkq-bench worker` is the library worker the latency and
 //! recovery workloads spawn. Settings (environment): `DATABASE_URL`, `BENCH_FORKQ_BIN` (the release
 //! `forkq`, default: next to this binary), `BENCH_QUICK=1` (a few minutes instead of about half
-//! an hour), `BENCH_ONLY=raw,w1,crowded,durable,mixed,w2,w3,recovery,idle,scale,soak` (a subset),
+//! an hour), `BENCH_ONLY=raw,w1,crowded,durable,mixed,w2,w3,recovery,idle,scale,purge,soak` (a subset),
 //! `BENCH_STOCK_URL` (a server with stock settings, for the second soak; `scripts/bench.sh`
 //! starts a private one), `BENCH_OUT` (default `docs/benchmarks.md`; `-` writes nothing), `BENCH_DIR`
 //! (logs, default `target/bench`).
@@ -40,6 +40,7 @@ struct Plan {
     recovery_rounds: usize,
     idle_seconds: f64,
     scale_n: usize,
+    purge: usize,
     soak_seconds: u64,
 }
 
@@ -58,6 +59,7 @@ impl Plan {
                 recovery_rounds: 2,
                 idle_seconds: 3.0,
                 scale_n: 5_000,
+                purge: 100_000,
                 soak_seconds: 60,
             }
         } else {
@@ -73,6 +75,7 @@ impl Plan {
                 recovery_rounds: 4,
                 idle_seconds: 10.0,
                 scale_n: 20_000,
+                purge: 1_000_000,
                 soak_seconds: 600,
             }
         }
@@ -490,40 +493,56 @@ fn run() -> BenchResult<()> {
         }
     }
 
+    if wants("purge") {
+        let n = plan.purge;
+        let label = format!(
+            "purge: {}k completed jobs past a 1 s retention, 2 children",
+            n / 1000
+        );
+        match workloads::purge(&ctx, n) {
+            Ok(rate) => report.add(
+                label,
+                format!("{rate:.0} rows/s, daemon start included"),
+                "must keep pace with the highest drain rate above",
+                "",
+            ),
+            Err(e) => report.add(label, format!("error: {e}"), "", ""),
+        }
+    }
     if wants("soak") {
-        let stock = std::env::var("BENCH_STOCK_URL")
-            .ok()
-            .filter(|u| !u.is_empty());
+        let stock = std::env::var("BENCH_STOCK_URL").unwrap_or_default();
         let servers = [
             (url.clone(), "this server"),
             (
-                stock.unwrap_or_default(),
+                stock,
                 "a private cluster with stock settings (autovacuum on)",
             ),
         ];
         for (server, which) in servers.iter().filter(|(u, _)| !u.is_empty()) {
             let label = format!(
-                "soak {} min, producer keeps 200k waiting, 2 children, on {which}",
-                plan.soak_seconds / 60
+                "soak {} s, producer keeps 200k waiting, 2 children, default retention, on {which}",
+                plan.soak_seconds
             );
             match workloads::soak(&ctx, server, plan.soak_seconds, 200_000) {
                 Ok(soak) => {
-                    let first = soak.per_minute.first().copied().unwrap_or(0.0);
-                    let last = soak.per_minute.last().copied().unwrap_or(0.0);
+                    let first = soak.per_window.first().copied().unwrap_or(0.0);
+                    let last = soak.per_window.last().copied().unwrap_or(0.0);
                     report.add(
                         label,
                         format!(
-                            "jobs/s by minute: {}; at the end: hot table {} rows, {:.0} MB; archive {:.0} MB",
-                            soak.per_minute
+                            "jobs/s per {} s: {}; PG CPU {:.1} µs/job; at the end: hot table {} rows, {:.0} MB; archive {:.0} MB",
+                            soak.window_s,
+                            soak.per_window
                                 .iter()
                                 .map(|r| format!("{r:.0}"))
                                 .collect::<Vec<_>>()
                                 .join(", "),
+                            soak.pg_us_per_job,
                             soak.hot_rows,
                             soak.hot_bytes as f64 / 1e6,
                             soak.archive_bytes as f64 / 1e6
                         ),
-                        format!("last minute {:.2}x the first", last / first.max(1.0)),
+                        format!("last window {:.2}x the first", last / first.max(1.0)),
                         format!("≥ 0.9x: {}", verdict(last >= 0.9 * first)),
                     );
                 }

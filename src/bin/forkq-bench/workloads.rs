@@ -455,9 +455,13 @@ pub fn mixed(ctx: &Ctx, before: usize, after: usize) -> BenchResult<Mixed> {
 
 /// A soak: producers keep the backlog full while 2 children drain it.
 pub struct Soak {
-    /// Completions per second in each minute (the last one possibly shorter).
-    pub per_minute: Vec<f64>,
-    /// Hot table and archive sizes at the end, bytes (with indexes).
+    /// The length of one window, seconds.
+    pub window_s: u64,
+    /// Completions per second in each window (the last one possibly shorter).
+    pub per_window: Vec<f64>,
+    /// Server CPU per job over the whole soak (the daemon's backends), µs.
+    pub pg_us_per_job: f64,
+    /// The hot table's size at the end, bytes (with indexes).
     pub hot_bytes: i64,
     /// The archive's size at the end, bytes (with indexes).
     pub archive_bytes: i64,
@@ -466,48 +470,48 @@ pub struct Soak {
 }
 
 /// Drains for `seconds` while a producer tops the backlog up to `backlog` waiting jobs in
-/// chunks of 10k (default retention, so every completed job is archived).
-pub fn soak(ctx: &Ctx, url: &str, seconds: u64, backlog: i64) -> BenchResult<Soak> {
+/// chunks of 10k (default retention, so every completed job is archived). The producer keeps
+/// count from the fleet's own counter, so it costs the server nothing but its inserts.
+pub fn soak(ctx: &Ctx, url: &str, seconds: u64, backlog: u64) -> BenchResult<Soak> {
+    const CHUNK: u64 = 10_000;
     let schema = BenchSchema::new(url, "soak")?;
     schema.fill(backlog as usize, "noop", &json!({}))?;
     let daemon = Daemon::spawn(&ctx.programs, Program::Forkq, &schema, 2, &[])?;
     let mut producer = connect(url, "forkq-bench producer")?;
     let top_up = schema.sql(
-        "WITH n AS (SELECT count(*) AS waiting FROM {s}.jobs WHERE state = 'available')
-         INSERT INTO {s}.jobs (queue, task, payload)
-         SELECT 'default', 'noop', '{}' FROM n, generate_series(1, 10000)
-         WHERE n.waiting < $1",
+        "INSERT INTO {s}.jobs (queue, task, payload)
+         SELECT 'default', 'noop', '{}' FROM generate_series(1, $1)",
     );
     let notify = schema.sql("SELECT pg_notify('forkq_' || $1, 'default')");
+    let window_s = (seconds / 10).max(10);
     let started = Instant::now();
+    let mut enqueued = backlog;
     let mut marks = vec![(0.0, 0u64)];
     let mut last_mark = Instant::now();
     while started.elapsed() < Duration::from_secs(seconds) {
-        let mut tx = producer.transaction()?;
-        let added = tx.execute(&top_up, &[&backlog])?;
-        if added > 0 {
+        let done = daemon.succeeded().unwrap_or(0);
+        if enqueued.saturating_sub(done) < backlog {
+            let mut tx = producer.transaction()?;
+            tx.execute(&top_up, &[&(CHUNK as i32)])?;
             tx.execute(&notify, &[&schema.name])?;
-        }
-        tx.commit()?;
-        if added == 0 {
+            tx.commit()?;
+            enqueued += CHUNK;
+        } else {
             std::thread::sleep(Duration::from_millis(20));
         }
-        if last_mark.elapsed() >= Duration::from_secs(60) {
+        if last_mark.elapsed() >= Duration::from_secs(window_s) {
             last_mark = Instant::now();
-            marks.push((
-                started.elapsed().as_secs_f64(),
-                daemon.succeeded().unwrap_or(0),
-            ));
+            marks.push((started.elapsed().as_secs_f64(), done));
         }
     }
-    marks.push((
-        started.elapsed().as_secs_f64(),
-        daemon.succeeded().unwrap_or(0),
-    ));
-    let per_minute = marks
+    let done = daemon.succeeded().unwrap_or(0);
+    marks.push((started.elapsed().as_secs_f64(), done));
+    let per_window = marks
         .windows(2)
+        .filter(|w| w[1].0 - w[0].0 >= window_s as f64 / 2.0)
         .map(|w| (w[1].1 - w[0].1) as f64 / (w[1].0 - w[0].0))
         .collect();
+    let pg_cpu = sys::cpu_total(&schema.backend_pids(&mut producer)?);
     let mut size = |rel: &str| -> BenchResult<i64> {
         Ok(producer
             .query_one(
@@ -517,11 +521,48 @@ pub fn soak(ctx: &Ctx, url: &str, seconds: u64, backlog: i64) -> BenchResult<Soa
             .get(0))
     };
     Ok(Soak {
-        per_minute,
+        window_s,
+        per_window,
+        pg_us_per_job: pg_cpu * 1e6 / done.max(1) as f64,
         hot_bytes: size("jobs")?,
         archive_bytes: size("jobs_archive")?,
         hot_rows: producer
             .query_one(&schema.sql("SELECT count(*) FROM {s}.jobs"), &[])?
             .get(0),
     })
+}
+
+/// The retention service against a backlog: `n` completed jobs archived past their retention
+/// (one second), purged by maintenance passes as a daemon runs them; rows purged per second.
+pub fn purge(ctx: &Ctx, n: usize) -> BenchResult<f64> {
+    let schema = BenchSchema::new(&ctx.url, "purge")?;
+    let mut client = connect(&ctx.url, "forkq-bench")?;
+    client.execute(
+        &schema.sql(
+            "INSERT INTO {s}.jobs_archive (id, queue, task, payload, priority, state, attempt,
+                                           max_attempts, created_at, finished_at)
+             SELECT g, 'default', 'noop', '{}', 0, 'completed', 1, 25, now(), now()
+             FROM generate_series(1, $1) g",
+        ),
+        &[&(n as i32)],
+    )?;
+    client.batch_execute(&schema.sql("ANALYZE {s}.jobs_archive"))?;
+    std::thread::sleep(Duration::from_secs(1));
+    let started = Instant::now();
+    let _daemon = Daemon::spawn(
+        &ctx.programs,
+        Program::Forkq,
+        &schema,
+        2,
+        &[("FORKQ_RETENTION_SECONDS", "1".to_string())],
+    )?;
+    let left = schema.sql("SELECT count(*) FROM {s}.jobs_archive");
+    let deadline = started + Duration::from_secs(120);
+    while client.query_one(&left, &[])?.get::<_, i64>(0) > 0 {
+        if Instant::now() > deadline {
+            return Err("the archive was not purged within 120 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
 }

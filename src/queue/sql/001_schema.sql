@@ -38,9 +38,9 @@ CREATE TABLE {s}.jobs (
 
 -- Serves the claim: equality on queue, then exactly the claim's ORDER BY, only rows that can run
 -- now. Waiting rows are in jobs_due_idx instead, so a million jobs scheduled for tomorrow cost the
--- claim nothing: promote_due() moves them here when they fall due.
+-- claim nothing: every claim round (ROUND in sql.rs) moves the due ones here.
 CREATE INDEX jobs_claim_idx ON {s}.jobs (queue, priority, run_at, id) WHERE state = 'available';
--- Serves promote_due(): scheduled and retryable rows by the time they fall due.
+-- Serves the claim round's promotion: scheduled and retryable rows by the time they fall due.
 CREATE INDEX jobs_due_idx ON {s}.jobs (run_at) WHERE state IN ('scheduled', 'retryable');
 -- Serves lease renewal and release by owner, and the rescue of expired leases.
 CREATE INDEX jobs_running_idx ON {s}.jobs (lease_owner) WHERE state = 'running';
@@ -119,10 +119,130 @@ BEGIN
 END
 $$;
 
--- Enqueues one job and returns its id; with a live unique key already present, returns that job's
--- id instead. Notifies idle workers (delivered only when the caller's transaction commits).
+-- Enqueues one job and says what happened: (id, created, replaced). Without a unique key it
+-- inserts, notifies and returns (new id, true, false): nothing else is looked at. With a key:
+-- * a live job holding the key wins: its id comes back, created = false;
+-- * unique_for also refuses the key for that long after a job took it, whatever became of that
+--   job since (the window is a row of unique_windows, created by migration 002);
+-- * replace gives the waiting job that holds the key the new payload and run time instead
+--   (replaced = true); a running one keeps running and gives the key up to a new job.
+-- Idle workers are notified of a job that can run now, when the caller's transaction commits.
 -- concurrency_key, timeout_seconds and backoff_seconds are the flow-control options of
--- docs/flow-control.md.
+-- docs/flow-control.md (not changed by a replace).
+CREATE FUNCTION {s}.enqueue_job(
+    queue        text,
+    task         text,
+    payload      jsonb DEFAULT '{}',
+    priority     int DEFAULT 0,
+    run_at       timestamptz DEFAULT NULL,
+    max_attempts int DEFAULT 25,
+    unique_key   text DEFAULT NULL,
+    batch_id     bigint DEFAULT NULL,
+    unique_for   interval DEFAULT NULL,
+    replace      boolean DEFAULT false,
+    concurrency_key text DEFAULT NULL,
+    timeout_seconds float8 DEFAULT NULL,
+    backoff_seconds float8 DEFAULT NULL,
+    OUT id       bigint,
+    OUT created  boolean,
+    OUT replaced boolean
+) LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    found_id    bigint;
+    found_state text;
+    found_queue text;
+BEGIN
+    IF queue IS NULL OR queue = '' OR task IS NULL OR task = '' THEN
+        RAISE EXCEPTION 'forkq: queue and task must be non-empty' USING ERRCODE = '22023';
+    END IF;
+    PERFORM {s}.check_job_options(enqueue_job.concurrency_key, enqueue_job.timeout_seconds,
+                                  enqueue_job.backoff_seconds);
+    created := false;
+    replaced := false;
+    IF unique_for IS NOT NULL OR replace THEN
+        IF unique_key IS NULL THEN
+            RAISE EXCEPTION 'forkq: unique_for and replace need a unique_key' USING ERRCODE = '22023';
+        ELSIF unique_for IS NOT NULL AND replace THEN
+            RAISE EXCEPTION 'forkq: give unique_for or replace, not both' USING ERRCODE = '22023';
+        ELSIF unique_for <= interval '0' THEN
+            RAISE EXCEPTION 'forkq: unique_for must be positive' USING ERRCODE = '22023';
+        END IF;
+    END IF;
+    IF unique_for IS NOT NULL THEN
+        -- Open the key's window unless one is open; a concurrent opener's insert waits for this
+        -- transaction, then finds the window open and returns its job.
+        INSERT INTO {s}.unique_windows AS w (key, job_id, expires_at)
+        VALUES (enqueue_job.unique_key, NULL, now() + enqueue_job.unique_for)
+        ON CONFLICT (key) DO UPDATE SET job_id = NULL, expires_at = EXCLUDED.expires_at
+            WHERE w.expires_at <= now()
+        RETURNING w.job_id INTO found_id;
+        IF NOT FOUND THEN
+            SELECT w.job_id INTO id FROM {s}.unique_windows w WHERE w.key = enqueue_job.unique_key;
+            RETURN;
+        END IF;
+    END IF;
+    LOOP
+        IF replace THEN
+            SELECT j.id, j.state, j.queue INTO found_id, found_state, found_queue
+            FROM {s}.jobs j WHERE j.unique_key = enqueue_job.unique_key FOR UPDATE;
+            IF found_state = 'running' THEN
+                -- It may have read the old payload: it runs on, and the key moves to a new job.
+                UPDATE {s}.jobs j SET unique_key = NULL WHERE j.id = found_id;
+            ELSIF found_id IS NOT NULL THEN
+                UPDATE {s}.jobs j
+                SET payload = coalesce(enqueue_job.payload, '{}'),
+                    run_at = coalesce(enqueue_job.run_at, now()),
+                    -- Only runnable rows are 'available' (the claim reads no run_at).
+                    state = CASE WHEN enqueue_job.run_at <= now() OR enqueue_job.run_at IS NULL
+                                     THEN 'available'
+                                 WHEN j.state = 'retryable' THEN 'retryable'
+                                 ELSE 'scheduled' END
+                WHERE j.id = found_id;
+                IF enqueue_job.run_at IS NULL OR enqueue_job.run_at <= now() THEN
+                    PERFORM pg_notify('{c}', found_queue);
+                END IF;
+                id := found_id;
+                replaced := true;
+                RETURN;
+            END IF;
+        END IF;
+        INSERT INTO {s}.jobs AS j (queue, task, payload, priority, state, run_at, max_attempts,
+                                   unique_key, batch_id, concurrency_key, timeout_seconds,
+                                   backoff_seconds)
+        VALUES (enqueue_job.queue, enqueue_job.task, coalesce(enqueue_job.payload, '{}'),
+                enqueue_job.priority,
+                CASE WHEN enqueue_job.run_at > now() THEN 'scheduled' ELSE 'available' END,
+                coalesce(enqueue_job.run_at, now()), coalesce(enqueue_job.max_attempts, 25),
+                enqueue_job.unique_key, enqueue_job.batch_id, enqueue_job.concurrency_key,
+                enqueue_job.timeout_seconds, enqueue_job.backoff_seconds)
+        ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
+        RETURNING j.id INTO found_id;
+        IF found_id IS NULL AND NOT replace THEN
+            SELECT j.id INTO found_id FROM {s}.jobs j WHERE j.unique_key = enqueue_job.unique_key;
+        ELSE
+            created := found_id IS NOT NULL;
+        END IF;
+        IF found_id IS NOT NULL THEN
+            IF unique_for IS NOT NULL THEN
+                UPDATE {s}.unique_windows w SET job_id = found_id
+                WHERE w.key = enqueue_job.unique_key;
+            END IF;
+            IF created AND (enqueue_job.run_at IS NULL OR enqueue_job.run_at <= now()) THEN
+                PERFORM pg_notify('{c}', enqueue_job.queue);
+            END IF;
+            id := found_id;
+            RETURN;
+        END IF;
+        -- The conflicting job finished between the insert and the select, or (replace) a
+        -- concurrent producer inserted it and it can now be replaced: go round again.
+    END LOOP;
+END
+$$;
+
+-- The SQL producer API: enqueue_job() answering only the id (of the new job, or of the job that
+-- holds the unique key). `SELECT * FROM enqueue_job(...)` says whether it was created as well.
+-- PL/pgSQL, not SQL: a SQL function that cannot be inlined is planned again at every call.
 CREATE FUNCTION {s}.enqueue(
     queue        text,
     task         text,
@@ -132,41 +252,16 @@ CREATE FUNCTION {s}.enqueue(
     max_attempts int DEFAULT 25,
     unique_key   text DEFAULT NULL,
     batch_id     bigint DEFAULT NULL,
+    unique_for   interval DEFAULT NULL,
+    replace      boolean DEFAULT false,
     concurrency_key text DEFAULT NULL,
     timeout_seconds float8 DEFAULT NULL,
     backoff_seconds float8 DEFAULT NULL
 ) RETURNS bigint LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-DECLARE
-    new_id bigint;
 BEGIN
-    IF queue IS NULL OR queue = '' OR task IS NULL OR task = '' THEN
-        RAISE EXCEPTION 'forkq: queue and task must be non-empty' USING ERRCODE = '22023';
-    END IF;
-    PERFORM {s}.check_job_options(concurrency_key, timeout_seconds, backoff_seconds);
-    LOOP
-        INSERT INTO {s}.jobs AS j (queue, task, payload, priority, state, run_at, max_attempts,
-                                   unique_key, batch_id, concurrency_key, timeout_seconds,
-                                   backoff_seconds)
-        VALUES (enqueue.queue, enqueue.task, coalesce(enqueue.payload, '{}'), enqueue.priority,
-                CASE WHEN enqueue.run_at > now() THEN 'scheduled' ELSE 'available' END,
-                coalesce(enqueue.run_at, now()), coalesce(enqueue.max_attempts, 25),
-                enqueue.unique_key, enqueue.batch_id, enqueue.concurrency_key,
-                enqueue.timeout_seconds, enqueue.backoff_seconds)
-        ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
-        RETURNING j.id INTO new_id;
-        IF new_id IS NOT NULL THEN
-            IF enqueue.run_at IS NULL OR enqueue.run_at <= now() THEN
-                PERFORM pg_notify('{c}', enqueue.queue);
-            END IF;
-            RETURN new_id;
-        END IF;
-        SELECT j.id INTO new_id FROM {s}.jobs j WHERE j.unique_key = enqueue.unique_key;
-        IF new_id IS NOT NULL THEN
-            RETURN new_id;
-        END IF;
-        -- The conflicting job finished between the insert and the select: insert again.
-    END LOOP;
+    RETURN ({s}.enqueue_job(queue, task, payload, priority, run_at, max_attempts, unique_key,
+                            batch_id, unique_for, replace, concurrency_key, timeout_seconds,
+                            backoff_seconds)).id;
 END
 $$;
 
@@ -304,7 +399,8 @@ $$;
 -- p_keep: one worker (owners end with '/', so a whole owner names only itself), or every past
 -- occupant of a slot (the slot's prefix), so jobs of a child that died before it could release its
 -- own predecessor's come back too. The job in flight (p_in_flight, 0 for none) keeps the attempt it
--- was charged and is dead-lettered with p_error when it has no attempts left; the others never
+-- was charged and is dead-lettered with p_error when it has no attempts left, else queued behind
+-- the jobs already waiting at its priority; the others never
 -- started (or finished and their acknowledgement was lost) and go back uncharged, except those
 -- cancelled meanwhile, which end cancelled instead of running later. Returns how many jobs went back
 -- to the queue.
@@ -336,9 +432,11 @@ BEGIN
                            array_fill(NULL::jsonb, ARRAY[cardinality(done_ids)]),
                            p_retain);
     END IF;
+    -- The job in flight goes behind the jobs already waiting at its priority (it may be what
+    -- killed its worker; others should not wait on it); the rest keep their place.
     UPDATE {s}.jobs j
     SET state = 'available',
-        run_at = least(j.run_at, now()),
+        run_at = CASE WHEN j.id = p_in_flight THEN now() ELSE least(j.run_at, now()) END,
         attempt = CASE WHEN j.id = p_in_flight THEN j.attempt ELSE greatest(j.attempt - 1, 0) END,
         last_error = CASE WHEN j.id = p_in_flight THEN coalesce(p_error, j.last_error)
                           ELSE j.last_error END,
@@ -468,31 +566,19 @@ BEGIN
 END
 $$;
 
--- Makes due scheduled and retryable jobs available to the claim, oldest first, at most p_limit;
--- index-driven (jobs_due_idx), so it costs one index probe when nothing is due. Rows locked by
--- someone else are left for the next call. Wakes idle workers when it moved any.
-CREATE FUNCTION {s}.promote_due(p_limit int) RETURNS int LANGUAGE plpgsql AS $$
-DECLARE
-    moved int;
-BEGIN
-    UPDATE {s}.jobs j SET state = 'available'
-    WHERE j.id = ANY(ARRAY(SELECT d.id FROM {s}.jobs d
-                           WHERE d.state IN ('scheduled', 'retryable') AND d.run_at <= now()
-                           ORDER BY d.run_at LIMIT p_limit
-                           FOR UPDATE SKIP LOCKED))
-      AND j.state IN ('scheduled', 'retryable');
-    GET DIAGNOSTICS moved = ROW_COUNT;
-    IF moved > 0 THEN
-        PERFORM pg_notify('{c}', '');
-    END IF;
-    RETURN moved;
-END
-$$;
+-- When the last maintenance pass began, fleet-wide: a host runs the pass only if it can move this
+-- forward by the pass interval (see TAKE_TURN_AND_RESCUE in sql.rs), so a hundred hosts run one
+-- pass per interval between them, not a hundred.
+CREATE TABLE {s}.maintenance_turn (
+    id boolean PRIMARY KEY DEFAULT true CHECK (id),
+    at timestamptz NOT NULL DEFAULT '-infinity'
+);
+INSERT INTO {s}.maintenance_turn DEFAULT VALUES;
 
 -- Changes that workers must notice before they start a job they claimed ahead (a cancel, a batch
 -- stopped by fail-fast or cancel). Insert-only, so noting a change never waits on a lock; every
 -- lean round reads the sum of the weights, which grows by one with every change committed, in
--- whatever order they commit. compact_changes() folds old rows into one without changing the sum.
+-- whatever order they commit. compact_changes() folds the rows into one without changing the sum.
 CREATE TABLE {s}.changes (
     at     timestamptz NOT NULL DEFAULT now(),
     weight bigint NOT NULL DEFAULT 1
@@ -503,17 +589,17 @@ CREATE FUNCTION {s}.note_change() RETURNS void LANGUAGE sql AS $$
     INSERT INTO {s}.changes DEFAULT VALUES;
 $$;
 
--- Folds the changes older than a minute into one row of the same total weight.
+-- Folds the committed changes into one row of the same total weight (when there is more than
+-- one), so the sum every round reads stays a read of one row. Readers see the rows before or
+-- after, never between; changes committed meanwhile are neither deleted nor counted here.
 CREATE FUNCTION {s}.compact_changes() RETURNS void LANGUAGE sql AS $$
     WITH old AS (
-        SELECT count(*) AS n FROM {s}.changes WHERE at < now() - interval '1 minute'
+        SELECT count(*) AS n FROM {s}.changes
     ), gone AS (
-        DELETE FROM {s}.changes
-        WHERE at < now() - interval '1 minute' AND (SELECT n FROM old) > 1
-        RETURNING weight
+        DELETE FROM {s}.changes WHERE (SELECT n FROM old) > 1 RETURNING weight
     )
     INSERT INTO {s}.changes (at, weight)
-    SELECT '-infinity', sum(weight) FROM gone HAVING count(*) > 0;
+    SELECT now(), sum(weight) FROM gone HAVING count(*) > 0;
 $$;
 
 -- Cancels a job: at once when it waits, by marking it when it runs (it is then not retried).
@@ -748,10 +834,11 @@ BEGIN
         RAISE EXCEPTION 'forkq: the jobs of a batch must be a JSON array' USING ERRCODE = '22023';
     END IF;
     new_id := {s}.batch_open(p_queue, p_fail_fast, p_on_complete_task, p_on_complete_queue);
-    PERFORM {s}.enqueue(coalesce(x.queue, p_queue), x.task, coalesce(x.payload, '{}'),
-                        coalesce(x.priority, 0), x.run_at, coalesce(x.max_attempts, 25),
-                        x.unique_key, new_id, x.concurrency_key, x.timeout_seconds,
-                        x.backoff_seconds)
+    PERFORM {s}.enqueue_job(coalesce(x.queue, p_queue), x.task, coalesce(x.payload, '{}'),
+                            coalesce(x.priority, 0), x.run_at, coalesce(x.max_attempts, 25),
+                            x.unique_key, new_id, concurrency_key => x.concurrency_key,
+                            timeout_seconds => x.timeout_seconds,
+                            backoff_seconds => x.backoff_seconds)
     FROM jsonb_array_elements(p_jobs) WITH ORDINALITY AS e(job, n),
          jsonb_to_record(e.job) AS x(queue text, task text, payload jsonb, priority int,
                                      run_at timestamptz, max_attempts int, unique_key text,
