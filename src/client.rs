@@ -8,6 +8,7 @@ use r2d2_postgres::PostgresConnectionManager;
 use crate::config::Config;
 use crate::queue::batch::{self, NewBatch};
 use crate::queue::producer::{self, Enqueued, Limits, NewJob};
+use crate::queue::waiting::{self, Finished};
 use crate::queue::{migrations, QueueError};
 
 /// Enqueues jobs from an application. Cheap to clone; the pool is shared.
@@ -100,6 +101,20 @@ impl Client {
         jobs: &[NewJob],
     ) -> Result<i64, QueueError> {
         batch::create(tx, &self.schema, &self.limits, batch, jobs)
+    }
+
+    /// Waits up to `timeout` for job `id` to end and says how (`None`: still not ended). Polls
+    /// with a growing pause (10 ms to 1 s) and holds no pooled connection between polls; jobs
+    /// nobody waits for pay nothing for it.
+    pub fn wait(
+        &self,
+        id: i64,
+        timeout: std::time::Duration,
+    ) -> Result<Option<Finished>, QueueError> {
+        waiting::wait(
+            || waiting::finished(&mut *self.connection()?, &self.schema, id),
+            timeout,
+        )
     }
 
     /// The schema this client enqueues into.

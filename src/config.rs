@@ -95,6 +95,8 @@ pub struct Config {
     pub max_result_bytes: usize,
     /// Hard limit on one job's run time; `None` for no limit.
     pub job_timeout: Option<Duration>,
+    /// How long the program of a cancelled job has to stop once told, before it is killed.
+    pub cancel_grace: Duration,
     /// Where the probe serves `/livez`, `/readyz` and `/metrics`.
     pub health_addr: SocketAddr,
     /// A child whose heartbeat is older than this is stale (liveness 503, then replaced).
@@ -441,6 +443,7 @@ impl Config {
                 .unwrap_or_default(),
             max_result_bytes: v.int("FORKQ_MAX_RESULT_BYTES", 1 << 20, 1024, 64 << 20)? as usize,
             job_timeout: job_timeout.map(Duration::from_secs),
+            cancel_grace: v.seconds("FORKQ_CANCEL_GRACE_SECONDS", 5, 0, 3_600)?,
             health_addr,
             health_stale,
             crash_loop_threshold: v.int("FORKQ_CRASH_LOOP_THRESHOLD", 3, 1, 1000)? as u32,

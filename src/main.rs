@@ -7,17 +7,25 @@ mod input;
 use std::io::Read;
 use std::process::ExitCode;
 
-use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{ArgGroup, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde_json::json;
 
 use forkq::config::{redacted_url, Config, EX_CONFIG};
 use forkq::handler::{builtin::Builtin, Handler};
 use forkq::queue::batch::{self, CancelOutcome, NewBatch};
 use forkq::queue::producer::{self, Limits, NewJob};
+use forkq::queue::queues::{self, Change, Rate};
+use forkq::queue::waiting::{self, Finished};
 use forkq::queue::{self, admin, browse, hosts, migrations, schedules, QueueError};
 
 /// Exit code for refused input (`EX_DATAERR`).
 const EX_DATAERR: u8 = 65;
+/// `enqueue --wait`: the job failed for good (dead letter).
+const EXIT_WAIT_FAILED: u8 = 4;
+/// `enqueue --wait`: the job was cancelled.
+const EXIT_WAIT_CANCELLED: u8 = 5;
+/// `enqueue --wait`: the wait timed out (the job goes on), as with timeout(1).
+const EXIT_WAIT_TIMEOUT: u8 = 124;
 
 #[derive(Parser)]
 #[command(
@@ -60,11 +68,18 @@ enum Command {
         forkq enqueue --queue reports --task daily --unique-key daily-report --unique-for 1h --json\n  \
         forkq enqueue --queue search --task reindex --payload '{\"user\": 7}' --delay 5 --unique-key reindex-7 --replace\n  \
         forkq enqueue --task resize --payload @job.json    # the payload from a file (- for stdin)\n  \
-        forkq enqueue --queue default --jsonl jobs.jsonl   # each line {\"task\":..,\"payload\":..}\n\n\
+        forkq enqueue --queue default --jsonl jobs.jsonl   # each line {\"task\":..,\"payload\":..}\n  \
+        forkq enqueue --queue api --task sync --concurrency-key customer-7 --timeout 60\n  \
+        forkq enqueue --task report --wait --wait-timeout 300   # prints the result\n\n\
         --jsonl streams any number of lines into one transaction: all are enqueued or, at the first \
-        refused line (named), none. On a terminal a progress line shows on stderr."
+        refused line (named), none. On a terminal a progress line shows on stderr.\n\n\
+        With --wait, exit codes: 0 completed (the result on stdout), 4 failed for good, \
+        5 cancelled, 124 the wait timed out (the job goes on)."
     )]
     Enqueue(EnqueueArgs),
+    /// Pause, resume and limit queues; list them with their settings and counts.
+    #[command(subcommand)]
+    Queue(QueueCommand),
     /// Show counts per queue and state.
     #[command(after_help = "Examples:\n  forkq status\n  forkq status --json")]
     Status {
@@ -122,8 +137,8 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
-    /// Cancel jobs: at once when waiting, after their current run when running. One by id, or
-    /// every live job a filter matches.
+    /// Cancel jobs: at once when waiting; when running, their handler is told to stop (and they
+    /// are never retried). One by id, or every live job a filter matches.
     #[command(
         after_help = "Examples:\n  forkq cancel 42\n  forkq cancel --queue mail --state scheduled --yes\n\n\
         More than one matching job needs --yes (without it, the count is printed and nothing changes)."
@@ -209,6 +224,123 @@ struct EnqueueArgs {
     /// Enqueue every line of FILE (or - for stdin) in one transaction, streamed.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["unique_key", "unique_for", "replace"])]
     jsonl: Option<String>,
+    /// The key a per-key cap of the queue counts running jobs by (see `forkq queue set`).
+    #[arg(long, value_name = "KEY", conflicts_with = "jsonl")]
+    concurrency_key: Option<String>,
+    /// This job's timeout in seconds (instead of FORKQ_JOB_TIMEOUT_SECONDS).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        conflicts_with = "jsonl",
+        allow_hyphen_values = true
+    )]
+    timeout: Option<f64>,
+    /// This job's retry backoff base in seconds (instead of FORKQ_RETRY_BACKOFF_BASE_SECONDS).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        conflicts_with = "jsonl",
+        allow_hyphen_values = true
+    )]
+    backoff: Option<f64>,
+    /// Wait for the job to end; print its result (exit codes below).
+    #[arg(long, conflicts_with = "jsonl")]
+    wait: bool,
+    /// Give up waiting after this many seconds [default: wait as long as it takes].
+    #[arg(long, value_name = "SECONDS", requires = "wait")]
+    wait_timeout: Option<f64>,
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// List queues (those with settings or jobs): paused, limits, jobs by state, oldest waiting.
+    #[command(
+        after_help = "Examples:\n  forkq queue list\n  forkq queue list --json\n\n\
+        Counts are of live jobs and the dead letter (failed, cancelled); completed jobs are not counted."
+    )]
+    List {
+        /// Print {"queues": [...]} instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause a queue: no new job of it starts anywhere; running jobs finish; enqueues go on.
+    #[command(after_help = "Example:\n  forkq queue pause mail\n\n\
+        Queues need no creating: pausing one that has no settings yet creates its row.")]
+    Pause {
+        /// The queue.
+        queue: String,
+    },
+    /// Resume a paused queue.
+    #[command(after_help = "Example:\n  forkq queue resume mail")]
+    Resume {
+        /// The queue.
+        queue: String,
+    },
+    /// Set a queue's limits (each across the whole fleet); `none` removes one.
+    #[command(after_help = "Examples:\n  forkq queue set api --max-running 5\n  \
+        forkq queue set api --per-key 1 --rate 50/s\n  forkq queue set api --rate 10/min --burst 5\n  \
+        forkq queue set api --max-running none --rate none\n\n\
+        All changes of one call apply together or, if one is refused (exit 65), none. A queue \
+        that has no settings yet gets its row. See docs/flow-control.md.")]
+    Set(QueueSetArgs),
+}
+
+#[derive(Args)]
+#[command(group(ArgGroup::new("setting").required(true).multiple(true)
+    .args(["max_running", "per_key", "rate", "burst"])))]
+struct QueueSetArgs {
+    /// The queue.
+    queue: String,
+    /// At most N jobs of the queue running at once across all hosts (or none).
+    #[arg(long, value_name = "N|none", allow_hyphen_values = true)]
+    max_running: Option<String>,
+    /// At most N running jobs per concurrency key (or none).
+    #[arg(long, value_name = "N|none", allow_hyphen_values = true)]
+    per_key: Option<String>,
+    /// At most this many starts: 50/s, 10/min, 100/h (or none).
+    #[arg(long, value_name = "RATE|none", allow_hyphen_values = true)]
+    rate: Option<String>,
+    /// Starts the rate limit allows at once after a quiet spell (1 until set).
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    burst: Option<String>,
+}
+
+impl QueueSetArgs {
+    /// The change these flags ask for, or exit 65 naming the flag at fault.
+    fn change(&self) -> Result<Change, Failure> {
+        let bad = |flag: &str, why: String| {
+            fail(EX_DATAERR, format!("--{flag}: {why}; nothing was changed"))
+        };
+        let cap = |flag: &str, v: &Option<String>| {
+            v.as_deref()
+                .map(|t| queues::parse_cap(t).map_err(|e| bad(flag, e)))
+                .transpose()
+        };
+        let rate = match self.rate.as_deref() {
+            None => None,
+            Some("none") => Some(None),
+            Some(t) => Some(Some(Rate::parse(t).map_err(|e| bad("rate", e))?)),
+        };
+        let burst = match self.burst.as_deref() {
+            None => None,
+            Some(t) => match queues::parse_cap(t) {
+                Ok(Some(n)) => Some(n),
+                _ => {
+                    return Err(bad(
+                        "burst",
+                        format!("{t:?} is not a burst: use a whole number from 1 to 1000000"),
+                    ))
+                }
+            },
+        };
+        Ok(Change {
+            paused: None,
+            max_running: cap("max-running", &self.max_running)?,
+            per_key: cap("per-key", &self.per_key)?,
+            rate,
+            burst,
+        })
+    }
 }
 
 /// The job browser's filters, shared by `jobs`, `retry` and `cancel`.
@@ -255,7 +387,7 @@ enum BatchCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Cancel an open batch: waiting children are cancelled, running ones finish without retries.
+    /// Cancel an open batch: waiting children are cancelled, running ones are told to stop.
     #[command(after_help = "Example:\n  forkq batch cancel 7")]
     Cancel {
         /// The batch id.
@@ -327,7 +459,7 @@ struct Failure {
 impl From<QueueError> for Failure {
     fn from(e: QueueError) -> Self {
         let code = match &e {
-            QueueError::InvalidJob(_) => EX_DATAERR,
+            QueueError::InvalidJob(_) | QueueError::InvalidInput(_) => EX_DATAERR,
             QueueError::SchemaOutdated { .. } | QueueError::SchemaTooNew { .. } => EX_CONFIG as u8,
             e if e.is_connection_lost() => EX_CONFIG as u8,
             _ => 1,
@@ -446,6 +578,7 @@ fn command(command: Command, config: &Config) -> Result<(), Failure> {
             }
         }
         Command::Enqueue(args) => enqueue(args, config)?,
+        Command::Queue(command) => queue_command(command, config)?,
         Command::Status { json } => {
             let mut client = connect(config)?;
             migrations::require_current(&mut client, schema)?;
@@ -519,7 +652,7 @@ fn command(command: Command, config: &Config) -> Result<(), Failure> {
             match admin::cancel(&mut client, schema, id, !config.retention.is_zero())? {
                 None => return Err(fail(1, format!("no job {id}"))),
                 Some(state) if state == "cancelling" => {
-                    println!("job {id} is running; it will not be retried")
+                    println!("job {id} is running; its handler is told to stop, and it will not be retried")
                 }
                 Some(state) if state == "cancelled" => println!("job {id} cancelled"),
                 Some(state) => return Err(fail(1, format!("job {id} is already {state}"))),
@@ -620,7 +753,7 @@ fn bulk(
     browse::check_bulk(action, filter).map_err(|e| fail(EX_DATAERR, e.0))?;
     let (verb, done) = match action {
         browse::Bulk::Retry => ("retry", "back in their queue"),
-        browse::Bulk::Cancel => ("cancel", "cancelled (running ones finish without retries)"),
+        browse::Bulk::Cancel => ("cancel", "cancelled (running ones are told to stop)"),
     };
     let mut client = connect(config)?;
     migrations::require_current(&mut client, &config.schema)?;
@@ -681,10 +814,27 @@ fn enqueue(args: EnqueueArgs, config: &Config) -> Result<(), Failure> {
         unique_key: args.unique_key,
         unique_for: args.unique_for,
         replace: args.replace,
+        concurrency_key: args.concurrency_key,
+        timeout_seconds: args.timeout,
+        backoff_seconds: args.backoff,
+    };
+    // Checked before anything is enqueued: a bad value enqueues nothing.
+    let wait_timeout = match args.wait_timeout {
+        Some(t) if !(0.0..=1e9).contains(&t) => {
+            return Err(fail(
+                EX_DATAERR,
+                format!("--wait-timeout {t}: use a number of seconds from 0 to 1e9"),
+            ))
+        }
+        Some(t) => std::time::Duration::from_secs_f64(t),
+        None => std::time::Duration::from_secs(1_000_000_000),
     };
     let mut client = connect(config)?;
     migrations::require_current(&mut client, &config.schema)?;
     let outcome = producer::enqueue_with_outcome(&mut client, &config.schema, &limits, &job)?;
+    if args.wait {
+        return wait_for(&mut client, &config.schema, outcome.id, wait_timeout);
+    }
     if args.json {
         println!("{}", serde_json::to_string(&outcome).unwrap_or_default());
         return Ok(());
@@ -703,6 +853,116 @@ fn enqueue(args: EnqueueArgs, config: &Config) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+/// `enqueue --wait`: waits for job `id` to end, prints its result, and exits with the code that
+/// says how it ended.
+fn wait_for(
+    client: &mut postgres::Client,
+    schema: &str,
+    id: i64,
+    timeout: std::time::Duration,
+) -> Result<(), Failure> {
+    match waiting::wait(|| waiting::finished(client, schema, id), timeout)? {
+        Some(Finished::Completed { result }) => println!("{result}"),
+        Some(Finished::Gone) => {
+            eprintln!(
+                "forkq: job {id} completed; its result was not kept (FORKQ_RETENTION_SECONDS=0)"
+            );
+            println!("null");
+        }
+        Some(Finished::Failed { error }) => {
+            return Err(fail(EXIT_WAIT_FAILED, format!("job {id} failed: {error}")))
+        }
+        Some(Finished::Cancelled { error }) => {
+            return Err(fail(
+                EXIT_WAIT_CANCELLED,
+                format!("job {id} was cancelled: {error}"),
+            ))
+        }
+        None => {
+            return Err(fail(
+                EXIT_WAIT_TIMEOUT,
+                format!(
+                    "job {id} has not ended after {:.1} s; it goes on (see forkq job {id})",
+                    timeout.as_secs_f64()
+                ),
+            ))
+        }
+    }
+    Ok(())
+}
+
+fn queue_command(command: QueueCommand, config: &Config) -> Result<(), Failure> {
+    let schema = config.schema.as_str();
+    // Flags are checked before anything is sent: a bad one changes nothing.
+    let (queue, change) = match &command {
+        QueueCommand::List { .. } => (None, Change::default()),
+        QueueCommand::Pause { queue } | QueueCommand::Resume { queue } => (
+            Some(queue.as_str()),
+            Change {
+                paused: Some(matches!(command, QueueCommand::Pause { .. })),
+                ..Change::default()
+            },
+        ),
+        QueueCommand::Set(args) => (Some(args.queue.as_str()), args.change()?),
+    };
+    let mut client = connect(config)?;
+    migrations::require_current(&mut client, schema)?;
+    let Some(queue) = queue else {
+        let listed = queues::list(&mut client, schema)?;
+        if matches!(command, QueueCommand::List { json: true }) {
+            println!("{}", json!({ "queues": listed }));
+        } else {
+            print_queues(&listed);
+        }
+        return Ok(());
+    };
+    let now = queues::set(&mut client, schema, queue, &change)?;
+    match command {
+        QueueCommand::Pause { .. } => println!(
+            "queue {queue} paused: no new job of it starts; running ones finish; enqueues go on"
+        ),
+        QueueCommand::Resume { .. } => println!("queue {queue} resumed"),
+        _ => println!("queue {queue}: {}", now.limits()),
+    }
+    Ok(())
+}
+
+/// Prints the queues as a table.
+fn print_queues(listed: &[queues::Listed]) {
+    println!(
+        "{:<20} {:<7} {:<32} {:>9} {:>9} {:>7} {:>9} {:>7} {:>9}  oldest_available_s",
+        "queue",
+        "status",
+        "limits",
+        "available",
+        "scheduled",
+        "running",
+        "retryable",
+        "failed",
+        "cancelled"
+    );
+    for q in listed {
+        let c = &q.counts;
+        println!(
+            "{:<20} {:<7} {:<32} {:>9} {:>9} {:>7} {:>9} {:>7} {:>9}  {:.1}",
+            q.queue,
+            if q.settings.paused {
+                "paused"
+            } else {
+                "active"
+            },
+            q.settings.limits(),
+            c.available,
+            c.scheduled,
+            c.running,
+            c.retryable,
+            c.failed,
+            c.cancelled,
+            c.oldest_available_seconds
+        );
+    }
 }
 
 fn batch_command(command: BatchCommand, config: &Config) -> Result<(), Failure> {
@@ -757,9 +1017,7 @@ fn batch_command(command: BatchCommand, config: &Config) -> Result<(), Failure> 
             Some(CancelOutcome::Cancelled) => {
                 let pending =
                     batch::status(&mut client, schema, id)?.map_or(0, |b| b.status.pending);
-                println!(
-                        "batch {id} cancelled; {pending} running child(ren) will finish without retries"
-                    );
+                println!("batch {id} cancelled; {pending} running child(ren) are told to stop");
             }
             Some(CancelOutcome::AlreadyFinished(state)) => {
                 return Err(fail(1, format!("batch {id} is already {state}")))

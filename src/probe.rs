@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use tiny_http::{Header, Method, Request, Response, Server};
 
 use crate::config::Config;
-use crate::queue::{self, admin, migrations};
+use crate::queue::{self, admin, migrations, queues};
 use crate::slots::{monotonic_ms, SlotState, SlotTable, LATENCY_BUCKETS_MS};
 use crate::{presence, ticker, wakeup};
 
@@ -418,6 +418,16 @@ fn queue_metrics(
             "forkq_queue_oldest_available_seconds{{queue=\"{}\"}} {}",
             escape_label(queue),
             counts.oldest_available_seconds
+        );
+    }
+    let settings = queues::settings(client, &config.schema).map_err(|e| e.to_string())?;
+    let _ = writeln!(out, "# HELP forkq_queue_paused Whether the queue is paused (1) or not (0); only queues with settings are listed.\n# TYPE forkq_queue_paused gauge");
+    for (queue, s) in &settings {
+        let _ = writeln!(
+            out,
+            "forkq_queue_paused{{queue=\"{}\"}} {}",
+            escape_label(queue),
+            u8::from(s.paused)
         );
     }
     *cache = Some((Instant::now(), out.clone()));

@@ -130,6 +130,8 @@ pub struct Slot {
     pub job_id: AtomicI64,
     /// When the current job started.
     pub job_started_ms: AtomicU64,
+    /// The current job's own timeout in milliseconds (0: `FORKQ_JOB_TIMEOUT_SECONDS` applies).
+    pub job_timeout_ms: AtomicU64,
     /// Jobs that succeeded in this slot (all generations).
     pub succeeded: AtomicU64,
     /// Jobs that failed (retried or dead-lettered) in this slot.
@@ -246,10 +248,14 @@ impl Slot {
         now_ms.saturating_sub(last)
     }
 
-    /// Marks the start of `job_id`.
-    pub fn start_job(&self, job_id: i64) {
+    /// Marks the start of `job_id`, with its own timeout if it has one.
+    pub fn start_job(&self, job_id: i64, timeout: Option<std::time::Duration>) {
         let now = monotonic_ms();
         self.job_started_ms.store(now, Ordering::Release);
+        self.job_timeout_ms.store(
+            timeout.map_or(0, |t| (t.as_millis() as u64).max(1)),
+            Ordering::Release,
+        );
         self.job_id.store(job_id, Ordering::Release);
         self.heartbeat_ms.store(now, Ordering::Release);
         self.set_state(SlotState::Running);
@@ -296,6 +302,54 @@ pub struct Header {
     /// (`forkq hosts`), and for rules between daemons (the schedules of the daemon started last
     /// win).
     pub started_unix_ms: AtomicU64,
+    /// The latest cancels of jobs the wake-up listener heard of (see [`CancelRing::push`]).
+    pub cancels: CancelRing,
+}
+
+/// How many of the latest cancels the ring remembers; a child that falls further behind checks
+/// its jobs with the database instead.
+pub const CANCEL_RING: usize = 64;
+
+/// The ids of the latest jobs whose cancel was requested, as the wake-up listener heard them, so
+/// a child learns within a heartbeat that the job it runs (or has claimed ahead) was cancelled.
+/// One writer (the listener); readers compare sequence numbers, so each looks only at the cancels
+/// that arrived since it last looked. A hint: children confirm with the database before acting.
+#[repr(C, align(64))]
+pub struct CancelRing {
+    /// How many cancels were pushed so far; entry `n` is at `ids[n % CANCEL_RING]`.
+    pub seq: AtomicU64,
+    ids: [AtomicI64; CANCEL_RING],
+}
+
+impl Default for CancelRing {
+    fn default() -> Self {
+        CancelRing {
+            seq: AtomicU64::new(0),
+            ids: std::array::from_fn(|_| AtomicI64::new(0)),
+        }
+    }
+}
+
+impl CancelRing {
+    /// Records the cancel of job `id` (the listener is the only writer).
+    pub fn push(&self, id: i64) {
+        let n = self.seq.load(Ordering::Acquire);
+        self.ids[(n % CANCEL_RING as u64) as usize].store(id, Ordering::Release);
+        self.seq.store(n + 1, Ordering::Release);
+    }
+
+    /// The cancels pushed since sequence number `seen`, and the sequence number to pass next
+    /// time; `None` instead of the ids when more arrived than the ring holds (some were lost).
+    pub fn since(&self, seen: u64) -> (Option<Vec<i64>>, u64) {
+        let now = self.seq.load(Ordering::Acquire);
+        if now.saturating_sub(seen) > CANCEL_RING as u64 {
+            return (None, now);
+        }
+        let ids = (seen..now)
+            .map(|n| self.ids[(n % CANCEL_RING as u64) as usize].load(Ordering::Acquire))
+            .collect();
+        (Some(ids), now)
+    }
 }
 
 /// The whole table: a header and [`MAX_CONCURRENCY`] slots.
@@ -396,6 +450,21 @@ mod tests {
         slot.prepare_fork();
         slot.forked(4343, 2);
         assert_eq!(slot.restarts.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn the_cancel_ring_shows_each_reader_what_is_new_and_says_when_it_fell_behind() {
+        let ring = CancelRing::default();
+        assert_eq!(ring.since(0), (Some(vec![]), 0));
+        ring.push(7);
+        ring.push(9);
+        assert_eq!(ring.since(0), (Some(vec![7, 9]), 2));
+        assert_eq!(ring.since(1), (Some(vec![9]), 2));
+        for id in 0..CANCEL_RING as i64 {
+            ring.push(100 + id);
+        }
+        assert_eq!(ring.since(1), (None, 2 + CANCEL_RING as u64));
+        assert_eq!(ring.since(2).0.unwrap().len(), CANCEL_RING);
     }
 
     #[test]

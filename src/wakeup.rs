@@ -39,8 +39,10 @@ pub fn wake_one_idle(table: &SlotTable, except: Option<usize>) -> bool {
     }
 }
 
-/// The listener loop: LISTEN on the schema's channel and wake one idle child per notification.
-/// Reconnects with backoff when the database goes away; never returns.
+/// The listener loop: LISTEN on the schema's channel, wake one idle child per notification of
+/// work, and record the cancels of jobs in the slot table's cancel ring (children running or
+/// holding those jobs see them at their next heartbeat). Reconnects with backoff when the
+/// database goes away; never returns.
 pub fn run_listener(config: &Config, table: &SlotTable) -> ! {
     let mut failures = 0u32;
     loop {
@@ -52,8 +54,11 @@ pub fn run_listener(config: &Config, table: &SlotTable) -> ! {
                 failures = 0;
                 loop {
                     match listener.wait(LISTEN_SLICE) {
-                        Ok(count) => {
-                            for _ in 0..count {
+                        Ok(heard) => {
+                            for id in heard.cancels {
+                                table.header.cancels.push(id);
+                            }
+                            for _ in 0..heard.wakeups {
                                 if !wake_one_idle(table, None) {
                                     break;
                                 }

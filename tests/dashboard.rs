@@ -217,8 +217,11 @@ fn every_page_shows_what_a_person_needs() {
         .find(|l| l.starts_with("mail"))
         .unwrap()
         .to_string();
-    // available running scheduled retryable failed cancelled oldest hosts
-    assert!(mail_row.starts_with("mail 0 0 0 0 1 0"), "{mail_row}");
+    // status limits available running scheduled retryable failed cancelled oldest hosts
+    assert!(
+        mail_row.starts_with("mail active no limits 0 0 0 0 1 0"),
+        "{mail_row}"
+    );
     assert!(mail_row.ends_with(" 1"), "one host serves mail: {mail_row}");
     let reports_row = queues
         .lines()
@@ -226,7 +229,7 @@ fn every_page_shows_what_a_person_needs() {
         .unwrap()
         .to_string();
     assert!(
-        reports_row.starts_with("reports 0 0 2 0 0 0"),
+        reports_row.starts_with("reports active no limits 0 0 2 0 0 0"),
         "{reports_row}"
     );
     assert!(
@@ -480,16 +483,21 @@ fn requests_without_the_token_change_nothing() {
         code == 400 && body.contains("is not a queue name"),
         "{body}"
     );
-    let (code, body) = dashboard.request(
-        "POST",
-        "/queues/default/pause",
-        &[("Cookie", &cookie)],
-        &format!("csrf={csrf}"),
-    );
-    assert!(
-        code == 501 && body.contains("not available in this version"),
-        "{body}"
-    );
+    // Pause and resume: refused without the CSRF field, done with it (and logged).
+    let paused =
+        || schema.count("SELECT count(*) FROM {s}.queues WHERE name = 'default' AND paused");
+    let (code, _) = dashboard.request("POST", "/queues/default/pause", &[("Cookie", &cookie)], "");
+    assert_eq!((code, paused()), (403, 0));
+    for (verb, want) in [("pause", 1), ("resume", 0)] {
+        let (code, _) = dashboard.request(
+            "POST",
+            &format!("/queues/default/{verb}"),
+            &[("Cookie", &cookie), ("Origin", &origin)],
+            &format!("csrf={csrf}"),
+        );
+        assert_eq!((code, paused()), (303, want), "{verb}");
+    }
+    assert!(dashboard.log_text().contains("pause queue \"default\""));
 
     // The genuine request works, and says who did it.
     let (code, _) = dashboard.request(

@@ -462,10 +462,7 @@ fn jobs_retry_and_cancel_by_filter() {
     );
     assert_eq!(
         (code, out.trim()),
-        (
-            0,
-            "3 job(s) cancelled (running ones finish without retries)"
-        )
+        (0, "3 job(s) cancelled (running ones are told to stop)")
     );
     assert_eq!(schema.archived("cancelled"), 3);
 }

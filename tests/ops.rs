@@ -29,6 +29,7 @@ const HANDLER_METADATA: &[&str] = &[
     "FORKQ_TASK",
     "FORKQ_ATTEMPT",
     "FORKQ_BATCH_ID",
+    "FORKQ_PROGRESS_FILE",
 ];
 
 /// Settings read under a name without the `FORKQ_` prefix.

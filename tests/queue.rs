@@ -880,7 +880,7 @@ fn rescue_returns_expired_leases_only() {
     expire(renewed);
     assert_eq!(
         b.renew(&[(renewed, cb.lease_token)], None).unwrap(),
-        vec![renewed]
+        vec![(renewed, false)]
     );
     assert_eq!(rescue(), 1);
     // Its worker never reported the start, so the expiry does not charge it an attempt; it is a
@@ -1300,7 +1300,10 @@ fn listener_wakes_on_notify_and_times_out_without() {
     let config = schema.config(&[("FORKQ_QUEUES", "default,other")]);
     let mut listener = forkq::queue::listener::Listener::connect(&config).unwrap();
     let started = Instant::now();
-    assert_eq!(listener.wait(Duration::from_millis(300)).unwrap(), 0);
+    assert_eq!(
+        listener.wait(Duration::from_millis(300)).unwrap().wakeups,
+        0
+    );
     assert!(started.elapsed() >= Duration::from_millis(250));
 
     // Scheduled jobs do not wake anyone, nor jobs of queues this daemon does not serve; due ones
@@ -1310,7 +1313,10 @@ fn listener_wakes_on_notify_and_times_out_without() {
         NewJob::new("default", "noop", json!({})).with_delay(600.0),
     );
     enqueue(&schema, NewJob::new("elsewhere", "noop", json!({})));
-    assert_eq!(listener.wait(Duration::from_millis(300)).unwrap(), 0);
+    assert_eq!(
+        listener.wait(Duration::from_millis(300)).unwrap().wakeups,
+        0
+    );
     let producer = std::thread::spawn({
         let name = schema.name.clone();
         move || {
@@ -1325,19 +1331,19 @@ fn listener_wakes_on_notify_and_times_out_without() {
         }
     });
     let started = Instant::now();
-    assert_eq!(listener.wait(Duration::from_secs(10)).unwrap(), 1);
+    assert_eq!(listener.wait(Duration::from_secs(10)).unwrap().wakeups, 1);
     assert!(started.elapsed() < Duration::from_secs(5));
     producer.join().unwrap();
     schema.enqueue_n("default", "noop", json!({}), 3);
     enqueue(&schema, NewJob::new("other", "noop", json!({})));
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(
-        listener.wait(Duration::from_secs(5)).unwrap(),
+        listener.wait(Duration::from_secs(5)).unwrap().wakeups,
         2,
         "one for the bulk insert, one for queue other"
     );
     assert_eq!(
-        listener.wait(Duration::from_millis(200)).unwrap(),
+        listener.wait(Duration::from_millis(200)).unwrap().wakeups,
         0,
         "buffered notifications were drained"
     );
@@ -1413,7 +1419,7 @@ fn renewal_keeps_what_is_held_and_gives_back_the_rest() {
     let held = [(claimed[0].job.id, claimed[0].lease_token)];
     assert_eq!(
         c.renew(&held, Some(claimed[0].job.id)).unwrap(),
-        vec![claimed[0].job.id]
+        vec![(claimed[0].job.id, false)]
     );
     assert_eq!(schema.live("running"), 1);
     assert_eq!(

@@ -12,11 +12,13 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
+
 use crate::backoff;
 use crate::config::Config;
 use crate::handler::{process, Handler, Job, JobContext, Outcome};
 use crate::logging::{self, Activity};
-use crate::queue::consumer::{Ack, Claimed, Consumer, Settlement};
+use crate::queue::consumer::{Ack, Claimed, Consumer, Flow, Settlement};
 use crate::queue::{maintenance, QueueError, WorkerTimeouts};
 use crate::slots::{monotonic_ms, take_turn, Header, Slot, SlotState, SlotTable};
 use crate::{claim_gate, futex, wakeup};
@@ -67,6 +69,10 @@ pub fn run(spec: ChildSpec<'_>, handler: &mut dyn Handler) -> i32 {
         db: None,
         buffer: VecDeque::new(),
         current: None,
+        cancel_requested: false,
+        job_timeout: None,
+        progress: Progress::default(),
+        cancels_seen: spec.table.header.cancels.seq.load(Ordering::Acquire),
         changes_seen: None,
         lost_connection: false,
         acks: Vec::new(),
@@ -118,10 +124,16 @@ struct Brought {
     claimed: usize,
     /// Due scheduled jobs made claimable, for the next round.
     promoted: i64,
+    /// When a rate-limited queue allows its next start, if it refused this claim.
+    retry_in: Option<Duration>,
 }
 
 /// How long one idle wait lasts at most, so the heartbeat and stop flags stay fresh.
 const IDLE_SLICE: Duration = Duration::from_millis(1000);
+/// A job's progress is written at most this often; the latest value wins, the last is flushed.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// The largest progress value kept, as compact JSON; a larger one is dropped with a warning.
+pub const MAX_PROGRESS_BYTES: usize = 8 * 1024;
 /// Resident memory is checked after every this many jobs (reading /proc costs a little).
 const RSS_CHECK_EVERY: u64 = 64;
 
@@ -138,8 +150,17 @@ struct Worker<'a> {
     buffer: VecDeque<Claimed>,
     /// The job running now: its id, lease token, and when it started.
     current: Option<(i64, i64, Instant)>,
-    /// The queue's count of changes (cancels, stopped batches) this worker has checked its
-    /// prefetched jobs against; `None` before the first round.
+    /// Whether the running job's cancel was requested (confirmed by the database).
+    cancel_requested: bool,
+    /// The running job's timeout: its own, else `FORKQ_JOB_TIMEOUT_SECONDS`.
+    job_timeout: Option<Duration>,
+    /// The running job's progress reports.
+    progress: Progress,
+    /// The sequence number of the last cancel read from the slot table's ring.
+    cancels_seen: u64,
+    /// The queue's count of changes (cancels, stopped batches, queue settings) this worker has
+    /// checked its prefetched jobs and its queues' settings against; `None` before the first
+    /// round.
     changes_seen: Option<i64>,
     /// Set when the connection dropped; the next connection starts by giving back strays.
     lost_connection: bool,
@@ -190,7 +211,7 @@ impl Worker<'_> {
             // idle wait short instead of being lost.
             let wake_seen = self.slot.wake.load(Ordering::Acquire);
             let limit = claim_size(self.average_job, self.config.prefetch);
-            let brought = self.send_acks_and_claim(limit)?;
+            let brought = self.send_acks_and_claim(limit, false)?;
             if self.buffer.is_empty() && brought.promoted > 0 {
                 // Due scheduled jobs were just made claimable: claim them now.
                 woken = true;
@@ -199,7 +220,7 @@ impl Worker<'_> {
             if self.buffer.is_empty() {
                 // An empty claim is this host's latest poll.
                 self.header.poll_ms.store(monotonic_ms(), Ordering::Release);
-                woken = self.wait_idle(wake_seen);
+                woken = self.wait_idle(wake_seen, brought.retry_in);
                 continue;
             }
             woken = false;
@@ -211,6 +232,7 @@ impl Worker<'_> {
                 // Renewed while the next job is still in the buffer: whatever a renewal does not
                 // count as held, it gives back.
                 self.renew_if_due();
+                self.notice_cancels()?;
                 let Some(claimed) = self.buffer.pop_front() else {
                     break;
                 };
@@ -282,9 +304,12 @@ impl Worker<'_> {
     fn run_job(&mut self, claimed: Claimed, handler: &mut dyn Handler) {
         let job = claimed.job;
         let _running = logging::activity(Activity::Job(job.id));
-        self.slot.start_job(job.id);
+        self.slot.start_job(job.id, claimed.timeout);
         let started = Instant::now();
         self.current = Some((job.id, claimed.lease_token, started));
+        self.cancel_requested = false;
+        self.job_timeout = claimed.timeout.or(self.config.job_timeout);
+        self.progress = Progress::default();
         self.looked_ahead = false;
         let outcome = {
             let mut ctx = Context { worker: self };
@@ -299,6 +324,7 @@ impl Worker<'_> {
         // The handler is done with its programs for this job (see runs_in_process_group).
         self.slot.handler_pgid.store(0, Ordering::Release);
         let elapsed = started.elapsed();
+        self.send_progress(true);
         self.current = None;
         self.last_job_took = elapsed;
         self.average_job = Some(match self.average_job {
@@ -308,12 +334,22 @@ impl Worker<'_> {
         self.slot.finish_job(elapsed.as_micros() as u64);
         self.jobs_done += 1;
         self.note_recycling();
-        if immediate_stop_requested() && !matches!(outcome, Outcome::Success(_)) {
+        let cancelled = self.cancel_requested && !matches!(outcome, Outcome::Success(_));
+        if !cancelled && immediate_stop_requested() && !matches!(outcome, Outcome::Success(_)) {
             // Abandoned by an immediate stop: released uncharged at shut-down, not failed.
             self.buffer.push_front(Claimed { job, ..claimed });
             return;
         }
-        let settlement = self.settlement_for(&job, outcome, elapsed);
+        let settlement = if cancelled {
+            log::info!(
+                "job {} ({}) was cancelled while it ran; it stopped: {outcome}",
+                job.id,
+                job.task
+            );
+            Settlement::Cancelled(format!("cancelled while it ran; the handler {outcome}"))
+        } else {
+            self.settlement_for(&job, claimed.backoff, outcome, elapsed)
+        };
         self.acks.push(Ack {
             id: job.id,
             lease_token: claimed.lease_token,
@@ -323,15 +359,19 @@ impl Worker<'_> {
         self.oldest_ack.get_or_insert_with(Instant::now);
     }
 
-    /// Turns a handler's outcome into what the queue should do, and counts it.
-    fn settlement_for(&self, job: &Job, outcome: Outcome, elapsed: Duration) -> Settlement {
+    /// Turns a handler's outcome into what the queue should do, and counts it. `backoff` is the
+    /// job's own retry backoff base, if it has one.
+    fn settlement_for(
+        &self,
+        job: &Job,
+        backoff: Option<Duration>,
+        outcome: Outcome,
+        elapsed: Duration,
+    ) -> Settlement {
         let exhausted = job.attempt >= job.max_attempts;
         let retry_delay = || {
-            backoff::retry_delay(
-                job.attempt,
-                self.config.retry_backoff_base,
-                self.config.retry_backoff_max,
-            )
+            let base = backoff.unwrap_or(self.config.retry_backoff_base);
+            backoff::retry_delay(job.attempt, base, self.config.retry_backoff_max.max(base))
         };
         let counters = &self.slot;
         match outcome {
@@ -381,6 +421,10 @@ impl Worker<'_> {
                 log::warn!("job {} ({}) {error}", job.id, job.task);
                 Settlement::Failed(error)
             }
+            Outcome::Snooze(delay) => {
+                log::debug!("job {} ({}) snoozed for {delay:.1?}", job.id, job.task);
+                Settlement::Snooze(delay.min(MAX_SNOOZE))
+            }
         }
     }
 
@@ -398,15 +442,16 @@ impl Worker<'_> {
     }
 
     fn flush_acks(&mut self) -> Result<(), QueueError> {
-        self.send_acks_and_claim(0).map(|_| ())
+        self.send_acks_and_claim(0, false).map(|_| ())
     }
 
-    /// Sends the pending acks and claims up to `limit` jobs in one round trip; the jobs claimed
-    /// join the buffer at once (so any later round trip counts them as held). If the database refuses the statement itself (not a lost connection), the acks
-    /// are sent one by one and one it still refuses is dead-lettered with the database's reason,
-    /// so a single bad result can neither hold back the others nor crash this child at every
-    /// re-run.
-    fn send_acks_and_claim(&mut self, limit: usize) -> Result<Brought, QueueError> {
+    /// Sends the pending acks and claims up to `limit` jobs in one round trip when it can
+    /// (`ahead`: a claim while a job runs, which leaves limited queues alone); the jobs claimed
+    /// join the buffer at once (so any later round trip counts them as held). If the database
+    /// refuses the statement itself (not a lost connection), the acks are sent one by one and one
+    /// it still refuses is dead-lettered with the database's reason, so a single bad result can
+    /// neither hold back the others nor crash this child at every re-run.
+    fn send_acks_and_claim(&mut self, limit: usize, ahead: bool) -> Result<Brought, QueueError> {
         // Cloned, not taken: while the database is away, pending acks keep a stopping worker
         // trying until its deadline (see reconnect_pause).
         let acks = self.acks.clone();
@@ -414,7 +459,11 @@ impl Worker<'_> {
             self.slot.claims.fetch_add(1, Ordering::Relaxed);
             claim_gate::enter(self.table, self.index, self.max_claimers);
         }
-        let sent = self.db(|db| db.settle_and_claim(&acks, limit));
+        let claim = |db: &mut Consumer, acks: &[Ack]| match ahead {
+            true => db.settle_and_claim_ahead(acks, limit),
+            false => db.settle_and_claim(acks, limit),
+        };
+        let sent = self.db(|db| claim(db, &acks));
         if limit > 0 {
             claim_gate::leave(self.table, self.index);
         }
@@ -438,25 +487,43 @@ impl Worker<'_> {
                     self.acks.retain(|a| a.id != id);
                 }
                 self.oldest_ack = None;
-                self.db(|db| db.settle_and_claim(&[], limit))?
+                self.db(|db| claim(db, &[]))?
             }
         };
         self.report_refused(&round.refused);
         let brought = Brought {
             claimed: round.claimed.len(),
             promoted: round.promoted,
+            retry_in: round.retry_in,
         };
         self.buffer.extend(round.claimed);
-        self.drop_cancelled_if_changed(round.changes)?;
+        self.notice_changes(round.changes)?;
         Ok(brought)
     }
 
     /// When the queue's count of changes moved since the last round (a cancel, a batch stopped by
-    /// fail-fast or cancel), ends cancelled the prefetched jobs that must no longer run, so no
-    /// such job starts after this round.
-    fn drop_cancelled_if_changed(&mut self, changes: i64) -> Result<(), QueueError> {
+    /// fail-fast or cancel, a queue paused or limited), re-reads this worker's queue settings and
+    /// makes sure no prefetched job starts that must not: the ones cancelled end cancelled, and
+    /// the ones of a queue paused or limited since their claim go back to the queue.
+    fn notice_changes(&mut self, changes: i64) -> Result<(), QueueError> {
         let seen = self.changes_seen.replace(changes);
-        if seen.map_or(true, |seen| seen == changes) || self.buffer.is_empty() {
+        // At the first round, against the count the connection read the settings at.
+        let settings_read_at = self.db.as_ref().map(|db| db.flow().changes);
+        if seen.or(settings_read_at) == Some(changes) {
+            return Ok(());
+        }
+        let flow = self.db(|db| db.refresh_flow())?;
+        if seen.is_some() {
+            self.drop_cancelled()?;
+        }
+        self.give_back_gated(&flow);
+        Ok(())
+    }
+
+    /// Ends cancelled, uncharged, the prefetched jobs that must no longer run (cancelled, or
+    /// children of a stopped batch).
+    fn drop_cancelled(&mut self) -> Result<(), QueueError> {
+        if self.buffer.is_empty() {
             return Ok(());
         }
         let held: Vec<Claimed> = self.buffer.iter().cloned().collect();
@@ -470,6 +537,94 @@ impl Worker<'_> {
             self.buffer.retain(|c| !dropped.contains(&c.job.id));
         }
         Ok(())
+    }
+
+    /// Gives back the prefetched jobs of queues that are paused now, or limited now while a lean
+    /// round claimed them (they would not count against the caps).
+    fn give_back_gated(&mut self, flow: &Flow) {
+        let gated = |c: &Claimed| {
+            flow.paused.contains(&c.job.queue)
+                || (flow.limited.contains(&c.job.queue) && !c.limited)
+        };
+        let n = self.buffer.iter().filter(|c| gated(c)).count();
+        if n > 0 {
+            log::info!(
+                "worker {}: handing back {n} prefetched job(s) of queues paused or limited since \
+                 they were claimed",
+                self.owner
+            );
+            self.renew_keeping(&|c| !gated(c));
+        }
+    }
+
+    /// Looks at the cancels the wake-up listener heard since the last look (one atomic load when
+    /// there are none): the running job's is confirmed by a lease renewal (which says whether
+    /// its cancel was requested), the prefetched ones are dropped. When more cancels came than
+    /// the ring holds, every job held is checked.
+    fn notice_cancels(&mut self) -> Result<(), QueueError> {
+        let ring = &self.header.cancels;
+        if ring.seq.load(Ordering::Acquire) == self.cancels_seen {
+            return Ok(());
+        }
+        let (ids, seen) = ring.since(self.cancels_seen);
+        self.cancels_seen = seen;
+        let hit = |id: i64| ids.as_ref().map_or(true, |ids| ids.contains(&id));
+        if self
+            .current
+            .is_some_and(|(id, _, _)| !self.cancel_requested && hit(id))
+        {
+            self.renew_keeping(&|_| true);
+        }
+        if self.buffer.iter().any(|c| hit(c.job.id)) {
+            self.drop_cancelled()?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the running job's latest progress and writes it when [`PROGRESS_EVERY`] has passed
+    /// since the last write (at once for the first).
+    fn note_progress(&mut self, value: Value) {
+        let size = serde_json::to_string(&value).map_or(usize::MAX, |t| {
+            if t.contains("\\u0000") {
+                usize::MAX
+            } else {
+                t.len()
+            }
+        });
+        if size > MAX_PROGRESS_BYTES {
+            if !self.progress.refused {
+                log::warn!(
+                    "job {:?}: a progress value was dropped: it must be JSON of at most \
+                     {MAX_PROGRESS_BYTES} bytes without NUL characters",
+                    self.current.map(|c| c.0)
+                );
+                self.progress.refused = true;
+            }
+            return;
+        }
+        self.progress.pending = Some(value);
+        self.send_progress(false);
+    }
+
+    /// Writes the pending progress if it is due (or `now`); a failure is logged, never fatal.
+    fn send_progress(&mut self, now: bool) {
+        let due = now
+            || self
+                .progress
+                .sent
+                .map_or(true, |t| t.elapsed() >= PROGRESS_EVERY);
+        let (Some((id, token, _)), true) = (self.current, due) else {
+            return;
+        };
+        let Some(value) = self.progress.pending.take() else {
+            return;
+        };
+        self.progress.sent = Some(Instant::now());
+        match self.db(|db| db.report_progress(id, token, &value)) {
+            Ok(true) => {}
+            Ok(false) => log::warn!("job {id}: progress not recorded: its lease is gone"),
+            Err(e) => log::warn!("job {id}: progress not recorded: {e}"),
+        }
     }
 
     /// Reports the start of a suspect job (see [`Claimed::suspect`]); false when the job is no
@@ -519,7 +674,7 @@ impl Worker<'_> {
     /// Renews leases every third of the lease while this child holds jobs.
     fn renew_if_due(&mut self) {
         if self.last_renewal.elapsed() >= self.config.lease / 3 {
-            self.renew(true);
+            self.renew_keeping(&|_| true);
         }
     }
 
@@ -540,7 +695,7 @@ impl Worker<'_> {
             started.elapsed(),
             self.buffer.len()
         );
-        self.renew(false);
+        self.renew_keeping(&|_| false);
     }
 
     /// While a short job runs and no sibling is idle to take the next one, claims it (carrying
@@ -567,15 +722,15 @@ impl Worker<'_> {
             return;
         }
         self.looked_ahead = true;
-        if let Err(e) = self.send_acks_and_claim(1) {
+        if let Err(e) = self.send_acks_and_claim(1, true) {
             log::warn!("worker {}: could not claim ahead: {e}", self.owner);
         }
     }
 
     /// What this worker holds, as (id, lease token): the job running, the jobs finished and not
-    /// acknowledged yet, and (with `buffer`) the jobs claimed ahead.
-    fn held(&self, buffer: bool) -> Vec<(i64, i64)> {
-        let ahead = self.buffer.iter().filter(|_| buffer);
+    /// acknowledged yet, and the jobs claimed ahead that `keep` keeps.
+    fn held(&self, keep: &dyn Fn(&Claimed) -> bool) -> Vec<(i64, i64)> {
+        let ahead = self.buffer.iter().filter(|c| keep(c));
         self.current
             .iter()
             .map(|&(id, token, _)| (id, token))
@@ -584,25 +739,37 @@ impl Worker<'_> {
             .collect()
     }
 
-    /// Renews the leases of what this worker holds (without the buffer when `keep_buffer` is
-    /// false, which hands it back) and gives back anything else found under its name.
-    fn renew(&mut self, keep_buffer: bool) {
+    /// Renews the leases of what this worker holds, of its prefetched jobs only those `keep`
+    /// keeps (the others are handed back), and gives back anything else found under its name.
+    fn renew_keeping(&mut self, keep: &dyn Fn(&Claimed) -> bool) {
         self.last_renewal = Instant::now();
-        let held = self.held(keep_buffer);
+        let held = self.held(keep);
         let running = self.current.map(|(id, _, _)| id);
         match self.db(|db| db.renew(&held, running)) {
-            Ok(renewed) => self.keep_renewed(&renewed, keep_buffer),
+            Ok(renewed) => self.keep_renewed(&renewed, keep),
             Err(e) => log::warn!("worker {}: lease renewal failed: {e}", self.owner),
         }
     }
 
     /// Drops from the buffer what a renewal did not renew (taken back by the queue, or handed
-    /// back when `keep_buffer` is false).
-    fn keep_renewed(&mut self, renewed: &[i64], keep_buffer: bool) {
-        let before = self.buffer.len();
+    /// back because `keep` did not keep it), and notes a cancel of the running job.
+    fn keep_renewed(&mut self, renewed: &[(i64, bool)], keep: &dyn Fn(&Claimed) -> bool) {
+        let running = self.current.map(|(id, _, _)| id);
+        if !self.cancel_requested
+            && renewed
+                .iter()
+                .any(|&(id, cancel)| cancel && Some(id) == running)
+        {
+            log::info!(
+                "job {:?}: its cancel was requested; telling the handler",
+                running
+            );
+            self.cancel_requested = true;
+        }
+        let before = self.buffer.iter().filter(|c| keep(c)).count();
         self.buffer
-            .retain(|c| keep_buffer && renewed.contains(&c.job.id));
-        if keep_buffer && self.buffer.len() < before {
+            .retain(|c| keep(c) && renewed.iter().any(|&(id, _)| id == c.job.id));
+        if self.buffer.len() < before {
             log::warn!(
                 "worker {}: {} prefetched job(s) were taken back by the queue",
                 self.owner,
@@ -616,24 +783,33 @@ impl Worker<'_> {
     /// and runs the host's maintenance pass when its turn comes, so a child woken for work never
     /// runs it first. One idle child per host polls the database per `FORKQ_POLL_INTERVAL_MS`
     /// (for scheduled jobs that fell due, whose claim round makes them claimable, and as the
-    /// fallback when notifications are off), not every child. Returns whether a wake-up ended
-    /// the wait.
-    fn wait_idle(&mut self, wake_seen: u32) -> bool {
+    /// fallback when notifications are off), not every child. `retry_in`: a rate-limited queue
+    /// allows its next start then, so the wait ends by then. Returns whether a wake-up ended the
+    /// wait.
+    fn wait_idle(&mut self, wake_seen: u32, retry_in: Option<Duration>) -> bool {
         let _idle = logging::activity(Activity::Idle);
         self.slot.set_state(SlotState::Idle);
         self.slot.beat();
         let slice = self.config.poll_interval.min(IDLE_SLICE);
+        let until = retry_in.map(|d| Instant::now() + d);
         loop {
             if self.slot.wake.load(Ordering::Acquire) != wake_seen {
                 return true;
             }
-            if stop_requested() || take_turn(&self.header.poll_ms, self.config.poll_interval) {
+            let now = Instant::now();
+            if stop_requested()
+                || until.is_some_and(|until| now >= until)
+                || take_turn(&self.header.poll_ms, self.config.poll_interval)
+            {
                 return false;
             }
             // Busy meanwhile, so a wake-up goes to a child that can take it at once.
             self.slot.set_state(SlotState::Claiming);
             self.maybe_run_maintenance();
             self.slot.set_state(SlotState::Idle);
+            let slice = until.map_or(slice, |until| {
+                slice.min(until.saturating_duration_since(Instant::now()))
+            });
             futex::wait(&self.slot.wake, wake_seen, slice);
             self.slot.beat();
         }
@@ -740,8 +916,8 @@ impl Worker<'_> {
     fn reconnect(&mut self) -> Result<Consumer, QueueError> {
         let mut db = Consumer::connect(self.config, &self.owner)?;
         if self.lost_connection {
-            let renewed = db.renew(&self.held(true), self.current.map(|(id, _, _)| id))?;
-            self.keep_renewed(&renewed, true);
+            let renewed = db.renew(&self.held(&|_| true), self.current.map(|(id, _, _)| id))?;
+            self.keep_renewed(&renewed, &|_| true);
             self.last_renewal = Instant::now();
             self.lost_connection = false;
         }
@@ -795,11 +971,23 @@ impl JobContext for Context<'_, '_> {
                 );
             }
         }
-        !immediate_stop_requested()
+        if let Err(e) = self.worker.notice_cancels() {
+            log::warn!("worker {}: could not check cancels: {e}", self.worker.owner);
+        }
+        self.worker.send_progress(false);
+        !immediate_stop_requested() && !self.worker.cancel_requested
     }
 
     fn timeout(&self) -> Option<Duration> {
-        self.worker.config.job_timeout
+        self.worker.job_timeout
+    }
+
+    fn cancelled(&self) -> bool {
+        self.worker.cancel_requested
+    }
+
+    fn progress(&mut self, value: Value) {
+        self.worker.note_progress(value);
     }
 
     fn runs_in_process_group(&mut self, pgid: u32) {
@@ -809,6 +997,20 @@ impl JobContext for Context<'_, '_> {
             .store(pgid as i32, Ordering::Release);
     }
 }
+
+/// The running job's progress reports (see [`Worker::note_progress`]).
+#[derive(Default)]
+struct Progress {
+    /// The latest value not written yet.
+    pending: Option<Value>,
+    /// When a value was last written.
+    sent: Option<Instant>,
+    /// Whether a value was dropped already (warned about once per job).
+    refused: bool,
+}
+
+/// The longest snooze a handler may ask for; longer ones are cut to it.
+const MAX_SNOOZE: Duration = Duration::from_secs(10 * 365 * 86_400);
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic

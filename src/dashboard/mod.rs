@@ -23,7 +23,7 @@ use tiny_http::{Header, Method, Request, Response, Server};
 
 use crate::config::{Config, DashboardSettings, Pooler, EX_CONFIG};
 use crate::queue::browse::{self, Cursor, Filter, FilterError};
-use crate::queue::{admin, batch, hosts, migrations, overview, schedules, QueueError};
+use crate::queue::{admin, batch, hosts, migrations, overview, queues, schedules, QueueError};
 use auth::{Auth, Credentials, Verdict};
 use pages::Ctx;
 
@@ -188,15 +188,23 @@ impl From<FilterError> for Failure {
     }
 }
 
+/// A request's form fields, in order.
+type Form = Vec<(String, String)>;
+
 /// Results of an action, as a notice on the page it returns to.
 const NOTICES: &[(&str, &str)] = &[
     ("retried", "is back in its queue"),
     ("cancelled", "is cancelled"),
     (
         "cancelling",
-        "is running; it is marked and will not be retried",
+        "is running; its handler is told to stop, and it will not be retried",
     ),
     ("discarded", "is deleted for good"),
+    (
+        "paused",
+        "is paused: no new job of it starts; running ones finish",
+    ),
+    ("resumed", "is resumed"),
     (
         "not-dead",
         "is not in the dead letter (or a live job holds its unique key): nothing changed",
@@ -311,6 +319,9 @@ impl App {
     fn notice(&self, incoming: &Incoming<'_>) -> Option<String> {
         let code = incoming.param("notice")?;
         let (_, text) = NOTICES.iter().find(|(c, _)| *c == code)?;
+        if let Some(queue) = incoming.param("queue") {
+            return Some(format!("Queue {queue} {text}."));
+        }
         let job: i64 = incoming.param("job")?.parse().ok()?;
         Some(format!("Job {job} {text}."))
     }
@@ -402,18 +413,8 @@ impl App {
                 self.act(r, id, verb)
             }
             (Method::Post, ["queues", queue, verb @ ("pause" | "resume")]) => {
-                // Pausing queues arrives with issue 13; until then the address answers 501.
-                log::info!("dashboard: {verb} of queue {queue:?} asked by {}: not available in this version", r.peer());
-                let csrf = self.auth.csrf();
-                let ctx = self.ctx(r, &csrf, None);
-                Ok(Reply::html(
-                    501,
-                    pages::message(
-                        &ctx,
-                        "Not available",
-                        &format!("Pausing and resuming queues is not available in this version of forkq; queue {queue:?} is unchanged."),
-                    ),
-                ))
+                let queue = percent_decode(queue);
+                self.pause(r, &queue, verb)
             }
             (Method::Get | Method::Head, ["batches"]) => {
                 let state = r.param("state").filter(|s| !s.is_empty());
@@ -504,40 +505,66 @@ impl App {
         Ok(reply)
     }
 
-    /// Retry, cancel or discard one job, if the request may; logged either way.
-    fn act(&self, r: &mut Incoming<'_>, id: i64, verb: &str) -> Result<Reply, Failure> {
+    /// Whether the action `what` (for the log: "retry job 7") may go ahead: how the request was
+    /// authorized, and its form fields; refusals are logged.
+    fn authorize(&self, r: &mut Incoming<'_>, what: &str) -> Result<(&'static str, Form), Failure> {
         let form = r.form();
-        let field = |name: &str| {
-            form.iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-        };
+        let csrf = form
+            .iter()
+            .find(|(k, _)| k == auth::CSRF_FIELD)
+            .map(|(_, v)| v.as_str());
         let verdict = self.auth.authorize(&Credentials {
             cookie: r.header("Cookie"),
             authorization: r.header("Authorization"),
-            csrf: field(auth::CSRF_FIELD),
+            csrf,
             origin: r.header("Origin"),
             fetch_site: r.header("Sec-Fetch-Site"),
             host: r.header("Host"),
         });
-        let how = match verdict {
-            Verdict::Allowed(how) => how,
+        match verdict {
+            Verdict::Allowed(how) => Ok((how, form)),
             Verdict::ReadOnly => {
-                log::warn!(
-                    "dashboard: refused to {verb} job {id} for {}: read-only",
-                    r.peer()
-                );
-                return Err(Failure::Forbidden("This dashboard is read-only: it has no FORKQ_DASHBOARD_TOKEN, so nothing was changed.".into()));
+                log::warn!("dashboard: refused to {what} for {}: read-only", r.peer());
+                Err(Failure::Forbidden("This dashboard is read-only: it has no FORKQ_DASHBOARD_TOKEN, so nothing was changed.".into()))
             }
             Verdict::Forbidden(why) => {
-                log::warn!(
-                    "dashboard: refused to {verb} job {id} for {}: {why}",
-                    r.peer()
-                );
-                return Err(Failure::Forbidden(format!(
+                log::warn!("dashboard: refused to {what} for {}: {why}", r.peer());
+                Err(Failure::Forbidden(format!(
                     "Refused, nothing was changed: {why}."
-                )));
+                )))
             }
+        }
+    }
+
+    /// Pause or resume one queue, if the request may; logged either way.
+    fn pause(&self, r: &mut Incoming<'_>, queue: &str, verb: &str) -> Result<Reply, Failure> {
+        if !crate::config::is_valid_queue_name(queue) {
+            return Err(Failure::BadRequest(format!(
+                "{queue:?} is not a queue name"
+            )));
+        }
+        let (how, _) = self.authorize(r, &format!("{verb} queue {queue}"))?;
+        let change = queues::Change {
+            paused: Some(verb == "pause"),
+            ..queues::Change::default()
+        };
+        queues::set(&mut *self.db()?, &self.config.schema, queue, &change)?;
+        let outcome = if verb == "pause" { "paused" } else { "resumed" };
+        log::info!("dashboard: {verb} queue {queue:?} by {} ({how})", r.peer());
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        query
+            .append_pair("notice", outcome)
+            .append_pair("queue", queue);
+        Ok(Reply::redirect(&format!("/?{}", query.finish())))
+    }
+
+    /// Retry, cancel or discard one job, if the request may; logged either way.
+    fn act(&self, r: &mut Incoming<'_>, id: i64, verb: &str) -> Result<Reply, Failure> {
+        let (how, form) = self.authorize(r, &format!("{verb} job {id}"))?;
+        let field = |name: &str| {
+            form.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
         };
         let schema = self.config.schema.as_str();
         let mut db = self.db()?;

@@ -1,8 +1,8 @@
 //! The dashboard's pages, rendered on the server with maud (every value escaped). No JavaScript:
 //! lists refresh with a meta tag, actions are plain forms.
 //!
-//! Extending: a new queue property (paused, limits) is one [`QUEUE_COLUMNS`] entry plus its field
-//! in [`QueueRow`].
+//! Extending: a new queue property is one [`QUEUE_COLUMNS`] entry plus its field in
+//! [`QueueRow`].
 
 use maud::{html, Markup, PreEscaped, DOCTYPE};
 use serde_json::Value;
@@ -92,7 +92,7 @@ pub fn layout(ctx: &Ctx<'_>, title: &str, refresh: Option<u32>, body: Markup) ->
                     }
                     @if !ctx.actions_enabled {
                         p.readonly {
-                            "Read-only: this dashboard has no FORKQ_DASHBOARD_TOKEN, so it cannot retry, cancel or discard jobs."
+                            "Read-only: this dashboard has no FORKQ_DASHBOARD_TOKEN, so it cannot retry, cancel or discard jobs, or pause queues."
                         }
                     }
                     h1 { (title) }
@@ -151,10 +151,17 @@ fn dead_count(row: &QueueRow, state: &str, n: i64) -> Markup {
     }
 }
 
-/// The queue table's columns, in order. To show a new property of queues (paused, limits,
-/// rate limits: issues 13 and 14), add its field to [`QueueRow`] and its query, and one entry
-/// here; nothing else changes.
+/// The queue table's columns, in order. To show a new property of queues, add its field to
+/// [`QueueRow`] and its query, and one entry here; nothing else changes.
 pub const QUEUE_COLUMNS: &[QueueColumn] = &[
+    QueueColumn {
+        title: "status",
+        cell: queue_status,
+    },
+    QueueColumn {
+        title: "limits",
+        cell: |r, _| html! { span.muted { (r.settings.limits()) } },
+    },
     QueueColumn {
         title: "available",
         cell: |r, _| count_link(&r.queue, "available", r.available),
@@ -188,6 +195,29 @@ pub const QUEUE_COLUMNS: &[QueueColumn] = &[
         cell: |r, _| html! { span class=(if r.hosts == 0 { "gone" } else { "" }) { (r.hosts) } },
     },
 ];
+
+/// Paused or active, with the button that changes it when the visitor may act.
+fn queue_status(row: &QueueRow, ctx: &Ctx<'_>) -> Markup {
+    let (status, verb, label) = if row.settings.paused {
+        ("paused", "resume", "Resume")
+    } else {
+        ("active", "pause", "Pause")
+    };
+    let action = format!(
+        "/queues/{}/{verb}",
+        percent_encoding::utf8_percent_encode(&row.queue, percent_encoding::NON_ALPHANUMERIC)
+    );
+    html! {
+        span class=(if row.settings.paused { "failed" } else { "" }) { (status) }
+        @if ctx.can_act() {
+            " "
+            form.inline method="post" action=(action) {
+                input type="hidden" name="csrf" value=(ctx.csrf.unwrap_or(""));
+                button type="submit" { (label) }
+            }
+        }
+    }
+}
 
 fn age(seconds: f64) -> String {
     match seconds {
@@ -364,7 +394,7 @@ pub fn job(ctx: &Ctx<'_>, job: &Value) -> Markup {
                 tr { th { "leased by" } td { (field("lease_owner")) " until " (field("lease_expires_at")) } }
             }
             @if job["cancel_requested"] == Value::Bool(true) {
-                tr { th { "cancel" } td { "requested: it will not be retried" } }
+                tr { th { "cancel" } td { "requested: its handler is told to stop; it will not be retried" } }
             }
         }
         h2 { "Timeline" }

@@ -76,6 +76,9 @@ fn sleep_with_heartbeats(total: Duration, ctx: &mut dyn JobContext) -> Outcome {
             return Outcome::Success(Value::Null);
         }
         if !ctx.heartbeat() {
+            if ctx.cancelled() {
+                return Outcome::Failure("cancelled while it slept".into());
+            }
             return Outcome::Retry("interrupted by an immediate shutdown".into());
         }
         // What is left after the heartbeat (which may have waited on the database).

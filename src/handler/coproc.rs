@@ -3,13 +3,19 @@
 //! For each job forkq writes one line to the program's stdin:
 //! `{"id":..,"queue":..,"task":..,"payload":..,"attempt":..,"max_attempts":..,"batch_id":..}`.
 //! The program answers with one line on stdout, `{"id":..,"ok":true,"result":..}` or
-//! `{"id":..,"ok":false,"error":"..","retry":true|false}`, and may send `{"id":..,"heartbeat":true}`
-//! lines while it works. Anything else — a line that is not JSON, a reply for another id, a line
+//! `{"id":..,"ok":false,"error":"..","retry":true|false}` or `{"id":..,"snooze":SECONDS}` (run
+//! again later, the attempt not charged), and may send `{"id":..,"heartbeat":true}` and
+//! `{"id":..,"progress":VALUE}` lines while it works. When the job is cancelled forkq writes
+//! `{"id":..,"cancel":true}`; the program should stop and reply (any reply); after
+//! `FORKQ_CANCEL_GRACE_SECONDS` without one it is stopped like a broken one. Either way the next
+//! job gets a fresh program, so a cancel line it never read cannot reach it as a job. Anything
+//! else — a line that is not JSON, a reply for another id, a line
 //! longer than `FORKQ_MAX_RESULT_BYTES`, end of file or the death of the program — fails the job
 //! in flight with a protocol error; the program is killed with its process group and a fresh one
 //! is started for the next job. The program's stderr is the daemon's.
 
 use std::ffi::OsString;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -25,6 +31,7 @@ pub struct Coproc {
     argv: Vec<String>,
     env: Vec<(OsString, OsString)>,
     max_line_bytes: usize,
+    cancel_grace: Duration,
     /// The running program, started at the first job and after every failure.
     program: Option<Program>,
     /// Bytes read from the program's stdout that do not make a whole line yet.
@@ -38,6 +45,7 @@ impl Coproc {
             argv,
             env: handler_env(&config.handler_pass_env),
             max_line_bytes: config.max_result_bytes,
+            cancel_grace: config.cancel_grace,
             program: None,
             buffer: Vec::new(),
         }
@@ -136,7 +144,7 @@ impl Handler for Coproc {
                 return Outcome::Failure(format!("cannot start coproc {:?}: {e}", self.argv[0]))
             }
         }
-        let mut watch = Watch::start(ctx);
+        let mut watch = Watch::start(ctx, self.cancel_grace);
         loop {
             while let Some(line) = self.next_line() {
                 if line.len() > self.max_line_bytes {
@@ -149,6 +157,16 @@ impl Handler for Coproc {
                             return self.restart(job, stop);
                         }
                     }
+                    Line::Progress(value) => ctx.progress(value),
+                    Line::Reply(outcome) if watch.cancelling() => {
+                        // The cancel line may still be unread in its stdin, where it would reach
+                        // the program as the next job: the next job gets a fresh program.
+                        if let Some(mut program) = self.program.take() {
+                            program.wait_then_kill(KILL_GRACE, &mut |_, _| {});
+                        }
+                        self.buffer.clear();
+                        return outcome;
+                    }
                     Line::Reply(outcome) => return outcome,
                     Line::Invalid(why) => return self.protocol_error(job, why),
                 }
@@ -158,6 +176,14 @@ impl Handler for Coproc {
             }
             if let Some(stop) = watch.check(ctx) {
                 return self.restart(job, stop);
+            }
+            if watch.cancel_to_tell() {
+                let mut cancel = serde_json::to_vec(&json!({"id": job.id, "cancel": true}))
+                    .expect("a JSON value always serializes");
+                cancel.push(b'\n');
+                if let Some(program) = self.program.as_mut() {
+                    program.send(&cancel);
+                }
             }
             let Coproc {
                 program, buffer, ..
@@ -212,6 +238,8 @@ enum Line {
     Blank,
     /// The job in flight is making progress.
     Heartbeat,
+    /// The job in flight reports how far it is.
+    Progress(Value),
     /// The job in flight is done.
     Reply(Outcome),
     /// A broken line, with what was wrong with it.
@@ -245,6 +273,20 @@ fn parse_line(line: &[u8], id: i64) -> Line {
     if reply.get("heartbeat") == Some(&Value::Bool(true)) {
         return Line::Heartbeat;
     }
+    if let Some(progress) = reply.get("progress") {
+        return Line::Progress(progress.clone());
+    }
+    if let Some(snooze) = reply.get("snooze") {
+        return match snooze.as_f64() {
+            Some(s) if (0.0..=10.0 * 365.0 * 86_400.0).contains(&s) => {
+                Line::Reply(Outcome::Snooze(Duration::from_secs_f64(s)))
+            }
+            _ => Line::Invalid(format!(
+                "a snooze that is not a number of seconds from 0 to ten years: {}",
+                quoted()
+            )),
+        };
+    }
     match reply.get("ok") {
         Some(Value::Bool(true)) => Line::Reply(Outcome::Success(
             reply.get("result").cloned().unwrap_or(Value::Null),
@@ -261,7 +303,7 @@ fn parse_line(line: &[u8], id: i64) -> Line {
             }
         }
         _ => Line::Invalid(format!(
-            "a line with neither \"ok\": true|false nor \"heartbeat\": true: {}",
+            "a line with none of \"ok\": true|false, \"snooze\", \"progress\" or \"heartbeat\": true: {}",
             quoted()
         )),
     }
@@ -291,6 +333,14 @@ mod tests {
             Line::Reply(Outcome::Failure("later".into()))
         );
         assert_eq!(parse(r#"{"id":7,"heartbeat":true}"#), Line::Heartbeat);
+        assert_eq!(
+            parse(r#"{"id":7,"snooze":1.5}"#),
+            Line::Reply(Outcome::Snooze(Duration::from_millis(1500)))
+        );
+        assert_eq!(
+            parse(r#"{"id":7,"progress":{"done":3}}"#),
+            Line::Progress(json!({"done": 3}))
+        );
         assert_eq!(parse("  "), Line::Blank);
     }
 
@@ -302,7 +352,8 @@ mod tests {
             (r#"{"id":8,"ok":true}"#, "for id 8 while job 7"),
             (r#"{"id":"7","ok":true}"#, "for id \"7\""),
             (r#"{"ok":true}"#, "for id (none)"),
-            (r#"{"id":7}"#, "neither"),
+            (r#"{"id":7}"#, "none of"),
+            (r#"{"id":7,"snooze":-1}"#, "snooze"),
         ] {
             match parse_line(line.as_bytes(), 7) {
                 Line::Invalid(why) => assert!(why.contains(expect), "{line}: {why}"),

@@ -3,12 +3,20 @@
 //! The payload goes to the program's stdin as one line of JSON and the job's metadata into
 //! `FORKQ_*` environment variables; the payload never appears in argv (visible to every user in
 //! `ps`) and no shell ever parses anything. Exit 0 is success with stdout as the result, exit 75
-//! (`EX_TEMPFAIL`) asks for a retry without recording an error, anything else fails the job with
-//! the tail of stderr.
+//! (`EX_TEMPFAIL`) asks for a retry without recording an error, exit 79 snoozes the job for the
+//! number of seconds printed on stdout, anything else fails the job with the tail of stderr.
+//!
+//! Progress: the program appends JSON lines to the file named by `FORKQ_PROGRESS_FILE`; the
+//! last whole line is the job's progress. A cancelled job's program gets SIGTERM (its whole
+//! group), then SIGKILL after `FORKQ_CANCEL_GRACE_SECONDS`.
 
 use std::ffi::OsString;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
 use std::process::ExitStatus;
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -18,6 +26,9 @@ use crate::config::Config;
 
 /// The exit code that asks for a retry without counting as an error (`EX_TEMPFAIL`).
 pub const EXIT_RETRY: i32 = 75;
+/// The exit code that snoozes the job (run again later, the attempt not charged) for the number
+/// of seconds the program printed on stdout.
+pub const EXIT_SNOOZE: i32 = 79;
 /// How much of a failed program's stderr becomes the job's error.
 pub const STDERR_TAIL_BYTES: usize = 4096;
 
@@ -26,6 +37,7 @@ pub struct Exec {
     argv: Vec<String>,
     env: Vec<(OsString, OsString)>,
     max_result_bytes: usize,
+    cancel_grace: Duration,
 }
 
 impl Exec {
@@ -36,6 +48,7 @@ impl Exec {
             argv,
             env: handler_env(&config.handler_pass_env),
             max_result_bytes: config.max_result_bytes,
+            cancel_grace: config.cancel_grace,
         }
     }
 }
@@ -57,7 +70,13 @@ pub fn job_env(job: &Job) -> Vec<(&'static str, String)> {
 
 impl Handler for Exec {
     fn handle(&mut self, job: &Job, ctx: &mut dyn JobContext) -> Outcome {
-        let mut program = match Program::spawn(&self.argv, &self.env, &job_env(job), true) {
+        let mut progress = match ProgressFile::create(job) {
+            Ok(file) => file,
+            Err(e) => return Outcome::Failure(format!("cannot create the progress file: {e}")),
+        };
+        let mut env = job_env(job);
+        env.push(("FORKQ_PROGRESS_FILE", progress.path.display().to_string()));
+        let mut program = match Program::spawn(&self.argv, &self.env, &env, true) {
             Ok(program) => program,
             Err(e) => {
                 return Outcome::Failure(format!("cannot start {:?}: {e}", self.argv[0]));
@@ -75,10 +94,18 @@ impl Handler for Exec {
             Stream::Stdout => stdout.push(bytes),
             Stream::Stderr => stderr.push(bytes),
         };
-        let mut watch = Watch::start(ctx);
+        let mut watch = Watch::start(ctx, self.cancel_grace);
         let status = loop {
+            if let Some(value) = progress.latest() {
+                ctx.progress(value);
+            }
             if let Some(stop) = watch.check(ctx) {
-                let status = program.terminate(KILL_GRACE, &mut sink);
+                let status = if watch.cancelling() {
+                    // It had its grace after the SIGTERM.
+                    program.finish()
+                } else {
+                    program.terminate(KILL_GRACE, &mut sink)
+                };
                 log::warn!(
                     "job {} ({}): stopped {:?} (pid {}, {}): {stop:?}",
                     job.id,
@@ -88,6 +115,9 @@ impl Handler for Exec {
                     describe(status)
                 );
                 return stop;
+            }
+            if watch.cancel_to_tell() {
+                program.interrupt();
             }
             match program.try_exit() {
                 Ok(Some(status)) => break status,
@@ -109,7 +139,80 @@ impl Handler for Exec {
         if status.success() && log::log_enabled!(log::Level::Debug) {
             log::debug!("job {} ({}) stderr: {}", job.id, job.task, stderr.text());
         }
+        if let Some(value) = progress.latest() {
+            ctx.progress(value);
+        }
         outcome(status, stdout, &stderr)
+    }
+}
+
+/// The file an exec program reports progress through: it appends JSON lines, forkq reads the
+/// new whole lines while the program runs and keeps the last. Created empty (mode 0600) in the
+/// temporary directory for each job, deleted when the job ends.
+struct ProgressFile {
+    path: PathBuf,
+    file: std::fs::File,
+    read: u64,
+    partial: Vec<u8>,
+}
+
+impl ProgressFile {
+    fn create(job: &Job) -> std::io::Result<ProgressFile> {
+        let path = std::env::temp_dir().join(format!(
+            "forkq-progress-{}-{}-{}",
+            std::process::id(),
+            job.id,
+            job.attempt
+        ));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        Ok(ProgressFile {
+            path,
+            file,
+            read: 0,
+            partial: Vec::new(),
+        })
+    }
+
+    /// The last whole line appended since the last call, if it is JSON (a line that is not is
+    /// logged and skipped).
+    fn latest(&mut self) -> Option<Value> {
+        let len = self.file.metadata().ok()?.len();
+        if len <= self.read {
+            return None;
+        }
+        let mut more = Vec::new();
+        self.file.seek(SeekFrom::Start(self.read)).ok()?;
+        let n = (&mut self.file)
+            .take(len - self.read)
+            .read_to_end(&mut more)
+            .ok()?;
+        self.read += n as u64;
+        self.partial.extend_from_slice(&more);
+        let end = self.partial.iter().rposition(|&b| b == b'\n')?;
+        let lines: Vec<u8> = self.partial.drain(..=end).collect();
+        let last = lines[..end].rsplit(|&b| b == b'\n').next()?;
+        match serde_json::from_slice(last) {
+            Ok(value) => Some(value),
+            Err(e) => {
+                log::warn!(
+                    "a progress line in FORKQ_PROGRESS_FILE is not JSON ({e}): {:?}",
+                    String::from_utf8_lossy(&last[..last.len().min(200)])
+                );
+                None
+            }
+        }
+    }
+}
+
+impl Drop for ProgressFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -173,6 +276,15 @@ fn outcome(status: ExitStatus, stdout: Output, stderr: &Tail) -> Outcome {
         Some(EXIT_RETRY) => {
             Outcome::Retry(with_stderr(format!("exit code {EXIT_RETRY} (EX_TEMPFAIL)")))
         }
+        Some(EXIT_SNOOZE) => match stdout.into_result().as_f64() {
+            Some(seconds) if (0.0..=10.0 * 365.0 * 86_400.0).contains(&seconds) => {
+                Outcome::Snooze(Duration::from_secs_f64(seconds))
+            }
+            _ => Outcome::Failure(format!(
+                "exit code {EXIT_SNOOZE} snoozes the job: print the delay in seconds (0 to ten \
+                 years) on stdout"
+            )),
+        },
         _ => Outcome::Failure(with_stderr(describe(status))),
     }
 }
@@ -231,6 +343,14 @@ mod tests {
         assert!(matches!(
             outcome(exited(75), output("", 10), &tail),
             Outcome::Retry(_)
+        ));
+        assert_eq!(
+            outcome(exited(79), output("2.5\n", 10), &tail),
+            Outcome::Snooze(Duration::from_millis(2500))
+        );
+        assert!(matches!(
+            outcome(exited(79), output("soon", 10), &tail),
+            Outcome::Failure(_)
         ));
         assert_eq!(
             outcome(exited(2), output("", 10), &tail),

@@ -44,6 +44,9 @@ pub enum Outcome {
     Fatal(String),
     /// A temporary condition (exit code 75): try again later without recording an error.
     Retry(String),
+    /// Run again after this delay, without charging an attempt or recording an error (the job
+    /// is waiting for something: a slot at a provider, a file that is not there yet).
+    Snooze(Duration),
 }
 
 /// How an outcome reads in a log line.
@@ -54,17 +57,21 @@ impl std::fmt::Display for Outcome {
             Outcome::Failure(why) => write!(f, "failed: {why}"),
             Outcome::Fatal(why) => write!(f, "failed for good: {why}"),
             Outcome::Retry(why) => write!(f, "to be retried: {why}"),
+            Outcome::Snooze(delay) => write!(f, "snoozed for {delay:.1?}"),
         }
     }
 }
 
 /// What a running handler can ask of the child that runs it.
 pub trait JobContext {
-    /// Reports progress: refreshes the slot heartbeat and renews leases when they are due.
-    /// Call it at least every few seconds during long work. Returns false when the child has
-    /// been asked to stop at once, so the handler may abandon the job.
+    /// Shows the worker is alive: refreshes the slot heartbeat and renews leases when they are
+    /// due. Call it at least every few seconds during long work. Returns false when the handler
+    /// should stop: the job was cancelled (see [`JobContext::cancelled`]) or the child was asked
+    /// to stop at once. A job that stops after a cancel ends `cancelled` whatever it returns
+    /// (unless it returns success).
     fn heartbeat(&mut self) -> bool;
-    /// The hard limit on this job's run time, if one is configured.
+    /// The hard limit on this job's run time, if one is configured (the job's own timeout, else
+    /// `FORKQ_JOB_TIMEOUT_SECONDS`).
     fn timeout(&self) -> Option<Duration>;
     /// Says that the job now runs in process group `pgid` (a handler program leading its own
     /// group), so that if this worker dies, that whole group is killed before the job can run
@@ -72,6 +79,15 @@ pub trait JobContext {
     fn runs_in_process_group(&mut self, pgid: u32) {
         let _ = pgid;
     }
+    /// Whether this job's cancel was requested (`forkq cancel`, a batch cancel or fail-fast)
+    /// while it runs; known within about one heartbeat.
+    fn cancelled(&self) -> bool {
+        false
+    }
+    /// Reports how far the job is, as a small JSON value (`forkq job ID` shows the latest and
+    /// when it came). Cheap to call often: the worker writes at most one value a second per job
+    /// (the latest wins) and the last one when the job ends.
+    fn progress(&mut self, _value: Value) {}
 }
 
 /// Runs jobs. One instance lives in one child and sees one job at a time.

@@ -336,6 +336,11 @@ impl Program {
         status
     }
 
+    /// Asks the program to stop: SIGTERM to its group (a cancelled job).
+    pub fn interrupt(&self) {
+        self.signal_group(Signal::SIGTERM);
+    }
+
     fn signal_group(&self, signal: Signal) {
         // ESRCH: the group is already gone, which is what we want.
         let _ = killpg(Pid::from_raw(self.pid() as i32), signal);
@@ -448,23 +453,46 @@ fn reap_group(pgid: u32) {
 }
 
 /// Paces a job while its program runs: heartbeats regularly and says when the program must be
-/// stopped (the job timeout, or an immediate stop of this worker).
+/// stopped (the job timeout, an immediate stop of this worker, or a cancel the program did not
+/// obey within the cancel grace).
 pub struct Watch {
     deadline: Option<Instant>,
     timeout: Option<Duration>,
     last_beat: Instant,
+    /// How long a cancelled job's program has to stop once told (`FORKQ_CANCEL_GRACE_SECONDS`).
+    cancel_grace: Duration,
+    /// When the job's cancel was seen.
+    cancelled_at: Option<Instant>,
+    /// Whether the handler was told to tell its program.
+    cancel_told: bool,
 }
 
 impl Watch {
     /// Starts pacing a job that starts now.
-    pub fn start(ctx: &dyn JobContext) -> Watch {
+    pub fn start(ctx: &dyn JobContext, cancel_grace: Duration) -> Watch {
         let now = Instant::now();
         let timeout = ctx.timeout();
         Watch {
             deadline: timeout.map(|t| now + t),
             timeout,
             last_beat: now,
+            cancel_grace,
+            cancelled_at: None,
+            cancel_told: false,
         }
+    }
+
+    /// True once, when the job's cancel was first seen: the handler tells its program to stop
+    /// (exec: SIGTERM to its group; coproc: a cancel line).
+    pub fn cancel_to_tell(&mut self) -> bool {
+        let tell = self.cancelled_at.is_some() && !self.cancel_told;
+        self.cancel_told |= tell;
+        tell
+    }
+
+    /// Whether the job is being cancelled (its program was told, or is about to be).
+    pub fn cancelling(&self) -> bool {
+        self.cancelled_at.is_some()
     }
 
     /// Heartbeats when one is due; returns the outcome to end the job with when its program
@@ -476,6 +504,15 @@ impl Watch {
                 return Some(stop);
             }
         }
+        if self
+            .cancelled_at
+            .is_some_and(|at| now >= at + self.cancel_grace)
+        {
+            return Some(Outcome::Failure(format!(
+                "cancelled; the program did not stop within the cancel grace of {:.1?}",
+                self.cancel_grace
+            )));
+        }
         match (self.deadline, self.timeout) {
             (Some(deadline), Some(timeout)) if now >= deadline => Some(Outcome::Failure(format!(
                 "timed out after {} s",
@@ -485,10 +522,16 @@ impl Watch {
         }
     }
 
-    /// Heartbeats now (the program said it is making progress).
+    /// Heartbeats now (the program said it is making progress). A cancel is not a stop yet: the
+    /// program is told first (see [`Watch::cancel_to_tell`]) and stopped after the grace.
     pub fn beat(&mut self, ctx: &mut dyn JobContext) -> Option<Outcome> {
         self.last_beat = Instant::now();
-        (!ctx.heartbeat()).then(|| Outcome::Retry("interrupted by an immediate shutdown".into()))
+        let go_on = ctx.heartbeat();
+        if ctx.cancelled() {
+            self.cancelled_at.get_or_insert(self.last_beat);
+            return None;
+        }
+        (!go_on).then(|| Outcome::Retry("interrupted by an immediate shutdown".into()))
     }
 
     /// How long the next wait on the program may last.
@@ -496,6 +539,9 @@ impl Watch {
         let until_beat = HEARTBEAT_EVERY.saturating_sub(self.last_beat.elapsed());
         let until_deadline = self
             .deadline
+            .into_iter()
+            .chain(self.cancelled_at.map(|at| at + self.cancel_grace))
+            .min()
             .map_or(POLL_SLICE, |d| d.saturating_duration_since(Instant::now()));
         POLL_SLICE
             .min(until_beat.max(Duration::from_millis(1)))
@@ -528,6 +574,7 @@ pub fn storable(outcome: Outcome) -> Outcome {
         Outcome::Failure(e) => Outcome::Failure(text(e)),
         Outcome::Fatal(e) => Outcome::Fatal(text(e)),
         Outcome::Retry(e) => Outcome::Retry(text(e)),
+        Outcome::Snooze(delay) => Outcome::Snooze(delay),
     }
 }
 

@@ -248,8 +248,8 @@ pub enum CancelOutcome {
     AlreadyFinished(String),
 }
 
-/// Cancels an open batch: waiting children are cancelled, running ones finish without retries,
-/// the completion job is enqueued. `None` when there is no such batch.
+/// Cancels an open batch: waiting children are cancelled, running ones are told to stop (never
+/// retried), the completion job is enqueued. `None` when there is no such batch.
 pub fn cancel(
     client: &mut impl GenericClient,
     schema: &str,

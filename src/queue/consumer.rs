@@ -1,5 +1,13 @@
 //! The queue as one consumer child sees it: claim, settle, renew, release.
+//!
+//! A worker serves its queues in strict order. Queues without limits are claimed together by the
+//! lean round, a batch per round trip; a limited queue (a cap or a rate limit, see
+//! docs/flow-control.md) is claimed one job at a time through its own statement, at its place in
+//! the order. The worker learns which of its queues are paused or limited from the `queues` table
+//! when it connects and whenever the queue's count of changes moves (see [`Round::changes`]); the
+//! database enforces both whatever the worker knows.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +30,12 @@ pub struct Claimed {
     /// Whether a lease on this job expired before (its worker vanished): the worker reports the
     /// start of such a job before running it (see [`Consumer::mark_started`]).
     pub suspect: bool,
+    /// Whether a limited claim took it (it counts against its queue's caps).
+    pub limited: bool,
+    /// The job's own timeout, overriding `FORKQ_JOB_TIMEOUT_SECONDS`.
+    pub timeout: Option<Duration>,
+    /// The job's own retry backoff base, overriding `FORKQ_RETRY_BACKOFF_BASE_SECONDS`.
+    pub backoff: Option<Duration>,
 }
 
 /// How a finished job is to be settled.
@@ -38,6 +52,10 @@ pub enum Settlement {
         /// When to run again.
         delay: Duration,
     },
+    /// Back to the queue after this delay, its attempt not charged (the handler snoozed).
+    Snooze(Duration),
+    /// Retire as cancelled (its cancel was requested while it ran), with this error.
+    Cancelled(String),
 }
 
 /// One acknowledgement waiting to be sent.
@@ -68,6 +86,10 @@ impl Ack {
     fn is_lean(&self) -> bool {
         self.batch_id.is_none() && matches!(self.settlement, Settlement::Completed(_))
     }
+
+    fn is_snooze(&self) -> bool {
+        matches!(self.settlement, Settlement::Snooze(_))
+    }
 }
 
 /// What a settle-and-claim round trip returned.
@@ -77,11 +99,50 @@ pub struct Round {
     pub claimed: Vec<Claimed>,
     /// Acknowledgements refused because the lease was no longer ours.
     pub refused: Vec<i64>,
-    /// The count of changes a worker must notice (cancels, stopped batches) as of this round;
-    /// when it moves, prefetched jobs are checked with [`Consumer::drop_cancelled`].
+    /// The count of changes a worker must notice (cancels, stopped batches, queue settings) as of
+    /// this round; when it moves, the worker re-reads its queues' settings
+    /// ([`Consumer::refresh_flow`]) and checks its prefetched jobs ([`Consumer::drop_cancelled`]).
     pub changes: i64,
     /// Due scheduled and retryable jobs this round made claimable (for the next round).
     pub promoted: i64,
+    /// When a rate-limited queue allows its next start, if one refused this round's claim.
+    pub retry_in: Option<Duration>,
+}
+
+/// Which of a worker's queues are paused or limited, as the `queues` table said at the last look.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Flow {
+    /// Paused queues: not claimed.
+    pub paused: HashSet<String>,
+    /// Limited queues (a cap or a rate limit): claimed one job at a time, by a limited claim.
+    pub limited: HashSet<String>,
+    /// The count of changes as of this read (see [`Round::changes`]).
+    pub changes: i64,
+}
+
+/// One step of a worker's claim, in the order of its queues.
+#[derive(Debug, Clone, PartialEq)]
+enum Step {
+    /// A run of queues without limits, claimed together by the lean round.
+    Lean(Vec<String>),
+    /// A limited queue, claimed one job at a time.
+    Limited(String),
+}
+
+/// The steps that claim from `queues` in order: paused queues are left out (the database skips
+/// them anyway), consecutive unlimited queues share a lean round, and each limited queue is a
+/// step of its own. The first step is always a lean one (possibly of no queue), so the
+/// acknowledgements and the count of changes travel with the first round trip.
+fn plan(queues: &[String], flow: &Flow) -> Vec<Step> {
+    let mut steps = vec![Step::Lean(Vec::new())];
+    for queue in queues.iter().filter(|q| !flow.paused.contains(*q)) {
+        match steps.last_mut() {
+            _ if flow.limited.contains(queue) => steps.push(Step::Limited(queue.clone())),
+            Some(Step::Lean(run)) => run.push(queue.clone()),
+            _ => steps.push(Step::Lean(vec![queue.clone()])),
+        }
+    }
+    steps
 }
 
 /// A consumer's connection; its statements are prepared on first use.
@@ -92,13 +153,20 @@ pub struct Consumer {
     queues: Vec<String>,
     lease_seconds: f64,
     retain: bool,
+    flow: Flow,
+    steps: Vec<Step>,
     statements: Statements,
 }
 
 /// The statements of one connection, by what they do.
 #[derive(Default)]
 struct Statements {
-    round: Option<Prepared>,
+    /// The lean round of each step (`None` for limited steps and until first used).
+    rounds: Vec<Option<Prepared>>,
+    claim_limited: Option<Prepared>,
+    snooze: Option<Prepared>,
+    report_progress: Option<Prepared>,
+    queue_flow: Option<Prepared>,
     settle: Option<Prepared>,
     renew: Option<Prepared>,
     release: Option<Prepared>,
@@ -190,6 +258,22 @@ impl Connection {
         }
     }
 
+    /// Sends `statement` with `params`; the row it returns, if any.
+    fn query_opt(
+        &mut self,
+        statement: &Prepared,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, postgres::Error> {
+        match statement {
+            Prepared::Named(named) => self.client.query_opt(named, params),
+            Prepared::Unnamed(unnamed) => {
+                let (text, types) = &**unnamed;
+                self.client
+                    .query_typed_opt(text, &typed(text, types, params))
+            }
+        }
+    }
+
     /// Sends `statement` with `params`; the one row it must return.
     fn query_one(
         &mut self,
@@ -252,6 +336,8 @@ impl<'a> AckColumns<'a> {
                 Settlement::Retry { error, delay } => {
                     ("retry", None, error.as_deref(), delay.as_secs_f64())
                 }
+                Settlement::Snooze(delay) => ("snooze", None, None, delay.as_secs_f64()),
+                Settlement::Cancelled(e) => ("cancelled", None, Some(e.as_str()), 0.0),
             };
             c.ids.push(ack.id);
             c.tokens.push(ack.lease_token);
@@ -303,15 +389,61 @@ impl Consumer {
             client.batch_execute(&session_settings(config, owner, budget))?;
         }
         migrations::require_current(&mut client, &config.schema)?;
-        Ok(Consumer {
+        let mut consumer = Consumer {
             client: Connection { client, pooled },
             schema: config.schema.clone(),
             owner: owner.to_string(),
             queues: config.queues.clone(),
             lease_seconds: config.lease.as_secs_f64(),
             retain: !config.retention.is_zero(),
+            flow: Flow::default(),
+            steps: Vec::new(),
             statements: Statements::default(),
-        })
+        };
+        consumer.refresh_flow()?;
+        Ok(consumer)
+    }
+
+    /// Reads which of this worker's queues are paused or limited and plans its claims
+    /// accordingly; returns what it read.
+    pub fn refresh_flow(&mut self) -> Result<Flow, QueueError> {
+        let read = prepared(
+            &mut self.client,
+            &mut self.statements.queue_flow,
+            &self.schema,
+            sql::QUEUE_FLOW,
+        )?;
+        let mut flow = Flow::default();
+        for row in self.client.query(&read, &[&self.queues])? {
+            let name: String = row.get(0);
+            flow.changes = row.get(3);
+            if row.get(1) {
+                flow.paused.insert(name.clone());
+            }
+            if row.get(2) {
+                flow.limited.insert(name);
+            }
+        }
+        let steps = plan(&self.queues, &flow);
+        if steps != self.steps {
+            if !self.steps.is_empty() {
+                log::info!(
+                    "worker {}: queue settings changed; paused: {:?}, limited: {:?}",
+                    self.owner,
+                    sorted(&flow.paused),
+                    sorted(&flow.limited)
+                );
+            }
+            self.statements.rounds = vec![None; steps.len()];
+            self.steps = steps;
+        }
+        self.flow = flow.clone();
+        Ok(flow)
+    }
+
+    /// What the last read of this worker's queue settings said.
+    pub fn flow(&self) -> &Flow {
+        &self.flow
     }
 
     /// The lease owner string.
@@ -324,20 +456,40 @@ impl Consumer {
         &mut self.client.client
     }
 
-    /// Sends `acks` and claims up to `limit` jobs (`limit` 0 only settles). Plain completed jobs
-    /// and the claim share one round trip (the lean round); the other acknowledgements (failures,
-    /// retries, batch children) are settled first, in one more.
+    /// Sends `acks` and claims up to `limit` jobs (`limit` 0 only settles) from this worker's
+    /// queues in order: the first step that claims anything ends the round. Plain completed jobs
+    /// and the first step share one round trip (the lean round); the other acknowledgements
+    /// (failures, retries, batch children, snoozes) are settled first, in one more each.
     pub fn settle_and_claim(&mut self, acks: &[Ack], limit: usize) -> Result<Round, QueueError> {
-        let mut refused: Vec<i64> = Vec::new();
-        if acks.iter().any(|a| !a.is_lean()) {
-            let c = AckColumns::of(acks.iter().filter(|a| !a.is_lean()));
+        self.settle_and_claim_through(acks, limit, false)
+    }
+
+    /// [`Consumer::settle_and_claim`] for a claim ahead of time, while a job runs: it stops before
+    /// the first limited queue, whose jobs are claimed only to start at once.
+    pub fn settle_and_claim_ahead(
+        &mut self,
+        acks: &[Ack],
+        limit: usize,
+    ) -> Result<Round, QueueError> {
+        self.settle_and_claim_through(acks, limit, true)
+    }
+
+    fn settle_and_claim_through(
+        &mut self,
+        acks: &[Ack],
+        limit: usize,
+        ahead: bool,
+    ) -> Result<Round, QueueError> {
+        let mut refused = self.snooze(acks.iter().filter(|a| a.is_snooze()))?;
+        if acks.iter().any(|a| !a.is_lean() && !a.is_snooze()) {
+            let c = AckColumns::of(acks.iter().filter(|a| !a.is_lean() && !a.is_snooze()));
             let settle = prepared(
                 &mut self.client,
                 &mut self.statements.settle,
                 &self.schema,
                 sql::SETTLE,
             )?;
-            refused = self
+            let settled: Vec<i64> = self
                 .client
                 .query_one(
                     &settle,
@@ -352,23 +504,57 @@ impl Consumer {
                     ],
                 )?
                 .get(0);
+            refused.extend(settled);
         }
-        let mut round = self.round(acks.iter().filter(|a| a.is_lean()), limit)?;
-        round.refused.extend(refused);
-        Ok(round)
+        let mut lean_acks = Some(acks.iter().filter(|a| a.is_lean()));
+        let mut out = Round::default();
+        for index in 0..self.steps.len() {
+            if index > 0 && limit == 0 {
+                break;
+            }
+            let claimed = match self.steps[index].clone() {
+                Step::Lean(queues) => {
+                    let acks = lean_acks.take().into_iter().flatten();
+                    let round = self.round(index, &queues, acks, limit)?;
+                    if index == 0 {
+                        out.refused = round.refused;
+                        out.changes = round.changes;
+                    }
+                    out.promoted += round.promoted;
+                    round.claimed
+                }
+                Step::Limited(_) if ahead => break,
+                Step::Limited(queue) => {
+                    let (claimed, retry_in) = self.claim_limited(&queue)?;
+                    out.retry_in = match (out.retry_in, retry_in) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    claimed.into_iter().collect()
+                }
+            };
+            if !claimed.is_empty() {
+                out.claimed = claimed;
+                break;
+            }
+        }
+        out.refused.extend(refused);
+        Ok(out)
     }
 
-    /// The lean round (see [`sql::round`]).
+    /// The lean round of step `index` over `queues` (see [`sql::round`]).
     fn round<'a>(
         &mut self,
+        index: usize,
+        queues: &[String],
         acks: impl IntoIterator<Item = &'a Ack>,
         limit: usize,
     ) -> Result<Round, QueueError> {
         let c = AckColumns::of(acks);
-        let text = sql::round(self.queues.len());
+        let text = sql::round(queues.len());
         let round = prepared(
             &mut self.client,
-            &mut self.statements.round,
+            &mut self.statements.rounds[index],
             &self.schema,
             &text,
         )?;
@@ -384,14 +570,14 @@ impl Consumer {
                 &self.owner,
                 &token,
                 &self.lease_seconds,
-                &self.queues,
+                &queues,
                 &limit,
             ],
         )?;
         let mut out = Round::default();
         let mut order = Vec::with_capacity(rows.len());
         for row in rows {
-            let Some(id) = row.get::<_, Option<i64>>("id") else {
+            let Some(claimed) = self.claimed(&row, token, false) else {
                 out.refused = row
                     .get::<_, Option<Vec<i64>>>("refused")
                     .unwrap_or_default();
@@ -399,24 +585,15 @@ impl Consumer {
                 out.promoted = row.get("promoted");
                 continue;
             };
-            let queue: String = row.get("queue");
-            let position = self.queues.iter().position(|q| *q == queue);
-            let priority: i16 = row.get("priority");
+            let position = queues.iter().position(|q| *q == claimed.job.queue);
             let run_at: std::time::SystemTime = row.get("run_at");
-            order.push((position, priority, run_at, id));
-            out.claimed.push(Claimed {
-                job: Job {
-                    id,
-                    queue,
-                    task: row.get("task"),
-                    payload: row.get("payload"),
-                    attempt: row.get("attempt"),
-                    max_attempts: row.get("max_attempts"),
-                    batch_id: row.get("batch_id"),
-                },
-                lease_token: token,
-                suspect: row.get::<_, i16>("expiries") > 0,
-            });
+            order.push((
+                position,
+                row.get::<_, i16>("priority"),
+                run_at,
+                claimed.job.id,
+            ));
+            out.claimed.push(claimed);
         }
         // The statement returns rows in the order it updated them; jobs run in claim order.
         let mut ranked: Vec<(_, Claimed)> = order.into_iter().zip(out.claimed).collect();
@@ -425,14 +602,107 @@ impl Consumer {
         Ok(out)
     }
 
+    /// Claims at most one job of the limited queue `queue`; also says when its rate limit allows
+    /// the next start, if that is what refused it.
+    fn claim_limited(
+        &mut self,
+        queue: &str,
+    ) -> Result<(Option<Claimed>, Option<Duration>), QueueError> {
+        let claim = prepared(
+            &mut self.client,
+            &mut self.statements.claim_limited,
+            &self.schema,
+            sql::CLAIM_LIMITED,
+        )?;
+        let token = fastrand::i64(..);
+        let row = self
+            .client
+            .query_opt(&claim, &[&queue, &self.owner, &token, &self.lease_seconds])?;
+        Ok(match row {
+            None => (None, None),
+            Some(row) => match self.claimed(&row, token, true) {
+                Some(claimed) => (Some(claimed), None),
+                None => (
+                    None,
+                    row.get::<_, Option<f64>>("retry_in")
+                        .map(|s| Duration::from_secs_f64(s.clamp(0.0, 3600.0))),
+                ),
+            },
+        })
+    }
+
+    /// The job a claim's `row` describes (`None` for a row without a job).
+    fn claimed(&self, row: &postgres::Row, token: i64, limited: bool) -> Option<Claimed> {
+        let id = row.get::<_, Option<i64>>("id")?;
+        let seconds = |column: &str| {
+            row.get::<_, Option<f64>>(column)
+                .map(|s| Duration::from_secs_f64(s.max(0.0)))
+        };
+        Some(Claimed {
+            job: Job {
+                id,
+                queue: row.get("queue"),
+                task: row.get("task"),
+                payload: row.get("payload"),
+                attempt: row.get("attempt"),
+                max_attempts: row.get("max_attempts"),
+                batch_id: row.get("batch_id"),
+            },
+            lease_token: token,
+            suspect: row.get::<_, i16>("expiries") > 0,
+            limited,
+            timeout: seconds("timeout_seconds"),
+            backoff: seconds("backoff_seconds"),
+        })
+    }
+
+    /// Sends snoozed jobs back to the queue, uncharged; returns the ids refused.
+    fn snooze<'a>(&mut self, acks: impl Iterator<Item = &'a Ack>) -> Result<Vec<i64>, QueueError> {
+        let c = AckColumns::of(acks);
+        if c.ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let snooze = prepared(
+            &mut self.client,
+            &mut self.statements.snooze,
+            &self.schema,
+            sql::SNOOZE,
+        )?;
+        Ok(self
+            .client
+            .query_one(&snooze, &[&c.ids, &c.tokens, &c.delays, &self.retain])?
+            .get(0))
+    }
+
+    /// Records `progress` for the running job `id` (fenced by `token`); false when the lease is
+    /// no longer ours.
+    pub fn report_progress(
+        &mut self,
+        id: i64,
+        token: i64,
+        progress: &Value,
+    ) -> Result<bool, QueueError> {
+        let report = prepared(
+            &mut self.client,
+            &mut self.statements.report_progress,
+            &self.schema,
+            sql::REPORT_PROGRESS,
+        )?;
+        Ok(self
+            .client
+            .query_one(&report, &[&id, &token, progress])?
+            .get::<_, Option<bool>>(0)
+            .unwrap_or(false))
+    }
+
     /// Renews the leases of `held` (id, token) and gives back anything else under this
     /// consumer's name; `running` (the job running now) is recorded as started. Returns the held
-    /// jobs still leased to it.
+    /// jobs still leased to it, each with whether its cancel was requested.
     pub fn renew(
         &mut self,
         held: &[(i64, i64)],
         running: Option<i64>,
-    ) -> Result<Vec<i64>, QueueError> {
+    ) -> Result<Vec<(i64, bool)>, QueueError> {
         let ids: Vec<i64> = held.iter().map(|h| h.0).collect();
         let tokens: Vec<i64> = held.iter().map(|h| h.1).collect();
         let renew = prepared(
@@ -455,7 +725,7 @@ impl Consumer {
                 ],
             )?
             .iter()
-            .map(|r| r.get(0))
+            .map(|r| (r.get(0), r.get(1)))
             .collect())
     }
 
@@ -512,5 +782,56 @@ impl Consumer {
             .client
             .query_one(&drop, &[&ids, &tokens, &self.retain])?
             .get(0))
+    }
+}
+
+/// A set's members in order, for a log line.
+fn sorted(set: &HashSet<String>) -> Vec<&String> {
+    let mut v: Vec<&String> = set.iter().collect();
+    v.sort();
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn limited_queues_split_the_lean_round_in_queue_order() {
+        let queues = names(&["a", "b", "c", "d", "e"]);
+        let flow = Flow {
+            paused: ["d".to_string()].into(),
+            limited: ["b".to_string(), "c".to_string()].into(),
+            changes: 0,
+        };
+        assert_eq!(
+            plan(&queues, &flow),
+            vec![
+                Step::Lean(names(&["a"])),
+                Step::Limited("b".into()),
+                Step::Limited("c".into()),
+                Step::Lean(names(&["e"])),
+            ]
+        );
+        assert_eq!(
+            plan(&queues, &Flow::default()),
+            vec![Step::Lean(queues.clone())]
+        );
+        let first_limited = Flow {
+            limited: ["a".to_string()].into(),
+            ..Flow::default()
+        };
+        assert_eq!(
+            plan(&names(&["a", "b"]), &first_limited),
+            vec![
+                Step::Lean(Vec::new()),
+                Step::Limited("a".into()),
+                Step::Lean(names(&["b"]))
+            ]
+        );
     }
 }

@@ -28,19 +28,35 @@ impl Listener {
     }
 
     /// Waits up to `timeout` for notifications; returns how many concern this daemon's queues
-    /// (an empty payload concerns every queue), counting those already buffered. Zero on timeout.
-    pub fn wait(&mut self, timeout: Duration) -> Result<usize, QueueError> {
+    /// (an empty payload concerns every queue), counting those already buffered, and the jobs
+    /// whose cancel they announce (payload `cancel ID`, which no queue name can be: those have
+    /// no spaces). Nothing on timeout.
+    pub fn wait(&mut self, timeout: Duration) -> Result<Heard, QueueError> {
         let queues = &self.queues;
-        let relevant = |payload: &str| payload.is_empty() || queues.iter().any(|q| q == payload);
+        let mut heard = Heard::default();
+        let mut note = |payload: &str| match payload.strip_prefix("cancel ") {
+            Some(id) => heard.cancels.extend(id.parse::<i64>().ok()),
+            None if payload.is_empty() || queues.iter().any(|q| q == payload) => heard.wakeups += 1,
+            None => {}
+        };
         let mut notifications = self.client.notifications();
         let first = notifications.timeout_iter(timeout).next()?;
         let Some(first) = first else {
-            return Ok(0);
+            return Ok(heard);
         };
-        let mut count = usize::from(relevant(first.payload()));
+        note(first.payload());
         while let Some(more) = notifications.iter().next()? {
-            count += usize::from(relevant(more.payload()));
+            note(more.payload());
         }
-        Ok(count)
+        Ok(heard)
     }
+}
+
+/// What one wait of the [`Listener`] heard.
+#[derive(Debug, Default, PartialEq)]
+pub struct Heard {
+    /// Notifications of work for this daemon's queues: one idle child to wake for each.
+    pub wakeups: usize,
+    /// Jobs whose cancel was requested.
+    pub cancels: Vec<i64>,
 }

@@ -26,6 +26,11 @@ pub struct Report {
     pub windows_purged: u64,
     /// Open batches whose counters or state were repaired (each is logged).
     pub batches_repaired: usize,
+    /// Running jobs of capped queues counted against their caps after the fact (claimed while
+    /// the cap was being set).
+    pub limited_adopted: i32,
+    /// Progress reports of finished jobs deleted after the retention.
+    pub progress_purged: i32,
     /// Tables vacuumed because dead rows piled up in them.
     pub vacuumed: Vec<&'static str>,
 }
@@ -38,7 +43,11 @@ const PURGE_CHUNK: u64 = 10_000;
 impl Report {
     /// Whether the pass changed any job or batch (not only vacuumed).
     pub fn changed_jobs(&self) -> bool {
-        self.rescued > 0 || self.purged > 0 || self.batches_repaired > 0
+        self.rescued > 0
+            || self.purged > 0
+            || self.batches_repaired > 0
+            || self.limited_adopted > 0
+            || self.progress_purged > 0
     }
 }
 
@@ -50,6 +59,11 @@ impl std::fmt::Display for Report {
             (self.purged, "archived job(s) purged"),
             (self.windows_purged, "expired unique window(s) purged"),
             (self.batches_repaired as u64, "batch(es) repaired"),
+            (
+                self.limited_adopted as u64,
+                "running job(s) counted against their queue's new cap",
+            ),
+            (self.progress_purged as u64, "progress report(s) purged"),
         ];
         let mut changed: Vec<String> = parts
             .iter()
@@ -104,6 +118,24 @@ pub fn run_pass(
             before_each();
             repair_batches(client, schema, retain)?
         },
+        limited_adopted: {
+            before_each();
+            client
+                .query_typed_one(&render(sql::MARK_LIMITED, schema), &[])?
+                .get(0)
+        },
+        progress_purged: {
+            before_each();
+            client
+                .query_typed_one(
+                    &render(sql::PURGE_PROGRESS, schema),
+                    &[
+                        (&retention.as_secs_f64(), Type::FLOAT8),
+                        (&(PURGE_CHUNK as i32), Type::INT4),
+                    ],
+                )?
+                .get(0)
+        },
         vacuumed: Vec::new(),
     };
     before_each();
@@ -146,11 +178,14 @@ fn purge_archive(
 /// plus a fraction of the live rows). The hot table is vacuumed early: every claim walks past its
 /// dead index entries, so claims slow down as they pile up, and autovacuum (when it is on at all)
 /// visits a busy table only once a minute.
-const VACUUMED: [(&str, i64, f64); 4] = [
+const VACUUMED: [(&str, i64, f64); 6] = [
     ("jobs", 10_000, 0.1),
     ("jobs_archive", 100_000, 0.2),
     ("changes", 1_000, 0.0),
     ("unique_windows", 10_000, 0.2),
+    // Rewritten at every progress report and rate-limited claim.
+    ("job_progress", 1_000, 0.5),
+    ("queues", 1_000, 0.0),
 ];
 
 /// The vacuum service: vacuums each watched table whose dead rows exceed `base + fraction × live
@@ -231,6 +266,7 @@ mod tests {
             windows_purged: 4,
             batches_repaired: 1,
             vacuumed: vec!["jobs"],
+            ..Report::default()
         };
         assert_eq!(
             report.to_string(),

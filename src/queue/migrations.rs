@@ -38,6 +38,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "hosts, dead-letter indexes",
         sql: include_str!("sql/003_fleet.sql"),
     },
+    Migration {
+        version: 4,
+        name: "queues (pause, limits), snooze, progress, results",
+        sql: include_str!("sql/004_flow.sql"),
+    },
 ];
 
 /// The version the code expects.

@@ -15,8 +15,10 @@ pub mod migrations;
 pub mod overview;
 pub mod pooler;
 pub mod producer;
+pub mod queues;
 pub mod schedules;
 pub mod sql;
+pub mod waiting;
 
 use std::fmt;
 use std::time::Duration;
@@ -57,6 +59,8 @@ pub enum QueueError {
     },
     /// A job was refused before it reached the database.
     InvalidJob(String),
+    /// Other input was refused (a queue setting); nothing was changed.
+    InvalidInput(String),
     /// The database could not be reached (a pool, or a worker that gave up waiting because it
     /// was told to stop); says what was tried.
     Unavailable(String),
@@ -93,6 +97,7 @@ impl fmt::Display for QueueError {
                 "schema {schema:?} is at version {found}, newer than this forkq knows ({expected}): upgrade forkq"
             ),
             QueueError::InvalidJob(why) => write!(f, "invalid job: {why}"),
+            QueueError::InvalidInput(why) => write!(f, "{why}"),
             QueueError::Unavailable(why) => write!(f, "database unavailable: {why}"),
         }
     }

@@ -7,6 +7,7 @@ use postgres::GenericClient;
 use serde::Serialize;
 
 use super::hosts::GONE_AFTER_INTERVALS;
+use super::queues::Settings;
 use super::sql::{self, render};
 use super::QueueError;
 
@@ -38,9 +39,11 @@ pub struct QueueRow {
     pub dead_capped: bool,
     /// Hosts consuming this queue now.
     pub hosts: i64,
+    /// Paused or not, and its limits.
+    pub settings: Settings,
 }
 
-/// Every queue with live or dead-lettered jobs or a host serving it, by name.
+/// Every queue with live or dead-lettered jobs, a host serving it or settings, by name.
 pub fn queues(client: &mut impl GenericClient, schema: &str) -> Result<Vec<QueueRow>, QueueError> {
     Ok(client
         .query_typed(
@@ -63,6 +66,7 @@ pub fn queues(client: &mut impl GenericClient, schema: &str) -> Result<Vec<Queue
             cancelled: r.get(7),
             dead_capped: r.get(8),
             hosts: r.get(9),
+            settings: Settings::from_row(r, 10).1,
         })
         .collect())
 }

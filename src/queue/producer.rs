@@ -47,6 +47,15 @@ pub struct NewJob {
     /// instead of a second job being added (a running one gives the key up to this job).
     #[serde(default)]
     pub replace: bool,
+    /// The key a per-key cap of its queue counts running jobs by (docs/flow-control.md).
+    #[serde(default)]
+    pub concurrency_key: Option<String>,
+    /// This job's timeout in seconds, overriding `FORKQ_JOB_TIMEOUT_SECONDS`.
+    #[serde(default)]
+    pub timeout_seconds: Option<f64>,
+    /// This job's retry backoff base in seconds, overriding `FORKQ_RETRY_BACKOFF_BASE_SECONDS`.
+    #[serde(default)]
+    pub backoff_seconds: Option<f64>,
 }
 
 /// What an enqueue did.
@@ -121,6 +130,9 @@ impl NewJob {
             unique_key: None,
             unique_for: None,
             replace: false,
+            concurrency_key: None,
+            timeout_seconds: None,
+            backoff_seconds: None,
         }
     }
 
@@ -167,6 +179,26 @@ impl NewJob {
         self.replace = true;
         self
     }
+
+    /// Sets the concurrency key: a per-key cap of the queue (`forkq queue set Q --per-key N`)
+    /// limits how many jobs with the same key run at once across the fleet.
+    pub fn with_concurrency_key(mut self, key: impl Into<String>) -> NewJob {
+        self.concurrency_key = Some(key.into());
+        self
+    }
+
+    /// Sets this job's own timeout (instead of `FORKQ_JOB_TIMEOUT_SECONDS`).
+    pub fn with_timeout(mut self, timeout: std::time::Duration) -> NewJob {
+        self.timeout_seconds = Some(timeout.as_secs_f64());
+        self
+    }
+
+    /// Sets this job's own retry backoff base (instead of `FORKQ_RETRY_BACKOFF_BASE_SECONDS`):
+    /// the first retry waits about this long, each further one twice as long.
+    pub fn with_backoff(mut self, base: std::time::Duration) -> NewJob {
+        self.backoff_seconds = Some(base.as_secs_f64());
+        self
+    }
 }
 
 /// Limits applied to every job before it reaches the database.
@@ -190,6 +222,9 @@ struct Row {
     unique_key: Option<String>,
     unique_for: Option<f64>,
     replace: bool,
+    concurrency_key: Option<String>,
+    timeout_seconds: Option<f64>,
+    backoff_seconds: Option<f64>,
     /// The payload's size as compact JSON.
     payload_bytes: usize,
 }
@@ -344,6 +379,24 @@ fn validate(job: &NewJob, limits: &Limits) -> Result<Row, QueueError> {
             )));
         }
     }
+    if let Some(key) = &job.concurrency_key {
+        check_text("concurrency key", key, 256)?;
+    }
+    // The same bounds as check_job_options() in the schema.
+    if let Some(t) = job.timeout_seconds {
+        if !(0.001..=604_800.0).contains(&t) {
+            return Err(QueueError::InvalidJob(format!(
+                "timeout is {t} seconds; use more than 0 and at most 604800 (7 days)"
+            )));
+        }
+    }
+    if let Some(b) = job.backoff_seconds {
+        if !(0.0..=2_592_000.0).contains(&b) {
+            return Err(QueueError::InvalidJob(format!(
+                "backoff is {b} seconds; use 0 to 2592000 (30 days)"
+            )));
+        }
+    }
     Ok(Row {
         queue: job.queue.clone(),
         task: job.task.clone(),
@@ -355,6 +408,9 @@ fn validate(job: &NewJob, limits: &Limits) -> Result<Row, QueueError> {
         unique_key: job.unique_key.clone(),
         unique_for: job.unique_for.map(|d| d.as_secs_f64()),
         replace: job.replace,
+        concurrency_key: job.concurrency_key.clone(),
+        timeout_seconds: job.timeout_seconds,
+        backoff_seconds: job.backoff_seconds,
         payload_bytes: size,
     })
 }
@@ -390,7 +446,7 @@ pub fn enqueue_with_outcome(
     // Typed parameters let the statement go out with its values in one round trip, without a
     // separate prepare: a single enqueue is latency-bound, and the caller's client (often a
     // transaction) has nowhere to cache a prepared statement.
-    let params: [(&(dyn ToSql + Sync), Type); 11] = [
+    let params: [(&(dyn ToSql + Sync), Type); 14] = [
         (&row.queue, Type::TEXT),
         (&row.task, Type::TEXT),
         (&row.payload, Type::JSONB),
@@ -402,6 +458,9 @@ pub fn enqueue_with_outcome(
         (&batch_id, Type::INT8),
         (&row.unique_for, Type::FLOAT8),
         (&row.replace, Type::BOOL),
+        (&row.concurrency_key, Type::TEXT),
+        (&row.timeout_seconds, Type::FLOAT8),
+        (&row.backoff_seconds, Type::FLOAT8),
     ];
     client
         .query_typed_one(&render(sql::ENQUEUE, schema), &params)
@@ -613,6 +672,15 @@ impl<'a> BulkInsert<'a> {
                     (&replaces, Type::BOOL_ARRAY),
                 ]);
             }
+            let concurrency_keys: Vec<Option<&str>> =
+                run.iter().map(|r| r.concurrency_key.as_deref()).collect();
+            let timeouts: Vec<Option<f64>> = run.iter().map(|r| r.timeout_seconds).collect();
+            let backoffs: Vec<Option<f64>> = run.iter().map(|r| r.backoff_seconds).collect();
+            params.extend([
+                (&concurrency_keys as &(dyn ToSql + Sync), Type::TEXT_ARRAY),
+                (&timeouts, Type::FLOAT8_ARRAY),
+                (&backoffs, Type::FLOAT8_ARRAY),
+            ]);
             let row = self
                 .tx
                 .query_typed_one(if each { &self.each } else { &self.insert }, &params)

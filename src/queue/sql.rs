@@ -39,12 +39,13 @@ pub fn channel(schema: &str) -> String {
 /// Enqueues one job through the SQL function that every producer shares; answers its id and
 /// whether it was created or replaced (see `enqueue_job` in the migration).
 /// `$5` is an RFC 3339 text and `$6` a delay in seconds; at most one of them is non-null.
-/// `$10` is a unique window in seconds.
+/// `$10` is a unique window in seconds; `$12`-`$14` are the flow-control options (concurrency
+/// key, timeout, backoff).
 pub const ENQUEUE: &str = "
     SELECT id, created, replaced
     FROM {s}.enqueue_job($1, $2, $3, $4,
                          coalesce($5::text::timestamptz, now() + make_interval(secs => $6::float8)),
-                         $7, $8, $9, make_interval(secs => $10::float8), $11)";
+                         $7, $8, $9, make_interval(secs => $10::float8), $11, $12, $13, $14)";
 
 /// Enqueues many jobs in one statement; unique keys that are live already are skipped. Answers
 /// how many were inserted. Jobs with a unique window or `replace` go through
@@ -53,17 +54,21 @@ pub const ENQUEUE_MANY: &str = "
     WITH input AS (
         SELECT queue, task, payload, priority,
                coalesce(run_at_text::timestamptz, now() + make_interval(secs => delay)) AS run_at,
-               max_attempts, unique_key, batch_id
+               max_attempts, unique_key, batch_id, concurrency_key, timeout_seconds,
+               backoff_seconds
         FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::smallint[], $5::text[],
-                    $6::float8[], $7::int[], $8::text[], $9::bigint[])
+                    $6::float8[], $7::int[], $8::text[], $9::bigint[], $10::text[],
+                    $11::float8[], $12::float8[])
             AS a(queue, task, payload, priority, run_at_text, delay, max_attempts, unique_key,
-                 batch_id)
+                 batch_id, concurrency_key, timeout_seconds, backoff_seconds)
     ), inserted AS (
         INSERT INTO {s}.jobs (queue, task, payload, priority, state, run_at, max_attempts,
-                              unique_key, batch_id)
+                              unique_key, batch_id, concurrency_key, timeout_seconds,
+                              backoff_seconds)
         SELECT queue, task, payload, priority,
                CASE WHEN run_at > now() THEN 'scheduled' ELSE 'available' END,
-               coalesce(run_at, now()), max_attempts, unique_key, batch_id
+               coalesce(run_at, now()), max_attempts, unique_key, batch_id, concurrency_key,
+               timeout_seconds, backoff_seconds
         FROM input
         ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
         RETURNING queue
@@ -75,15 +80,18 @@ pub const ENQUEUE_MANY: &str = "
 pub const ENQUEUE_EACH: &str = "
     SELECT count(*) FILTER (WHERE e.created), count(*) FILTER (WHERE e.replaced)
     FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::smallint[], $5::text[],
-                $6::float8[], $7::int[], $8::text[], $9::bigint[], $10::float8[], $11::bool[])
+                $6::float8[], $7::int[], $8::text[], $9::bigint[], $10::float8[], $11::bool[],
+                $12::text[], $13::float8[], $14::float8[])
             WITH ORDINALITY
             AS a(queue, task, payload, priority, run_at_text, delay, max_attempts, unique_key,
-                 batch_id, unique_for, replace, n),
+                 batch_id, unique_for, replace, concurrency_key, timeout_seconds,
+                 backoff_seconds, n),
          LATERAL {s}.enqueue_job(a.queue, a.task, a.payload, a.priority,
                                  coalesce(a.run_at_text::timestamptz,
                                           now() + make_interval(secs => a.delay)),
                                  a.max_attempts, a.unique_key, a.batch_id,
-                                 make_interval(secs => a.unique_for), a.replace) e";
+                                 make_interval(secs => a.unique_for), a.replace,
+                                 a.concurrency_key, a.timeout_seconds, a.backoff_seconds) e";
 
 /// Wakes idle workers once the enqueuing transaction commits.
 pub const NOTIFY: &str = "SELECT pg_notify('{c}', $1)";
@@ -119,7 +127,7 @@ const ROUND: &str = "
             lease_expires_at = now() + make_interval(secs => $7::float8)
         WHERE j.id = ANY(ARRAY({pick}))
         RETURNING j.id, j.queue, j.task, j.payload, j.priority, j.run_at, j.attempt,
-                  j.max_attempts, j.batch_id, j.expiries
+                  j.max_attempts, j.batch_id, j.expiries, j.timeout_seconds, j.backoff_seconds
     ), promoted AS (
         UPDATE {s}.jobs j SET state = 'available'
         WHERE j.id = ANY(ARRAY(SELECT d.id FROM {s}.jobs d
@@ -129,19 +137,24 @@ const ROUND: &str = "
         RETURNING 1
     )
     SELECT id, queue, task, payload, priority, run_at, attempt, max_attempts, batch_id, expiries,
-           NULL::bigint[] AS refused, NULL::bigint AS changes, NULL::bigint AS promoted
+           timeout_seconds, backoff_seconds, NULL::bigint[] AS refused, NULL::bigint AS changes,
+           NULL::bigint AS promoted
     FROM claimed
     UNION ALL
-    SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+    SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
            CASE WHEN (SELECT count(*) FROM done) < cardinality($1::bigint[])
                 THEN ARRAY(SELECT id FROM acked EXCEPT SELECT id FROM done) END,
            (SELECT coalesce(sum(weight), 0)::bigint FROM {s}.changes),
            (SELECT count(*) FROM promoted)";
 
 /// One queue's pick: its first `$9` claimable jobs in claim order, locked, skipping rows others
-/// hold. Served by `jobs_claim_idx` (equality on queue, then its exact order).
+/// hold. Served by `jobs_claim_idx` (equality on queue, then its exact order). A queue whose row
+/// in `queues` is gated (paused, or limited: see `claim_limited` in migration 004) is skipped; the
+/// test does not depend on the job, so it runs once per pick, one probe of the queues' primary key
+/// (a one-time filter above the walk), whatever the number of jobs claimed.
 const PICK: &str = "SELECT c.id FROM {s}.jobs c
     WHERE c.queue = ($8::text[])[{n}] AND c.state = 'available'
+      AND NOT EXISTS (SELECT 1 FROM {s}.queues g WHERE g.name = ($8::text[])[{n}] AND g.gated)
     ORDER BY c.priority, c.run_at, c.id LIMIT $9::int FOR UPDATE SKIP LOCKED";
 
 /// The lean round for `queues` queues, served strictly in the order given: each queue's pick
@@ -176,8 +189,54 @@ pub const DESCRIBE: &str = "
 /// `settle` in the migration). Returns the ids refused (stale leases).
 pub const SETTLE: &str = "SELECT {s}.settle($1, $2, $3, $4, $5, $6, $7)";
 
-/// Renews the leases a worker holds and gives back anything else under its name (see `renew`).
-pub const RENEW: &str = "SELECT id FROM {s}.renew($1, $2, $3, $4, $5, $6)";
+/// Renews the leases a worker holds and gives back anything else under its name (see `renew`);
+/// says of each held job whether its cancel was requested.
+pub const RENEW: &str = "SELECT id, cancel_requested FROM {s}.renew($1, $2, $3, $4, $5, $6)";
+
+/// Claims at most one job of a limited queue (see `claim_limited` in migration 004): the columns
+/// of the lean round's claim, or a row with a null id whose `retry_in` says when the rate limit
+/// allows the next start.
+pub const CLAIM_LIMITED: &str = "
+    SELECT id, queue, task, payload, priority, run_at, attempt, max_attempts, batch_id, expiries,
+           timeout_seconds, backoff_seconds, retry_in
+    FROM {s}.claim_limited($1, $2, $3, $4)";
+
+/// Sends snoozed jobs back to the queue, uncharged (see `snooze` in migration 004); returns the
+/// ids refused.
+pub const SNOOZE: &str = "SELECT {s}.snooze($1, $2, $3, $4)";
+
+/// Records a running job's progress, fenced by its lease (see `report_progress`).
+pub const REPORT_PROGRESS: &str = "SELECT {s}.report_progress($1, $2, $3)";
+
+/// What a worker needs to know of its queues `$1`, one row each: whether it is paused, whether
+/// it is limited (claimed through [`CLAIM_LIMITED`]; a queue without a row is neither), and the
+/// sum of `changes` as of this read (see [`round`]), so a change after it is noticed.
+pub const QUEUE_FLOW: &str = "
+    SELECT q.name, coalesce(g.paused, false),
+           coalesce(g.max_running IS NOT NULL OR g.per_key IS NOT NULL OR g.rate IS NOT NULL,
+                    false),
+           (SELECT coalesce(sum(weight), 0)::bigint FROM {s}.changes)
+    FROM unnest($1::text[]) AS q(name) LEFT JOIN {s}.queues g ON g.name = q.name";
+
+/// Every queue's settings, by name.
+pub const QUEUE_SETTINGS: &str = "
+    SELECT name, paused, max_running, per_key, rate, burst, updated_at::text
+    FROM {s}.queues ORDER BY name";
+
+/// Changes a queue's settings (`$2` a JSON object; see `queue_set` in migration 004).
+pub const QUEUE_SET: &str = "
+    SELECT name, paused, max_running, per_key, rate, burst, updated_at::text
+    FROM {s}.queue_set($1, $2)";
+
+/// Where a job stands, for a producer waiting on it (see `job_result` in migration 004).
+pub const JOB_RESULT: &str = "SELECT state, result, error FROM {s}.job_result($1)";
+
+/// Counts against their queue's caps the running jobs of capped queues that a lean round took
+/// while the cap was being set (see `mark_limited`).
+pub const MARK_LIMITED: &str = "SELECT {s}.mark_limited(NULL)";
+
+/// Deletes the progress of finished jobs older than `$1` seconds, at most `$2`.
+pub const PURGE_PROGRESS: &str = "SELECT {s}.purge_progress($1, $2)";
 
 /// Gives back the jobs `owner` holds (see `release` in the migration).
 pub const RELEASE: &str = "SELECT {s}.release($1, $2, $3, $4)";
@@ -288,11 +347,15 @@ pub const OLDEST_AVAILABLE: &str = "
     SELECT queue, extract(epoch FROM now() - min(run_at))::float8
     FROM {s}.jobs WHERE state <> 'running' AND run_at <= now() GROUP BY queue";
 
-/// One job, live or archived, as JSON.
+/// One job, live or archived, as JSON, with the latest progress its handler reported (and when)
+/// if any.
 pub const JOB_BY_ID: &str = "
-    SELECT to_jsonb(j) - 'lease_token' FROM {s}.jobs j WHERE j.id = $1
-    UNION ALL
-    SELECT to_jsonb(a) FROM {s}.jobs_archive a WHERE a.id = $1";
+    SELECT x.job || coalesce((SELECT jsonb_build_object('progress', p.progress,
+                                                        'progress_at', p.reported_at)
+                              FROM {s}.job_progress p WHERE p.job_id = $1), '{}')
+    FROM (SELECT to_jsonb(j) - 'lease_token' - 'limited' AS job FROM {s}.jobs j WHERE j.id = $1
+          UNION ALL
+          SELECT to_jsonb(a) FROM {s}.jobs_archive a WHERE a.id = $1) x";
 
 /// Cancels a job (see `cancel` in the migration).
 pub const CANCEL: &str = "SELECT {s}.cancel($1, $2)";
@@ -485,8 +548,10 @@ pub const DEAD_CLIENT_SECONDS: &str = "
 /// The dashboard's queue page: per queue, the live jobs by effective state and the age of the
 /// oldest runnable one (the hot table is small by design), the dead letter counted up to `$1`
 /// jobs (through its partial index, never the archive's bulk), and the hosts serving it now
-/// (seen within `$2` intervals). Queues are those with live jobs, dead-lettered jobs or a host
-/// (the dead letter's queue names come from a loose index scan), at most `$3` of them.
+/// (seen within `$2` intervals), then its name again and its settings (the columns of
+/// [`QUEUE_SETTINGS`], null without a row). Queues are those with live jobs, dead-lettered jobs,
+/// a host or settings (the dead letter's queue names come from a loose index scan), at most `$3`
+/// of them.
 pub const QUEUE_OVERVIEW: &str = "
     WITH RECURSIVE dead_names AS (
         (SELECT a.queue FROM {s}.jobs_archive a WHERE a.state <> 'completed'
@@ -511,14 +576,16 @@ pub const QUEUE_OVERVIEW: &str = "
         GROUP BY q.queue
     ), names AS (
         SELECT queue FROM live UNION SELECT queue FROM dead_names WHERE queue IS NOT NULL
-        UNION SELECT queue FROM serving
+        UNION SELECT queue FROM serving UNION SELECT name FROM {s}.queues
     )
     SELECT n.queue, coalesce(l.available, 0), coalesce(l.scheduled, 0), coalesce(l.running, 0),
            coalesce(l.retryable, 0), coalesce(l.oldest, 0), d.failed, d.cancelled, d.capped,
-           coalesce(s.hosts, 0)
+           coalesce(s.hosts, 0),
+           n.queue, g.paused, g.max_running, g.per_key, g.rate, g.burst, g.updated_at::text
     FROM (SELECT queue FROM names ORDER BY queue LIMIT $3::bigint) n
     LEFT JOIN live l ON l.queue = n.queue
     LEFT JOIN serving s ON s.queue = n.queue
+    LEFT JOIN {s}.queues g ON g.name = n.queue
     CROSS JOIN LATERAL (
         SELECT count(*) FILTER (WHERE x.state = 'failed') AS failed,
                count(*) FILTER (WHERE x.state = 'cancelled') AS cancelled,

@@ -161,12 +161,21 @@ impl Supervisor<'_> {
                 _ => 0,
             };
             let job_ms = now_ms.saturating_sub(slot.job_started_ms.load(Ordering::Acquire));
-            if let Some(timeout) = self.config.job_timeout {
+            // The job's own timeout, else the fleet's.
+            let own = slot.job_timeout_ms.load(Ordering::Acquire);
+            let timeout = match own {
+                0 => self.config.job_timeout,
+                ms => Some(Duration::from_millis(ms)),
+            };
+            if let Some(timeout) = timeout {
                 if job != 0 && job_ms > timeout.as_millis() as u64 {
-                    let reason = format!(
-                        "job {job} exceeded FORKQ_JOB_TIMEOUT_SECONDS={}",
-                        timeout.as_secs()
-                    );
+                    let reason = match own {
+                        0 => format!(
+                            "job {job} exceeded FORKQ_JOB_TIMEOUT_SECONDS={}",
+                            timeout.as_secs()
+                        ),
+                        _ => format!("job {job} exceeded its own timeout of {timeout:.1?}"),
+                    };
                     log::warn!("child {index} (pid {pid}): {reason}; stopping it");
                     let _ = kill(pid, Signal::SIGTERM);
                     plan.kill_at = Some(now + TIMEOUT_KILL_GRACE);

@@ -474,3 +474,66 @@ impl Drop for FreshSchema {
         }
     }
 }
+
+/// The first fenced `sh` block of the section of `markdown` whose heading starts with `heading`
+/// (a `## ` heading).
+pub fn doc_block(markdown: &str, heading: &str) -> String {
+    let section = markdown
+        .split("\n## ")
+        .find(|s| s.starts_with(heading))
+        .unwrap_or_else(|| panic!("no section {heading:?}"));
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("section {heading:?} has no ```sh block"));
+    block.split("\n```").next().unwrap().to_string() + "\n"
+}
+
+/// A documentation script run as written: what it printed and the directory it ran in.
+pub struct DocRun {
+    /// How bash ended; `None` when it did not within the timeout (then it was killed).
+    pub status: Option<std::process::ExitStatus>,
+    /// Its stdout and stderr.
+    pub printed: String,
+    /// Where it ran (its files are there).
+    pub dir: PathBuf,
+}
+
+/// Runs `script` with `bash -e -u -o pipefail` in a fresh directory `name` where
+/// `target/release/forkq` is the binary under test, against schema `schema` (not migrated by
+/// this), up to `timeout`; its whole process group is killed at the end.
+pub fn run_doc_script(name: &str, script: &str, schema: &str, timeout: Duration) -> DocRun {
+    let dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("target/release")).unwrap();
+    std::os::unix::fs::symlink(forkq_bin(), dir.join("target/release/forkq")).unwrap();
+    let output = dir.join("output.txt");
+    let out = std::fs::File::create(&output).unwrap();
+    let mut bash = Command::new("bash");
+    bash.args(["-e", "-u", "-o", "pipefail", "-c", script])
+        .current_dir(&dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", database_url())
+        .env("FORKQ_SCHEMA", schema)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out);
+    std::os::unix::process::CommandExt::process_group(&mut bash, 0);
+    let mut child = bash.spawn().expect("bash runs the script");
+    let mut status = None;
+    wait_until(timeout, || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    let group = nix::unistd::Pid::from_raw(-(child.id() as i32));
+    let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+    let _ = child.kill();
+    let _ = child.wait();
+    DocRun {
+        status,
+        printed: std::fs::read_to_string(&output).unwrap_or_default(),
+        dir,
+    }
+}

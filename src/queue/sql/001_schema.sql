@@ -25,7 +25,15 @@ CREATE TABLE {s}.jobs (
     expiries         smallint NOT NULL DEFAULT 0,
     -- Set when the worker holding the lease reported that this run started: a suspect before it
     -- runs, any job when a lease renewal finds it running.
-    started          boolean NOT NULL DEFAULT false
+    started          boolean NOT NULL DEFAULT false,
+    -- Flow control (migration 004, docs/flow-control.md), all null for a job that uses none of it:
+    -- the key a per-key cap counts running jobs by; set (true) by the limited claim, so only
+    -- its jobs count against a queue's caps (jobs_limited_idx); per-job overrides of the timeout
+    -- and of the retry backoff's base, in seconds.
+    concurrency_key  text,
+    limited          boolean,
+    timeout_seconds  float8,
+    backoff_seconds  float8
 ) WITH (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_cost_delay = 0);
 
 -- Serves the claim: equality on queue, then exactly the claim's ORDER BY, only rows that can run
@@ -56,7 +64,11 @@ CREATE TABLE {s}.jobs_archive (
     created_at   timestamptz NOT NULL,
     finished_at  timestamptz NOT NULL DEFAULT now(),
     last_error   text,
-    result       jsonb
+    result       jsonb,
+    -- Kept for a job that may come back (retry of a failed or cancelled job); see jobs.
+    concurrency_key text,
+    timeout_seconds float8,
+    backoff_seconds float8
 );
 -- Every completed job is archived at full drain rate, so the archive carries only what that insert
 -- must pay for: the primary key, and a BRIN index for the retention purge (rows arrive in about
@@ -90,6 +102,23 @@ CREATE TABLE {s}.batches (
 -- Serves `batch list --state` and the repair pass's scan of open batches.
 CREATE INDEX batches_state_idx ON {s}.batches (state, id);
 
+-- Refuses per-job options that cannot be used: an empty or overlong concurrency key, a timeout
+-- that is not positive, a negative backoff (limits as in producer.rs).
+CREATE FUNCTION {s}.check_job_options(p_key text, p_timeout float8, p_backoff float8)
+RETURNS void LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_key = '' OR octet_length(p_key) > 256 THEN
+        RAISE EXCEPTION 'forkq: a concurrency key must be 1 to 256 bytes' USING ERRCODE = '22023';
+    ELSIF NOT p_timeout BETWEEN 0.001 AND 604800 THEN
+        RAISE EXCEPTION 'forkq: timeout_seconds must be above 0 and at most 604800 (7 days)'
+            USING ERRCODE = '22023';
+    ELSIF NOT p_backoff BETWEEN 0 AND 2592000 THEN
+        RAISE EXCEPTION 'forkq: backoff_seconds must be 0 to 2592000 (30 days)'
+            USING ERRCODE = '22023';
+    END IF;
+END
+$$;
+
 -- Enqueues one job and says what happened: (id, created, replaced). Without a unique key it
 -- inserts, notifies and returns (new id, true, false): nothing else is looked at. With a key:
 -- * a live job holding the key wins: its id comes back, created = false;
@@ -98,6 +127,8 @@ CREATE INDEX batches_state_idx ON {s}.batches (state, id);
 -- * replace gives the waiting job that holds the key the new payload and run time instead
 --   (replaced = true); a running one keeps running and gives the key up to a new job.
 -- Idle workers are notified of a job that can run now, when the caller's transaction commits.
+-- concurrency_key, timeout_seconds and backoff_seconds are the flow-control options of
+-- docs/flow-control.md (not changed by a replace).
 CREATE FUNCTION {s}.enqueue_job(
     queue        text,
     task         text,
@@ -109,6 +140,9 @@ CREATE FUNCTION {s}.enqueue_job(
     batch_id     bigint DEFAULT NULL,
     unique_for   interval DEFAULT NULL,
     replace      boolean DEFAULT false,
+    concurrency_key text DEFAULT NULL,
+    timeout_seconds float8 DEFAULT NULL,
+    backoff_seconds float8 DEFAULT NULL,
     OUT id       bigint,
     OUT created  boolean,
     OUT replaced boolean
@@ -122,6 +156,8 @@ BEGIN
     IF queue IS NULL OR queue = '' OR task IS NULL OR task = '' THEN
         RAISE EXCEPTION 'forkq: queue and task must be non-empty' USING ERRCODE = '22023';
     END IF;
+    PERFORM {s}.check_job_options(enqueue_job.concurrency_key, enqueue_job.timeout_seconds,
+                                  enqueue_job.backoff_seconds);
     created := false;
     replaced := false;
     IF unique_for IS NOT NULL OR replace THEN
@@ -172,12 +208,14 @@ BEGIN
             END IF;
         END IF;
         INSERT INTO {s}.jobs AS j (queue, task, payload, priority, state, run_at, max_attempts,
-                                   unique_key, batch_id)
+                                   unique_key, batch_id, concurrency_key, timeout_seconds,
+                                   backoff_seconds)
         VALUES (enqueue_job.queue, enqueue_job.task, coalesce(enqueue_job.payload, '{}'),
                 enqueue_job.priority,
                 CASE WHEN enqueue_job.run_at > now() THEN 'scheduled' ELSE 'available' END,
                 coalesce(enqueue_job.run_at, now()), coalesce(enqueue_job.max_attempts, 25),
-                enqueue_job.unique_key, enqueue_job.batch_id)
+                enqueue_job.unique_key, enqueue_job.batch_id, enqueue_job.concurrency_key,
+                enqueue_job.timeout_seconds, enqueue_job.backoff_seconds)
         ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
         RETURNING j.id INTO found_id;
         IF found_id IS NULL AND NOT replace THEN
@@ -215,11 +253,15 @@ CREATE FUNCTION {s}.enqueue(
     unique_key   text DEFAULT NULL,
     batch_id     bigint DEFAULT NULL,
     unique_for   interval DEFAULT NULL,
-    replace      boolean DEFAULT false
+    replace      boolean DEFAULT false,
+    concurrency_key text DEFAULT NULL,
+    timeout_seconds float8 DEFAULT NULL,
+    backoff_seconds float8 DEFAULT NULL
 ) RETURNS bigint LANGUAGE plpgsql AS $$
 BEGIN
     RETURN ({s}.enqueue_job(queue, task, payload, priority, run_at, max_attempts, unique_key,
-                            batch_id, unique_for, replace)).id;
+                            batch_id, unique_for, replace, concurrency_key, timeout_seconds,
+                            backoff_seconds)).id;
 END
 $$;
 
@@ -258,10 +300,10 @@ BEGIN
     ), archived AS (
         INSERT INTO {s}.jobs_archive (id, queue, task, payload, priority, state, attempt,
                                       max_attempts, unique_key, batch_id, created_at, last_error,
-                                      result)
+                                      result, concurrency_key, timeout_seconds, backoff_seconds)
         SELECT g.id, g.queue, g.task, g.payload, g.priority, g.final_state, g.attempt,
                g.max_attempts, g.unique_key, g.batch_id, g.created_at, g.final_error,
-               g.final_result
+               g.final_result, g.concurrency_key, g.timeout_seconds, g.backoff_seconds
         FROM gone g
         WHERE p_retain OR g.final_state <> 'completed' OR g.batch_id IS NOT NULL
     )
@@ -572,6 +614,9 @@ BEGIN
         UPDATE {s}.jobs j SET cancel_requested = true WHERE j.id = p_id;
         -- The job may be claimed ahead and not started yet: its worker drops it at its next round.
         PERFORM {s}.note_change();
+        -- If it runs, its handler is told at once (the wake-up listener flags its worker's slot;
+        -- the payload has a space, which no queue name has); lease renewals are the fallback.
+        PERFORM pg_notify('{c}', 'cancel ' || p_id);
         RETURN 'cancelling';
     ELSIF current IS NOT NULL THEN
         PERFORM {s}.retire(ARRAY[p_id], ARRAY[NULL::bigint], ARRAY['cancelled'],
@@ -600,10 +645,12 @@ BEGIN
         RETURNING a.*
     ), inserted AS (
         INSERT INTO {s}.jobs (id, queue, task, payload, priority, state, run_at, attempt,
-                              max_attempts, unique_key, batch_id, created_at, last_error)
+                              max_attempts, unique_key, batch_id, created_at, last_error,
+                              concurrency_key, timeout_seconds, backoff_seconds)
         OVERRIDING SYSTEM VALUE
         SELECT r.id, r.queue, r.task, r.payload, r.priority, 'available', now(), 0,
-               r.max_attempts, r.unique_key, r.batch_id, r.created_at, r.last_error
+               r.max_attempts, r.unique_key, r.batch_id, r.created_at, r.last_error,
+               r.concurrency_key, r.timeout_seconds, r.backoff_seconds
         FROM revived r
     )
     SELECT r.batch_id, r.state INTO moved_batch, moved_state FROM revived r;
@@ -653,12 +700,19 @@ $$;
 CREATE FUNCTION {s}.batch_stop_children(p_batch bigint, p_reason text, p_retain boolean)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
+    running bigint[];
     waiting bigint[];
 BEGIN
-    UPDATE {s}.jobs j SET cancel_requested = true
-    WHERE j.id IN (SELECT r.id FROM {s}.jobs r
-                   WHERE r.batch_id = p_batch AND r.state = 'running' AND NOT r.cancel_requested
-                   FOR UPDATE SKIP LOCKED);
+    WITH marked AS (
+        UPDATE {s}.jobs j SET cancel_requested = true
+        WHERE j.id IN (SELECT r.id FROM {s}.jobs r
+                       WHERE r.batch_id = p_batch AND r.state = 'running' AND NOT r.cancel_requested
+                       FOR UPDATE SKIP LOCKED)
+        RETURNING j.id
+    )
+    SELECT coalesce(array_agg(m.id), '{}') INTO running FROM marked m;
+    -- Their handlers are told to stop, as for a cancel (see cancel()).
+    PERFORM pg_notify('{c}', 'cancel ' || r) FROM unnest(running) r;
     SELECT coalesce(array_agg(w.id ORDER BY w.id), '{}') INTO waiting
     FROM (SELECT c.id FROM {s}.jobs c
           WHERE c.batch_id = p_batch AND c.state <> 'running'
@@ -763,7 +817,8 @@ $$;
 
 -- Creates a batch from plain SQL, for producers in any language: p_jobs is a JSON array of
 -- {"task": .., "payload": .., "priority": .., "run_at": .., "max_attempts": .., "unique_key": ..,
--- "queue": ..} (only task is required; queue defaults to the batch's). Parent and children commit
+-- "queue": .., "concurrency_key": .., "timeout_seconds": .., "backoff_seconds": ..} (only task is
+-- required; queue defaults to the batch's). Parent and children commit
 -- together with the caller's transaction; workers are notified at commit. Returns the batch id.
 CREATE FUNCTION {s}.enqueue_batch(
     p_queue             text,
@@ -780,11 +835,15 @@ BEGIN
     END IF;
     new_id := {s}.batch_open(p_queue, p_fail_fast, p_on_complete_task, p_on_complete_queue);
     PERFORM {s}.enqueue_job(coalesce(x.queue, p_queue), x.task, coalesce(x.payload, '{}'),
-                        coalesce(x.priority, 0), x.run_at, coalesce(x.max_attempts, 25),
-                        x.unique_key, new_id)
+                            coalesce(x.priority, 0), x.run_at, coalesce(x.max_attempts, 25),
+                            x.unique_key, new_id, concurrency_key => x.concurrency_key,
+                            timeout_seconds => x.timeout_seconds,
+                            backoff_seconds => x.backoff_seconds)
     FROM jsonb_array_elements(p_jobs) WITH ORDINALITY AS e(job, n),
          jsonb_to_record(e.job) AS x(queue text, task text, payload jsonb, priority int,
-                                     run_at timestamptz, max_attempts int, unique_key text)
+                                     run_at timestamptz, max_attempts int, unique_key text,
+                                     concurrency_key text, timeout_seconds float8,
+                                     backoff_seconds float8)
     ORDER BY e.n;
     PERFORM {s}.batch_seal(new_id);
     RETURN new_id;
