@@ -3,6 +3,10 @@
 //! With many children on few cores, claimers that all walk the head of the claim index past each
 //! other's locked rows burn the database's CPU; taking turns keeps that walk short. The turns are
 //! flags in the shared slot table, so the supervisor can give back the turn of a child it reaps.
+//! The fleet's turns (`FORKQ_CLAIMERS`) are shared out between the hosts serving the schema
+//! ([`share`]), so that claimers wait here, on a futex, rather than in the database on its own
+//! gate (the lean round's advisory locks), which then only catches the moments the host count is
+//! out of date: a claimer waiting in the database holds a connection and costs far more.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -37,6 +41,16 @@ pub fn enter(table: &SlotTable, index: usize, max: usize) {
     }
 }
 
+/// This host's share of the fleet's `claimers` turns: an even share of them among the hosts
+/// serving the schema (`hosts`, 0 while unknown counts as 1), at least one; without a fleet-wide
+/// limit (`claimers` 0), `fallback`.
+pub fn share(claimers: usize, hosts: u32, fallback: usize) -> usize {
+    if claimers == 0 {
+        return fallback;
+    }
+    claimers.div_ceil(hosts.max(1) as usize).max(1)
+}
+
 /// Ends the claim turn taken by [`enter`] and wakes a child waiting for one.
 pub fn leave(table: &SlotTable, index: usize) {
     table.slots[index].in_claim.store(false, Ordering::Release);
@@ -46,6 +60,16 @@ pub fn leave(table: &SlotTable, index: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fleets_turns_are_shared_out_between_its_hosts() {
+        assert_eq!(share(4, 0, 9), 4, "host count unknown: this host alone");
+        assert_eq!(share(4, 1, 9), 4);
+        assert_eq!(share(4, 4, 9), 1);
+        assert_eq!(share(4, 8, 9), 1, "never less than one");
+        assert_eq!(share(6, 4, 9), 2);
+        assert_eq!(share(0, 4, 9), 9, "no fleet-wide limit");
+    }
     use std::time::Instant;
 
     #[test]

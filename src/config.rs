@@ -56,6 +56,9 @@ pub struct Config {
     pub concurrency: usize,
     /// The most jobs claimed per round trip (a child claims fewer when its jobs are slow).
     pub prefetch: usize,
+    /// At most this many claim rounds of the schema pick jobs at the same time, across every
+    /// host (a gate in the database; 0: none).
+    pub claimers: usize,
     /// Longest time a finished job's acknowledgement may wait to be sent with others.
     pub ack_delay: Duration,
     /// Commit every acknowledgement before the next job starts (prefetch 1, no ack delay).
@@ -417,6 +420,7 @@ impl Config {
             queues,
             concurrency,
             prefetch,
+            claimers: v.int("FORKQ_CLAIMERS", 2 * default_concurrency(), 0, 1000)? as usize,
             ack_delay,
             durable,
             lease,

@@ -144,7 +144,11 @@ impl Presence<'_> {
     /// One write, then (where allowed) one pass over the gone hosts.
     fn turn(&mut self, client: &mut postgres::Client) -> Result<(), QueueError> {
         let report = self.report();
-        hosts::record(client, &self.config.schema, &report)?;
+        let serving = hosts::record(client, &self.config.schema, &report)?;
+        self.table.header.hosts_serving.store(
+            serving.clamp(1, i64::from(u32::MAX)) as u32,
+            Ordering::Release,
+        );
         if !self.config.host_release || self.release_refused.is_some() || report.stopping {
             return Ok(());
         }

@@ -294,6 +294,9 @@ pub struct Header {
     pub poll_ms: AtomicU64,
     /// Bumped when a claim round trip ends, to wake children waiting for their turn to claim.
     pub claim_done: AtomicU32,
+    /// How many hosts serve this schema, as the probe last counted them (0 until it has): the
+    /// children's share of the fleet's claim turns (see [`crate::claim_gate`]).
+    pub hosts_serving: AtomicU32,
     /// Pid of the probe process.
     pub probe_pid: AtomicI32,
     /// This boot's id (see [`crate::host`]), set by the supervisor before it forks anything.

@@ -382,6 +382,8 @@ fn claim(conn: &mut postgres::Client, schema: &TestSchema, owner: &str) -> (i64,
                 &30f64,
                 &vec!["q"],
                 &1i32,
+                &0i32,
+                &0i32,
             ],
         )
         .unwrap();

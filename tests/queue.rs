@@ -1197,7 +1197,7 @@ fn claim_plan_stays_on_the_index_with_stale_statistics() {
         client
             .batch_execute(&format!(
                 "DEALLOCATE ALL; PREPARE round(bigint[], bigint[], jsonb[], boolean, text, bigint, \
-                 float8, text[], int) AS {round}"
+                 float8, text[], int, int, int) AS {round}"
             ))
             .unwrap();
         for mode in ["force_custom_plan", "force_generic_plan"] {
@@ -1207,7 +1207,7 @@ fn claim_plan_stays_on_the_index_with_stale_statistics() {
             let plan: Vec<String> = client
                 .query(
                     "EXPLAIN EXECUTE round('{1,2}', '{3,4}', '{null,null}', true, 'w', 1, 30, \
-                     '{default,other}', 100)",
+                     '{default,other}', 100, 4, 7)",
                     &[],
                 )
                 .unwrap()

@@ -83,7 +83,7 @@ pub fn run(spec: ChildSpec<'_>, handler: &mut dyn Handler) -> i32 {
         jobs_done: 0,
         recycling: false,
         looked_ahead: false,
-        max_claimers: std::thread::available_parallelism().map_or(2, |n| n.get() * 2),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     worker.slot.set_state(SlotState::Starting);
     match worker.work(spec.predecessor, handler) {
@@ -176,8 +176,8 @@ struct Worker<'a> {
     recycling: bool,
     /// Set once the job at hand has claimed its successor (see `look_ahead`).
     looked_ahead: bool,
-    /// How many children of the host may be in a claim round trip at once: two per CPU.
-    max_claimers: usize,
+    /// CPUs this process may use: without a fleet-wide limit, two claimers per CPU of the host.
+    cpus: usize,
 }
 
 impl Worker<'_> {
@@ -457,7 +457,9 @@ impl Worker<'_> {
         let acks = self.acks.clone();
         if limit > 0 {
             self.slot.claims.fetch_add(1, Ordering::Relaxed);
-            claim_gate::enter(self.table, self.index, self.max_claimers);
+            let hosts = self.header.hosts_serving.load(Ordering::Acquire);
+            let turns = claim_gate::share(self.config.claimers, hosts, 2 * self.cpus);
+            claim_gate::enter(self.table, self.index, turns);
         }
         let claim = |db: &mut Consumer, acks: &[Ack]| match ahead {
             true => db.settle_and_claim_ahead(acks, limit),

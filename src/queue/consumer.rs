@@ -155,6 +155,9 @@ pub struct Consumer {
     retain: bool,
     flow: Flow,
     steps: Vec<Step>,
+    /// The database-wide claim gate: how many rounds may pick at once, and its lock key.
+    claimers: i32,
+    claim_gate_key: i32,
     statements: Statements,
 }
 
@@ -398,6 +401,10 @@ impl Consumer {
             retain: !config.retention.is_zero(),
             flow: Flow::default(),
             steps: Vec::new(),
+            claimers: config.claimers as i32,
+            // The high half of the schema's key: advisory locks of two keys live apart from the
+            // one-key locks forkq takes elsewhere.
+            claim_gate_key: (sql::advisory_key("claim", &config.schema) >> 32) as i32,
             statements: Statements::default(),
         };
         consumer.refresh_flow()?;
@@ -572,6 +579,8 @@ impl Consumer {
                 &self.lease_seconds,
                 &queues,
                 &limit,
+                &self.claimers,
+                &self.claim_gate_key,
             ],
         )?;
         let mut out = Round::default();

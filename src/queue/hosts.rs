@@ -87,12 +87,13 @@ pub struct HostReport {
     pub started_unix: f64,
 }
 
-/// Writes `report` and deletes the rows of hosts gone for [`PRUNE_AFTER`].
+/// Writes `report` and deletes the rows of hosts gone for [`PRUNE_AFTER`]; returns how many hosts
+/// serve the schema now (not gone, not stopping; this one included).
 pub fn record(
     client: &mut impl GenericClient,
     schema: &str,
     report: &HostReport,
-) -> Result<(), QueueError> {
+) -> Result<i64, QueueError> {
     let r = report;
     let w = &r.workload;
     let key = lock_key(schema, &r.boot);
@@ -122,7 +123,13 @@ pub fn record(
         &render(sql::HOST_PRUNE, schema),
         &[(&PRUNE_AFTER.as_secs_f64(), Type::FLOAT8)],
     )?;
-    Ok(())
+    let gone_after = r.interval * GONE_AFTER_INTERVALS;
+    Ok(client
+        .query_typed_one(
+            &render(sql::HOSTS_SERVING, schema),
+            &[(&gone_after.as_secs_f64(), Type::FLOAT8)],
+        )?
+        .get(0))
 }
 
 /// A host whose leases were expired early.

@@ -105,7 +105,7 @@ pub const NOTIFY: &str = "SELECT pg_notify('{c}', $1)";
 /// (see the migration), which tells the worker when to check its prefetched jobs for a cancel,
 /// and how many jobs it made claimable. Built by [`round`] for the number of
 /// queues; `$1` ids, `$2` tokens, `$3` results, `$5` owner, `$6` this claim's lease token, `$7`
-/// lease seconds.
+/// lease seconds, `$10` and `$11` the claim gate (see [`GATE`]).
 const ROUND: &str = "
     WITH acked AS (
         SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::jsonb[]) AS a(id, token, result)
@@ -125,7 +125,7 @@ const ROUND: &str = "
         SET state = 'running', attempt = j.attempt + 1, lease_owner = $5::text,
             lease_token = $6::bigint,
             lease_expires_at = now() + make_interval(secs => $7::float8)
-        WHERE j.id = ANY(ARRAY({pick}))
+        WHERE j.id = ANY(ARRAY(SELECT p.id FROM ({pick}) p WHERE {gate}))
         RETURNING j.id, j.queue, j.task, j.payload, j.priority, j.run_at, j.attempt,
                   j.max_attempts, j.batch_id, j.expiries, j.timeout_seconds, j.backoff_seconds
     ), promoted AS (
@@ -157,6 +157,22 @@ const PICK: &str = "SELECT c.id FROM {s}.jobs c
       AND NOT EXISTS (SELECT 1 FROM {s}.queues g WHERE g.name = ($8::text[])[{n}] AND g.gated)
     ORDER BY c.priority, c.run_at, c.id LIMIT $9::int FOR UPDATE SKIP LOCKED";
 
+/// The claim gate of the lean round: at most `$10` rounds of the schema pick jobs at the same
+/// time, across every host (`$10` = 0: no gate). A round takes one of `$10` transaction-level
+/// advisory locks (`$11`, slot), trying each without waiting first (from a slot of its own, so
+/// rounds spread over them), then waiting for its own; the lock is gone with the statement's
+/// commit. A one-time filter above the pick: evaluated once, before the walk. Why: claimers that
+/// walk the head of the claim index together mostly skip each other's locked rows; past a few per
+/// database core that costs far more than the jobs (each host's own gate, `claim_gate`, does not
+/// see the other hosts).
+const GATE: &str = "($10::int = 0 OR (
+    SELECT true FROM (SELECT 1 FROM generate_series(0, $10::int - 1) g
+                      WHERE pg_try_advisory_xact_lock($11::int, (g + pg_backend_pid()) % $10::int)
+                      LIMIT 1) free
+    UNION ALL
+    SELECT true FROM pg_advisory_xact_lock($11::int, pg_backend_pid() % greatest($10::int, 1))
+    LIMIT 1))";
+
 /// The lean round for `queues` queues, served strictly in the order given: each queue's pick
 /// runs only while the ones before it left room.
 pub fn round(queues: usize) -> String {
@@ -173,7 +189,7 @@ pub fn round(queues: usize) -> String {
             .collect();
         format!("{} LIMIT $9::int", picks.join(" UNION ALL "))
     };
-    ROUND.replace("{pick}", &pick)
+    ROUND.replace("{pick}", &pick).replace("{gate}", GATE)
 }
 
 /// Learns the parameter types of `{statement}` without leaving anything on the server
@@ -508,6 +524,12 @@ pub const HOST_UPSERT: &str = "
 /// Deletes the rows of hosts not seen for `$1` seconds.
 pub const HOST_PRUNE: &str = "
     DELETE FROM {s}.hosts WHERE last_seen < now() - make_interval(secs => $1)";
+
+/// How many hosts serve the schema now: seen within `$1` seconds and not stopping (at least this
+/// one, which has just written its row).
+pub const HOSTS_SERVING: &str = "
+    SELECT count(*) FROM {s}.hosts
+    WHERE last_seen >= now() - make_interval(secs => $1) AND NOT stopping";
 
 /// Every recorded host, newest boot first within a host, with the seconds since it was seen.
 pub const HOSTS_LIST: &str = "
