@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use postgres::error::SqlState;
 use postgres::types::{ToSql, Type};
 use postgres::{Client, Row, Statement};
 use serde_json::Value;
@@ -252,13 +253,14 @@ impl Connection {
         statement: &Prepared,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, postgres::Error> {
-        match statement {
-            Prepared::Named(named) => self.client.query(named, params),
+        let client = &mut self.client;
+        retried(|| match statement {
+            Prepared::Named(named) => client.query(named, params),
             Prepared::Unnamed(unnamed) => {
                 let (text, types) = &**unnamed;
-                self.client.query_typed(text, &typed(text, types, params))
+                client.query_typed(text, &typed(text, types, params))
             }
-        }
+        })
     }
 
     /// Sends `statement` with `params`; the row it returns, if any.
@@ -267,14 +269,14 @@ impl Connection {
         statement: &Prepared,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>, postgres::Error> {
-        match statement {
-            Prepared::Named(named) => self.client.query_opt(named, params),
+        let client = &mut self.client;
+        retried(|| match statement {
+            Prepared::Named(named) => client.query_opt(named, params),
             Prepared::Unnamed(unnamed) => {
                 let (text, types) = &**unnamed;
-                self.client
-                    .query_typed_opt(text, &typed(text, types, params))
+                client.query_typed_opt(text, &typed(text, types, params))
             }
-        }
+        })
     }
 
     /// Sends `statement` with `params`; the one row it must return.
@@ -283,13 +285,40 @@ impl Connection {
         statement: &Prepared,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Row, postgres::Error> {
-        match statement {
-            Prepared::Named(named) => self.client.query_one(named, params),
+        let client = &mut self.client;
+        retried(|| match statement {
+            Prepared::Named(named) => client.query_one(named, params),
             Prepared::Unnamed(unnamed) => {
                 let (text, types) = &**unnamed;
-                self.client
-                    .query_typed_one(text, &typed(text, types, params))
+                client.query_typed_one(text, &typed(text, types, params))
             }
+        })
+    }
+}
+
+/// How many times a consumer statement PostgreSQL aborted to break a deadlock is sent again.
+const DEADLOCK_RETRIES: u32 = 3;
+
+/// Sends a consumer statement again when PostgreSQL aborted it to break a deadlock (40P01).
+/// Safe because each is one statement in its own implicit transaction: the abort undid all of it
+/// (acks fenced by lease token, claims, renewals), and sending it again does the same work once.
+/// Why they can deadlock at all: see the lean round in `sql.rs` (a `SKIP LOCKED` walk may still
+/// lock, or wait for, rows another round is changing). The detector needs `deadlock_timeout`
+/// (1 s by default) to break one, so this is rare and slow, never a busy loop.
+fn retried<T>(mut send: impl FnMut() -> Result<T, postgres::Error>) -> Result<T, postgres::Error> {
+    let mut deadlocks = 0;
+    loop {
+        match send() {
+            Err(e)
+                if deadlocks < DEADLOCK_RETRIES
+                    && e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) =>
+            {
+                deadlocks += 1;
+                log::warn!(
+                    "a queue statement was chosen to break a deadlock; sending it again: {e}"
+                );
+            }
+            sent => return sent,
         }
     }
 }
