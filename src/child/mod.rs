@@ -7,7 +7,6 @@
 //! word until the wake-up listener or a busy sibling rouses it ([`crate::wakeup`]), or until the
 //! poll interval passes.
 
-use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -23,7 +22,12 @@ use crate::queue::{maintenance, QueueError, WorkerTimeouts};
 use crate::slots::{monotonic_ms, take_turn, Header, Slot, SlotState, SlotTable};
 use crate::{claim_gate, futex, wakeup};
 
+mod acks;
+mod connection;
 mod signals;
+
+use acks::Holdings;
+use connection::Connection;
 
 pub use signals::{
     immediate_stop_requested, install_signal_handlers, stop_requested, SUPERVISOR_ONLY,
@@ -58,26 +62,21 @@ pub struct Predecessor {
 
 /// Runs the consumer loop until asked to stop; returns the process exit code.
 pub fn run(spec: ChildSpec<'_>, handler: &mut dyn Handler) -> i32 {
+    let slot = &spec.table.slots[spec.index];
     let mut worker = Worker {
         config: spec.config,
         table: spec.table,
         index: spec.index,
-        slot: &spec.table.slots[spec.index],
+        slot,
         header: &spec.table.header,
-        owner: spec.owner,
+        owner: &spec.owner,
         recycle_after_jobs: spec.recycle_after_jobs,
-        db: None,
-        buffer: VecDeque::new(),
-        current: None,
-        cancel_requested: false,
+        conn: Connection::new(spec.config, slot, &spec.owner),
+        held: Holdings::new(),
         job_timeout: None,
         progress: Progress::default(),
         cancels_seen: spec.table.header.cancels.seq.load(Ordering::Acquire),
         changes_seen: None,
-        lost_connection: false,
-        acks: Vec::new(),
-        oldest_ack: None,
-        last_renewal: Instant::now(),
         last_job_took: Duration::ZERO,
         average_job: None,
         jobs_done: 0,
@@ -143,15 +142,12 @@ struct Worker<'a> {
     index: usize,
     slot: &'a Slot,
     header: &'a Header,
-    owner: String,
+    owner: &'a str,
     recycle_after_jobs: Option<u64>,
-    db: Option<Consumer>,
-    /// Claimed jobs not started yet.
-    buffer: VecDeque<Claimed>,
-    /// The job running now: its id, lease token, and when it started.
-    current: Option<(i64, i64, Instant)>,
-    /// Whether the running job's cancel was requested (confirmed by the database).
-    cancel_requested: bool,
+    /// The connection to the queue, re-opened whenever it drops.
+    conn: Connection<'a>,
+    /// The jobs this worker holds (running, prefetched, awaiting their ack) and the acks it owes.
+    held: Holdings,
     /// The running job's timeout: its own, else `FORKQ_JOB_TIMEOUT_SECONDS`.
     job_timeout: Option<Duration>,
     /// The running job's progress reports.
@@ -162,12 +158,6 @@ struct Worker<'a> {
     /// checked its prefetched jobs and its queues' settings against; `None` before the first
     /// round.
     changes_seen: Option<i64>,
-    /// Set when the connection dropped; the next connection starts by giving back strays.
-    lost_connection: bool,
-    /// Finished jobs whose acknowledgement has not been sent.
-    acks: Vec<Ack>,
-    oldest_ack: Option<Instant>,
-    last_renewal: Instant,
     last_job_took: Duration,
     /// Moving average of recent job durations, which sizes the next claim.
     average_job: Option<Duration>,
@@ -212,12 +202,12 @@ impl Worker<'_> {
             let wake_seen = self.slot.wake.load(Ordering::Acquire);
             let limit = claim_size(self.average_job, self.config.prefetch);
             let brought = self.send_acks_and_claim(limit, false)?;
-            if self.buffer.is_empty() && brought.promoted > 0 {
+            if self.held.prefetched().is_empty() && brought.promoted > 0 {
                 // Due scheduled jobs were just made claimable: claim them now.
                 woken = true;
                 continue;
             }
-            if self.buffer.is_empty() {
+            if self.held.prefetched().is_empty() {
                 // An empty claim is this host's latest poll.
                 self.header.poll_ms.store(monotonic_ms(), Ordering::Release);
                 woken = self.wait_idle(wake_seen, brought.retry_in);
@@ -233,7 +223,7 @@ impl Worker<'_> {
                 // count as held, it gives back.
                 self.renew_if_due();
                 self.notice_cancels()?;
-                let Some(claimed) = self.buffer.pop_front() else {
+                let Some(claimed) = self.held.next_prefetched() else {
                     break;
                 };
                 if claimed.suspect && !self.report_start(&claimed)? {
@@ -245,7 +235,7 @@ impl Worker<'_> {
                 // a second commit) per batch. Likewise after a job that claimed its successor
                 // while it ran: that successor's own look-ahead carries them, while it runs.
                 let carried = self.looked_ahead && !self.config.durable;
-                if !self.buffer.is_empty() && !carried && self.ack_flush_due() {
+                if !self.held.prefetched().is_empty() && !carried && self.ack_flush_due() {
                     self.flush_acks()?;
                 }
             }
@@ -257,13 +247,13 @@ impl Worker<'_> {
     /// abandoned), uncharged.
     fn shut_down(&mut self) -> Result<(), QueueError> {
         self.slot.set_state(SlotState::Stopping);
-        if !self.acks.is_empty() {
+        if self.held.owes_acks() {
             self.flush_acks()?;
         }
-        let holds_jobs = !self.buffer.is_empty() || immediate_stop_requested();
-        if holds_jobs && self.db.is_some() {
-            let owner = self.owner.clone();
-            let back = self.db(|db| db.release(&owner, None, None))?;
+        let holds_jobs = !self.held.prefetched().is_empty() || immediate_stop_requested();
+        if holds_jobs && self.conn.is_open() {
+            let owner = self.owner;
+            let back = self.db(|db| db.release(owner, None, None))?;
             log::info!(
                 "worker {} handed back {back} job(s) it had not finished",
                 self.owner
@@ -306,8 +296,7 @@ impl Worker<'_> {
         let _running = logging::activity(Activity::Job(job.id));
         self.slot.start_job(job.id, claimed.timeout);
         let started = Instant::now();
-        self.current = Some((job.id, claimed.lease_token, started));
-        self.cancel_requested = false;
+        self.held.start(job.id, claimed.lease_token, started);
         self.job_timeout = claimed.timeout.or(self.config.job_timeout);
         self.progress = Progress::default();
         self.looked_ahead = false;
@@ -325,7 +314,7 @@ impl Worker<'_> {
         self.slot.handler_pgid.store(0, Ordering::Release);
         let elapsed = started.elapsed();
         self.send_progress(true);
-        self.current = None;
+        self.held.finish();
         self.last_job_took = elapsed;
         self.average_job = Some(match self.average_job {
             None => elapsed,
@@ -334,10 +323,10 @@ impl Worker<'_> {
         self.slot.finish_job(elapsed.as_micros() as u64);
         self.jobs_done += 1;
         self.note_recycling();
-        let cancelled = self.cancel_requested && !matches!(outcome, Outcome::Success(_));
+        let cancelled = self.held.cancel_requested() && !matches!(outcome, Outcome::Success(_));
         if !cancelled && immediate_stop_requested() && !matches!(outcome, Outcome::Success(_)) {
             // Abandoned by an immediate stop: released uncharged at shut-down, not failed.
-            self.buffer.push_front(Claimed { job, ..claimed });
+            self.held.put_back(Claimed { job, ..claimed });
             return;
         }
         let settlement = if cancelled {
@@ -350,13 +339,12 @@ impl Worker<'_> {
         } else {
             self.settlement_for(&job, claimed.backoff, outcome, elapsed)
         };
-        self.acks.push(Ack {
+        self.held.push_ack(Ack {
             id: job.id,
             lease_token: claimed.lease_token,
             batch_id: job.batch_id,
             settlement,
         });
-        self.oldest_ack.get_or_insert_with(Instant::now);
     }
 
     /// Turns a handler's outcome into what the queue should do, and counts it. `backoff` is the
@@ -428,17 +416,10 @@ impl Worker<'_> {
         }
     }
 
-    /// Acks are sent early when batching them would only add latency: durable mode, a slow job
-    /// (batching gains nothing), or the oldest one waited `FORKQ_ACK_DELAY_MS`.
+    /// Whether the pending acks should go now rather than with the next claim (see
+    /// [`Holdings::ack_flush_due`]).
     fn ack_flush_due(&self) -> bool {
-        match self.oldest_ack {
-            None => false,
-            Some(oldest) => {
-                self.config.durable
-                    || self.last_job_took >= self.config.ack_delay
-                    || oldest.elapsed() >= self.config.ack_delay
-            }
-        }
+        self.held.ack_flush_due(self.config, self.last_job_took)
     }
 
     fn flush_acks(&mut self) -> Result<(), QueueError> {
@@ -452,9 +433,7 @@ impl Worker<'_> {
     /// it still refuses is dead-lettered with the database's reason, so a single bad result can
     /// neither hold back the others nor crash this child at every re-run.
     fn send_acks_and_claim(&mut self, limit: usize, ahead: bool) -> Result<Brought, QueueError> {
-        // Cloned, not taken: while the database is away, pending acks keep a stopping worker
-        // trying until its deadline (see reconnect_pause).
-        let acks = self.acks.clone();
+        let acks = self.held.acks_for_round();
         if limit > 0 {
             self.slot.claims.fetch_add(1, Ordering::Relaxed);
             let hosts = self.header.hosts_serving.load(Ordering::Acquire);
@@ -471,8 +450,7 @@ impl Worker<'_> {
         }
         let round = match sent {
             Ok(round) => {
-                self.acks.clear();
-                self.oldest_ack = None;
+                self.held.acks_sent();
                 round
             }
             Err(e) if acks.is_empty() || matches!(e, QueueError::Unavailable(_)) => return Err(e),
@@ -486,9 +464,9 @@ impl Worker<'_> {
                 for ack in acks {
                     let id = ack.id;
                     self.send_one_ack(ack);
-                    self.acks.retain(|a| a.id != id);
+                    self.held.ack_sent(id);
                 }
-                self.oldest_ack = None;
+                self.held.acks_sent();
                 self.db(|db| claim(db, &[]))?
             }
         };
@@ -498,7 +476,7 @@ impl Worker<'_> {
             promoted: round.promoted,
             retry_in: round.retry_in,
         };
-        self.buffer.extend(round.claimed);
+        self.held.add_claimed(round.claimed);
         self.notice_changes(round.changes)?;
         Ok(brought)
     }
@@ -510,7 +488,7 @@ impl Worker<'_> {
     fn notice_changes(&mut self, changes: i64) -> Result<(), QueueError> {
         let seen = self.changes_seen.replace(changes);
         // At the first round, against the count the connection read the settings at.
-        let settings_read_at = self.db.as_ref().map(|db| db.flow().changes);
+        let settings_read_at = self.conn.open().map(|db| db.flow().changes);
         if seen.or(settings_read_at) == Some(changes) {
             return Ok(());
         }
@@ -525,10 +503,10 @@ impl Worker<'_> {
     /// Ends cancelled, uncharged, the prefetched jobs that must no longer run (cancelled, or
     /// children of a stopped batch).
     fn drop_cancelled(&mut self) -> Result<(), QueueError> {
-        if self.buffer.is_empty() {
+        if self.held.prefetched().is_empty() {
             return Ok(());
         }
-        let held: Vec<Claimed> = self.buffer.iter().cloned().collect();
+        let held: Vec<Claimed> = self.held.prefetched().iter().cloned().collect();
         let dropped = self.db(|db| db.drop_cancelled(&held.iter().collect::<Vec<_>>()))?;
         if !dropped.is_empty() {
             log::info!(
@@ -536,7 +514,7 @@ impl Worker<'_> {
                 self.owner,
                 dropped.len()
             );
-            self.buffer.retain(|c| !dropped.contains(&c.job.id));
+            self.held.drop_prefetched(&dropped);
         }
         Ok(())
     }
@@ -548,7 +526,7 @@ impl Worker<'_> {
             flow.paused.contains(&c.job.queue)
                 || (flow.limited.contains(&c.job.queue) && !c.limited)
         };
-        let n = self.buffer.iter().filter(|c| gated(c)).count();
+        let n = self.held.prefetched().iter().filter(|c| gated(c)).count();
         if n > 0 {
             log::info!(
                 "worker {}: handing back {n} prefetched job(s) of queues paused or limited since \
@@ -572,12 +550,13 @@ impl Worker<'_> {
         self.cancels_seen = seen;
         let hit = |id: i64| ids.as_ref().map_or(true, |ids| ids.contains(&id));
         if self
-            .current
-            .is_some_and(|(id, _, _)| !self.cancel_requested && hit(id))
+            .held
+            .running_id()
+            .is_some_and(|id| !self.held.cancel_requested() && hit(id))
         {
             self.renew_keeping(&|_| true);
         }
-        if self.buffer.iter().any(|c| hit(c.job.id)) {
+        if self.held.prefetched().iter().any(|c| hit(c.job.id)) {
             self.drop_cancelled()?;
         }
         Ok(())
@@ -598,7 +577,7 @@ impl Worker<'_> {
                 log::warn!(
                     "job {:?}: a progress value was dropped: it must be JSON of at most \
                      {MAX_PROGRESS_BYTES} bytes without NUL characters",
-                    self.current.map(|c| c.0)
+                    self.held.running_id()
                 );
                 self.progress.refused = true;
             }
@@ -615,7 +594,7 @@ impl Worker<'_> {
                 .progress
                 .sent
                 .map_or(true, |t| t.elapsed() >= PROGRESS_EVERY);
-        let (Some((id, token, _)), true) = (self.current, due) else {
+        let (Some((id, token, _)), true) = (self.held.running(), due) else {
             return;
         };
         let Some(value) = self.progress.pending.take() else {
@@ -675,7 +654,7 @@ impl Worker<'_> {
 
     /// Renews leases every third of the lease while this child holds jobs.
     fn renew_if_due(&mut self) {
-        if self.last_renewal.elapsed() >= self.config.lease / 3 {
+        if self.held.since_renewal() >= self.config.lease / 3 {
             self.renew_keeping(&|_| true);
         }
     }
@@ -683,11 +662,11 @@ impl Worker<'_> {
     /// Hands the prefetched jobs back to the queue once the job at hand has run longer than its
     /// claim was meant to take, so they do not wait behind it while a sibling could run them.
     fn give_back_if_overdue(&mut self) {
-        let Some((id, _, started)) = self.current else {
+        let Some((id, _, started)) = self.held.running() else {
             return;
         };
         let meant = CLAIM_WORTH.max(self.average_job.unwrap_or_default() * 2);
-        if self.buffer.is_empty() || started.elapsed() < meant {
+        if self.held.prefetched().is_empty() || started.elapsed() < meant {
             return;
         }
         log::info!(
@@ -695,7 +674,7 @@ impl Worker<'_> {
              handing back {} prefetched job(s)",
             self.owner,
             started.elapsed(),
-            self.buffer.len()
+            self.held.prefetched().len()
         );
         self.renew_keeping(&|_| false);
     }
@@ -706,11 +685,11 @@ impl Worker<'_> {
     /// `give_back_if_overdue`).
     fn look_ahead(&mut self) {
         const SHORT_JOB: Duration = Duration::from_secs(1);
-        let (Some((_, _, started)), Some(average)) = (self.current, self.average_job) else {
+        let (Some((_, _, started)), Some(average)) = (self.held.running(), self.average_job) else {
             return;
         };
         if self.looked_ahead
-            || !self.buffer.is_empty()
+            || !self.held.prefetched().is_empty()
             || average > SHORT_JOB
             || started.elapsed() > average / 2
             || stop_requested()
@@ -729,54 +708,15 @@ impl Worker<'_> {
         }
     }
 
-    /// What this worker holds, as (id, lease token): the job running, the jobs finished and not
-    /// acknowledged yet, and the jobs claimed ahead that `keep` keeps.
-    fn held(&self, keep: &dyn Fn(&Claimed) -> bool) -> Vec<(i64, i64)> {
-        let ahead = self.buffer.iter().filter(|c| keep(c));
-        self.current
-            .iter()
-            .map(|&(id, token, _)| (id, token))
-            .chain(self.acks.iter().map(|a| (a.id, a.lease_token)))
-            .chain(ahead.map(|c| (c.job.id, c.lease_token)))
-            .collect()
-    }
-
     /// Renews the leases of what this worker holds, of its prefetched jobs only those `keep`
     /// keeps (the others are handed back), and gives back anything else found under its name.
     fn renew_keeping(&mut self, keep: &dyn Fn(&Claimed) -> bool) {
-        self.last_renewal = Instant::now();
-        let held = self.held(keep);
-        let running = self.current.map(|(id, _, _)| id);
+        self.held.renewing();
+        let held = self.held.leases(keep);
+        let running = self.held.running_id();
         match self.db(|db| db.renew(&held, running)) {
-            Ok(renewed) => self.keep_renewed(&renewed, keep),
+            Ok(renewed) => self.held.keep_renewed(&renewed, keep, self.owner),
             Err(e) => log::warn!("worker {}: lease renewal failed: {e}", self.owner),
-        }
-    }
-
-    /// Drops from the buffer what a renewal did not renew (taken back by the queue, or handed
-    /// back because `keep` did not keep it), and notes a cancel of the running job.
-    fn keep_renewed(&mut self, renewed: &[(i64, bool)], keep: &dyn Fn(&Claimed) -> bool) {
-        let running = self.current.map(|(id, _, _)| id);
-        if !self.cancel_requested
-            && renewed
-                .iter()
-                .any(|&(id, cancel)| cancel && Some(id) == running)
-        {
-            log::info!(
-                "job {:?}: its cancel was requested; telling the handler",
-                running
-            );
-            self.cancel_requested = true;
-        }
-        let before = self.buffer.iter().filter(|c| keep(c)).count();
-        self.buffer
-            .retain(|c| keep(c) && renewed.iter().any(|&(id, _)| id == c.job.id));
-        if self.buffer.len() < before {
-            log::warn!(
-                "worker {}: {} prefetched job(s) were taken back by the queue",
-                self.owner,
-                before - self.buffer.len()
-            );
         }
     }
 
@@ -822,12 +762,12 @@ impl Worker<'_> {
     /// interval, never retried on the spot, so maintenance cannot keep this child from its jobs;
     /// each of its statements is announced in the slot, so it cannot get the child killed either.
     fn maybe_run_maintenance(&mut self) {
-        if self.db.is_none() || !take_turn(&self.header.maintenance_ms, maintenance::INTERVAL) {
+        if !self.conn.is_open() || !take_turn(&self.header.maintenance_ms, maintenance::INTERVAL) {
             return;
         }
         let slot = self.slot;
         let statement = WorkerTimeouts::new(self.config.health_stale).text_statement();
-        let db = self.db.as_mut().expect("checked above");
+        let db = self.conn.open().expect("checked above");
         // Fleet-wide, at most one pass per three quarters of the interval: each host tries once
         // per interval, and some slack keeps a host from just missing its turn.
         let pass = maintenance::run_pass(
@@ -853,8 +793,7 @@ impl Worker<'_> {
             Err(e) => {
                 if e.is_connection_lost() {
                     // The next claim reconnects (and gives back what it finds under our name).
-                    self.db = None;
-                    self.lost_connection = true;
+                    self.conn.lose();
                 }
                 log::warn!(
                     "maintenance pass failed, skipped until the next one in {:?}: {e}",
@@ -864,93 +803,13 @@ impl Worker<'_> {
         }
     }
 
-    /// Runs `op` (one round trip) on the connection, opening or re-opening it with backoff while
-    /// the database is unreachable (heartbeating meanwhile). Errors other than a lost connection
-    /// are returned. Each blocking call is announced in the slot with its bound.
+    /// Runs `op` (one round trip) on the connection, waiting for the database as long as it is
+    /// unreachable (see [`Connection::run`]).
     fn db<T>(
         &mut self,
-        mut op: impl FnMut(&mut Consumer) -> Result<T, QueueError>,
+        op: impl FnMut(&mut Consumer) -> Result<T, QueueError>,
     ) -> Result<T, QueueError> {
-        let timeouts = WorkerTimeouts::new(self.config.health_stale);
-        let mut failures = 0u32;
-        loop {
-            if self.db.is_none() {
-                self.slot
-                    .wait_on_database(timeouts.connect() + timeouts.text_statement());
-                let connected = self.reconnect();
-                self.slot.database_returned();
-                match connected {
-                    Ok(db) => {
-                        if failures > 0 {
-                            log::info!("worker {} reconnected to the database", self.owner);
-                        }
-                        self.db = Some(db);
-                    }
-                    Err(e) if e.is_connection_lost() => {
-                        failures += 1;
-                        self.reconnect_pause(&e, failures)?;
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            let db = self.db.as_mut().expect("connected above");
-            self.slot.wait_on_database(timeouts.round_trip());
-            let done = op(db);
-            self.slot.database_returned();
-            match done {
-                Ok(v) => return Ok(v),
-                Err(e) if e.is_connection_lost() => {
-                    self.db = None;
-                    self.lost_connection = true;
-                    failures += 1;
-                    self.reconnect_pause(&e, failures)?;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Opens the connection. After a lost one, first renews what this worker holds and gives back
-    /// everything else under its name: acknowledgements lost with an asynchronous commit when the
-    /// database crashed, and claims whose reply was lost with the connection, would otherwise stay
-    /// `running` until their lease expired.
-    fn reconnect(&mut self) -> Result<Consumer, QueueError> {
-        let mut db = Consumer::connect(self.config, &self.owner)?;
-        if self.lost_connection {
-            let renewed = db.renew(&self.held(&|_| true), self.current.map(|(id, _, _)| id))?;
-            self.keep_renewed(&renewed, &|_| true);
-            self.last_renewal = Instant::now();
-            self.lost_connection = false;
-        }
-        Ok(db)
-    }
-
-    fn reconnect_pause(&self, error: &QueueError, failures: u32) -> Result<(), QueueError> {
-        let _waiting = logging::activity(Activity::WaitingForDatabase);
-        let pause = backoff::with_jitter(
-            backoff::exponential(Duration::from_millis(100), Duration::from_secs(5), failures),
-            fastrand::f64(),
-        );
-        if failures == 1 || failures % 10 == 0 {
-            log::warn!(
-                "worker {}: database unavailable ({error}); retrying in {pause:.1?}",
-                self.owner
-            );
-        }
-        let deadline = Instant::now() + pause;
-        while Instant::now() < deadline {
-            if immediate_stop_requested() || (stop_requested() && self.acks.is_empty()) {
-                return Err(QueueError::Unavailable(
-                    "told to stop while waiting for the database; the jobs this worker held run \
-                     again once their lease expires"
-                        .into(),
-                ));
-            }
-            self.slot.beat();
-            std::thread::sleep(Duration::from_millis(50).min(deadline - Instant::now()));
-        }
-        Ok(())
+        self.conn.run(&mut self.held, op)
     }
 }
 
@@ -977,7 +836,7 @@ impl JobContext for Context<'_, '_> {
             log::warn!("worker {}: could not check cancels: {e}", self.worker.owner);
         }
         self.worker.send_progress(false);
-        !immediate_stop_requested() && !self.worker.cancel_requested
+        !immediate_stop_requested() && !self.worker.held.cancel_requested()
     }
 
     fn timeout(&self) -> Option<Duration> {
@@ -985,7 +844,7 @@ impl JobContext for Context<'_, '_> {
     }
 
     fn cancelled(&self) -> bool {
-        self.worker.cancel_requested
+        self.worker.held.cancel_requested()
     }
 
     fn progress(&mut self, value: Value) {
