@@ -204,10 +204,35 @@ impl Browser {
     }
 
     /// Clicks the first element matching `css` (as a person would: WebDriver moves the pointer
-    /// there and clicks, so a hidden or covered element fails).
+    /// there and clicks, so a hidden or covered element fails) and waits up to 20 s for the page
+    /// the click leads to: chromedriver may answer a click that submits a form before the next
+    /// page has loaded (seen on a loaded machine), so the old page is marked first and the wait
+    /// ends on a loaded page without the mark. Every click in these tests leads to a new page.
     pub fn click(&self, css: &str) {
         let id = self.element(css);
+        self.script("window.forkqOldPage = true; return true");
         self.session_call("POST", &format!("/element/{id}/click"), Some(json!({})));
+        let loaded = wait_until(Duration::from_secs(20), || {
+            self.call(
+                "POST",
+                &format!("/session/{}/execute/sync", self.session),
+                Some(json!({
+                    "script": "return !window.forkqOldPage && document.readyState === 'complete'",
+                    "args": [],
+                })),
+            )
+            .is_some_and(|answer| answer["value"] == json!(true))
+        });
+        assert!(loaded, "clicking {css} led to no new page within 20 s");
+    }
+
+    /// Runs `script` in the page; what it returns.
+    fn script(&self, script: &str) -> Value {
+        self.session_call(
+            "POST",
+            "/execute/sync",
+            Some(json!({ "script": script, "args": [] })),
+        )
     }
 
     /// Types `text` into the first element matching `css`.
