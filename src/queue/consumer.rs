@@ -263,35 +263,28 @@ impl Connection {
         })
     }
 
-    /// Sends `statement` with `params`; the row it returns, if any.
+    /// Sends `statement` (which returns at most one row) with `params`; the row, if any.
     fn query_opt(
         &mut self,
         statement: &Prepared,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>, postgres::Error> {
-        let client = &mut self.client;
-        retried(|| match statement {
-            Prepared::Named(named) => client.query_opt(named, params),
-            Prepared::Unnamed(unnamed) => {
-                let (text, types) = &**unnamed;
-                client.query_typed_opt(text, &typed(text, types, params))
-            }
-        })
+        Ok(self.query(statement, params)?.into_iter().next())
     }
 
-    /// Sends `statement` with `params`; the one row it must return.
+    /// Sends `statement` (which always returns one row: a call or an aggregate) with `params`;
+    /// the row.
     fn query_one(
         &mut self,
         statement: &Prepared,
         params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Row, postgres::Error> {
-        let client = &mut self.client;
-        retried(|| match statement {
-            Prepared::Named(named) => client.query_one(named, params),
-            Prepared::Unnamed(unnamed) => {
-                let (text, types) = &**unnamed;
-                client.query_typed_one(text, &typed(text, types, params))
-            }
+    ) -> Result<Row, QueueError> {
+        self.query_opt(statement, params)?.ok_or_else(|| {
+            QueueError::Unavailable(
+                "a queue statement that always answers one row answered none: is the schema's \
+                 migration intact? (run `forkq migrate`)"
+                    .to_string(),
+            )
         })
     }
 }
