@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use crate::backoff;
 use crate::child;
 use crate::config::{Config, Pooler};
+use crate::futex;
 use crate::host;
 use crate::probe;
 use crate::queue::{self, hosts, pooler, QueueError};
@@ -131,13 +132,21 @@ impl Presence<'_> {
     }
 
     /// Sleeps one interval, cut short when a shutdown begins (the row then says "stopping" at
-    /// once) or the probe is told to stop (SIGTERM, the last step of a shutdown).
+    /// once) or the probe is told to stop (SIGTERM, the last step of a shutdown): the supervisor
+    /// wakes it on both (`presence_wake`), so an idle probe does not poll.
     fn wait(&self) {
         let until = Instant::now() + self.config.host_interval;
-        let stopping = || self.table.header.shutting_down.load(Ordering::Acquire);
+        let header = &self.table.header;
+        let stopping = || header.shutting_down.load(Ordering::Acquire);
         let was_stopping = stopping();
-        while Instant::now() < until && stopping() == was_stopping && !child::stop_requested() {
-            std::thread::sleep(Duration::from_millis(20));
+        loop {
+            // Read before the checks, so a wake between them and the wait is not lost.
+            let seen = header.presence_wake.load(Ordering::Acquire);
+            let now = Instant::now();
+            if now >= until || stopping() != was_stopping || child::stop_requested() {
+                return;
+            }
+            futex::wait(&header.presence_wake, seen, until - now);
         }
     }
 

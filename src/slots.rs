@@ -288,6 +288,10 @@ pub struct Header {
     pub concurrency: AtomicU32,
     /// Set once a shutdown has begun; readiness turns 503.
     pub shutting_down: AtomicBool,
+    /// Bumped (and woken, see [`crate::futex`]) by the supervisor when a shutdown begins and when
+    /// it stops the probe: the probe's presence service sleeps on it between two writes, so it
+    /// records "stopping" and exits at once without polling.
+    pub presence_wake: AtomicU32,
     /// Last time any child of this host ran the maintenance pass, so only one does per interval.
     pub maintenance_ms: AtomicU64,
     /// Last time any child of this host polled for jobs, so idle children poll one at a time.

@@ -11,6 +11,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::child::Predecessor;
+use crate::futex;
 use crate::logging::{self, Role};
 
 use super::spawn::run_forked;
@@ -72,6 +73,7 @@ impl Supervisor<'_> {
             .header
             .shutting_down
             .store(true, Ordering::Release);
+        futex::wake(&self.table.header.presence_wake);
         systemd::notify_stopping();
         let signal = if immediate {
             Signal::SIGQUIT
@@ -160,6 +162,8 @@ impl Supervisor<'_> {
     fn stop_probe(&mut self) {
         if let Some(pid) = self.probe_pid.take() {
             let _ = kill(pid, Signal::SIGTERM);
+            // The signal sets the probe's stop flag; the wake makes its presence service look.
+            futex::wake(&self.table.header.presence_wake);
             let until = Instant::now() + PROBE_STOP_GRACE;
             while matches!(
                 waitpid(pid, Some(WaitPidFlag::WNOHANG)),

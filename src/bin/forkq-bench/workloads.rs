@@ -526,7 +526,7 @@ pub fn soak(ctx: &Ctx, url: &str, seconds: u64, backlog: u64) -> BenchResult<Soa
     let mut size = |rel: &str| -> BenchResult<i64> {
         Ok(producer
             .query_one(
-                "SELECT pg_total_relation_size($1::regclass)",
+                "SELECT pg_total_relation_size($1::text::regclass)",
                 &[&format!("\"{}\".{rel}", schema.name)],
             )?
             .get(0))
