@@ -84,9 +84,11 @@ impl Crowd {
             ),
             &[&(self.archived as i32)],
         )?;
-        client.batch_execute(&schema.sql(
-            "VACUUM (ANALYZE) {s}.jobs; VACUUM (ANALYZE) {s}.jobs_archive",
-        ))?;
+        // One statement each: VACUUM cannot run in the implicit transaction of a multi-statement
+        // query.
+        for table in ["jobs", "jobs_archive"] {
+            client.batch_execute(&schema.sql(&format!("VACUUM (ANALYZE) {{s}}.{table}")))?;
+        }
         Ok(())
     }
 }
