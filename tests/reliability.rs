@@ -1083,7 +1083,8 @@ fn a_job_that_kills_its_host_reaches_the_dead_letter() {
     ];
     let mut deaths = 0;
     while schema.archived("failed") == 0 && deaths < 6 {
-        let mut daemon = Daemon::start(&schema, &env);
+        // Not `start`: the job may kill the daemon before it has answered a health check.
+        let mut daemon = Daemon::spawn(&schema, &env);
         let ended = daemon.wait_exit(Duration::from_secs(30));
         if ended.is_some() {
             deaths += 1;

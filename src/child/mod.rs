@@ -125,6 +125,8 @@ struct Brought {
     promoted: i64,
     /// When a rate-limited queue allows its next start, if it refused this claim.
     retry_in: Option<Duration>,
+    /// No claim turn was free across the hosts (see [`crate::queue::consumer::Round::no_turn`]).
+    no_turn: bool,
 }
 
 /// How long one idle wait lasts at most, so the heartbeat and stop flags stay fresh.
@@ -205,6 +207,11 @@ impl Worker<'_> {
             if self.held.prefetched().is_empty() && brought.promoted > 0 {
                 // Due scheduled jobs were just made claimable: claim them now.
                 woken = true;
+                continue;
+            }
+            if self.held.prefetched().is_empty() && brought.no_turn {
+                // Other hosts hold every claim turn: jobs may be waiting, so not idle.
+                self.wait_for_turn();
                 continue;
             }
             if self.held.prefetched().is_empty() {
@@ -475,6 +482,7 @@ impl Worker<'_> {
             claimed: round.claimed.len(),
             promoted: round.promoted,
             retry_in: round.retry_in,
+            no_turn: round.no_turn,
         };
         self.held.add_claimed(round.claimed);
         self.notice_changes(round.changes)?;
@@ -706,6 +714,16 @@ impl Worker<'_> {
         if let Err(e) = self.send_acks_and_claim(1, true) {
             log::warn!("worker {}: could not claim ahead: {e}", self.owner);
         }
+    }
+
+    /// Waits a moment (1-4 ms, or until a claim round of this host ends) before trying for a
+    /// claim turn again: a round never waits for one in the database (see `GATE` in
+    /// `queue::sql`), so the wait is here, with a fresh statement (and snapshot) after it.
+    fn wait_for_turn(&self) {
+        let seen = self.header.claim_done.load(Ordering::Acquire);
+        let pause = Duration::from_millis(1 + fastrand::u64(..4));
+        futex::wait(&self.header.claim_done, seen, pause);
+        self.slot.beat();
     }
 
     /// Renews the leases of what this worker holds, of its prefetched jobs only those `keep`

@@ -108,6 +108,10 @@ pub struct Round {
     pub promoted: i64,
     /// When a rate-limited queue allows its next start, if one refused this round's claim.
     pub retry_in: Option<Duration>,
+    /// The round claimed nothing because every claim turn of the schema was taken
+    /// (`FORKQ_CLAIMERS` rounds were picking at once, across the hosts): jobs may well be
+    /// waiting, so try again shortly rather than going idle.
+    pub no_turn: bool,
 }
 
 /// Which of a worker's queues are paused or limited, as the `queues` table said at the last look.
@@ -550,6 +554,7 @@ impl Consumer {
                         out.changes = round.changes;
                     }
                     out.promoted += round.promoted;
+                    out.no_turn |= round.no_turn;
                     round.claimed
                 }
                 Step::Limited(_) if ahead => break,
@@ -614,6 +619,7 @@ impl Consumer {
                     .unwrap_or_default();
                 out.changes = row.get("changes");
                 out.promoted = row.get("promoted");
+                out.no_turn = limit > 0 && row.get::<_, Option<bool>>("turn_taken") == Some(false);
                 continue;
             };
             let position = queues.iter().position(|q| *q == claimed.job.queue);

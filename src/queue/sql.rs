@@ -103,23 +103,23 @@ pub const NOTIFY: &str = "SELECT pg_notify('{c}', $1)";
 /// claim order: the caller sorts them (by queue position, priority, run_at, id). One extra row
 /// with a null id carries the acks refused (stale leases; null when none), the sum of `changes`
 /// (see the migration), which tells the worker when to check its prefetched jobs for a cancel,
-/// and how many jobs it made claimable. Built by [`round`] for the number of
-/// queues; `$1` ids, `$2` tokens, `$3` results, `$5` owner, `$6` this claim's lease token, `$7`
-/// lease seconds, `$10` and `$11` the claim gate (see [`GATE`]).
+/// how many jobs it made claimable, and whether the round got a claim turn (see [`GATE`]). Built
+/// by [`round`] for the number of queues; `$1` ids, `$2` tokens, `$3` results, `$5` owner, `$6`
+/// this claim's lease token, `$7` lease seconds, `$10` and `$11` the claim gate.
 ///
 /// Two rounds can deadlock: a walk whose snapshot predates another worker's claim can reach
 /// that job through a stale index entry and lock its newest version before finding it no longer
 /// `available` (PostgreSQL keeps that lock until commit, and following an update chain can even
 /// wait, `SKIP LOCKED` notwithstanding), so the other round's delete of its acks may wait on this
-/// one. Snapshots go that stale when a round waits at the gate (the snapshot is taken before the
-/// wait): 8 consumers sharing 4 turns with no gate of their own (a test) deadlocked 7 times in
-/// 12 drains of 10,000 jobs (about 5,000 rounds); a daemon's children wait at their host's gate
-/// (`claim_gate`), before the statement, instead.
-/// PostgreSQL breaks such a cycle and the consumer sends the aborted round again (`retried` in
-/// `consumer.rs`). Deleting the acks before the walk closed most cycles but drained 20-30 %
-/// slower (W1, A/B on the 2-core machine), so the walk stays first.
+/// one. Snapshots went that stale when rounds waited at the gate inside the statement (8
+/// consumers sharing 4 turns deadlocked 7 times in 12 drains of 10,000 jobs), so the gate never
+/// waits (see [`GATE`]). Should a cycle still form, PostgreSQL breaks it and the consumer sends
+/// the aborted round again (`retried` in `consumer.rs`). Deleting the acks before the walk also
+/// closed the cycles but drained 20-30 % slower (W1, A/B on the 2-core machine).
 const ROUND: &str = "
-    WITH acked AS (
+    WITH turn AS (
+        SELECT {gate} AS taken
+    ), acked AS (
         SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::jsonb[]) AS a(id, token, result)
     ), done AS (
         DELETE FROM {s}.jobs j USING acked a
@@ -137,7 +137,7 @@ const ROUND: &str = "
         SET state = 'running', attempt = j.attempt + 1, lease_owner = $5::text,
             lease_token = $6::bigint,
             lease_expires_at = now() + make_interval(secs => $7::float8)
-        WHERE j.id = ANY(ARRAY(SELECT p.id FROM ({pick}) p WHERE {gate}))
+        WHERE j.id = ANY(ARRAY(SELECT p.id FROM ({pick}) p WHERE (SELECT taken FROM turn)))
         RETURNING j.id, j.queue, j.task, j.payload, j.priority, j.run_at, j.attempt,
                   j.max_attempts, j.batch_id, j.expiries, j.timeout_seconds, j.backoff_seconds
     ), promoted AS (
@@ -150,14 +150,15 @@ const ROUND: &str = "
     )
     SELECT id, queue, task, payload, priority, run_at, attempt, max_attempts, batch_id, expiries,
            timeout_seconds, backoff_seconds, NULL::bigint[] AS refused, NULL::bigint AS changes,
-           NULL::bigint AS promoted
+           NULL::bigint AS promoted, NULL::boolean AS turn_taken
     FROM claimed
     UNION ALL
     SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
            CASE WHEN (SELECT count(*) FROM done) < cardinality($1::bigint[])
                 THEN ARRAY(SELECT id FROM acked EXCEPT SELECT id FROM done) END,
            (SELECT coalesce(sum(weight), 0)::bigint FROM {s}.changes),
-           (SELECT count(*) FROM promoted)";
+           (SELECT count(*) FROM promoted),
+           (SELECT taken FROM turn)";
 
 /// One queue's pick: its first `$9` claimable jobs in claim order, locked, skipping rows others
 /// hold. Served by `jobs_claim_idx` (equality on queue, then its exact order). A queue whose row
@@ -169,21 +170,21 @@ const PICK: &str = "SELECT c.id FROM {s}.jobs c
       AND NOT EXISTS (SELECT 1 FROM {s}.queues g WHERE g.name = ($8::text[])[{n}] AND g.gated)
     ORDER BY c.priority, c.run_at, c.id LIMIT $9::int FOR UPDATE SKIP LOCKED";
 
-/// The claim gate of the lean round: at most `$10` rounds of the schema pick jobs at the same
-/// time, across every host (`$10` = 0: no gate). A round takes one of `$10` transaction-level
-/// advisory locks (`$11`, slot), trying each without waiting first (from a slot of its own, so
-/// rounds spread over them), then waiting for its own; the lock is gone with the statement's
-/// commit. A one-time filter above the pick: evaluated once, before the walk. Why: claimers that
-/// walk the head of the claim index together mostly skip each other's locked rows; past a few per
-/// database core that costs far more than the jobs (each host's own gate, `claim_gate`, does not
-/// see the other hosts).
-const GATE: &str = "($10::int = 0 OR (
-    SELECT true FROM (SELECT 1 FROM generate_series(0, $10::int - 1) g
-                      WHERE pg_try_advisory_xact_lock($11::int, (g + pg_backend_pid()) % $10::int)
-                      LIMIT 1) free
-    UNION ALL
-    SELECT true FROM pg_advisory_xact_lock($11::int, pg_backend_pid() % greatest($10::int, 1))
-    LIMIT 1))";
+/// The claim gate of the lean round (its `turn`): at most `$10` rounds of the schema pick jobs at
+/// the same time, across every host (`$10` = 0: no gate). A round tries each of `$10`
+/// transaction-level advisory locks (`$11`, slot) without waiting, from a slot of its own so
+/// rounds spread over them, and stops at the first it gets; the lock is gone with the statement's
+/// commit. A round that gets none claims nothing and says so (`turn_taken` false); its acks are
+/// settled all the same, and the worker tries again a moment later, in a new statement. Why a
+/// gate: claimers that walk the head of the claim index together mostly skip each other's locked
+/// rows; past a few per database core that costs far more than the jobs (each host's own gate,
+/// `claim_gate`, does not see the other hosts). Why it never waits: a round that waited here
+/// would walk with the snapshot it took before the wait, stale by every round that committed
+/// meanwhile, and stale walks deadlock (see [`ROUND`]): the scale curve's 2 to 8 daemons
+/// deadlocked 7 times in one run (each a round stalled for `deadlock_timeout`, 1 s).
+const GATE: &str = "($10::int = 0 OR EXISTS (
+    SELECT 1 FROM generate_series(0, $10::int - 1) g
+    WHERE pg_try_advisory_xact_lock($11::int, (g + pg_backend_pid()) % $10::int)))";
 
 /// The lean round for `queues` queues, served strictly in the order given: each queue's pick
 /// runs only while the ones before it left room.
