@@ -82,6 +82,7 @@ pub fn run(spec: ChildSpec<'_>, handler: &mut dyn Handler) -> i32 {
         jobs_done: 0,
         recycling: false,
         looked_ahead: false,
+        turn_waits: 0,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     worker.slot.set_state(SlotState::Starting);
@@ -168,6 +169,8 @@ struct Worker<'a> {
     recycling: bool,
     /// Set once the job at hand has claimed its successor (see `look_ahead`).
     looked_ahead: bool,
+    /// Rounds in a row that found no claim turn free (see `wait_for_turn`).
+    turn_waits: u32,
     /// CPUs this process may use: without a fleet-wide limit, two claimers per CPU of the host.
     cpus: usize,
 }
@@ -214,6 +217,7 @@ impl Worker<'_> {
                 self.wait_for_turn();
                 continue;
             }
+            self.turn_waits = 0;
             if self.held.prefetched().is_empty() {
                 // An empty claim is this host's latest poll.
                 self.header.poll_ms.store(monotonic_ms(), Ordering::Release);
@@ -716,12 +720,16 @@ impl Worker<'_> {
         }
     }
 
-    /// Waits a moment (1-4 ms, or until a claim round of this host ends) before trying for a
-    /// claim turn again: a round never waits for one in the database (see `GATE` in
-    /// `queue::sql`), so the wait is here, with a fresh statement (and snapshot) after it.
-    fn wait_for_turn(&self) {
+    /// Pauses before trying for a claim turn again, after `self.turn_waits` rounds in a row
+    /// found none: half to one ms at first, doubling up to 8-16 ms, cut short when a claim round
+    /// of this host ends. A round never waits for a turn in the database (see `GATE` in `queue::sql`),
+    /// so the wait is here, and the next round takes a fresh snapshot; the doubling keeps many
+    /// waiting children from spending the server's time on empty rounds.
+    fn wait_for_turn(&mut self) {
+        self.turn_waits = self.turn_waits.saturating_add(1);
+        let ceiling = 1u64 << (self.turn_waits - 1).min(4);
+        let pause = Duration::from_micros(1000 * ceiling / 2 + fastrand::u64(..=500 * ceiling));
         let seen = self.header.claim_done.load(Ordering::Acquire);
-        let pause = Duration::from_millis(1 + fastrand::u64(..4));
         futex::wait(&self.header.claim_done, seen, pause);
         self.slot.beat();
     }
