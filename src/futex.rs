@@ -4,8 +4,8 @@
 //! The one primitive behind every way a process of the fleet waits for another: an idle child
 //! waiting to be woken for work ([`crate::wakeup`]), a claimer waiting for its turn
 //! ([`crate::claim_gate`]), and the probe's presence service waiting for its next write or the
-//! supervisor's shutdown ([`crate::presence`]). A futex wait, unlike a wait inside the PostgreSQL client, is
-//! interrupted by signals, so a waiting child reacts to SIGTERM at once.
+//! supervisor's shutdown ([`crate::presence`]). A futex wait, unlike a wait inside the PostgreSQL
+//! client, is interrupted by signals, so a waiting child reacts to SIGTERM at once.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;

@@ -15,6 +15,9 @@ use crate::probe;
 use crate::queue::{self, hosts, pooler, QueueError};
 use crate::slots::SlotTable;
 
+/// The longest the presence service sleeps without looking at the probe's stop flag.
+const STOP_CHECK: Duration = Duration::from_millis(250);
+
 /// Writes this daemon's row every interval until the process ends; reconnects with backoff when
 /// the database goes away.
 pub fn run(config: &Config, table: &SlotTable) -> ! {
@@ -133,7 +136,9 @@ impl Presence<'_> {
 
     /// Sleeps one interval, cut short when a shutdown begins (the row then says "stopping" at
     /// once) or the probe is told to stop (SIGTERM, the last step of a shutdown): the supervisor
-    /// wakes it on both (`presence_wake`), so an idle probe does not poll.
+    /// wakes it on both (`presence_wake`). Each sleep lasts at most [`STOP_CHECK`]: the SIGTERM
+    /// may reach the probe's handler only after the wake, and this thread would then sleep
+    /// through it.
     fn wait(&self) {
         let until = Instant::now() + self.config.host_interval;
         let header = &self.table.header;
@@ -146,7 +151,7 @@ impl Presence<'_> {
             if now >= until || stopping() != was_stopping || child::stop_requested() {
                 return;
             }
-            futex::wait(&header.presence_wake, seen, until - now);
+            futex::wait(&header.presence_wake, seen, (until - now).min(STOP_CHECK));
         }
     }
 

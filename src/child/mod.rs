@@ -722,9 +722,9 @@ impl Worker<'_> {
 
     /// Pauses before trying for a claim turn again, after `self.turn_waits` rounds in a row
     /// found none: half to one ms at first, doubling up to 8-16 ms, cut short when a claim round
-    /// of this host ends. A round never waits for a turn in the database (see `GATE` in `queue::sql`),
-    /// so the wait is here, and the next round takes a fresh snapshot; the doubling keeps many
-    /// waiting children from spending the server's time on empty rounds.
+    /// of this host ends. A round never waits for a turn in the database (see `GATE` in
+    /// `queue::sql`), so the wait is here, and the next round takes a fresh snapshot; the
+    /// doubling keeps many waiting children from spending the server's time on empty rounds.
     fn wait_for_turn(&mut self) {
         self.turn_waits = self.turn_waits.saturating_add(1);
         let ceiling = 1u64 << (self.turn_waits - 1).min(4);

@@ -176,10 +176,9 @@ const PICK: &str = "SELECT c.id FROM {s}.jobs c
 /// rounds spread over them, and stops at the first it gets; the lock is gone with the statement's
 /// commit. A round that gets none claims nothing and says so (`turn_taken` false); its acks are
 /// settled all the same, and the worker tries again after a short pause, in a new statement.
-/// Why a
-/// gate: claimers that walk the head of the claim index together mostly skip each other's locked
-/// rows; past a few per database core that costs far more than the jobs (each host's own gate,
-/// `claim_gate`, does not see the other hosts). Why it never waits: a round that waited here
+/// Why a gate: claimers that walk the head of the claim index together mostly skip each other's
+/// locked rows; past a few per database core that costs far more than the jobs (each host's own
+/// gate, `claim_gate`, does not see the other hosts). Why it never waits: a round that waited here
 /// would walk with the snapshot it took before the wait, stale by every round that committed
 /// meanwhile, and stale walks deadlock (see [`ROUND`]): the scale curve's 2 to 8 daemons
 /// deadlocked 7 times in one run (each a round stalled for `deadlock_timeout`, 1 s).
