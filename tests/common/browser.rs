@@ -210,29 +210,29 @@ impl Browser {
     /// ends on a loaded page without the mark. Every click in these tests leads to a new page.
     pub fn click(&self, css: &str) {
         let id = self.element(css);
-        self.script("window.forkqOldPage = true; return true");
+        let marked = self.script("window.forkqOldPage = true; return true");
+        assert_eq!(
+            marked,
+            Some(json!(true)),
+            "could not mark the page before clicking {css}"
+        );
         self.session_call("POST", &format!("/element/{id}/click"), Some(json!({})));
         let loaded = wait_until(Duration::from_secs(20), || {
-            self.call(
-                "POST",
-                &format!("/session/{}/execute/sync", self.session),
-                Some(json!({
-                    "script": "return !window.forkqOldPage && document.readyState === 'complete'",
-                    "args": [],
-                })),
-            )
-            .is_some_and(|answer| answer["value"] == json!(true))
+            self.script("return !window.forkqOldPage && document.readyState === 'complete'")
+                == Some(json!(true))
         });
         assert!(loaded, "clicking {css} led to no new page within 20 s");
     }
 
-    /// Runs `script` in the page; what it returns.
-    fn script(&self, script: &str) -> Value {
-        self.session_call(
+    /// Runs `script` in the page; what it returns, or `None` while the page cannot answer (as
+    /// during a navigation).
+    fn script(&self, script: &str) -> Option<Value> {
+        self.call(
             "POST",
-            "/execute/sync",
+            &format!("/session/{}/execute/sync", self.session),
             Some(json!({ "script": script, "args": [] })),
         )
+        .map(|answer| answer["value"].clone())
     }
 
     /// Types `text` into the first element matching `css`.
