@@ -42,13 +42,25 @@ pub fn enter(table: &SlotTable, index: usize, max: usize) {
 }
 
 /// This host's share of the fleet's `claimers` turns: an even share of them among the hosts
-/// serving the schema (`hosts`, 0 while unknown counts as 1), at least one; without a fleet-wide
-/// limit (`claimers` 0), `fallback`.
+/// serving the schema (`hosts`, 0 while unknown counts as 1), rounded up, so at least one;
+/// without a fleet-wide limit (`claimers` 0), `fallback`.
 pub fn share(claimers: usize, hosts: u32, fallback: usize) -> usize {
     if claimers == 0 {
         return fallback;
     }
     claimers.div_ceil(hosts.max(1) as usize).max(1)
+}
+
+/// The turns of the database's own gate: every host's [`share`] (0, no gate, without a
+/// fleet-wide limit). That is `claimers` when the hosts divide it, and up to one turn per host
+/// more when they do not, so that hosts that agree on their count never hold more turns between
+/// them than the database grants: a round refused there is a round trip spent for nothing, and
+/// with 8 hosts sharing 4 turns three rounds in four were.
+pub fn fleet(claimers: usize, hosts: u32) -> usize {
+    if claimers == 0 {
+        return 0;
+    }
+    share(claimers, hosts, 0) * hosts.max(1) as usize
 }
 
 /// Ends the claim turn taken by [`enter`] and wakes a child waiting for one.
@@ -69,6 +81,15 @@ mod tests {
         assert_eq!(share(4, 8, 9), 1, "never less than one");
         assert_eq!(share(6, 4, 9), 2);
         assert_eq!(share(0, 4, 9), 9, "no fleet-wide limit");
+    }
+
+    #[test]
+    fn the_database_grants_every_hosts_share() {
+        assert_eq!(fleet(4, 0), 4, "host count unknown: this host alone");
+        assert_eq!(fleet(4, 2), 4);
+        assert_eq!(fleet(4, 3), 6, "two each");
+        assert_eq!(fleet(4, 8), 8, "one each");
+        assert_eq!(fleet(0, 8), 0, "no gate");
     }
     use std::time::Instant;
 

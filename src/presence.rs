@@ -18,6 +18,20 @@ use crate::slots::SlotTable;
 /// The longest the presence service sleeps without looking at the probe's stop flag.
 const STOP_CHECK: Duration = Duration::from_millis(250);
 
+/// The gap after a daemon's first write, doubled at each write until it reaches the interval.
+const FIRST_GAP: Duration = Duration::from_millis(250);
+
+/// How long to wait after the `writes`-th write (counted from 1) since the daemon started: hosts
+/// of a fleet that start together each count the hosts serving at their first write, when the
+/// others may not have written yet, and split the claim turns by that count (see
+/// `claim_gate::share`); quick rewrites correct the count within a second instead of one
+/// interval, for a few writes per start.
+fn gap_after(writes: u32, interval: Duration) -> Duration {
+    FIRST_GAP
+        .saturating_mul(1 << writes.saturating_sub(1).min(16))
+        .min(interval)
+}
+
 /// Writes this daemon's row every interval until the process ends; reconnects with backoff when
 /// the database goes away.
 pub fn run(config: &Config, table: &SlotTable) -> ! {
@@ -27,6 +41,7 @@ pub fn run(config: &Config, table: &SlotTable) -> ! {
         last_total: None,
         release_refused: None,
         role_checked: false,
+        writes: 0,
     };
     let mut failures = 0u32;
     loop {
@@ -72,6 +87,8 @@ struct Presence<'a> {
     last_total: Option<(u64, Instant)>,
     /// Why this host does not bring back other hosts' jobs, once known (logged once).
     release_refused: Option<String>,
+    /// Writes since the daemon started (see [`gap_after`]).
+    writes: u32,
     /// Whether the role's settings were checked (behind a transaction-mode pooler; once).
     role_checked: bool,
 }
@@ -134,13 +151,13 @@ impl Presence<'_> {
             }))
     }
 
-    /// Sleeps one interval, cut short when a shutdown begins (the row then says "stopping" at
+    /// Sleeps one interval (shorter after the first writes: [`gap_after`]), cut short when a shutdown begins (the row then says "stopping" at
     /// once) or the probe is told to stop (SIGTERM, the last step of a shutdown): the supervisor
     /// wakes it on both (`presence_wake`). Each sleep lasts at most [`STOP_CHECK`]: the SIGTERM
     /// may reach the probe's handler only after the wake, and this thread would then sleep
     /// through it.
     fn wait(&self) {
-        let until = Instant::now() + self.config.host_interval;
+        let until = Instant::now() + gap_after(self.writes, self.config.host_interval);
         let header = &self.table.header;
         let stopping = || header.shutting_down.load(Ordering::Acquire);
         let was_stopping = stopping();
@@ -159,6 +176,7 @@ impl Presence<'_> {
     fn turn(&mut self, client: &mut postgres::Client) -> Result<(), QueueError> {
         let report = self.report();
         let serving = hosts::record(client, &self.config.schema, &report)?;
+        self.writes = self.writes.saturating_add(1);
         self.table.header.hosts_serving.store(
             serving.clamp(1, i64::from(u32::MAX)) as u32,
             Ordering::Release,
@@ -237,5 +255,26 @@ impl Presence<'_> {
             stopping: self.table.header.shutting_down.load(Ordering::Acquire),
             started_unix: self.table.header.started_unix_ms.load(Ordering::Acquire) as f64 / 1000.0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_writes_come_quickly_then_one_per_interval() {
+        let interval = Duration::from_secs(5);
+        let gaps: Vec<u128> = (1..=6)
+            .map(|w| gap_after(w, interval).as_millis())
+            .collect();
+        assert_eq!(gaps, [250, 500, 1000, 2000, 4000, 5000]);
+        assert_eq!(gap_after(u32::MAX, interval), interval);
+        assert_eq!(
+            gap_after(1, Duration::from_secs(1)).as_millis(),
+            250,
+            "never longer than the interval"
+        );
+        assert_eq!(gap_after(3, Duration::from_secs(1)).as_millis(), 1000);
     }
 }

@@ -173,6 +173,8 @@ pub fn liveness(table: &SlotTable, config: &Config) -> (bool, Value) {
             "seconds_in_job": (job != 0).then(|| now.saturating_sub(slot.job_started_ms.load(Ordering::Acquire)) as f64 / 1000.0),
             "restarts": slot.restarts.load(Ordering::Relaxed),
             "jobs_succeeded": slot.succeeded.load(Ordering::Relaxed),
+            "claims": slot.claims.load(Ordering::Relaxed),
+            "claim_turns_missed": slot.turns_missed.load(Ordering::Relaxed),
             "last_exit": last_exit(slot),
             "generation": slot.generation.load(Ordering::Acquire),
         }));
@@ -287,6 +289,12 @@ fn metrics(table: &SlotTable, config: &Config, db: &Mutex<Database>) -> String {
             "forkq_claims_total",
             "Claim round trips to the database (an idle fleet makes one per poll interval).",
             sum(&|s| s.claims.load(Ordering::Relaxed)),
+        ),
+        (
+            "forkq_claim_turns_missed_total",
+            "Claim round trips that found every claim turn of the fleet taken (FORKQ_CLAIMERS) \
+             and claimed nothing.",
+            sum(&|s| s.turns_missed.load(Ordering::Relaxed)),
         ),
         (
             "forkq_child_restarts_total",

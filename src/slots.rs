@@ -140,6 +140,9 @@ pub struct Slot {
     pub retried: AtomicU64,
     /// Claim round trips sent to the database from this slot (busy or idle polling).
     pub claims: AtomicU64,
+    /// Claim round trips from this slot that found every claim turn of the fleet taken
+    /// (`FORKQ_CLAIMERS`, shared between the hosts) and so claimed nothing.
+    pub turns_missed: AtomicU64,
     /// Set while this slot's child waits on a claim round trip (see [`crate::claim_gate::enter`]).
     pub in_claim: AtomicBool,
     /// Deaths in a row that came before the healthy uptime.

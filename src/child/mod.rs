@@ -445,15 +445,19 @@ impl Worker<'_> {
     /// neither hold back the others nor crash this child at every re-run.
     fn send_acks_and_claim(&mut self, limit: usize, ahead: bool) -> Result<Brought, QueueError> {
         let acks = self.held.acks_for_round();
+        let hosts = self.header.hosts_serving.load(Ordering::Acquire);
         if limit > 0 {
             self.slot.claims.fetch_add(1, Ordering::Relaxed);
-            let hosts = self.header.hosts_serving.load(Ordering::Acquire);
             let turns = claim_gate::share(self.config.claimers, hosts, 2 * self.cpus);
             claim_gate::enter(self.table, self.index, turns);
         }
-        let claim = |db: &mut Consumer, acks: &[Ack]| match ahead {
-            true => db.settle_and_claim_ahead(acks, limit),
-            false => db.settle_and_claim(acks, limit),
+        let fleet = claim_gate::fleet(self.config.claimers, hosts);
+        let claim = |db: &mut Consumer, acks: &[Ack]| {
+            db.set_claim_turns(fleet);
+            match ahead {
+                true => db.settle_and_claim_ahead(acks, limit),
+                false => db.settle_and_claim(acks, limit),
+            }
         };
         let sent = self.db(|db| claim(db, &acks));
         if limit > 0 {
@@ -482,6 +486,9 @@ impl Worker<'_> {
             }
         };
         self.report_refused(&round.refused);
+        if round.no_turn {
+            self.slot.turns_missed.fetch_add(1, Ordering::Relaxed);
+        }
         let brought = Brought {
             claimed: round.claimed.len(),
             promoted: round.promoted,
@@ -796,11 +803,13 @@ impl Worker<'_> {
         let db = self.conn.open().expect("checked above");
         // Fleet-wide, at most one pass per three quarters of the interval: each host tries once
         // per interval, and some slack keeps a host from just missing its turn.
+        let generic_session = db.keeps_generic_plans();
         let pass = maintenance::run_pass(
             db.client(),
             &self.config.schema,
             self.config.retention,
             maintenance::INTERVAL * 3 / 4,
+            generic_session,
             &mut || slot.wait_on_database(statement),
         );
         slot.database_returned();

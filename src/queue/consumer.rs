@@ -160,7 +160,8 @@ pub struct Consumer {
     retain: bool,
     flow: Flow,
     steps: Vec<Step>,
-    /// The database-wide claim gate: how many rounds may pick at once, and its lock key.
+    /// The database-wide claim gate: how many rounds may pick at once (0: no gate; see
+    /// [`Consumer::set_claim_turns`]), and its lock key.
     claimers: i32,
     claim_gate_key: i32,
     statements: Statements,
@@ -398,9 +399,11 @@ fn session_settings(config: &Config, owner: &str, budget: Duration) -> String {
         }
         _ => String::new(),
     };
+    // Every statement of a worker is planned once per session (see `sql::GENERIC_PLANS`).
     format!(
-        "SET statement_timeout = {}; SET synchronous_commit = {commit}{boot_lock}",
-        budget.as_millis()
+        "SET statement_timeout = {}; SET synchronous_commit = {commit}; {}{boot_lock}",
+        budget.as_millis(),
+        sql::GENERIC_PLANS
     )
 }
 
@@ -487,6 +490,19 @@ impl Consumer {
     /// The connection, for maintenance work.
     pub fn client(&mut self) -> &mut Client {
         &mut self.client.client
+    }
+
+    /// Whether this session keeps one plan per statement (see [`sql::GENERIC_PLANS`]): on a
+    /// direct connection; behind a pooler the session sets nothing.
+    pub fn keeps_generic_plans(&self) -> bool {
+        !self.client.pooled
+    }
+
+    /// How many rounds of the schema may pick at once across every host (the gate's advisory
+    /// locks; 0: no gate): `FORKQ_CLAIMERS` at first, then what the worker's host count makes
+    /// of it (see `claim_gate::fleet`).
+    pub fn set_claim_turns(&mut self, turns: usize) {
+        self.claimers = i32::try_from(turns).unwrap_or(i32::MAX);
     }
 
     /// Sends `acks` and claims up to `limit` jobs (`limit` 0 only settles) from this worker's

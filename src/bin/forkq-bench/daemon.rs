@@ -106,12 +106,18 @@ impl Daemon {
     /// Jobs the fleet finished successfully so far, from /livez (shared memory only: /metrics
     /// would also query the database, and a benchmark polling it would measure itself).
     pub fn succeeded(&self) -> Option<u64> {
+        self.slot_sum("jobs_succeeded")
+    }
+
+    /// The sum of one counter of /livez over the slots (`jobs_succeeded`, `claims`,
+    /// `claim_turns_missed`).
+    pub fn slot_sum(&self, counter: &str) -> Option<u64> {
         let body = self.livez()?;
         Some(
             body["slots"]
                 .as_array()?
                 .iter()
-                .filter_map(|s| s["jobs_succeeded"].as_u64())
+                .filter_map(|s| s[counter].as_u64())
                 .sum(),
         )
     }

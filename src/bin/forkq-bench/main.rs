@@ -11,7 +11,8 @@
 //! connections, for scale, rest and fanout; default `DATABASE_URL`; `scripts/bench.sh` starts a
 //! private one with pg_stat_statements), `BENCH_OUT`
 //! (default `docs/benchmarks.md`, with the scale chart beside it; `-` writes nothing),
-//! `BENCH_DIR` (logs, default `target/bench`).
+//! `BENCH_DIR` (logs, default `target/bench`), `BENCH_SCALE_POINTS=8x2,2x8` (only these points
+//! of the scale curve, daemons x children).
 
 mod daemon;
 mod db;
@@ -52,7 +53,7 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(quick: bool) -> Plan {
+    fn new(quick: bool, points: Option<Vec<(usize, usize)>>) -> Plan {
         if quick {
             Plan {
                 w1: 20_000,
@@ -65,7 +66,7 @@ impl Plan {
                 w3: 100,
                 recovery_rounds: 2,
                 idle_seconds: 3.0,
-                scale: scale::Plan::new(true),
+                scale: scale::Plan::new(true, points),
                 fanout_n: 300,
                 purge: 100_000,
                 soak_seconds: 60,
@@ -82,7 +83,7 @@ impl Plan {
                 w3: 400,
                 recovery_rounds: 4,
                 idle_seconds: 10.0,
-                scale: scale::Plan::new(false),
+                scale: scale::Plan::new(false, points),
                 fanout_n: 2_000,
                 purge: 1_000_000,
                 soak_seconds: 600,
@@ -136,7 +137,11 @@ fn run() -> BenchResult<()> {
         },
         via: None,
     };
-    let plan = Plan::new(quick);
+    let points = match std::env::var("BENCH_SCALE_POINTS") {
+        Ok(text) => Some(scale::Plan::points_from(&text)?),
+        Err(_) => None,
+    };
+    let plan = Plan::new(quick, points);
     let machine = sys::machine();
     let settings = db::server_settings(&url)?;
     let date: String = db::connect(&url, "forkq-bench")?

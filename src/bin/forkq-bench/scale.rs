@@ -19,10 +19,8 @@ pub const POOL_SIZE: u32 = 8;
 
 /// Which points to run and how big.
 pub struct Plan {
-    /// Daemons per point.
-    pub daemons: Vec<usize>,
-    /// Children per daemon.
-    pub children: Vec<usize>,
+    /// The points (daemons, children per daemon) that drain directly.
+    pub direct: Vec<(usize, usize)>,
     /// Jobs per point, at least.
     pub base_n: usize,
     /// Jobs per child in all, so big fleets drain long enough to be measured past start-up.
@@ -34,12 +32,18 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The whole curve, or (quick) its corners.
-    pub fn new(quick: bool) -> Plan {
-        if quick {
+    /// The whole curve, or (quick) its corners; `points` (`BENCH_SCALE_POINTS=8x2,2x8`), when
+    /// given, are the only points run, directly and through PgBouncer alike.
+    pub fn new(quick: bool, points: Option<Vec<(usize, usize)>>) -> Plan {
+        let grid = |daemons: &[usize], children: &[usize]| -> Vec<(usize, usize)> {
+            daemons
+                .iter()
+                .flat_map(|&d| children.iter().map(move |&c| (d, c)))
+                .collect()
+        };
+        let mut plan = if quick {
             Plan {
-                daemons: vec![1, 4],
-                children: vec![2, 32],
+                direct: grid(&[1, 4], &[2, 32]),
                 base_n: 5_000,
                 per_child: 100,
                 pooled: vec![(1, 2), (4, 32)],
@@ -47,14 +51,33 @@ impl Plan {
             }
         } else {
             Plan {
-                daemons: vec![1, 2, 4, 8],
-                children: vec![2, 8, 32],
-                base_n: 20_000,
+                direct: grid(&[1, 2, 4, 8], &[2, 8, 32]),
+                base_n: 60_000,
                 per_child: 500,
                 pooled: vec![(1, 2), (4, 32)],
                 rest_seconds: 10.0,
             }
+        };
+        if let Some(points) = points {
+            plan.pooled.retain(|p| points.contains(p));
+            plan.direct = points;
         }
+        plan
+    }
+
+    /// Parses `BENCH_SCALE_POINTS` ("DxC,DxC"): the points to run instead of the whole curve.
+    pub fn points_from(text: &str) -> Result<Vec<(usize, usize)>, String> {
+        text.split(',')
+            .map(|p| {
+                let (d, c) = p.trim().split_once('x').unwrap_or(("", ""));
+                match (d.parse::<usize>(), c.parse::<usize>()) {
+                    (Ok(d), Ok(c)) if d > 0 && c > 0 => Ok((d, c)),
+                    _ => Err(format!(
+                        "BENCH_SCALE_POINTS: {p:?} is not DAEMONSxCHILDREN (for example 8x2,2x8)"
+                    )),
+                }
+            })
+            .collect()
     }
 
     fn jobs(&self, total_children: usize) -> usize {
@@ -110,9 +133,12 @@ impl Point {
             .steady
             .map_or("n/a".into(), |r| format!("{r:.0} jobs/s steady"));
         let mut text = format!(
-            "{steady}; spawn→empty {:.0} jobs/s (start-up {:.2} s); CPU/job: PG {:.1} µs, forkq {:.1} µs",
+            "{steady}; spawn→empty {:.0} jobs/s (start-up {:.2} s); {:.1} jobs per claim round, \
+             {:.0} % of rounds found no turn; CPU/job: PG {:.1} µs, forkq {:.1} µs",
             d.rate(),
             d.first_job_s,
+            d.n as f64 / d.claims.max(1) as f64,
+            100.0 * d.turns_missed as f64 / d.claims.max(1) as f64,
             per_job(d.pg_cpu_s),
             per_job(d.forkq_cpu_s)
         );
@@ -130,9 +156,9 @@ pub fn run(ctx: &Ctx, plan: &Plan, report: &mut Report) -> Vec<Point> {
     let retain0 = [("FORKQ_RETENTION_SECONDS", "0".to_string())];
     let mut points: Vec<Point> = Vec::new();
     let fleets = plan
-        .daemons
+        .direct
         .iter()
-        .flat_map(|&d| plan.children.iter().map(move |&c| (d, c, false)))
+        .map(|&(d, c)| (d, c, false))
         .chain(plan.pooled.iter().map(|&(d, c)| (d, c, true)));
     for (daemons, children, pooled) in fleets {
         let n = plan.jobs(daemons * children);

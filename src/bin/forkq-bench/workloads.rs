@@ -38,6 +38,9 @@ pub struct Drain {
     pub forkq_cpu_s: f64,
     /// CPU seconds of the PostgreSQL backends serving them.
     pub pg_cpu_s: f64,
+    /// Claim round trips of all the children, and how many of them found no claim turn.
+    pub claims: u64,
+    pub turns_missed: u64,
 }
 
 impl Drain {
@@ -158,6 +161,13 @@ pub fn drain(
     let total_s = started.elapsed().as_secs_f64();
     let pids: Vec<i32> = daemons.iter().flat_map(Daemon::all_pids).collect();
     let forkq_cpu_s = sys::cpu_total(&pids);
+    let counted = |counter: &str| -> u64 {
+        daemons
+            .iter()
+            .map(|d| d.slot_sum(counter).unwrap_or(0))
+            .sum()
+    };
+    let (claims, turns_missed) = (counted("claims"), counted("claim_turns_missed"));
     let pg_cpu_s = sys::cpu_total(&schema.backend_pids(&mut monitor)?);
     let crossing = |fraction: f64| {
         let goal = fraction * n as f64;
@@ -178,6 +188,8 @@ pub fn drain(
         steady,
         forkq_cpu_s,
         pg_cpu_s,
+        claims,
+        turns_missed,
     })
 }
 

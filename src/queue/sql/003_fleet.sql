@@ -51,7 +51,8 @@ DECLARE
     observed timestamptz;
     n        int;
 BEGIN
-    SELECT a.backend_start INTO observed FROM pg_stat_activity a WHERE a.pid = pg_backend_pid();
+    -- This session's row alone: pg_stat_activity would read every session's.
+    SELECT a.backend_start INTO observed FROM pg_stat_get_activity(pg_backend_pid()) a;
     FOR h IN
         SELECT * FROM {s}.hosts x
         WHERE x.holds_lock AND NOT x.stopping AND x.released_at IS NULL
