@@ -70,8 +70,9 @@ impl Supervisor<'_> {
                 "child {index} (pid {pid}) {how}; killed its handler's process group {pgid}"
             );
         }
-        // A child killed in the middle of a claim must not keep its turn (see claim_gate::enter).
-        slot.in_claim.store(false, Ordering::Release);
+        // A child killed in the middle of a claim must not keep its turn (see claim_gate::enter),
+        // and a sibling waiting for one learns at once that it is free.
+        crate::claim_gate::leave(self.table, index);
         // Nor its promise that a database call would return: the slot ages from its last beat.
         slot.waiting_until_ms.store(0, Ordering::Release);
         let plan = &mut self.plans[index];

@@ -122,9 +122,10 @@ const METHOD: &str = "
 * **Scale curve** (rows `D daemon(s) x C children`, and the chart): on `BENCH_SCALE_URL`, a
   private cluster with stock settings and `max_connections=400` that `scripts/bench.sh` starts, so
   8 x 32 children fit and nothing else runs there. D daemons of C children each on one schema,
-  max(20k, 500 x D x C) noop jobs (quick: 5k, 100 per child), retention 0. Throughput is the
-  steady rate (10 % to 90 % done; spawn→empty when too fast to sample), compared with the best
-  point with the same children in all. *Through PgBouncer*: the same drain with the daemons on a
+  max(60k, 500 x D x C) noop jobs (quick: 5k, 100 per child), retention 0. Each point drains 3
+  times (quick: once), the whole curve in turn each time, and the median drain by throughput is
+  the row. Throughput is the steady rate (10 % to 90 % done; spawn→empty when too fast to
+  sample), compared with the best point with the same children in all. *Through PgBouncer*: the same drain with the daemons on a
   PgBouncer 1.18 in transaction mode (`scripts/pgbouncer.sh`, 8 server connections whose
   `connect_query` sets what a direct worker sets for its session: `synchronous_commit = off`,
   `statement_timeout = 5000`) and `FORKQ_POOLER=transaction`, compared with the direct point of the

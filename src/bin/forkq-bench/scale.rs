@@ -29,6 +29,9 @@ pub struct Plan {
     pub pooled: Vec<(usize, usize)>,
     /// How long the fleets at rest are watched.
     pub rest_seconds: f64,
+    /// Drains per point, taken in turn over the whole curve (a slow minute of the shared machine
+    /// then hits every point once rather than one point three times); the median counts.
+    pub repeats: usize,
 }
 
 impl Plan {
@@ -48,6 +51,7 @@ impl Plan {
                 per_child: 100,
                 pooled: vec![(1, 2), (4, 32)],
                 rest_seconds: 3.0,
+                repeats: 1,
             }
         } else {
             Plan {
@@ -56,6 +60,7 @@ impl Plan {
                 per_child: 500,
                 pooled: vec![(1, 2), (4, 32)],
                 rest_seconds: 10.0,
+                repeats: 3,
             }
         };
         if let Some(points) = points {
@@ -94,6 +99,9 @@ pub struct Point {
     drain: Drain,
     /// CPU seconds of PgBouncer during the drain (pooled points).
     pooler_cpu_s: f64,
+    /// The slowest and fastest throughput of the point's drains, and how many there were.
+    spread: (f64, f64),
+    drains: usize,
 }
 
 impl Point {
@@ -132,8 +140,15 @@ impl Point {
         let steady = d
             .steady
             .map_or("n/a".into(), |r| format!("{r:.0} jobs/s steady"));
+        let runs = match self.drains {
+            1 => String::new(),
+            n => format!(
+                "median of {n} drains ({:.0}-{:.0} jobs/s): ",
+                self.spread.0, self.spread.1
+            ),
+        };
         let mut text = format!(
-            "{steady}; spawn→empty {:.0} jobs/s (start-up {:.2} s); {:.1} jobs per claim round, \
+            "{runs}{steady}; spawn→empty {:.0} jobs/s (start-up {:.2} s); {:.1} jobs per claim round, \
              {:.0} % of rounds found no turn; CPU/job: PG {:.1} µs, forkq {:.1} µs",
             d.rate(),
             d.first_job_s,
@@ -153,54 +168,81 @@ impl Point {
 /// through a PgBouncer of their own each; adds the rows to `report` and returns the points for
 /// the chart.
 pub fn run(ctx: &Ctx, plan: &Plan, report: &mut Report) -> Vec<Point> {
-    let retain0 = [("FORKQ_RETENTION_SECONDS", "0".to_string())];
-    let mut points: Vec<Point> = Vec::new();
-    let fleets = plan
+    let fleets: Vec<(usize, usize, bool)> = plan
         .direct
         .iter()
         .map(|&(d, c)| (d, c, false))
-        .chain(plan.pooled.iter().map(|&(d, c)| (d, c, true)));
-    for (daemons, children, pooled) in fleets {
-        let n = plan.jobs(daemons * children);
-        let label = format!("scale: {daemons} daemon(s) x {children} children");
-        let bouncer = match pooled.then(|| start_pooler(ctx, daemons, children)) {
-            Some(Err(e)) => {
-                report.add(label, format!("error: {e}"), "", "");
-                continue;
+        .chain(plan.pooled.iter().map(|&(d, c)| (d, c, true)))
+        .collect();
+    let mut drains: Vec<Vec<Point>> = fleets.iter().map(|_| Vec::new()).collect();
+    for _ in 0..plan.repeats {
+        for (i, &(daemons, children, pooled)) in fleets.iter().enumerate() {
+            match drain_point(ctx, plan, daemons, children, pooled) {
+                Ok(point) => drains[i].push(point),
+                Err(e) => report.add(
+                    format!("scale: {daemons} daemon(s) x {children} children"),
+                    format!("error: {e}"),
+                    "",
+                    "",
+                ),
             }
-            Some(Ok(b)) => Some(b),
-            None => None,
-        };
-        let ctx = Ctx {
-            via: bouncer.as_ref().map(|b| b.url.clone()),
-            ..ctx.clone()
-        };
-        let before = bouncer.as_ref().map_or(0.0, PgBouncer::cpu_seconds);
-        let result = workloads::drain(
-            &ctx,
-            "scale",
-            n,
-            ("noop", json!({})),
-            &vec![children; daemons],
-            &retain0,
-            Crowd::default(),
-        );
-        match result {
-            Ok(drain) => points.push(Point {
-                daemons,
-                children,
-                pooled,
-                pooler_cpu_s: bouncer.as_ref().map_or(0.0, PgBouncer::cpu_seconds) - before,
-                drain,
-            }),
-            Err(e) => report.add(label, format!("error: {e}"), "", ""),
         }
     }
+    let points: Vec<Point> = drains.into_iter().filter_map(median).collect();
     for p in &points {
         let (versus, target) = compare(p, &points);
         report.add(p.label(), p.measured(), versus, target);
     }
     points
+}
+
+/// One drain of one point, through a PgBouncer of its own when `pooled`.
+fn drain_point(
+    ctx: &Ctx,
+    plan: &Plan,
+    daemons: usize,
+    children: usize,
+    pooled: bool,
+) -> BenchResult<Point> {
+    let bouncer = pooled
+        .then(|| start_pooler(ctx, daemons, children))
+        .transpose()?;
+    let ctx = Ctx {
+        via: bouncer.as_ref().map(|b| b.url.clone()),
+        ..ctx.clone()
+    };
+    let before = bouncer.as_ref().map_or(0.0, PgBouncer::cpu_seconds);
+    let drain = workloads::drain(
+        &ctx,
+        "scale",
+        plan.jobs(daemons * children),
+        ("noop", json!({})),
+        &vec![children; daemons],
+        &[("FORKQ_RETENTION_SECONDS", "0".to_string())],
+        Crowd::default(),
+    )?;
+    let rate = drain.steady.unwrap_or_else(|| drain.rate());
+    Ok(Point {
+        daemons,
+        children,
+        pooled,
+        pooler_cpu_s: bouncer.as_ref().map_or(0.0, PgBouncer::cpu_seconds) - before,
+        drain,
+        spread: (rate, rate),
+        drains: 1,
+    })
+}
+
+/// The median drain of a point by throughput (the lower middle one of an even count), with the
+/// spread of them all.
+fn median(mut runs: Vec<Point>) -> Option<Point> {
+    runs.sort_by(|a, b| a.throughput().total_cmp(&b.throughput()));
+    let spread = (runs.first()?.throughput(), runs.last()?.throughput());
+    let drains = runs.len();
+    let mut point = runs.swap_remove((drains - 1) / 2);
+    point.spread = spread;
+    point.drains = drains;
+    Some(point)
 }
 
 /// 8 hosts of 8 children at rest and busy with long jobs: what hosts cost when no job finishes.
