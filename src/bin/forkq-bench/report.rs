@@ -130,7 +130,7 @@ const METHOD: &str = "
   `connect_query` sets what a direct worker sets for its session: `synchronous_commit = off`,
   `statement_timeout = 5000`) and `FORKQ_POOLER=transaction`, compared with the direct point of the
   same fleet; PgBouncer's own CPU is counted per job.
-* **At rest / busy with long jobs**: 8 daemons x 8 children on one schema, after start-up, watched
+* **At rest / busy with long jobs**: 8 daemons x 8 children on one schema, 8 s after start-up (past the quick first host rows), watched
   for 10 s (quick: 3 s): their backends' CPU, the forkq processes' CPU and the statements they
   sent, by kind, with their mean server time (`pg_stat_statements`, reset at the start of the
   window, which is why it runs on a server of its own), per host.
@@ -149,7 +149,7 @@ const METHOD: &str = "
 * **Recovery**: a 5 s job in the stamping worker; 1.2 s into each run the child running it is
   killed with SIGKILL; time to the handler's next start (any child) and to the replacement child's
   first poll (its slot in `/livez` shows the new pid in state idle or running).
-* **Idle**: a builtin fleet of 2 on an empty queue, after 1 s of settling: CPU from
+* **Idle**: a builtin fleet of 2 on an empty queue, 8 s after it is ready (past its start-up work): CPU from
   /proc/PID/stat of the supervisor, the probe and the children over the window; RSS/PSS from
   /proc/PID/smaps_rollup.
 * **Raw baselines**: 2 threads of the bench binary, each with its own `postgres::Client`, on the

@@ -193,6 +193,10 @@ pub fn drain(
     })
 }
 
+/// How long after start-up the fleets at rest are watched from: past the first claims, the first
+/// maintenance pass and a daemon's quick first host rows (0.25 to 4 s apart, 7.75 s in all).
+const PAST_START_UP: Duration = Duration::from_secs(8);
+
 /// Start latencies of jobs enqueued one by one into an idle fleet, in milliseconds, sorted.
 pub struct Latency {
     /// From just before the enqueue call to the handler's first line.
@@ -387,8 +391,7 @@ pub fn idle(ctx: &Ctx, seconds: f64) -> BenchResult<Idle> {
     let schema = BenchSchema::new(&ctx.url, "idle")?;
     let mut daemon = Daemon::spawn(&ctx.programs, Program::Forkq, &schema, 2, &[])?;
     daemon.wait_ready(2, Duration::from_secs(30))?;
-    // Past start-up work (first claim, the first maintenance pass).
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(PAST_START_UP);
     let mut monitor = connect(&ctx.url, "forkq-bench monitor")?;
     let children: Vec<i32> = daemon.slots().iter().map(|(p, _)| *p).collect();
     let all = daemon.all_pids();
@@ -583,7 +586,8 @@ pub struct Rest {
 /// What kind of statement `query` (as pg_stat_statements shows it) is, by the SQL forkq sends.
 fn statement_kind(query: &str) -> &'static str {
     const KINDS: [(&str, &str); 8] = [
-        ("WITH acked AS", "claim rounds"),
+        // The claim round's acks (its first CTE is the claim gate's turn, as is maintenance's).
+        ("acked AS", "claim rounds"),
         (".renew(", "renewals"),
         (".settle(", "settlements"),
         ("hosts", "host rows"),
@@ -635,8 +639,7 @@ pub fn rest(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    // Past start-up work (first claims, the first maintenance pass, the first host rows).
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(PAST_START_UP);
     let counted = monitor
         .batch_execute(
             "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset()",
@@ -717,4 +720,20 @@ pub fn purge(ctx: &Ctx, n: usize) -> BenchResult<f64> {
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use forkq::queue::sql;
+
+    #[test]
+    fn claim_rounds_and_maintenance_are_told_apart() {
+        assert_eq!(super::statement_kind(&sql::round(1)), "claim rounds");
+        assert_eq!(super::statement_kind(&sql::round(3)), "claim rounds");
+        assert_eq!(
+            super::statement_kind(sql::TAKE_TURN_AND_RESCUE),
+            "maintenance"
+        );
+        assert_eq!(super::statement_kind(sql::RENEW), "renewals");
+    }
 }
