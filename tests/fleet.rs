@@ -134,9 +134,14 @@ fn a_dead_hosts_jobs_come_back_long_before_their_lease() {
     let took = killed.elapsed();
     println!("a dead host's job came back after {took:.1?} (lease 120 s, gone after 3 s)");
     assert!(took < Duration::from_secs(20));
-    assert!(observer
-        .log_text()
-        .contains("is gone: no session of it is left"));
+    // The observer writes its line once the statement that moved the job has returned.
+    assert!(
+        wait_until(Duration::from_secs(5), || observer
+            .log_text()
+            .contains("is gone: no session of it is left")),
+        "observer log:\n{}",
+        observer.log_text()
+    );
     let row = hosts_json(&schema)
         .into_iter()
         .find(|h| h["boot"] == boot.as_str())
