@@ -500,7 +500,6 @@ fn repair_fixes_a_parent_whose_counters_were_corrupted_by_hand() {
             &schema.name,
             retention,
             Duration::ZERO,
-            false,
             &mut || {},
         )
         .unwrap()

@@ -348,7 +348,6 @@ fn every_consumer_statement_and_the_maintenance_pass_work_through_pgbouncer() {
         &schema.name,
         Duration::from_secs(3600),
         Duration::ZERO,
-        false,
         &mut || {},
     )
     .unwrap()

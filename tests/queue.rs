@@ -114,7 +114,6 @@ fn concurrent_claimers_never_share_a_job() {
                 "SELECT count(*) FROM {s}.jobs WHERE state <> 'running'",
                 &schema.name,
             );
-            let mut look = schema.client();
             std::thread::spawn(move || {
                 let mut c = Consumer::connect(&config, &format!("w{w}")).unwrap();
                 let mut seen = Vec::new();
@@ -123,7 +122,7 @@ fn concurrent_claimers_never_share_a_job() {
                     let round = c.settle_and_claim(&acks, 25).unwrap();
                     assert!(round.refused.is_empty(), "{:?}", round.refused);
                     if round.claimed.is_empty() {
-                        let waiting: i64 = look.query_one(&check, &[]).unwrap().get(0);
+                        let waiting: i64 = c.client().query_one(&check, &[]).unwrap().get(0);
                         if waiting == 0 {
                             return seen;
                         }
@@ -1054,7 +1053,6 @@ fn maintenance_purges_archived_jobs_after_retention() {
         s,
         Duration::from_secs(86_400),
         Duration::ZERO,
-        false,
         &mut || {},
     )
     .unwrap()
@@ -1075,7 +1073,6 @@ fn maintenance_purges_archived_jobs_after_retention() {
             s,
             Duration::from_secs(1),
             Duration::from_secs(gap),
-            false,
             &mut || {},
         )
         .unwrap()
@@ -1401,7 +1398,6 @@ fn a_cancel_reaches_jobs_claimed_ahead_at_the_next_round() {
         &schema.name,
         Duration::from_secs(60),
         Duration::ZERO,
-        false,
         &mut || {},
     )
     .unwrap()
@@ -1434,56 +1430,4 @@ fn renewal_keeps_what_is_held_and_gives_back_the_rest() {
         schema.count("SELECT count(*) FROM {s}.jobs WHERE started"),
         1
     );
-}
-
-/// A worker's session plans its claim round once and keeps the plan (left to choose, the server
-/// planned it anew at every round, as costly as the round itself); after a maintenance pass,
-/// which lets the planner choose, the session keeps its plans again.
-#[test]
-fn a_worker_plans_its_claim_round_once() {
-    let schema = TestSchema::new("generic_plans");
-    schema.enqueue_n("default", "noop", json!({}), 60);
-    let mut c = consumer(&schema, "w1", &[]);
-    assert!(c.keeps_generic_plans());
-    let rounds = |c: &mut Consumer| {
-        for limit in [1, 5, 2, 7, 3, 9] {
-            for job in claim(c, limit) {
-                settle(c, job.job.id, job.lease_token, done());
-            }
-        }
-    };
-    let plans = |c: &mut Consumer| -> (i64, i64, String) {
-        let row = c
-            .client()
-            .query_one(
-                "SELECT coalesce(sum(generic_plans), 0)::int8, coalesce(sum(custom_plans), 0)::int8,
-                        current_setting('plan_cache_mode')
-                 FROM pg_prepared_statements",
-                &[],
-            )
-            .unwrap();
-        (row.get(0), row.get(1), row.get(2))
-    };
-    rounds(&mut c);
-    let (generic, custom, mode) = plans(&mut c);
-    assert_eq!(custom, 0, "no statement was planned for its parameters");
-    assert!(generic >= 12, "{generic} generic plans for 12 rounds");
-    assert_eq!(mode, "force_generic_plan");
-    let pass = maintenance::run_pass(
-        c.client(),
-        &schema.name,
-        Duration::from_secs(3600),
-        Duration::ZERO,
-        true,
-        &mut || {},
-    )
-    .unwrap();
-    assert!(pass.is_some(), "the pass ran");
-    rounds(&mut c);
-    let (_, custom, mode) = plans(&mut c);
-    assert_eq!(
-        mode, "force_generic_plan",
-        "the pass gave the session its plans back"
-    );
-    assert_eq!(custom, 0);
 }

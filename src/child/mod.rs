@@ -803,13 +803,11 @@ impl Worker<'_> {
         let db = self.conn.open().expect("checked above");
         // Fleet-wide, at most one pass per three quarters of the interval: each host tries once
         // per interval, and some slack keeps a host from just missing its turn.
-        let generic_session = db.keeps_generic_plans();
         let pass = maintenance::run_pass(
             db.client(),
             &self.config.schema,
             self.config.retention,
             maintenance::INTERVAL * 3 / 4,
-            generic_session,
             &mut || slot.wait_on_database(statement),
         );
         slot.database_returned();

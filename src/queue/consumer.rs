@@ -399,11 +399,9 @@ fn session_settings(config: &Config, owner: &str, budget: Duration) -> String {
         }
         _ => String::new(),
     };
-    // Every statement of a worker is planned once per session (see `sql::GENERIC_PLANS`).
     format!(
-        "SET statement_timeout = {}; SET synchronous_commit = {commit}; {}{boot_lock}",
-        budget.as_millis(),
-        sql::GENERIC_PLANS
+        "SET statement_timeout = {}; SET synchronous_commit = {commit}{boot_lock}",
+        budget.as_millis()
     )
 }
 
@@ -490,12 +488,6 @@ impl Consumer {
     /// The connection, for maintenance work.
     pub fn client(&mut self) -> &mut Client {
         &mut self.client.client
-    }
-
-    /// Whether this session keeps one plan per statement (see [`sql::GENERIC_PLANS`]): on a
-    /// direct connection; behind a pooler the session sets nothing.
-    pub fn keeps_generic_plans(&self) -> bool {
-        !self.client.pooled
     }
 
     /// How many rounds of the schema may pick at once across every host (the gate's advisory

@@ -85,18 +85,15 @@ impl std::fmt::Display for Report {
 /// host of the schema (the `maintenance_turn` row; a caller that finds it taken, or locked by a
 /// pass starting elsewhere, gets `None`). Every statement is one round trip of its own, committed
 /// on its own, and every service skips rows others hold (`SKIP LOCKED`), so passes never wait on
-/// each other and everything works behind a pooler in transaction mode. `generic_session`: the
-/// session keeps one plan per statement (a worker's, see [`sql::GENERIC_PLANS`]); the services
-/// then run with the planner choosing, and the session gets its setting back whatever happens.
-/// `before_each` is called before every round trip, so a worker can announce how long that one
-/// may block it (each is bounded by the connection's timeouts). An error ends the pass; the
-/// caller gives it up until the next interval rather than retrying a statement that timed out.
+/// each other and everything works behind a pooler in transaction mode. `before_each` is called
+/// before every round trip, so a worker can announce how long that one may block it (each is
+/// bounded by the connection's timeouts). An error ends the pass; the caller gives it up until
+/// the next interval rather than retrying a statement that timed out.
 pub fn run_pass(
     client: &mut Client,
     schema: &str,
     retention: Duration,
     gap: Duration,
-    generic_session: bool,
     before_each: &mut dyn FnMut(),
 ) -> Result<Option<Report>, QueueError> {
     let retain = !retention.is_zero();
@@ -110,28 +107,6 @@ pub fn run_pass(
     else {
         return Ok(None);
     };
-    if !generic_session {
-        return services(client, schema, retention, rescued, before_each).map(Some);
-    }
-    before_each();
-    client.batch_execute(sql::PLANS_CHOSEN)?;
-    let report = services(client, schema, retention, rescued, before_each);
-    before_each();
-    let restored = client.batch_execute(sql::GENERIC_PLANS);
-    let report = report?;
-    restored?;
-    Ok(Some(report))
-}
-
-/// The services of a pass, after the rescue of expired leases (`rescued` jobs).
-fn services(
-    client: &mut Client,
-    schema: &str,
-    retention: Duration,
-    rescued: i32,
-    before_each: &mut dyn FnMut(),
-) -> Result<Report, QueueError> {
-    let retain = !retention.is_zero();
     let mut report = Report {
         rescued,
         purged: purge_archive(client, schema, retention, before_each)?,
@@ -166,7 +141,7 @@ fn services(
     before_each();
     client.query_typed(&render(sql::COMPACT_CHANGES, schema), &[])?;
     report.vacuumed = vacuum_bloated(client, schema, before_each)?;
-    Ok(report)
+    Ok(Some(report))
 }
 
 /// The retention service: deletes expired archived jobs in chunks, one statement each, until

@@ -206,20 +206,6 @@ pub fn round(queues: usize) -> String {
     ROUND.replace("{pick}", &pick).replace("{gate}", GATE)
 }
 
-/// A worker's session keeps the plan made at each statement's first run. Left to choose,
-/// PostgreSQL planned the claim round anew at every run for its `LIMIT` (a generic plan assumes
-/// a tenth of the table), which took 1-3.5 ms of server time per round, as long as the round
-/// itself, to choose the same plan every time: W1 used 10-30 % less server time per job, and
-/// durable mode (a round per job) about 40 % less, without it. A worker's statements find rows
-/// by key, id or the claim index's order, so one plan suits every parameter; the maintenance
-/// pass, whose statements do not, lets the planner choose ([`PLANS_CHOSEN`]) and then restores
-/// this.
-pub const GENERIC_PLANS: &str = "SET plan_cache_mode = force_generic_plan";
-
-/// The planner's own choice per run, for the maintenance pass: a purge's cut-off decides between
-/// the archive's index and a scan, which one plan for every cut-off cannot tell.
-pub const PLANS_CHOSEN: &str = "SET plan_cache_mode = auto";
-
 /// Learns the parameter types of `{statement}` without leaving anything on the server
 /// connection: one simple query (one implicit transaction, so one server connection even behind
 /// a pooler in transaction mode) prepares it under forkq's own name, reads the types and
