@@ -563,9 +563,14 @@ fn repair_fixes_a_parent_whose_counters_were_corrupted_by_hand() {
             == "completed"),
         "the daemon did not repair batch {late}"
     );
-    assert!(daemon
-        .log_text()
-        .contains(&format!("batch repair: batch {late}")));
+    // The line is written once the statement that repaired the batch has returned.
+    assert!(
+        wait_until(Duration::from_secs(5), || daemon
+            .log_text()
+            .contains(&format!("batch repair: batch {late}"))),
+        "log:\n{}",
+        daemon.log_text()
+    );
     assert_eq!(counts(&info(&schema, late)), ("completed", 2, 0, 2, 0, 0));
 }
 
