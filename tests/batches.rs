@@ -565,9 +565,10 @@ fn repair_fixes_a_parent_whose_counters_were_corrupted_by_hand() {
     );
     // The line is written once the statement that repaired the batch has returned.
     assert!(
-        wait_until(Duration::from_secs(5), || daemon
-            .log_text()
-            .contains(&format!("batch repair: batch {late}"))),
+        daemon.wait_for_log(
+            &format!("batch repair: batch {late}"),
+            Duration::from_secs(5)
+        ),
         "log:\n{}",
         daemon.log_text()
     );

@@ -136,9 +136,7 @@ fn a_dead_hosts_jobs_come_back_long_before_their_lease() {
     assert!(took < Duration::from_secs(20));
     // The observer writes its line once the statement that moved the job has returned.
     assert!(
-        wait_until(Duration::from_secs(5), || observer
-            .log_text()
-            .contains("is gone: no session of it is left")),
+        observer.wait_for_log("is gone: no session of it is left", Duration::from_secs(5)),
         "observer log:\n{}",
         observer.log_text()
     );

@@ -126,9 +126,7 @@ fn without_the_setting_workers_fail_and_say_to_set_it() {
     ];
     let daemon = Daemon::spawn(&schema, &pairs(&env));
     assert!(
-        wait_until(Duration::from_secs(20), || daemon
-            .log_text()
-            .contains("set FORKQ_POOLER=transaction")),
+        daemon.wait_for_log("set FORKQ_POOLER=transaction", Duration::from_secs(20)),
         "no worker named the fix; log:\n{}",
         daemon.log_text()
     );
@@ -166,9 +164,7 @@ fn a_fleet_drains_through_pgbouncer_and_the_probe_answers() {
     );
     // The probe says what the role lacks (this test role has no statement_timeout of its own).
     assert!(
-        wait_until(Duration::from_secs(10), || daemon
-            .log_text()
-            .contains("SET statement_timeout")),
+        daemon.wait_for_log("SET statement_timeout", Duration::from_secs(10)),
         "{}",
         daemon.log_text()
     );

@@ -475,9 +475,7 @@ fn frozen_child_late_ack_is_refused() {
     // charge it: the run that completed is attempt 1 again.
     assert_eq!(job["attempt"], 1, "{job}");
     assert!(
-        wait_until(Duration::from_secs(10), || daemon
-            .log_text()
-            .contains("refused the result of job(s)")),
+        daemon.wait_for_log("refused the result of job(s)", Duration::from_secs(10)),
         "the late ack was not reported as refused; log:\n{}",
         daemon.log_text()
     );

@@ -800,9 +800,7 @@ fn signals_to_the_whole_process_group_are_the_supervisors_alone() {
     }
     kill(group, Signal::SIGHUP).unwrap();
     assert!(
-        wait_until(Duration::from_secs(30), || daemon
-            .log_text()
-            .contains("rolling restart done")),
+        daemon.wait_for_log("rolling restart done", Duration::from_secs(30)),
         "{}",
         daemon.log_text()
     );
@@ -869,9 +867,7 @@ fn ttin_and_ttou_change_the_number_of_children_never_below_one() {
     }
     let survivor = daemon.child_pids()[0];
     daemon.signal(Signal::SIGTTOU);
-    assert!(wait_until(Duration::from_secs(5), || daemon
-        .log_text()
-        .contains("SIGTTOU ignored")));
+    assert!(daemon.wait_for_log("SIGTTOU ignored", Duration::from_secs(5)));
     assert!(
         healthy_with(&daemon, 1) && daemon.child_pids() == vec![survivor],
         "{:?}\n{}",

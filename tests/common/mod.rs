@@ -341,6 +341,12 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Whether `line` shows up in the log within `timeout`. A line about a change is written once
+    /// the statement that made it has returned, so a test that saw the change waits for it.
+    pub fn wait_for_log(&self, line: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.log_text().contains(line))
+    }
+
     /// GET `path` on the probe: (status, body), or `None` when it does not answer.
     pub fn get(&self, path: &str) -> Option<(u16, String)> {
         http_get(self.addr, path)
