@@ -1306,8 +1306,8 @@ fn a_database_outage_kills_no_healthy_child() {
     );
 }
 
-/// A maintenance statement that keeps timing out (the summary of the archive's BRIN index waits
-/// on a lock another session holds, as a manual VACUUM or an index build would): the pass is
+/// A maintenance statement that keeps timing out (the compaction of the changes table waits on
+/// a lock another session holds, as a manual `LOCK TABLE` or an index build would): the pass is
 /// given up until the next interval, never retried on the spot, so the child that runs it is not
 /// kept from its jobs (one child: it is the whole fleet) and is not killed.
 #[test]
@@ -1325,12 +1325,13 @@ fn a_maintenance_pass_that_times_out_keeps_no_child_from_its_jobs() {
     assert!(wait_until(Duration::from_secs(20), || schema
         .archived("completed")
         == 20));
-    // Hold the lock a vacuum holds (inserts into the archive go on): the summary of its BRIN
-    // index waits on it until its statement timeout (2 s here) cancels it, at every pass.
+    // Hold a lock that lets the children read the changes table at every round but lets no one
+    // write it: the maintenance pass's compaction waits on it until its statement timeout (2 s
+    // here) cancels it, at every pass. Nothing in a plain drain writes to it.
     let mut holder = schema.client();
     let mut tx = holder.transaction().unwrap();
     tx.batch_execute(&format!(
-        "LOCK TABLE \"{}\".jobs_archive IN SHARE UPDATE EXCLUSIVE MODE",
+        "LOCK TABLE \"{}\".changes IN EXCLUSIVE MODE",
         schema.name
     ))
     .unwrap();
@@ -1355,7 +1356,7 @@ fn a_maintenance_pass_that_times_out_keeps_no_child_from_its_jobs() {
     );
     assert!(
         failures >= 1,
-        "the purge never timed out; log:\n{}",
+        "the compaction never timed out; log:\n{}",
         daemon.log_text()
     );
     assert!(

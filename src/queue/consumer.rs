@@ -164,6 +164,9 @@ pub struct Consumer {
     /// [`Consumer::set_claim_turns`]), and its lock key.
     claimers: i32,
     claim_gate_key: i32,
+    /// The most jobs one round claims (`FORKQ_PREFETCH`), written into the round (see
+    /// [`sql::round`]).
+    claim_cap: usize,
     statements: Statements,
 }
 
@@ -399,8 +402,11 @@ fn session_settings(config: &Config, owner: &str, budget: Duration) -> String {
         }
         _ => String::new(),
     };
+    // A worker's statements each touch a few pages; a few are costed high (a purge that may have
+    // a whole archive behind its limit) and would be compiled by JIT for 10-15 ms, about a
+    // thousand times what running them takes.
     format!(
-        "SET statement_timeout = {}; SET synchronous_commit = {commit}{boot_lock}",
+        "SET statement_timeout = {}; SET synchronous_commit = {commit}; SET jit = off{boot_lock}",
         budget.as_millis()
     )
 }
@@ -432,6 +438,7 @@ impl Consumer {
             // The high half of the schema's key: advisory locks of two keys live apart from the
             // one-key locks forkq takes elsewhere.
             claim_gate_key: (sql::advisory_key("claim", &config.schema) >> 32) as i32,
+            claim_cap: config.prefetch,
             statements: Statements::default(),
         };
         consumer.refresh_flow()?;
@@ -497,10 +504,11 @@ impl Consumer {
         self.claimers = i32::try_from(turns).unwrap_or(i32::MAX);
     }
 
-    /// Sends `acks` and claims up to `limit` jobs (`limit` 0 only settles) from this worker's
-    /// queues in order: the first step that claims anything ends the round. Plain completed jobs
-    /// and the first step share one round trip (the lean round); the other acknowledgements
-    /// (failures, retries, batch children, snoozes) are settled first, in one more each.
+    /// Sends `acks` and claims up to `limit` jobs (`limit` 0 only settles; never more than
+    /// `FORKQ_PREFETCH`) from this worker's queues in order: the first step that claims anything
+    /// ends the round. Plain completed jobs and the first step share one round trip (the lean
+    /// round); the other acknowledgements (failures, retries, batch children, snoozes) are
+    /// settled first, in one more each.
     pub fn settle_and_claim(&mut self, acks: &[Ack], limit: usize) -> Result<Round, QueueError> {
         self.settle_and_claim_through(acks, limit, false)
     }
@@ -593,7 +601,7 @@ impl Consumer {
         limit: usize,
     ) -> Result<Round, QueueError> {
         let c = AckColumns::of(acks);
-        let text = sql::round(queues.len());
+        let text = sql::round(queues.len(), self.claim_cap);
         let round = prepared(
             &mut self.client,
             &mut self.statements.rounds[index],

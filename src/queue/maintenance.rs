@@ -153,8 +153,6 @@ fn purge_archive(
     before_each: &mut dyn FnMut(),
 ) -> Result<u64, QueueError> {
     let started = Instant::now();
-    before_each();
-    client.query_typed(&render(sql::SUMMARIZE_ARCHIVE, schema), &[])?;
     let purge = render(sql::PURGE_EXPIRED_ARCHIVE, schema);
     let mut purged = 0;
     loop {

@@ -71,10 +71,13 @@ CREATE TABLE {s}.jobs_archive (
     backoff_seconds float8
 );
 -- Every completed job is archived at full drain rate, so the archive carries only what that insert
--- must pay for: the primary key, and a BRIN index for the retention purge (rows arrive in about
--- finished_at order; a BRIN index costs almost nothing per insert). Failed and cancelled jobs, few
--- and browsed by queue, have a btree of their own; so do batch children.
-CREATE INDEX jobs_archive_finished_idx ON {s}.jobs_archive USING brin (finished_at);
+-- must pay for: the primary key, and the index the retention purge walks oldest first, which stops
+-- at the first row still kept, however big the archive (a BRIN index, cheaper per insert, left the
+-- purge to the planner's estimate: with nothing expired yet it read the whole archive at every
+-- pass). The dead letter is not in it: the purge never takes failed jobs, and would walk past them
+-- all at every pass. Failed and cancelled jobs, few and browsed by queue, have a btree of their
+-- own; so do batch children.
+CREATE INDEX jobs_archive_finished_idx ON {s}.jobs_archive (finished_at) WHERE state <> 'failed';
 CREATE INDEX jobs_archive_kept_idx ON {s}.jobs_archive (queue, state, id) WHERE state <> 'completed';
 CREATE INDEX jobs_archive_batch_idx ON {s}.jobs_archive (batch_id) WHERE batch_id IS NOT NULL;
 
