@@ -92,9 +92,41 @@ impl Plan {
     }
 }
 
+/// What `forkq-bench --help` prints.
+const USAGE: &str = "\
+forkq-bench: measures forkq against raw-SQL loops doing the same work, in the same run; prints one
+markdown table and writes docs/benchmarks.md. Run it through `make bench` (which builds the release
+binaries and starts the private clusters), or directly with the settings below. Never fails on a
+number, only on errors.
+
+Usage: forkq-bench            run the plan the settings below choose
+       forkq-bench worker     the library worker the latency and recovery workloads spawn
+
+Settings (environment):
+  DATABASE_URL        the server to measure (make bench: 127.0.0.1:5432/test or a private cluster)
+  BENCH_FORKQ_BIN     the release forkq binary (default: next to this one)
+  BENCH_QUICK=1       a run of a few minutes instead of about half an hour
+  BENCH_ONLY=LIST     a subset: raw,w1,crowded,durable,mixed,w2,w3,recovery,idle,scale,rest,fanout,
+                      purge,soak
+  BENCH_SCALE_POINTS  only these points of the scale curve, e.g. 8x2,2x8 (daemons x children)
+  BENCH_STOCK_URL     a server with stock settings for the second soak (empty: skip it)
+  BENCH_SCALE_URL     a server with room for ~300 connections for scale, rest and fanout
+  BENCH_OUT           the report (default docs/benchmarks.md; - writes nothing)
+  BENCH_DIR           logs (default target/bench)
+";
+
 fn main() {
-    if std::env::args().nth(1).as_deref() == Some("worker") {
-        std::process::exit(worker::main());
+    match std::env::args().nth(1).as_deref() {
+        Some("worker") => std::process::exit(worker::main()),
+        Some("-h" | "--help" | "help") => {
+            print!("{USAGE}");
+            return;
+        }
+        Some(other) => {
+            eprintln!("forkq-bench: unknown argument {other:?}; see forkq-bench --help");
+            std::process::exit(65);
+        }
+        None => {}
     }
     if let Err(e) = run() {
         eprintln!("forkq-bench: {e}");
