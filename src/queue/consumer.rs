@@ -403,8 +403,8 @@ fn session_settings(config: &Config, owner: &str, budget: Duration) -> String {
         _ => String::new(),
     };
     // A worker's statements each touch a few pages; a few are costed high (a purge that may have
-    // a whole archive behind its limit) and would be compiled by JIT for 10-15 ms, about a
-    // thousand times what running them takes.
+    // a whole archive behind its limit) and would be compiled by JIT for 10-15 ms, hundreds of
+    // times what running them takes (0.03 ms for a purge with nothing expired).
     format!(
         "SET statement_timeout = {}; SET synchronous_commit = {commit}; SET jit = off{boot_lock}",
         budget.as_millis()

@@ -162,10 +162,11 @@ const ROUND: &str = "
            (SELECT taken FROM turn)";
 
 /// One queue's pick: its first claimable jobs in claim order (at most `{cap}`; see [`round`]),
-/// locked, skipping rows others hold. Served by `jobs_claim_idx` (equality on queue, then its exact order). A queue whose row
-/// in `queues` is gated (paused, or limited: see `claim_limited` in migration 004) is skipped; the
-/// test does not depend on the job, so it runs once per pick, one probe of the queues' primary key
-/// (a one-time filter above the walk), whatever the number of jobs claimed.
+/// locked, skipping rows others hold. Served by `jobs_claim_idx` (equality on queue, then its
+/// exact order). A queue whose row in `queues` is gated (paused, or limited: see `claim_limited`
+/// in migration 004) is skipped; the test does not depend on the job, so it runs once per pick,
+/// one probe of the queues' primary key (a one-time filter above the walk), whatever the number
+/// of jobs claimed.
 const PICK: &str = "SELECT c.id FROM {s}.jobs c
     WHERE c.queue = ($8::text[])[{n}] AND c.state = 'available'
       AND NOT EXISTS (SELECT 1 FROM {s}.queues g WHERE g.name = ($8::text[])[{n}] AND g.gated)
@@ -190,10 +191,11 @@ const GATE: &str = "($10::int = 0 OR $9::int = 0 OR EXISTS (
 
 /// The lean round for `queues` queues, served strictly in the order given: each queue's pick
 /// runs only while the ones before it left room. `cap` is the most a round ever claims (the
-/// worker's prefetch): every walk is written `LIMIT cap` inside `LIMIT $9`, so PostgreSQL plans
-/// the round once per session. Under `LIMIT $9` alone, the plan that serves every value of `$9`
-/// would be costed for a tenth of the table, so the plan cache judged it worse than planning
-/// afresh for each round, and did: 0.75 ms of server time per round of 100 jobs in W1 (a fifth
+/// worker's prefetch): every walk is written `LIMIT cap` inside `LIMIT $9`, so the plan that
+/// serves every value of `$9` is costed for a round's worth of rows and the plan cache keeps it
+/// (W1: 12 plans for 1,004 rounds of a daemon's child; more after the table's statistics change).
+/// Under `LIMIT $9` alone that plan was costed for a tenth of the table, and the daemon's children
+/// planned the round afresh at every run: 0.75 ms of server time per round of 100 jobs (a fifth
 /// of the round's time), and most of a durable round's. Rows are pulled one at a time through
 /// both limits, so a round locks at most `$9` rows as before.
 pub fn round(queues: usize, cap: usize) -> String {
