@@ -52,12 +52,17 @@ pub fn run(config: &Config, table: &SlotTable) -> ! {
                 }
                 failures = 0;
                 loop {
-                    if let Err(e) = service.turn(&mut client) {
-                        break e;
-                    }
+                    let said_stopping = match service.turn(&mut client) {
+                        Ok(stopping) => stopping,
+                        Err(e) => break e,
+                    };
                     if child::stop_requested() {
-                        // The supervisor stops the probe last, after every child: the turn just
-                        // taken said "stopping".
+                        // The supervisor stops the probe last, after every child, and marks the
+                        // shutdown in the header before it begins; a turn that was already on its
+                        // way then still said "running", so one more says "stopping".
+                        if !said_stopping {
+                            let _ = service.turn(&mut client);
+                        }
                         std::process::exit(0);
                     }
                     service.wait();
@@ -172,8 +177,9 @@ impl Presence<'_> {
         }
     }
 
-    /// One write, then (where allowed) one pass over the gone hosts.
-    fn turn(&mut self, client: &mut postgres::Client) -> Result<(), QueueError> {
+    /// One write, then (where allowed) one pass over the gone hosts. Says whether the row written
+    /// said "stopping".
+    fn turn(&mut self, client: &mut postgres::Client) -> Result<bool, QueueError> {
         let report = self.report();
         let serving = hosts::record(client, &self.config.schema, &report)?;
         self.writes = self.writes.saturating_add(1);
@@ -182,7 +188,7 @@ impl Presence<'_> {
             Ordering::Release,
         );
         if !self.config.host_release || self.release_refused.is_some() || report.stopping {
-            return Ok(());
+            return Ok(report.stopping);
         }
         let gone_after = self.config.host_interval * hosts::GONE_AFTER_INTERVALS;
         for e in hosts::expire_gone(
@@ -200,7 +206,7 @@ impl Presence<'_> {
                 e.jobs
             );
         }
-        Ok(())
+        Ok(false)
     }
 
     fn report(&mut self) -> hosts::HostReport {

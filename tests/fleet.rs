@@ -231,9 +231,13 @@ fn hosts_show_what_each_daemon_runs_and_say_when_it_stopped() {
 
     daemon.signal(Signal::SIGTERM);
     assert_eq!(daemon.wait_exit(Duration::from_secs(20)), Some(0));
-    assert!(wait_until(Duration::from_secs(10), || hosts_json(&schema)
-        [0]["status"]
-        == "stopped"));
+    assert!(
+        wait_until(Duration::from_secs(10), || hosts_json(&schema)[0]["status"]
+            == "stopped"),
+        "hosts: {:?}; log:\n{}",
+        hosts_json(&schema),
+        daemon.log_text()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
