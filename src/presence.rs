@@ -158,9 +158,9 @@ impl Presence<'_> {
 
     /// Sleeps one interval (less after the first writes: [`gap_after`]), cut short when a
     /// shutdown begins (the row then says "stopping" at once) or the probe is told to stop
-    /// (SIGTERM, the last step of a shutdown): the supervisor wakes it on both (`presence_wake`). Each sleep lasts at most [`STOP_CHECK`]: the SIGTERM
-    /// may reach the probe's handler only after the wake, and this thread would then sleep
-    /// through it.
+    /// (SIGTERM, the last step of a shutdown): the supervisor wakes it on both (`presence_wake`).
+    /// Each sleep lasts at most [`STOP_CHECK`]: the SIGTERM may reach the probe's handler only
+    /// after the wake, and this thread would then sleep through it.
     fn wait(&self) {
         let until = Instant::now() + gap_after(self.writes, self.config.host_interval);
         let header = &self.table.header;

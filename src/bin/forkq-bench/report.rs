@@ -125,15 +125,16 @@ const METHOD: &str = "
   max(60k, 500 x D x C) noop jobs (quick: 5k, 100 per child), retention 0. Each point drains 3
   times (quick: once), the whole curve in turn each time, and the median drain by throughput is
   the row. Throughput is the steady rate (10 % to 90 % done; spawn→empty when too fast to
-  sample), compared with the best point with the same children in all. *Through PgBouncer*: the same drain with the daemons on a
-  PgBouncer 1.18 in transaction mode (`scripts/pgbouncer.sh`, 8 server connections whose
-  `connect_query` sets what a direct worker sets for its session: `synchronous_commit = off`,
-  `statement_timeout = 5000`) and `FORKQ_POOLER=transaction`, compared with the direct point of the
-  same fleet; PgBouncer's own CPU is counted per job.
-* **At rest / busy with long jobs**: 8 daemons x 8 children on one schema, 8 s after start-up (past the quick first host rows), watched
-  for 10 s (quick: 3 s): their backends' CPU, the forkq processes' CPU and the statements they
-  sent, by kind, with their mean server time (`pg_stat_statements`, reset at the start of the
-  window, which is why it runs on a server of its own), per host.
+  sample), compared with the best point with the same children in all. *Through PgBouncer*: the
+  same drain with the daemons on a PgBouncer 1.18 in transaction mode (`scripts/pgbouncer.sh`, 8
+  server connections whose `connect_query` sets what a direct worker sets for its session:
+  `synchronous_commit = off`, `statement_timeout = 5000`) and `FORKQ_POOLER=transaction`,
+  compared with the direct point of the same fleet; PgBouncer's own CPU is counted per job.
+* **At rest / busy with long jobs**: 8 daemons x 8 children on one schema, from 8 s after
+  start-up (past the quick first host rows), watched for 10 s (quick: 3 s): their backends' CPU,
+  the forkq processes' CPU and the statements they sent, by kind, with their mean server time
+  (`pg_stat_statements`, reset at the start of the window, which is why it runs on a server of
+  its own), per host.
   *Busy*: each child runs an hour-long `sleep` job with `FORKQ_LEASE_SECONDS=4` (the shortest), so
   it renews its lease every 1.3 s.
 * **Raw (e)**: `pg_notify` back to back, each in its own transaction, from one connection, to 1 or
@@ -149,9 +150,9 @@ const METHOD: &str = "
 * **Recovery**: a 5 s job in the stamping worker; 1.2 s into each run the child running it is
   killed with SIGKILL; time to the handler's next start (any child) and to the replacement child's
   first poll (its slot in `/livez` shows the new pid in state idle or running).
-* **Idle**: a builtin fleet of 2 on an empty queue, 8 s after it is ready (past its start-up work): CPU from
-  /proc/PID/stat of the supervisor, the probe and the children over the window; RSS/PSS from
-  /proc/PID/smaps_rollup.
+* **Idle**: a builtin fleet of 2 on an empty queue, from 8 s after it is ready (past its start-up
+  work): CPU from /proc/PID/stat of the supervisor, the probe and the children over the window;
+  RSS/PSS from /proc/PID/smaps_rollup.
 * **Raw baselines**: 2 threads of the bench binary, each with its own `postgres::Client`, on the
   same tables and partial claim index as forkq. (a) `UPDATE … FROM (SELECT … LIMIT 100 FOR UPDATE
   SKIP LOCKED)` setting a lease, then `DELETE … WHERE id = ANY($1)`; (b) `DELETE … WHERE id =

@@ -221,16 +221,17 @@ fn drain_point(
         &[("FORKQ_RETENTION_SECONDS", "0".to_string())],
         Crowd::default(),
     )?;
-    let rate = drain.steady.unwrap_or_else(|| drain.rate());
-    Ok(Point {
+    let mut point = Point {
         daemons,
         children,
         pooled,
         pooler_cpu_s: bouncer.as_ref().map_or(0.0, PgBouncer::cpu_seconds) - before,
         drain,
-        spread: (rate, rate),
+        spread: (0.0, 0.0),
         drains: 1,
-    })
+    };
+    point.spread = (point.throughput(), point.throughput());
+    Ok(point)
 }
 
 /// The median drain of a point by throughput (the lower middle one of an even count), with the

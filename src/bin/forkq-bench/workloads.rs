@@ -38,8 +38,9 @@ pub struct Drain {
     pub forkq_cpu_s: f64,
     /// CPU seconds of the PostgreSQL backends serving them.
     pub pg_cpu_s: f64,
-    /// Claim round trips of all the children, and how many of them found no claim turn.
+    /// Claim round trips of all the children.
     pub claims: u64,
+    /// How many of those found no claim turn in the database (and claimed nothing).
     pub turns_missed: u64,
 }
 
