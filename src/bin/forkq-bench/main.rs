@@ -40,6 +40,8 @@ use workloads::{Crowd, Ctx, Drain};
 /// it the two ten-minute soaks.
 struct Plan {
     w1: usize,
+    /// Raw and forkq drains of W1, back to back, per row (see `paired_w1`).
+    w1_pairs: usize,
     crowd: Crowd,
     durable: usize,
     w2: usize,
@@ -57,6 +59,7 @@ impl Plan {
         if quick {
             Plan {
                 w1: 20_000,
+                w1_pairs: 1,
                 crowd: Crowd {
                     scheduled: 100_000,
                     archived: 1_000_000,
@@ -74,6 +77,7 @@ impl Plan {
         } else {
             Plan {
                 w1: 100_000,
+                w1_pairs: 3,
                 crowd: Crowd {
                     scheduled: 1_000_000,
                     archived: 10_000_000,
@@ -218,12 +222,15 @@ fn run() -> BenchResult<()> {
     };
     let round1 = |archive| Baseline { batch: 1, archive };
     if wants("raw") {
-        for (baseline, n) in [
-            (round100(true), plan.w1),
-            (round100(false), plan.w1),
-            (round1(true), one_commit_n),
-            (round1(false), one_commit_n),
-        ] {
+        // With W1, the rounds of 100 are drained beside it, in pairs (see `paired_w1`).
+        let mut baselines = vec![(round1(true), one_commit_n), (round1(false), one_commit_n)];
+        if !wants("w1") {
+            baselines.splice(
+                0..0,
+                [(round100(true), plan.w1), (round100(false), plan.w1)],
+            );
+        }
+        for (baseline, n) in baselines {
             match raw::run(&url, baseline, n) {
                 Ok(r) => {
                     report.add(
@@ -243,46 +250,38 @@ fn run() -> BenchResult<()> {
     let retain0 = ("FORKQ_RETENTION_SECONDS", "0".to_string());
     let noop = || ("noop", json!({}));
     let mut clean_w1: Option<Drain> = None;
-    if wants("w1") || wants("crowded") {
-        let n = plan.w1;
-        let result = workloads::drain(&ctx, "w1", n, noop(), &[2], &[], Crowd::default());
+    if wants("w1") {
+        for (archive, extra) in [(true, vec![]), (false, vec![retain0.clone()])] {
+            let baseline = round100(archive);
+            let label = format!(
+                "W1 {}k noop, 2 children, {}",
+                plan.w1 / 1000,
+                if archive {
+                    "default retention (archive)"
+                } else {
+                    "FORKQ_RETENTION_SECONDS=0"
+                }
+            );
+            match paired_w1(&ctx, baseline, plan.w1, &extra, plan.w1_pairs) {
+                Ok(pairs) => {
+                    let median = paired_rows(&mut report, &label, baseline, plan.w1, &pairs);
+                    if archive {
+                        clean_w1 = Some(median);
+                    }
+                }
+                Err(e) => report.add(label, format!("error: {e}"), "", ""),
+            }
+        }
+    } else if wants("crowded") {
+        let result = workloads::drain(&ctx, "w1", plan.w1, noop(), &[2], &[], Crowd::default());
         if let Ok(d) = &result {
             clean_w1 = Some(d.clone());
         }
-        drain_row(
-            &mut report,
-            &format!(
-                "W1 {}k noop, 2 children, default retention (archive)",
-                n / 1000
-            ),
-            result,
-            raw_rate(round100(true))
-                .map(|r| (r.rate, r.pg_us_per_job, "raw round of 100 (archive)")),
-            Some(ISSUE_TARGETS),
+        let label = format!(
+            "W1 {}k noop, 2 children, default retention (archive)",
+            plan.w1 / 1000
         );
-    }
-    if wants("w1") {
-        let n = plan.w1;
-        let result = workloads::drain(
-            &ctx,
-            "w1",
-            n,
-            noop(),
-            &[2],
-            std::slice::from_ref(&retain0),
-            Crowd::default(),
-        );
-        drain_row(
-            &mut report,
-            &format!(
-                "W1 {}k noop, 2 children, FORKQ_RETENTION_SECONDS=0",
-                n / 1000
-            ),
-            result,
-            raw_rate(round100(false))
-                .map(|r| (r.rate, r.pg_us_per_job, "raw round of 100 (delete)")),
-            Some(ISSUE_TARGETS),
-        );
+        drain_row(&mut report, &label, result, None, None);
     }
     if wants("crowded") {
         let n = plan.w1;
@@ -363,6 +362,21 @@ fn run() -> BenchResult<()> {
                 "",
             ),
             Err(e) => report.add("raw (d): NOTIFY", format!("error: {e}"), "", ""),
+        }
+        match raw::claim_latency(&url, plan.w2.min(300)) {
+            Ok(v) => report.add(
+                "raw: claim 1 waiting job, 1 statement, synchronous_commit off (floor under W2)",
+                format!(
+                    "p50 {:.2} / p95 {:.2} / p99 {:.2} / max {:.2} ms per round, as the client sees it",
+                    percentile(&v, 0.5),
+                    percentile(&v, 0.95),
+                    percentile(&v, 0.99),
+                    percentile(&v, 1.0)
+                ),
+                "baseline",
+                "",
+            ),
+            Err(e) => report.add("raw: claim 1 waiting job", format!("error: {e}"), "", ""),
         }
         {
             let extra: Vec<(&str, String)> = Vec::new();
@@ -650,6 +664,128 @@ const ISSUE_TARGETS: (f64, f64) = (0.9, 1.15);
 
 /// A drain's row: rates, start-up, CPU split per job, and the ratios (spawn→empty rate, server
 /// CPU per job) to a baseline `(rate, PG µs/job, name)` measured in the same run, checked against
+/// W1 beside its raw baseline: `pairs` times, a raw drain of `n` jobs (`baseline`), then forkq
+/// draining the same `n` (settings `extra`) right after it. This machine's speed moves by half
+/// within minutes, so a ratio is only as good as the two drains are close in time: each pair's
+/// ratio is taken on its own, and the row gives their median.
+fn paired_w1(
+    ctx: &Ctx,
+    baseline: Baseline,
+    n: usize,
+    extra: &[(&str, String)],
+    pairs: usize,
+) -> BenchResult<Vec<(RawResult, Drain)>> {
+    (0..pairs)
+        .map(|_| {
+            let raw = raw::run(&ctx.url, baseline, n)?;
+            let drain = workloads::drain(
+                ctx,
+                "w1",
+                n,
+                ("noop", json!({})),
+                &[2],
+                extra,
+                Crowd::default(),
+            )?;
+            Ok((raw, drain))
+        })
+        .collect()
+}
+
+/// The rows of a paired W1 (see [`paired_w1`]): the baseline's median drain, then forkq's
+/// median drain with the median of the pairs' ratios and each pair's; returns that drain.
+fn paired_rows(
+    report: &mut Report,
+    label: &str,
+    baseline: Baseline,
+    n: usize,
+    pairs: &[(RawResult, Drain)],
+) -> Drain {
+    let median_of = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[(v.len() - 1) / 2]
+    };
+    let per_job = |d: &Drain| d.pg_cpu_s * 1e6 / d.n as f64;
+    let rates: Vec<f64> = pairs.iter().map(|(r, d)| d.rate() / r.rate).collect();
+    let cpus: Vec<f64> = pairs
+        .iter()
+        .map(|(r, d)| per_job(d) / r.pg_us_per_job)
+        .collect();
+    let (rate_ratio, cpu_ratio) = (median_of(rates.clone()), median_of(cpus.clone()));
+    let middle = |key: &dyn Fn(&(RawResult, Drain)) -> f64| {
+        let mut sorted: Vec<&(RawResult, Drain)> = pairs.iter().collect();
+        sorted.sort_by(|a, b| key(a).total_cmp(&key(b)));
+        sorted[(sorted.len() - 1) / 2]
+    };
+    let raw = middle(&|(r, _)| r.rate).0;
+    let drain = middle(&|(_, d)| d.rate()).1.clone();
+    let of = |k: usize| {
+        if k == 1 {
+            String::new()
+        } else {
+            format!(", median of {k} drains")
+        }
+    };
+    report.add(
+        format!(
+            "{} ({}k jobs{})",
+            baseline.label(),
+            n / 1000,
+            of(pairs.len())
+        ),
+        format!(
+            "{:.0} jobs/s; PG CPU {:.1} µs/job",
+            raw.rate, raw.pg_us_per_job
+        ),
+        "baseline",
+        "",
+    );
+    let each = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let name = if baseline.archive {
+        "raw round of 100 (archive)"
+    } else {
+        "raw round of 100 (delete)"
+    };
+    let (least, most) = ISSUE_TARGETS;
+    report.add(
+        format!("{label}{}", of(pairs.len())),
+        drain_text(&drain),
+        format!(
+            "spawn→empty {rate_ratio:.2}x {name}; PG CPU/job {cpu_ratio:.2}x \
+             (each pair, drained back to back: {} and {})",
+            each(&rates),
+            each(&cpus)
+        ),
+        format!(
+            "≥ {least}x and CPU ≤ {most}x: {}",
+            verdict(rate_ratio >= least && cpu_ratio <= most)
+        ),
+    );
+    drain
+}
+
+/// What a drain measured, for its row.
+fn drain_text(d: &Drain) -> String {
+    let steady_text = match d.steady {
+        Some(rate) => format!("{rate:.0} jobs/s"),
+        None => "n/a (too fast to sample)".into(),
+    };
+    let per_job = |s: f64| s * 1e6 / d.n as f64;
+    format!(
+        "{:.2} s spawn→empty = {:.0} jobs/s; steady {steady_text}; start-up {:.2} s; CPU/job: forkq {:.1} µs, PG {:.1} µs",
+        d.total_s,
+        d.rate(),
+        d.first_job_s,
+        per_job(d.forkq_cpu_s),
+        per_job(d.pg_cpu_s)
+    )
+}
+
 /// `targets` (least rate ratio, most CPU ratio).
 fn drain_row(
     report: &mut Report,
@@ -662,19 +798,8 @@ fn drain_row(
         Ok(d) => d,
         Err(e) => return report.add(label, format!("error: {e}"), "", ""),
     };
-    let steady_text = match d.steady {
-        Some(rate) => format!("{rate:.0} jobs/s"),
-        None => "n/a (too fast to sample)".into(),
-    };
     let per_job = |s: f64| s * 1e6 / d.n as f64;
-    let measured = format!(
-        "{:.2} s spawn→empty = {:.0} jobs/s; steady {steady_text}; start-up {:.2} s; CPU/job: forkq {:.1} µs, PG {:.1} µs",
-        d.total_s,
-        d.rate(),
-        d.first_job_s,
-        per_job(d.forkq_cpu_s),
-        per_job(d.pg_cpu_s)
-    );
+    let measured = drain_text(&d);
     let Some((rate, cpu, name)) = baseline else {
         return report.add(label, measured, "", "");
     };

@@ -156,6 +156,37 @@ pub fn commit_latency(url: &str, n: usize) -> BenchResult<Vec<f64>> {
     Ok(out)
 }
 
+/// The other floor under W2: what claiming one waiting job costs a hand-written loop, as its
+/// client sees it. `n` times, one job is enqueued (untimed), then one connection runs the baseline
+/// round of 1 (acknowledging nothing: an idle worker's acks went with its last empty round) with
+/// `synchronous_commit = off`, as forkq's workers do; milliseconds per round, sorted. A worker
+/// woken for a job can start it no sooner than one such round after the notification.
+pub fn claim_latency(url: &str, n: usize) -> BenchResult<Vec<f64>> {
+    let schema = BenchSchema::new(url, "claim")?;
+    let mut client = connect(url, "forkq-bench raw")?;
+    client.batch_execute("SET synchronous_commit = off")?;
+    let enqueue = client.prepare(
+        &schema.sql("INSERT INTO {s}.jobs (queue, task, payload) VALUES ('default', 'noop', '{}')"),
+    )?;
+    let round = client.prepare(&schema.sql(&statement(Baseline {
+        batch: 1,
+        archive: true,
+    })))?;
+    let none: Vec<i64> = Vec::new();
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        client.execute(&enqueue, &[])?;
+        let t = Instant::now();
+        let rows = client.query(&round, &[&none, &0i64, &"raw", &fastrand::i64(..), &1i64])?;
+        out.push(t.elapsed().as_secs_f64() * 1e3);
+        if rows.len() != 1 {
+            return Err(format!("the claim round took {} jobs, not 1", rows.len()).into());
+        }
+    }
+    out.sort_by(f64::total_cmp);
+    Ok(out)
+}
+
 /// The floor under W2: `n` bare `NOTIFY`s (autocommit, one every 10 ms) from one connection to
 /// another that LISTENs and blocks on its socket; milliseconds from the moment the notifying
 /// call returned to the moment the listener held the notification, sorted.

@@ -117,8 +117,12 @@ const METHOD: &str = "
 * **W1 / scale**: time from spawning `forkq run` to an empty hot table (start-up included), and the
   steady rate between 10 % and 90 % done (sampled every 10 ms from `/metrics`, i.e. shared memory).
   `FORKQ_RETENTION_SECONDS=0` (delete on completion) unless the row says *archive*, so the work
-  matches raw (a)/(b). CPU is the summed user+system time of all forkq processes and of the
-  PostgreSQL backends serving them (found by an `application_name` tag), per job.
+  matches the raw round of 100 it is compared with. CPU is the summed user+system time of all
+  forkq processes and of the PostgreSQL backends serving them (found by an `application_name`
+  tag), per job. *W1 pairs*: each W1 row drains 3 times (quick: once), each time right after a
+  raw drain of the same work; the ratios are taken pair by pair and the row gives their median
+  and each pair's (the machine's speed moves within minutes, so only drains seconds apart
+  compare). The raw round-of-100 rows are the median of those raw drains.
 * **Scale curve** (rows `D daemon(s) x C children`, and the chart): on `BENCH_SCALE_URL`, a
   private cluster with stock settings and `max_connections=400` that `scripts/bench.sh` starts, so
   8 x 32 children fit and nothing else runs there. D daemons of C children each on one schema,
@@ -141,11 +145,15 @@ const METHOD: &str = "
   100 connections that LISTEN on the channel (a thread each); CPU of the sending backend and of the
   listening backends per notification.
 * **W1-durable**: `FORKQ_DURABLE=1` (prefetch 1, each ack committed before the next job starts);
-  compared with raw (b) (delete) and raw (c) (archive), the one-commit-per-job loops.
+  compared with the raw rounds of 1 (delete, archive), the one-commit-per-job loops.
 * **W2**: the benchmark's own worker binary (`forkq-bench worker`: `forkq::run` with a Rust handler
   whose first line writes CLOCK_MONOTONIC to a file), 2 idle children, jobs enqueued one by one
   with the library's `forkq::queue::producer::enqueue` at a fixed rate. Two spans: from just before
-  the enqueue call, and from the moment the call (and so its commit) returned.
+  the enqueue call, and from the moment the call (and so its commit) returned. Its floors: raw
+  (d), a bare `NOTIFY` reaching a listening connection; and *claim 1 waiting job*, the raw round
+  of 1 with nothing to acknowledge on one connection with `synchronous_commit = off` (what a
+  worker woken for one job must do before it can start it), timed from the client, each after an
+  untimed one-row insert, 300 times (quick: 200).
 * **W3**: builtin `sleep` jobs of 50 ms, 2 children, spawn to empty.
 * **Recovery**: a 5 s job in the stamping worker; 1.2 s into each run the child running it is
   killed with SIGKILL; time to the handler's next start (any child) and to the replacement child's
@@ -154,9 +162,9 @@ const METHOD: &str = "
   work): CPU from /proc/PID/stat of the supervisor, the probe and the children over the window;
   RSS/PSS from /proc/PID/smaps_rollup.
 * **Raw baselines**: 2 threads of the bench binary, each with its own `postgres::Client`, on the
-  same tables and partial claim index as forkq. (a) `UPDATE … FROM (SELECT … LIMIT 100 FOR UPDATE
-  SKIP LOCKED)` setting a lease, then `DELETE … WHERE id = ANY($1)`; (b) `DELETE … WHERE id =
-  (SELECT … LIMIT 1 FOR UPDATE SKIP LOCKED)`, autocommit; (c) one statement of data-modifying CTEs:
-  delete the previous job (fenced by its lease token), insert it into `jobs_archive`, claim the
-  next. Nothing is timed in the raw loops but the loop itself.
+  same tables and partial claim index as forkq, with `synchronous_commit = on`. Each round is one
+  statement of data-modifying CTEs: delete the previous round's jobs (fenced by their lease
+  token), insert them into `jobs_archive` (*into the archive*) or not (*delete*), and claim the
+  next 100 (or 1) with `FOR UPDATE SKIP LOCKED`, setting a lease. Nothing is timed in the raw
+  loops but the loop itself.
 ";
