@@ -40,8 +40,8 @@ use workloads::{Crowd, Ctx, Drain};
 /// it the two ten-minute soaks.
 struct Plan {
     w1: usize,
-    /// Raw and forkq drains of W1, back to back, per row (see `paired_w1`).
-    w1_pairs: usize,
+    /// Raw and forkq drains back to back, per W1 and durable row (see `paired`).
+    pairs: usize,
     crowd: Crowd,
     durable: usize,
     w2: usize,
@@ -59,7 +59,7 @@ impl Plan {
         if quick {
             Plan {
                 w1: 20_000,
-                w1_pairs: 1,
+                pairs: 1,
                 crowd: Crowd {
                     scheduled: 100_000,
                     archived: 1_000_000,
@@ -77,7 +77,7 @@ impl Plan {
         } else {
             Plan {
                 w1: 100_000,
-                w1_pairs: 3,
+                pairs: 3,
                 crowd: Crowd {
                     scheduled: 1_000_000,
                     archived: 10_000_000,
@@ -192,7 +192,6 @@ fn run() -> BenchResult<()> {
     );
 
     let mut report = Report::default();
-    let mut raw_results: Vec<(Baseline, RawResult)> = Vec::new();
     // One-commit-per-job loops run at the disk's fsync rate, which varies 20x between an idle and
     // a busy machine: size them to about 4 s at the measured commit latency, so the run stays
     // bounded, and give forkq's durable mode the same size, so the comparison stays fair.
@@ -222,30 +221,26 @@ fn run() -> BenchResult<()> {
     };
     let round1 = |archive| Baseline { batch: 1, archive };
     if wants("raw") {
-        // With W1, the rounds of 100 are drained beside it, in pairs (see `paired_w1`).
-        let mut baselines = vec![(round1(true), one_commit_n), (round1(false), one_commit_n)];
+        // W1 and durable drain their baselines beside them, in pairs (see `paired`).
+        let mut baselines = Vec::new();
         if !wants("w1") {
-            baselines.splice(
-                0..0,
-                [(round100(true), plan.w1), (round100(false), plan.w1)],
-            );
+            baselines.extend([(round100(true), plan.w1), (round100(false), plan.w1)]);
+        }
+        if !wants("durable") {
+            baselines.extend([(round1(true), one_commit_n), (round1(false), one_commit_n)]);
         }
         for (baseline, n) in baselines {
             match raw::run(&url, baseline, n) {
-                Ok(r) => {
-                    report.add(
-                        format!("{} ({}k jobs)", baseline.label(), n as f64 / 1000.0),
-                        format!("{:.0} jobs/s; PG CPU {:.1} µs/job", r.rate, r.pg_us_per_job),
-                        "baseline",
-                        "",
-                    );
-                    raw_results.push((baseline, r));
-                }
+                Ok(r) => report.add(
+                    format!("{} ({}k jobs)", baseline.label(), n as f64 / 1000.0),
+                    format!("{:.0} jobs/s; PG CPU {:.1} µs/job", r.rate, r.pg_us_per_job),
+                    "baseline",
+                    "",
+                ),
                 Err(e) => report.add(baseline.label(), format!("error: {e}"), "", ""),
             }
         }
     }
-    let raw_rate = |b: Baseline| raw_results.iter().find(|(rb, _)| *rb == b).map(|(_, r)| *r);
 
     let retain0 = ("FORKQ_RETENTION_SECONDS", "0".to_string());
     let noop = || ("noop", json!({}));
@@ -262,9 +257,9 @@ fn run() -> BenchResult<()> {
                     "FORKQ_RETENTION_SECONDS=0"
                 }
             );
-            match paired_w1(&ctx, baseline, plan.w1, &extra, plan.w1_pairs) {
+            match paired(&ctx, baseline, plan.w1, &extra, plan.pairs) {
                 Ok(pairs) => {
-                    let median = paired_rows(&mut report, &label, baseline, plan.w1, &pairs);
+                    let median = paired_rows(&mut report, &label, baseline, &pairs, ISSUE_TARGETS);
                     if archive {
                         clean_w1 = Some(median);
                     }
@@ -307,29 +302,27 @@ fn run() -> BenchResult<()> {
         );
     }
     if wants("durable") {
-        let n = one_commit_n;
         let durable = ("FORKQ_DURABLE", "1".to_string());
         for (archive, extra) in [
             (true, vec![durable.clone()]),
             (false, vec![durable.clone(), retain0.clone()]),
         ] {
-            let result =
-                workloads::drain(&ctx, "durable", n, noop(), &[2], &extra, Crowd::default());
-            drain_row(
-                &mut report,
-                &format!(
-                    "W1-durable {}k, {}",
-                    n as f64 / 1000.0,
-                    if archive {
-                        "archive"
-                    } else {
-                        "delete (retention 0)"
-                    }
-                ),
-                result,
-                raw_rate(round1(archive)).map(|r| (r.rate, r.pg_us_per_job, "raw round of 1")),
-                Some((0.9, f64::INFINITY)),
+            let baseline = round1(archive);
+            let label = format!(
+                "W1-durable {}k, {}",
+                one_commit_n as f64 / 1000.0,
+                if archive {
+                    "archive"
+                } else {
+                    "delete (retention 0)"
+                }
             );
+            match paired(&ctx, baseline, one_commit_n, &extra, plan.pairs) {
+                Ok(pairs) => {
+                    paired_rows(&mut report, &label, baseline, &pairs, (0.9, f64::INFINITY));
+                }
+                Err(e) => report.add(label, format!("error: {e}"), "", ""),
+            }
         }
     }
     if wants("mixed") {
@@ -664,42 +657,38 @@ const ISSUE_TARGETS: (f64, f64) = (0.9, 1.15);
 
 /// A drain's row: rates, start-up, CPU split per job, and the ratios (spawn→empty rate, server
 /// CPU per job) to a baseline `(rate, PG µs/job, name)` measured in the same run, checked against
-/// W1 beside its raw baseline: `pairs` times, a raw drain of `n` jobs (`baseline`), then forkq
-/// draining the same `n` (settings `extra`) right after it. This machine's speed moves by half
-/// within minutes, so a ratio is only as good as the two drains are close in time: each pair's
-/// ratio is taken on its own, and the row gives their median.
-fn paired_w1(
+/// A drain beside its raw baseline: `pairs` times, a raw drain of `n` jobs (`baseline`), then
+/// forkq draining the same `n` noops (2 children, settings `extra`) right after it. This machine's
+/// speed (and its disk's fsync rate) moves by half within minutes, so a ratio is only as good as
+/// the two drains are close in time: each pair's ratio is taken on its own, and the row gives
+/// their median.
+fn paired(
     ctx: &Ctx,
     baseline: Baseline,
     n: usize,
     extra: &[(&str, String)],
     pairs: usize,
 ) -> BenchResult<Vec<(RawResult, Drain)>> {
+    let label = if baseline.batch == 1 { "durable" } else { "w1" };
     (0..pairs)
         .map(|_| {
             let raw = raw::run(&ctx.url, baseline, n)?;
-            let drain = workloads::drain(
-                ctx,
-                "w1",
-                n,
-                ("noop", json!({})),
-                &[2],
-                extra,
-                Crowd::default(),
-            )?;
+            let job = ("noop", json!({}));
+            let drain = workloads::drain(ctx, label, n, job, &[2], extra, Crowd::default())?;
             Ok((raw, drain))
         })
         .collect()
 }
 
-/// The rows of a paired W1 (see [`paired_w1`]): the baseline's median drain, then forkq's
-/// median drain with the median of the pairs' ratios and each pair's; returns that drain.
+/// The rows of a [`paired`] drain: the baseline's median drain, then forkq's median drain with
+/// the median of the pairs' ratios and each pair's, judged against `targets` (least jobs/s
+/// ratio, most server CPU ratio); returns that drain.
 fn paired_rows(
     report: &mut Report,
     label: &str,
     baseline: Baseline,
-    n: usize,
     pairs: &[(RawResult, Drain)],
+    targets: (f64, f64),
 ) -> Drain {
     let median_of = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -730,7 +719,7 @@ fn paired_rows(
         format!(
             "{} ({}k jobs{})",
             baseline.label(),
-            n / 1000,
+            drain.n as f64 / 1000.0,
             of(pairs.len())
         ),
         format!(
@@ -746,12 +735,24 @@ fn paired_rows(
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let name = if baseline.archive {
-        "raw round of 100 (archive)"
+    let name = format!(
+        "raw round of {} ({})",
+        baseline.batch,
+        if baseline.archive {
+            "archive"
+        } else {
+            "delete"
+        }
+    );
+    let (least, most) = targets;
+    let goal = if most.is_finite() {
+        format!(
+            "≥ {least}x and CPU ≤ {most}x: {}",
+            verdict(rate_ratio >= least && cpu_ratio <= most)
+        )
     } else {
-        "raw round of 100 (delete)"
+        format!("≥ {least}x: {}", verdict(rate_ratio >= least))
     };
-    let (least, most) = ISSUE_TARGETS;
     report.add(
         format!("{label}{}", of(pairs.len())),
         drain_text(&drain),
@@ -761,10 +762,7 @@ fn paired_rows(
             each(&rates),
             each(&cpus)
         ),
-        format!(
-            "≥ {least}x and CPU ≤ {most}x: {}",
-            verdict(rate_ratio >= least && cpu_ratio <= most)
-        ),
+        goal,
     );
     drain
 }
