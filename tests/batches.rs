@@ -371,7 +371,7 @@ fn claim(conn: &mut postgres::Client, schema: &TestSchema, owner: &str) -> (i64,
     let token = fastrand::i64(..);
     let rows = conn
         .query(
-            &forkq::queue::sql::render(&forkq::queue::sql::round(1, 100), &schema.name),
+            &forkq::queue::sql::render(&forkq::queue::sql::round(1, 100, false), &schema.name),
             &[
                 &none,
                 &none,

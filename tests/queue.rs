@@ -29,12 +29,15 @@ fn enqueue(schema: &TestSchema, job: NewJob) -> i64 {
     producer::enqueue(&mut connect(), &schema.name, &limits(), &job).expect("enqueue")
 }
 
-/// Claims as a child does: a round that made due scheduled jobs claimable (and claimed nothing)
-/// is followed by another.
+/// Claims as a child does: a round that found due scheduled jobs (and claimed nothing) is
+/// followed by the one that makes them claimable, and that one by another.
 fn claim(c: &mut Consumer, limit: usize) -> Vec<Claimed> {
-    let round = c.settle_and_claim(&[], limit).expect("claim");
-    if round.claimed.is_empty() && round.promoted > 0 {
-        return c.settle_and_claim(&[], limit).expect("claim").claimed;
+    let mut round = c.settle_and_claim(&[], limit).expect("claim");
+    for _ in 0..2 {
+        if !round.claimed.is_empty() || (round.promoted == 0 && !round.due) {
+            break;
+        }
+        round = c.settle_and_claim(&[], limit).expect("claim");
     }
     round.claimed
 }
@@ -1098,22 +1101,31 @@ fn due_jobs_are_promoted_into_the_claim() {
     let mut c = consumer(&schema, "w", &[]);
     let round = c.settle_and_claim(&[], 10).unwrap();
     assert!(
-        round.claimed.is_empty() && round.promoted == 0,
+        round.claimed.is_empty() && round.promoted == 0 && !round.due,
         "not due yet"
     );
     exec(
         &schema,
         "UPDATE {s}.jobs SET run_at = now() - interval '1 second'",
     );
-    // The round that finds it due makes it claimable; the next one claims it.
+    // The round that finds it due says so; an ack-only round says so too, and promotes nothing
+    // (it claims nothing, and `$9` bounds the promotion); the next claim makes it claimable; the
+    // one after claims it.
+    let round = c.settle_and_claim(&[], 10).unwrap();
+    assert!(round.claimed.is_empty() && round.promoted == 0 && round.due);
+    let round = c.settle_and_claim(&[], 0).unwrap();
+    assert!(round.promoted == 0 && round.due);
+    assert_eq!(schema.job(id).unwrap()["state"], "scheduled");
     let round = c.settle_and_claim(&[], 10).unwrap();
     assert!(
         round.claimed.is_empty(),
         "promoted, not claimed in the same round"
     );
-    assert_eq!(round.promoted, 1);
+    assert_eq!((round.promoted, round.due), (1, false));
     assert_eq!(schema.job(id).unwrap()["state"], "available");
-    assert_eq!(c.settle_and_claim(&[], 10).unwrap().claimed[0].job.id, id);
+    let round = c.settle_and_claim(&[], 10).unwrap();
+    assert_eq!(round.claimed[0].job.id, id);
+    assert!(!round.due, "nothing else is due");
 }
 
 #[test]
@@ -1258,12 +1270,13 @@ fn claim_plan_stays_on_the_index_with_stale_statistics() {
     exec(&schema, "ANALYZE {s}.jobs");
     schema.enqueue_n("default", "noop", json!({}), JOBS);
 
-    // The lean round exactly as the children prepare it (one queue and two), planned both custom
+    // The lean round exactly as the children prepare it (one queue and two, and the promoting
+    // form), planned both custom
     // and generic: the pick walks the claim index in its order and the update reaches the picked
     // rows through the primary key; nothing scans or sorts the hot table.
     let mut client = connect();
-    for queues in [1, 2] {
-        let round = render(&sql::round(queues, 100), &schema.name);
+    for (queues, promote) in [(1, false), (2, false), (1, true)] {
+        let round = render(&sql::round(queues, 100, promote), &schema.name);
         client
             .batch_execute(&format!(
                 "DEALLOCATE ALL; PREPARE round(bigint[], bigint[], jsonb[], boolean, text, bigint, \
@@ -1285,7 +1298,7 @@ fn claim_plan_stays_on_the_index_with_stale_statistics() {
                 .map(|r| r.get(0))
                 .collect();
             let plan = plan.join("\n");
-            println!("round plan ({queues} queue(s), {mode}):\n{plan}");
+            println!("round plan ({queues} queue(s), promoting {promote}, {mode}):\n{plan}");
             assert!(
                 plan.contains("jobs_claim_idx") && plan.contains("jobs_pkey"),
                 "{mode} plan misses an index:\n{plan}"

@@ -124,6 +124,8 @@ struct Brought {
     claimed: usize,
     /// Due scheduled jobs made claimable, for the next round.
     promoted: i64,
+    /// Due scheduled jobs wait; the next round that claims makes them claimable.
+    due: bool,
     /// When a rate-limited queue allows its next start, if it refused this claim.
     retry_in: Option<Duration>,
     /// No claim turn was free across the hosts (see [`crate::queue::consumer::Round::no_turn`]).
@@ -207,8 +209,9 @@ impl Worker<'_> {
             let wake_seen = self.slot.wake.load(Ordering::Acquire);
             let limit = claim_size(self.average_job, self.config.prefetch);
             let brought = self.send_acks_and_claim(limit, false)?;
-            if self.held.prefetched().is_empty() && brought.promoted > 0 {
-                // Due scheduled jobs were just made claimable: claim them now.
+            if self.held.prefetched().is_empty() && (brought.promoted > 0 || brought.due) {
+                // Due scheduled jobs were just made claimable, or are due and the next round
+                // makes them so: claim them now.
                 woken = true;
                 continue;
             }
@@ -492,6 +495,7 @@ impl Worker<'_> {
         let brought = Brought {
             claimed: round.claimed.len(),
             promoted: round.promoted,
+            due: round.due,
             retry_in: round.retry_in,
             no_turn: round.no_turn,
         };
@@ -757,7 +761,7 @@ impl Worker<'_> {
     /// more work than it can take), a signal, or this child's turn to poll; heartbeats meanwhile,
     /// and runs the host's maintenance pass when its turn comes, so a child woken for work never
     /// runs it first. One idle child per host polls the database per `FORKQ_POLL_INTERVAL_MS`
-    /// (for scheduled jobs that fell due, whose claim round makes them claimable, and as the
+    /// (for scheduled jobs that fell due, which its claim round finds and the next one makes claimable, and as the
     /// fallback when notifications are off), not every child. `retry_in`: a rate-limited queue
     /// allows its next start then, so the wait ends by then. Returns whether a wake-up ended the
     /// wait.

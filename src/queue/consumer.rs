@@ -106,6 +106,9 @@ pub struct Round {
     pub changes: i64,
     /// Due scheduled and retryable jobs this round made claimable (for the next round).
     pub promoted: i64,
+    /// Due scheduled or retryable jobs wait to be made claimable: the consumer's next round
+    /// that claims makes them so (this one only looked; see [`sql::round`]).
+    pub due: bool,
     /// When a rate-limited queue allows its next start, if one refused this round's claim.
     pub retry_in: Option<Duration>,
     /// The round claimed nothing because every claim turn of the schema was taken
@@ -167,6 +170,8 @@ pub struct Consumer {
     /// The most jobs one round claims (`FORKQ_PREFETCH`), written into the round (see
     /// [`sql::round`]).
     claim_cap: usize,
+    /// The last round said jobs are due: the next one that claims promotes them.
+    promote_next: bool,
     statements: Statements,
 }
 
@@ -175,6 +180,8 @@ pub struct Consumer {
 struct Statements {
     /// The lean round of each step (`None` for limited steps and until first used).
     rounds: Vec<Option<Prepared>>,
+    /// The first step's round in its promoting form (see [`sql::round`]).
+    promoting: Option<Prepared>,
     claim_limited: Option<Prepared>,
     snooze: Option<Prepared>,
     report_progress: Option<Prepared>,
@@ -439,6 +446,7 @@ impl Consumer {
             // one-key locks forkq takes elsewhere.
             claim_gate_key: (sql::advisory_key("claim", &config.schema) >> 32) as i32,
             claim_cap: config.prefetch,
+            promote_next: false,
             statements: Statements::default(),
         };
         consumer.refresh_flow()?;
@@ -476,6 +484,7 @@ impl Consumer {
                 );
             }
             self.statements.rounds = vec![None; steps.len()];
+            self.statements.promoting = None;
             self.steps = steps;
         }
         self.flow = flow.clone();
@@ -564,10 +573,14 @@ impl Consumer {
             let claimed = match self.steps[index].clone() {
                 Step::Lean(queues) => {
                     let acks = lean_acks.take().into_iter().flatten();
-                    let round = self.round(index, &queues, acks, limit)?;
+                    // Only a round that claims promotes: `$9` bounds the promotion too.
+                    let promote = index == 0 && limit > 0 && self.promote_next;
+                    let round = self.round(index, &queues, acks, limit, promote)?;
                     if index == 0 {
                         out.refused = round.refused;
                         out.changes = round.changes;
+                        out.due = round.due;
+                        self.promote_next = round.due;
                     }
                     out.promoted += round.promoted;
                     out.no_turn |= round.no_turn;
@@ -592,24 +605,30 @@ impl Consumer {
         Ok(out)
     }
 
-    /// The lean round of step `index` over `queues` (see [`sql::round`]).
+    /// The lean round of step `index` over `queues`, in its promoting form when `promote` (see
+    /// [`sql::round`]).
     fn round<'a>(
         &mut self,
         index: usize,
         queues: &[String],
         acks: impl IntoIterator<Item = &'a Ack>,
         limit: usize,
+        promote: bool,
     ) -> Result<Round, QueueError> {
         let c = AckColumns::of(acks);
-        let round = match &self.statements.rounds[index] {
+        let slot = match promote {
+            true => &mut self.statements.promoting,
+            false => &mut self.statements.rounds[index],
+        };
+        let round = match slot {
             Some(round) => round.clone(),
             // Built only when it is to be prepared: rendering the few kilobytes of text at every
             // round was a child's largest user-space cost in durable mode (4 % of its CPU, perf).
             None => prepared(
                 &mut self.client,
-                &mut self.statements.rounds[index],
+                slot,
                 &self.schema,
-                &sql::round(queues.len(), self.claim_cap),
+                &sql::round(queues.len(), self.claim_cap, promote),
             )?,
         };
         let token = fastrand::i64(..);
@@ -639,6 +658,7 @@ impl Consumer {
                     .unwrap_or_default();
                 out.changes = row.get("changes");
                 out.promoted = row.get("promoted");
+                out.due = row.get("due");
                 out.no_turn = limit > 0 && row.get::<_, Option<bool>>("turn_taken") == Some(false);
                 continue;
             };

@@ -727,8 +727,14 @@ mod tests {
 
     #[test]
     fn claim_rounds_and_maintenance_are_told_apart() {
-        assert_eq!(super::statement_kind(&sql::round(1, 100)), "claim rounds");
-        assert_eq!(super::statement_kind(&sql::round(3, 100)), "claim rounds");
+        assert_eq!(
+            super::statement_kind(&sql::round(1, 100, false)),
+            "claim rounds"
+        );
+        assert_eq!(
+            super::statement_kind(&sql::round(3, 100, true)),
+            "claim rounds"
+        );
         assert_eq!(
             super::statement_kind(sql::TAKE_TURN_AND_RESCUE),
             "maintenance"
