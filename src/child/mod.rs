@@ -761,10 +761,10 @@ impl Worker<'_> {
     /// more work than it can take), a signal, or this child's turn to poll; heartbeats meanwhile,
     /// and runs the host's maintenance pass when its turn comes, so a child woken for work never
     /// runs it first. One idle child per host polls the database per `FORKQ_POLL_INTERVAL_MS`
-    /// (for scheduled jobs that fell due, which its claim round finds and the next one makes claimable, and as the
-    /// fallback when notifications are off), not every child. `retry_in`: a rate-limited queue
-    /// allows its next start then, so the wait ends by then. Returns whether a wake-up ended the
-    /// wait.
+    /// (for scheduled jobs that fell due, which its claim round finds and the next one makes
+    /// claimable, and as the fallback when notifications are off), not every child. `retry_in`: a
+    /// rate-limited queue allows its next start then, so the wait ends by then. Returns whether a
+    /// wake-up ended the wait.
     fn wait_idle(&mut self, wake_seen: u32, retry_in: Option<Duration>) -> bool {
         let _idle = logging::activity(Activity::Idle);
         self.slot.set_state(SlotState::Idle);
