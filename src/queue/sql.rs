@@ -167,9 +167,13 @@ const PROMOTE: &str = ", promoted AS (
     )";
 
 /// What the lean round says in place of promoting (see [`round`]): nothing promoted, and whether
-/// any job is due (one probe of `jobs_due_idx`).
-const DUE: &str = "0::bigint, EXISTS (SELECT 1 FROM {s}.jobs d
-                        WHERE d.state IN ('scheduled', 'retryable') AND d.run_at <= now())";
+/// any job is due: whether the earliest scheduled or retryable job is (the first entry of
+/// `jobs_due_idx`). Asked as `EXISTS (… AND run_at <= now())`, a generic plan, which cannot know
+/// what `now()` will be, guessed a third of those jobs are due and scanned the hot table for one:
+/// 104 ms a round beside 1M jobs scheduled for tomorrow.
+const DUE: &str = "0::bigint, coalesce((SELECT d.run_at <= now() FROM {s}.jobs d
+                                  WHERE d.state IN ('scheduled', 'retryable')
+                                  ORDER BY d.run_at LIMIT 1), false)";
 
 /// One queue's pick: its first claimable jobs in claim order (at most `{cap}`; see [`round`]),
 /// locked, skipping rows others hold. Served by `jobs_claim_idx` (equality on queue, then its
