@@ -214,10 +214,10 @@ const GATE: &str = "($10::int = 0 OR $9::int = 0 OR EXISTS (
 /// both limits, so a round locks at most `$9` rows as before.
 ///
 /// `promote`: the promoting form, which a worker sends only after a round said jobs are due. The
-/// promotion's `UPDATE` costs the statement its start-up (the hot table and its indexes opened
-/// once more) whether it finds a due job or not: with it in every round, rounds of one job with
-/// synchronous commit (durable mode's) ran about 15 % slower than with the probe in its place
-/// (pgbench, 2 clients, 8,000 rounds, 3 runs each).
+/// promotion's `UPDATE` cost every round, whether it found a due job or not: with it in every
+/// round, rounds of one job with synchronous commit (durable mode's) ran about 15 % slower than
+/// with the probe in its place (pgbench, 2 clients, 8,000 rounds, 3 runs each); why an `UPDATE`
+/// of no row costs that much was not pinned down.
 pub fn round(queues: usize, cap: usize, promote: bool) -> String {
     let cap = cap.max(1).to_string();
     let pick = if queues <= 1 {
