@@ -341,50 +341,31 @@ fn run() -> BenchResult<()> {
         }
     }
     if wants("w2") {
-        match raw::notify_latency(&url, plan.w2.min(300)) {
-            Ok(v) => report.add(
+        let n = plan.w2.min(300);
+        for (label, short, floor, unit) in [
+            (
                 "raw (d): bare NOTIFY → a LISTENing connection (floor under W2)",
-                format!(
-                    "p50 {:.2} / p95 {:.2} / p99 {:.2} / max {:.2} ms after the NOTIFY call returned",
-                    percentile(&v, 0.5),
-                    percentile(&v, 0.95),
-                    percentile(&v, 0.99),
-                    percentile(&v, 1.0)
-                ),
-                "baseline",
-                "",
+                "raw (d): NOTIFY",
+                raw::notify_latency(&url, n),
+                "after the NOTIFY call returned",
             ),
-            Err(e) => report.add("raw (d): NOTIFY", format!("error: {e}"), "", ""),
-        }
-        match raw::claim_latency(&url, plan.w2.min(300)) {
-            Ok(v) => report.add(
+            (
                 "raw: claim 1 waiting job, 1 statement, synchronous_commit off (floor under W2)",
-                format!(
-                    "p50 {:.2} / p95 {:.2} / p99 {:.2} / max {:.2} ms per round, as the client sees it",
-                    percentile(&v, 0.5),
-                    percentile(&v, 0.95),
-                    percentile(&v, 0.99),
-                    percentile(&v, 1.0)
-                ),
-                "baseline",
-                "",
+                "raw: claim 1 waiting job",
+                raw::claim_latency(&url, n),
+                "per round, as the client sees it",
             ),
-            Err(e) => report.add("raw: claim 1 waiting job", format!("error: {e}"), "", ""),
+        ] {
+            match floor {
+                Ok(v) => report.add(label, format!("{} {unit}", spans(&v)), "baseline", ""),
+                Err(e) => report.add(short, format!("error: {e}"), "", ""),
+            }
         }
         {
             let extra: Vec<(&str, String)> = Vec::new();
             let label = format!("W2 {} jobs one by one at 100/s, idle fleet of 2", plan.w2);
             match workloads::latency(&ctx, plan.w2, 100, &extra) {
                 Ok(l) => {
-                    let spans = |v: &[f64]| {
-                        format!(
-                            "p50 {:.2} / p95 {:.2} / p99 {:.2} / max {:.2} ms",
-                            percentile(v, 0.5),
-                            percentile(v, 0.95),
-                            percentile(v, 0.99),
-                            percentile(v, 1.0)
-                        )
-                    };
                     let met = percentile(&l.from_commit, 0.5) <= 0.3
                         && percentile(&l.from_commit, 0.99) <= 1.0;
                     report.add(
@@ -765,6 +746,17 @@ fn paired_rows(
         goal,
     );
     drain
+}
+
+/// Sorted milliseconds as a row gives them: "p50 … / p95 … / p99 … / max … ms".
+fn spans(v: &[f64]) -> String {
+    format!(
+        "p50 {:.2} / p95 {:.2} / p99 {:.2} / max {:.2} ms",
+        percentile(v, 0.5),
+        percentile(v, 0.95),
+        percentile(v, 0.99),
+        percentile(v, 1.0)
+    )
 }
 
 /// What a drain measured, for its row.
