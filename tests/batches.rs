@@ -371,7 +371,17 @@ fn claim(conn: &mut postgres::Client, schema: &TestSchema, owner: &str) -> (i64,
     let token = fastrand::i64(..);
     let rows = conn
         .query(
-            &forkq::queue::sql::render(&forkq::queue::sql::round(1, 100, false), &schema.name),
+            &forkq::queue::sql::render(
+                &forkq::queue::sql::round(
+                    1,
+                    100,
+                    forkq::queue::sql::RoundForm {
+                        settles: true,
+                        promotes: false,
+                    },
+                ),
+                &schema.name,
+            ),
             &[
                 &none,
                 &none,

@@ -1263,14 +1263,21 @@ fn the_purge_reads_a_few_pages_when_nothing_has_expired() {
     );
 }
 
-/// Prepares the lean round exactly as the children do (one queue and two, and the promoting
-/// form) on `schema`, planned both custom and generic, and checks each plan: the pick walks the
-/// claim index in its order and the update reaches the picked rows through the primary key;
-/// nothing scans or sorts the hot table.
+/// Prepares the lean round exactly as the children do (one queue and two; settling and claiming,
+/// claiming only, promoting) on `schema`, planned both custom and generic, and checks each plan:
+/// the pick walks the claim index in its order and the update reaches the picked rows through the
+/// primary key; nothing scans or sorts the hot table.
 fn assert_round_plans_use_the_indexes(schema: &TestSchema) {
     let mut client = connect();
-    for (queues, promote) in [(1, false), (2, false), (1, true)] {
-        let round = render(&sql::round(queues, 100, promote), &schema.name);
+    for (queues, settles, promotes) in [
+        (1, true, false),
+        (2, true, false),
+        (1, false, false),
+        (1, true, true),
+        (2, false, true),
+    ] {
+        let form = sql::RoundForm { settles, promotes };
+        let round = render(&sql::round(queues, 100, form), &schema.name);
         client
             .batch_execute(&format!(
                 "DEALLOCATE ALL; PREPARE round(bigint[], bigint[], jsonb[], boolean, text, bigint, \
@@ -1292,7 +1299,7 @@ fn assert_round_plans_use_the_indexes(schema: &TestSchema) {
                 .map(|r| r.get(0))
                 .collect();
             let plan = plan.join("\n");
-            println!("round plan ({queues} queue(s), promoting {promote}, {mode}):\n{plan}");
+            println!("round plan ({queues} queue(s), {form:?}, {mode}):\n{plan}");
             assert!(
                 plan.contains("jobs_claim_idx") && plan.contains("jobs_pkey"),
                 "{mode} plan misses an index:\n{plan}"

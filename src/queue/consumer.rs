@@ -7,7 +7,7 @@
 //! when it connects and whenever the queue's count of changes moves (see [`Round::changes`]); the
 //! database enforces both whatever the worker knows.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -178,10 +178,8 @@ pub struct Consumer {
 /// The statements of one connection, by what they do.
 #[derive(Default)]
 struct Statements {
-    /// The lean round of each step (`None` for limited steps and until first used).
-    rounds: Vec<Option<Prepared>>,
-    /// The first step's round in its promoting form (see [`sql::round`]).
-    promoting: Option<Prepared>,
+    /// The lean rounds, by step and form, once used (see [`sql::round`]).
+    rounds: HashMap<(usize, sql::RoundForm), Prepared>,
     claim_limited: Option<Prepared>,
     snooze: Option<Prepared>,
     report_progress: Option<Prepared>,
@@ -224,16 +222,43 @@ fn prepared(
     if let Some(statement) = slot {
         return Ok(statement.clone());
     }
-    let text = render(text, schema);
-    let statement = if client.pooled {
-        let types = parameter_types(&mut client.client, &text)?;
-        Prepared::Unnamed(Arc::new((text, types)))
-    } else {
-        Prepared::Named(client.client.prepare(&text)?)
-    };
+    let statement = ready(client, render(text, schema), None)?;
     *slot = Some(statement.clone());
     Ok(statement)
 }
+
+/// Makes the rendered `text` ready to send on `client` (see [`prepared`]). `types`: its
+/// parameters' types, given rather than learned, so a statement may leave some unread.
+fn ready(
+    client: &mut Connection,
+    text: String,
+    types: Option<&[Type]>,
+) -> Result<Prepared, QueueError> {
+    Ok(match (client.pooled, types) {
+        (true, Some(types)) => Prepared::Unnamed(Arc::new((text, types.to_vec()))),
+        (true, None) => {
+            let types = parameter_types(&mut client.client, &text)?;
+            Prepared::Unnamed(Arc::new((text, types)))
+        }
+        (false, Some(types)) => Prepared::Named(client.client.prepare_typed(&text, types)?),
+        (false, None) => Prepared::Named(client.client.prepare(&text)?),
+    })
+}
+
+/// The lean round's parameters (see [`sql::round`]), `$1` to `$11`.
+const ROUND_PARAMETERS: [Type; 11] = [
+    Type::INT8_ARRAY,
+    Type::INT8_ARRAY,
+    Type::JSONB_ARRAY,
+    Type::BOOL,
+    Type::TEXT,
+    Type::INT8,
+    Type::FLOAT8,
+    Type::TEXT_ARRAY,
+    Type::INT4,
+    Type::INT4,
+    Type::INT4,
+];
 
 /// The parameter types PostgreSQL infers for `text`, asked in one simple query (so on one
 /// server connection, even behind a pooler) that prepares it under a name of forkq's own, reads
@@ -483,8 +508,7 @@ impl Consumer {
                     sorted(&flow.limited)
                 );
             }
-            self.statements.rounds = vec![None; steps.len()];
-            self.statements.promoting = None;
+            self.statements.rounds.clear();
             self.steps = steps;
         }
         self.flow = flow.clone();
@@ -572,10 +596,13 @@ impl Consumer {
             }
             let claimed = match self.steps[index].clone() {
                 Step::Lean(queues) => {
-                    let acks = lean_acks.take().into_iter().flatten();
-                    // Only a round that claims promotes: `$9` bounds the promotion too.
-                    let promote = index == 0 && limit > 0 && self.promote_next;
-                    let round = self.round(index, &queues, acks, limit, promote)?;
+                    let acks: Vec<&Ack> = lean_acks.take().into_iter().flatten().collect();
+                    let form = sql::RoundForm {
+                        settles: !acks.is_empty(),
+                        // Only a round that claims promotes: `$9` bounds the promotion too.
+                        promotes: index == 0 && limit > 0 && self.promote_next,
+                    };
+                    let round = self.round(index, &queues, acks, limit, form)?;
                     if index == 0 {
                         out.refused = round.refused;
                         out.changes = round.changes;
@@ -605,31 +632,29 @@ impl Consumer {
         Ok(out)
     }
 
-    /// The lean round of step `index` over `queues`, in its promoting form when `promote` (see
-    /// [`sql::round`]).
+    /// The lean round of step `index` over `queues`, in `form` (see [`sql::round`]).
     fn round<'a>(
         &mut self,
         index: usize,
         queues: &[String],
         acks: impl IntoIterator<Item = &'a Ack>,
         limit: usize,
-        promote: bool,
+        form: sql::RoundForm,
     ) -> Result<Round, QueueError> {
         let c = AckColumns::of(acks);
-        let slot = match promote {
-            true => &mut self.statements.promoting,
-            false => &mut self.statements.rounds[index],
-        };
-        let round = match slot {
+        let round = match self.statements.rounds.get(&(index, form)) {
             Some(round) => round.clone(),
             // Built only when it is to be prepared: rendering the few kilobytes of text at every
             // round was a child's largest user-space cost in durable mode (4 % of its CPU, perf).
-            None => prepared(
-                &mut self.client,
-                slot,
-                &self.schema,
-                &sql::round(queues.len(), self.claim_cap, promote),
-            )?,
+            None => {
+                let text = render(
+                    &sql::round(queues.len(), self.claim_cap, form),
+                    &self.schema,
+                );
+                let round = ready(&mut self.client, text, Some(&ROUND_PARAMETERS))?;
+                self.statements.rounds.insert((index, form), round.clone());
+                round
+            }
         };
         let token = fastrand::i64(..);
         let limit = limit as i32;

@@ -96,8 +96,8 @@ pub const ENQUEUE_EACH: &str = "
 /// Wakes idle workers once the enqueuing transaction commits.
 pub const NOTIFY: &str = "SELECT pg_notify('{c}', $1)";
 
-/// The lean round: settles plain completed jobs (fenced by lease token; archived when `$4`),
-/// claims up to `$9` jobs from the queues `$8`, and either says whether due scheduled or retryable
+/// The lean round: settles plain completed jobs (in its settling form: fenced by lease token,
+/// archived when `$4`), claims up to `$9` jobs from the queues `$8`, and either says whether due scheduled or retryable
 /// jobs wait (one probe of `jobs_due_idx`) or, in its promoting form, makes up to `$9` of them
 /// claimable for the next round, in one statement, with no procedural code in the way (see
 /// [`round`]). Jobs come back in index order per queue, not in claim order: the caller sorts them
@@ -120,20 +120,7 @@ pub const NOTIFY: &str = "SELECT pg_notify('{c}', $1)";
 const ROUND: &str = "
     WITH turn AS (
         SELECT {gate} AS taken
-    ), acked AS (
-        SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::jsonb[]) AS a(id, token, result)
-    ), done AS (
-        DELETE FROM {s}.jobs j USING acked a
-        WHERE j.id = a.id AND j.lease_token = a.token AND j.id = ANY($1::bigint[])
-        RETURNING j.id, j.queue, j.task, j.payload, j.priority, j.attempt, j.max_attempts,
-                  j.unique_key, j.created_at, j.last_error, a.result
-    ), archived AS (
-        INSERT INTO {s}.jobs_archive (id, queue, task, payload, priority, state, attempt,
-                                      max_attempts, unique_key, created_at, last_error, result)
-        SELECT id, queue, task, payload, priority, 'completed', attempt, max_attempts,
-               unique_key, created_at, last_error, result
-        FROM done WHERE $4::boolean
-    ), claimed AS (
+    ){settle}, claimed AS (
         UPDATE {s}.jobs j
         SET state = 'running', attempt = j.attempt + 1, lease_owner = $5::text,
             lease_token = $6::bigint,
@@ -148,11 +135,41 @@ const ROUND: &str = "
     FROM claimed
     UNION ALL
     SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-           CASE WHEN (SELECT count(*) FROM done) < cardinality($1::bigint[])
-                THEN ARRAY(SELECT id FROM acked EXCEPT SELECT id FROM done) END,
+           {refused},
            (SELECT coalesce(sum(weight), 0)::bigint FROM {s}.changes),
            {promotion},
            (SELECT taken FROM turn)";
+
+/// The settling round's acks (see [`round`]): deletes the jobs acknowledged (`$1`, fenced by
+/// their lease tokens `$2`), archiving them with their results `$3` when `$4`.
+const ACKS: &str = ", acked AS (
+        SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::jsonb[]) AS a(id, token, result)
+    ), done AS (
+        DELETE FROM {s}.jobs j USING acked a
+        WHERE j.id = a.id AND j.lease_token = a.token AND j.id = ANY($1::bigint[])
+        RETURNING j.id, j.queue, j.task, j.payload, j.priority, j.attempt, j.max_attempts,
+                  j.unique_key, j.created_at, j.last_error, a.result
+    ), archived AS (
+        INSERT INTO {s}.jobs_archive (id, queue, task, payload, priority, state, attempt,
+                                      max_attempts, unique_key, created_at, last_error, result)
+        SELECT id, queue, task, payload, priority, 'completed', attempt, max_attempts,
+               unique_key, created_at, last_error, result
+        FROM done WHERE $4::boolean
+    )";
+
+/// The acks a settling round refused (null when none).
+const REFUSED: &str = "CASE WHEN (SELECT count(*) FROM done) < cardinality($1::bigint[])
+                THEN ARRAY(SELECT id FROM acked EXCEPT SELECT id FROM done) END";
+
+/// The parts a lean round carries (see [`round`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RoundForm {
+    /// Settles acknowledgements (`$1` to `$4`); without, it only claims, and leaves those
+    /// parameters unread (the statement is prepared with their types given).
+    pub settles: bool,
+    /// Makes due jobs claimable, instead of only looking for them.
+    pub promotes: bool,
+}
 
 /// The promoting round's extra part (see [`round`]): makes up to `$9` due scheduled or retryable
 /// jobs claimable for the next round; the round reports how many, and no `due`.
@@ -213,12 +230,15 @@ const GATE: &str = "($10::int = 0 OR $9::int = 0 OR EXISTS (
 /// of the round's time), and most of a durable round's. Rows are pulled one at a time through
 /// both limits, so a round locks at most `$9` rows as before.
 ///
-/// `promote`: the promoting form, which a worker sends only after a round said jobs are due. The
-/// promotion's `UPDATE` cost every round, whether it found a due job or not: with it in every
-/// round, rounds of one job with synchronous commit (durable mode's) ran about 15 % slower than
-/// with the probe in its place (pgbench, 2 clients, 8,000 rounds, 3 runs each); why an `UPDATE`
-/// of no row costs that much was not pinned down.
-pub fn round(queues: usize, cap: usize, promote: bool) -> String {
+/// `form.promotes`: the promoting form, which a worker sends only after a round said jobs are
+/// due. The promotion's `UPDATE` cost every round, whether it found a due job or not: with it in
+/// every round, rounds of one job with synchronous commit (durable mode's) ran about 15 % slower
+/// than with the probe in its place (pgbench, 2 clients, 8,000 rounds, 3 runs each); why an
+/// `UPDATE` of no row costs that much was not pinned down. `form.settles`: without it, the round
+/// only claims, which is what a worker woken from its idle wait sends (its acks went with its
+/// last round): the `DELETE` and `INSERT` of no row cost a round of one job 0.04-0.05 ms of the
+/// 0.22-0.23 it takes from the client (pgbench, 3 runs each).
+pub fn round(queues: usize, cap: usize, form: RoundForm) -> String {
     let cap = cap.max(1).to_string();
     let pick = if queues <= 1 {
         format!(
@@ -236,13 +256,19 @@ pub fn round(queues: usize, cap: usize, promote: bool) -> String {
             .collect();
         format!("{} LIMIT $9::int", picks.join(" UNION ALL "))
     };
-    let (promote, promotion) = match promote {
+    let (settle, refused) = match form.settles {
+        true => (ACKS, REFUSED),
+        false => ("", "NULL::bigint[]"),
+    };
+    let (promote, promotion) = match form.promotes {
         true => (PROMOTE, "(SELECT count(*) FROM promoted), false"),
         false => ("", DUE),
     };
     ROUND
         .replace("{pick}", &pick)
         .replace("{gate}", GATE)
+        .replace("{settle}", settle)
+        .replace("{refused}", refused)
         .replace("{promote}", promote)
         .replace("{promotion}", promotion)
         .replace("{cap}", &cap)

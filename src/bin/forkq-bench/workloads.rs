@@ -585,8 +585,8 @@ pub struct Rest {
 /// What kind of statement `query` (as pg_stat_statements shows it) is, by the SQL forkq sends.
 fn statement_kind(query: &str) -> &'static str {
     const KINDS: [(&str, &str); 8] = [
-        // The claim round's acks (its first CTE is the claim gate's turn, as is maintenance's).
-        ("acked AS", "claim rounds"),
+        // The claim round's claim (its first CTE is the claim gate's turn, as is maintenance's).
+        ("claimed AS", "claim rounds"),
         (".renew(", "renewals"),
         (".settle(", "settlements"),
         ("hosts", "host rows"),
@@ -727,14 +727,13 @@ mod tests {
 
     #[test]
     fn claim_rounds_and_maintenance_are_told_apart() {
-        assert_eq!(
-            super::statement_kind(&sql::round(1, 100, false)),
-            "claim rounds"
-        );
-        assert_eq!(
-            super::statement_kind(&sql::round(3, 100, true)),
-            "claim rounds"
-        );
+        for (queues, settles, promotes) in [(1, true, false), (3, false, true), (1, false, false)] {
+            let form = sql::RoundForm { settles, promotes };
+            assert_eq!(
+                super::statement_kind(&sql::round(queues, 100, form)),
+                "claim rounds"
+            );
+        }
         assert_eq!(
             super::statement_kind(sql::TAKE_TURN_AND_RESCUE),
             "maintenance"
