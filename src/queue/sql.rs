@@ -97,10 +97,10 @@ pub const ENQUEUE_EACH: &str = "
 pub const NOTIFY: &str = "SELECT pg_notify('{c}', $1)";
 
 /// The lean round: settles plain completed jobs (in its settling form: fenced by lease token,
-/// archived when `$4`), claims up to `$9` jobs from the queues `$8`, and either says whether due scheduled or retryable
-/// jobs wait (one probe of `jobs_due_idx`) or, in its promoting form, makes up to `$9` of them
-/// claimable for the next round, in one statement, with no procedural code in the way (see
-/// [`round`]). Jobs come back in index order per queue, not in claim order: the caller sorts them
+/// archived when `$4`), claims up to `$9` jobs from the queues `$8`, and either says whether due
+/// scheduled or retryable jobs wait (one probe of `jobs_due_idx`) or, in its promoting form,
+/// makes up to `$9` of them claimable for the next round, in one statement, with no procedural
+/// code in the way (see [`round`]). Jobs come back in index order per queue, not in claim order: the caller sorts them
 /// (by queue position, priority, run_at, id). One extra row with a null id carries the acks
 /// refused (stale leases; null when none), the sum of `changes` (see the migration), which tells
 /// the worker when to check its prefetched jobs for a cancel, how many jobs it made claimable,
