@@ -233,7 +233,7 @@ fn run() -> BenchResult<()> {
             match raw::run(&url, baseline, n) {
                 Ok(r) => report.add(
                     format!("{} ({}k jobs)", baseline.label(), n as f64 / 1000.0),
-                    format!("{:.0} jobs/s; PG CPU {:.1} µs/job", r.rate, r.pg_us_per_job),
+                    raw_text(&r),
                     "baseline",
                     "",
                 ),
@@ -257,7 +257,7 @@ fn run() -> BenchResult<()> {
                     "FORKQ_RETENTION_SECONDS=0"
                 }
             );
-            match paired(&ctx, baseline, plan.w1, &extra, plan.pairs) {
+            match paired(&ctx, "w1", baseline, plan.w1, &extra, plan.pairs) {
                 Ok(pairs) => {
                     let median = paired_rows(&mut report, &label, baseline, &pairs, ISSUE_TARGETS);
                     if archive {
@@ -317,7 +317,7 @@ fn run() -> BenchResult<()> {
                     "delete (retention 0)"
                 }
             );
-            match paired(&ctx, baseline, one_commit_n, &extra, plan.pairs) {
+            match paired(&ctx, "durable", baseline, one_commit_n, &extra, plan.pairs) {
                 Ok(pairs) => {
                     paired_rows(&mut report, &label, baseline, &pairs, (0.9, f64::INFINITY));
                 }
@@ -639,18 +639,19 @@ const ISSUE_TARGETS: (f64, f64) = (0.9, 1.15);
 /// A drain's row: rates, start-up, CPU split per job, and the ratios (spawn→empty rate, server
 /// CPU per job) to a baseline `(rate, PG µs/job, name)` measured in the same run, checked against
 /// A drain beside its raw baseline: `pairs` times, a raw drain of `n` jobs (`baseline`), then
-/// forkq draining the same `n` noops (2 children, settings `extra`) right after it. This machine's
+/// forkq draining the same `n` noops (2 children, settings `extra`, schemas named after `label`)
+/// right after it. This machine's
 /// speed (and its disk's fsync rate) moves by half within minutes, so a ratio is only as good as
 /// the two drains are close in time: each pair's ratio is taken on its own, and the row gives
 /// their median.
 fn paired(
     ctx: &Ctx,
+    label: &str,
     baseline: Baseline,
     n: usize,
     extra: &[(&str, String)],
     pairs: usize,
 ) -> BenchResult<Vec<(RawResult, Drain)>> {
-    let label = if baseline.batch == 1 { "durable" } else { "w1" };
     (0..pairs)
         .map(|_| {
             let raw = raw::run(&ctx.url, baseline, n)?;
@@ -671,22 +672,17 @@ fn paired_rows(
     pairs: &[(RawResult, Drain)],
     targets: (f64, f64),
 ) -> Drain {
-    let median_of = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[(v.len() - 1) / 2]
-    };
-    let per_job = |d: &Drain| d.pg_cpu_s * 1e6 / d.n as f64;
-    let rates: Vec<f64> = pairs.iter().map(|(r, d)| d.rate() / r.rate).collect();
-    let cpus: Vec<f64> = pairs
-        .iter()
-        .map(|(r, d)| per_job(d) / r.pg_us_per_job)
-        .collect();
-    let (rate_ratio, cpu_ratio) = (median_of(rates.clone()), median_of(cpus.clone()));
+    // The pair whose `key` is the median of the pairs'.
     let middle = |key: &dyn Fn(&(RawResult, Drain)) -> f64| {
         let mut sorted: Vec<&(RawResult, Drain)> = pairs.iter().collect();
         sorted.sort_by(|a, b| key(a).total_cmp(&key(b)));
         sorted[(sorted.len() - 1) / 2]
     };
+    let rate_of = |(r, d): &(RawResult, Drain)| d.rate() / r.rate;
+    let cpu_of = |(r, d): &(RawResult, Drain)| d.pg_cpu_s * 1e6 / d.n as f64 / r.pg_us_per_job;
+    let (rate_ratio, cpu_ratio) = (rate_of(middle(&rate_of)), cpu_of(middle(&cpu_of)));
+    let rates: Vec<f64> = pairs.iter().map(rate_of).collect();
+    let cpus: Vec<f64> = pairs.iter().map(cpu_of).collect();
     let raw = middle(&|(r, _)| r.rate).0;
     let drain = middle(&|(_, d)| d.rate()).1.clone();
     let of = |k: usize| {
@@ -703,10 +699,7 @@ fn paired_rows(
             drain.n as f64 / 1000.0,
             of(pairs.len())
         ),
-        format!(
-            "{:.0} jobs/s; PG CPU {:.1} µs/job",
-            raw.rate, raw.pg_us_per_job
-        ),
+        raw_text(&raw),
         "baseline",
         "",
     );
@@ -757,6 +750,11 @@ fn spans(v: &[f64]) -> String {
         percentile(v, 0.99),
         percentile(v, 1.0)
     )
+}
+
+/// What a raw baseline measured, for its row.
+fn raw_text(r: &RawResult) -> String {
+    format!("{:.0} jobs/s; PG CPU {:.1} µs/job", r.rate, r.pg_us_per_job)
 }
 
 /// What a drain measured, for its row.
