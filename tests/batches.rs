@@ -124,7 +124,9 @@ fn ten_thousand_children_drained_under_a_kill_storm_complete_exactly_once() {
         let (stop, kills, addr) = (stop.clone(), kills.clone(), daemon.addr);
         std::thread::spawn(move || {
             while !stop.load(Ordering::Acquire) {
-                std::thread::sleep(Duration::from_millis(100));
+                // Often enough for a few kills even when a release build drains the batch in
+                // under a second.
+                std::thread::sleep(Duration::from_millis(40));
                 let Some((_, body)) = http_get(addr, "/livez") else {
                     continue;
                 };
@@ -376,7 +378,7 @@ fn claim(conn: &mut postgres::Client, schema: &TestSchema, owner: &str) -> (i64,
                     1,
                     100,
                     forkq::queue::sql::RoundForm {
-                        settles: true,
+                        settle: forkq::queue::sql::Settle::Archiving,
                         promotes: false,
                     },
                 ),

@@ -1263,20 +1263,21 @@ fn the_purge_reads_a_few_pages_when_nothing_has_expired() {
     );
 }
 
-/// Prepares the lean round exactly as the children do (one queue and two; settling and claiming,
-/// claiming only, promoting) on `schema`, planned both custom and generic, and checks each plan:
+/// Prepares the lean round exactly as the children do (one queue and two; archiving, deleting or
+/// no acks; promoting) on `schema`, planned both custom and generic, and checks each plan:
 /// the pick walks the claim index in its order and the update reaches the picked rows through the
 /// primary key; nothing scans or sorts the hot table.
 fn assert_round_plans_use_the_indexes(schema: &TestSchema) {
     let mut client = connect();
-    for (queues, settles, promotes) in [
-        (1, true, false),
-        (2, true, false),
-        (1, false, false),
-        (1, true, true),
-        (2, false, true),
+    for (queues, settle, promotes) in [
+        (1, sql::Settle::Archiving, false),
+        (2, sql::Settle::Archiving, false),
+        (1, sql::Settle::Deleting, false),
+        (1, sql::Settle::Nothing, false),
+        (1, sql::Settle::Archiving, true),
+        (2, sql::Settle::Nothing, true),
     ] {
-        let form = sql::RoundForm { settles, promotes };
+        let form = sql::RoundForm { settle, promotes };
         let round = render(&sql::round(queues, 100, form), &schema.name);
         client
             .batch_execute(&format!(

@@ -598,7 +598,11 @@ impl Consumer {
                 Step::Lean(queues) => {
                     let acks: Vec<&Ack> = lean_acks.take().into_iter().flatten().collect();
                     let form = sql::RoundForm {
-                        settles: !acks.is_empty(),
+                        settle: match (acks.is_empty(), self.retain) {
+                            (true, _) => sql::Settle::Nothing,
+                            (false, true) => sql::Settle::Archiving,
+                            (false, false) => sql::Settle::Deleting,
+                        },
                         // Only a round that claims promotes: `$9` bounds the promotion too.
                         promotes: index == 0 && limit > 0 && self.promote_next,
                     };
@@ -656,6 +660,12 @@ impl Consumer {
                 round
             }
         };
+        // Only the archiving form reads the results: the others are spared receiving them.
+        let unread = Vec::new();
+        let results = match form.settle {
+            sql::Settle::Archiving => &c.results,
+            sql::Settle::Deleting | sql::Settle::Nothing => &unread,
+        };
         let token = fastrand::i64(..);
         let limit = limit as i32;
         let rows = self.client.query(
@@ -663,7 +673,7 @@ impl Consumer {
             &[
                 &c.ids,
                 &c.tokens,
-                &c.results,
+                results,
                 &self.retain,
                 &self.owner,
                 &token,

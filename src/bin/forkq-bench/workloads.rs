@@ -727,8 +727,13 @@ mod tests {
 
     #[test]
     fn claim_rounds_and_maintenance_are_told_apart() {
-        for (queues, settles, promotes) in [(1, true, false), (3, false, true), (1, false, false)] {
-            let form = sql::RoundForm { settles, promotes };
+        for (queues, settle, promotes) in [
+            (1, sql::Settle::Archiving, false),
+            (1, sql::Settle::Deleting, false),
+            (3, sql::Settle::Nothing, true),
+            (1, sql::Settle::Nothing, false),
+        ] {
+            let form = sql::RoundForm { settle, promotes };
             assert_eq!(
                 super::statement_kind(&sql::round(queues, 100, form)),
                 "claim rounds"
