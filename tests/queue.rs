@@ -1544,3 +1544,71 @@ fn renewal_keeps_what_is_held_and_gives_back_the_rest() {
         1
     );
 }
+
+/// A round waits at most `sql::ROUND_LOCK_WAIT` for a row lock (so a cycle of rounds is broken
+/// in milliseconds, not after the server's `deadlock_timeout` of a second), and sends itself
+/// again when it gave up: an ack whose job another transaction holds locked for longer is
+/// settled once the lock is gone, with no error and nothing refused. A lock held past the
+/// consumer's retry window (half its statement budget: 2 s for a 6 s stale window) ends the call
+/// with PostgreSQL's lock timeout, well before its statement timeout.
+#[test]
+fn a_round_held_up_by_a_row_lock_is_sent_again_until_it_settles() {
+    let schema = TestSchema::new("lockwait");
+    let id = enqueue(&schema, NewJob::new("default", "noop", json!({})));
+    let mut c = consumer(&schema, "w", &[("FORKQ_HEALTH_STALE_SECONDS", "6")]);
+    let round = c.settle_and_claim(&[], 1).unwrap();
+    assert_eq!(round.claimed.len(), 1);
+    let ack = Ack::new(
+        &round.claimed[0],
+        Settlement::Completed(json!({"ok": true})),
+    );
+    let hold = |held: Duration| {
+        let (locked_tx, locked) = std::sync::mpsc::channel();
+        let statement = render(
+            "SELECT 1 FROM {s}.jobs WHERE id = $1 FOR UPDATE",
+            &schema.name,
+        );
+        let holder = std::thread::spawn(move || {
+            let mut conn = connect();
+            let mut tx = conn.transaction().unwrap();
+            tx.execute(&statement, &[&id]).unwrap();
+            locked_tx.send(()).unwrap();
+            std::thread::sleep(held);
+            tx.commit().unwrap();
+        });
+        locked.recv_timeout(Duration::from_secs(10)).unwrap();
+        holder
+    };
+
+    let holder = hold(Duration::from_secs(3));
+    let started = Instant::now();
+    let err = c.settle_and_claim(std::slice::from_ref(&ack), 0).err();
+    let gave_up = started.elapsed();
+    holder.join().unwrap();
+    let code = match &err {
+        Some(QueueError::Db(e)) => e.code().cloned(),
+        _ => None,
+    };
+    assert_eq!(
+        code,
+        Some(postgres::error::SqlState::LOCK_NOT_AVAILABLE),
+        "{err:?} after {gave_up:?}"
+    );
+    assert!(
+        gave_up >= Duration::from_millis(900) && gave_up < Duration::from_millis(1900),
+        "gave up after {gave_up:?}: the retries should last about 1 s"
+    );
+
+    let held = sql::ROUND_LOCK_WAIT * 6;
+    let holder = hold(held);
+    let started = Instant::now();
+    let settled = c.settle_and_claim(&[ack], 0).unwrap();
+    let waited = started.elapsed();
+    holder.join().unwrap();
+    assert!(settled.refused.is_empty(), "refused: {:?}", settled.refused);
+    assert!(
+        waited >= held - sql::ROUND_LOCK_WAIT,
+        "the round cannot have settled while the job was locked: {waited:?}"
+    );
+    assert_eq!(schema.archived("completed"), 1);
+}

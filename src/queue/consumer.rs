@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use postgres::error::SqlState;
 use postgres::types::{ToSql, Type};
@@ -195,6 +195,10 @@ struct Statements {
 struct Connection {
     client: Client,
     pooled: bool,
+    /// How long a statement that gave up waiting for a row lock is sent again (see [`retried`]):
+    /// half a statement's budget, so a job held by a slow command is settled late rather than
+    /// refused, and the call still ends well within the time the child announced for it.
+    lock_retry_for: Duration,
 }
 
 /// A statement ready to be sent on one connection (see [`prepared`]).
@@ -294,7 +298,7 @@ impl Connection {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, postgres::Error> {
         let client = &mut self.client;
-        retried(|| match statement {
+        retried(self.lock_retry_for, || match statement {
             Prepared::Named(named) => client.query(named, params),
             Prepared::Unnamed(unnamed) => {
                 let (text, types) = &**unnamed;
@@ -332,14 +336,19 @@ impl Connection {
 /// How many times a consumer statement PostgreSQL aborted to break a deadlock is sent again.
 const DEADLOCK_RETRIES: u32 = 3;
 
-/// Sends a consumer statement again when PostgreSQL aborted it to break a deadlock (40P01).
-/// Safe because each is one statement in its own implicit transaction: the abort undid all of it
-/// (acks fenced by lease token, claims, renewals), and sending it again does the same work once.
-/// Why they can deadlock at all: see the lean round in `sql.rs` (a `SKIP LOCKED` walk may still
-/// lock, or wait for, rows another round is changing). The detector needs `deadlock_timeout`
-/// (1 s by default) to break one, so this is rare and slow, never a busy loop.
-fn retried<T>(mut send: impl FnMut() -> Result<T, postgres::Error>) -> Result<T, postgres::Error> {
+/// Sends a consumer statement again when PostgreSQL aborted it to break a deadlock (40P01), or
+/// when it gave up waiting for a lock (55P03; for up to `lock_retry_for`). Safe because each is one statement in its own
+/// implicit transaction: the abort undid all of it (acks fenced by lease token, claims,
+/// renewals), and sending it again does the same work once. Why they can deadlock at all: see
+/// the lean round in `sql.rs` (a `SKIP LOCKED` walk may still lock, or wait for, rows another
+/// round is changing). The detector needs `deadlock_timeout` (1 s by default) to break one, and
+/// a round gives up after `sql::ROUND_LOCK_WAIT`, so neither is a busy loop.
+fn retried<T>(
+    lock_retry_for: Duration,
+    mut send: impl FnMut() -> Result<T, postgres::Error>,
+) -> Result<T, postgres::Error> {
     let mut deadlocks = 0;
+    let began = Instant::now();
     loop {
         match send() {
             Err(e)
@@ -350,6 +359,12 @@ fn retried<T>(mut send: impl FnMut() -> Result<T, postgres::Error>) -> Result<T,
                 log::warn!(
                     "a queue statement was chosen to break a deadlock; sending it again: {e}"
                 );
+            }
+            Err(e)
+                if began.elapsed() < lock_retry_for
+                    && e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) =>
+            {
+                log::debug!("a queue statement gave up waiting for a row lock; sending it again");
             }
             sent => return sent,
         }
@@ -458,7 +473,11 @@ impl Consumer {
         }
         migrations::require_current(&mut client, &config.schema)?;
         let mut consumer = Consumer {
-            client: Connection { client, pooled },
+            client: Connection {
+                client,
+                pooled,
+                lock_retry_for: budget / 2,
+            },
             schema: config.schema.clone(),
             owner: owner.to_string(),
             queues: config.queues.clone(),

@@ -114,12 +114,18 @@ pub const NOTIFY: &str = "SELECT pg_notify('{c}', $1)";
 /// wait, `SKIP LOCKED` notwithstanding), so the other round's delete of its acks may wait on this
 /// one. Snapshots went that stale when rounds waited at the gate inside the statement (8
 /// consumers sharing 4 turns deadlocked 7 times in 12 drains of 10,000 jobs), so the gate never
-/// waits (see [`GATE`]). Should a cycle still form, PostgreSQL breaks it and the consumer sends
-/// the aborted round again (`retried` in `consumer.rs`). Deleting the acks before the walk also
-/// closed the cycles but drained 20-30 % slower (W1, A/B on the 2-core machine).
+/// waits (see [`GATE`]). Deleting the acks before the walk also closed the cycles but drained
+/// 20-30 % slower (W1, A/B on the 2-core machine). Cycles still form when a busy server leaves a
+/// round's snapshot stale before its walk: 6 in 36 drains of 60,000 jobs at 8 daemons x 8 and
+/// 2 x 32 children. PostgreSQL's detector breaks one only after `deadlock_timeout` (1 s, which
+/// only a superuser may lower), so both rounds stalled that long, and the 8 x 8 drains that met one
+/// ran at half speed. So a round waits at most [`ROUND_LOCK_WAIT`] for any row lock (its own
+/// `lock_timeout`, set first thing in its transaction: `turn` sets it, and the walk and the acks'
+/// delete wait for `turn`), and the consumer sends a round that gave up, or that PostgreSQL
+/// aborted to break a cycle, again (`retried` in `consumer.rs`).
 const ROUND: &str = "
     WITH turn AS (
-        SELECT {gate} AS taken
+        SELECT {gate} AS taken, set_config('lock_timeout', '{lock_wait}', true) AS bounded
     ){settle}, claimed AS (
         UPDATE {s}.jobs j
         SET state = 'running', attempt = j.attempt + 1, lease_owner = $5::text,
@@ -147,7 +153,7 @@ const ROUND: &str = "
 const ARCHIVING_ACKS: &str = ", done AS (
         DELETE FROM {s}.jobs j
         USING unnest($1::bigint[], $2::bigint[], $3::jsonb[]) AS a(id, token, result)
-        WHERE j.id = a.id AND j.lease_token = a.token
+        WHERE j.id = a.id AND j.lease_token = a.token AND (SELECT bounded FROM turn) IS NOT NULL
         RETURNING j.id, j.queue, j.task, j.payload, j.priority, j.attempt, j.max_attempts,
                   j.unique_key, j.created_at, j.last_error, a.result
     ), archived AS (
@@ -164,7 +170,7 @@ const ARCHIVING_ACKS: &str = ", done AS (
 /// statement's memory and received every result for nothing.
 const DELETING_ACKS: &str = ", done AS (
         DELETE FROM {s}.jobs j USING unnest($1::bigint[], $2::bigint[]) AS a(id, token)
-        WHERE j.id = a.id AND j.lease_token = a.token
+        WHERE j.id = a.id AND j.lease_token = a.token AND (SELECT bounded FROM turn) IS NOT NULL
         RETURNING j.id
     )";
 
@@ -295,7 +301,14 @@ pub fn round(queues: usize, cap: usize, form: RoundForm) -> String {
         .replace("{promote}", promote)
         .replace("{promotion}", promotion)
         .replace("{cap}", &cap)
+        .replace("{lock_wait}", &format!("{}ms", ROUND_LOCK_WAIT.as_millis()))
 }
+
+/// The longest a lean round waits for a row lock before it gives up and is sent again (see
+/// [`ROUND`]). A round rarely waits for a lock at all: its walk skips locked rows and its acks
+/// are its own jobs; what it may wait on is another statement about to commit (a round, or a
+/// command changing the same job), or a cycle.
+pub const ROUND_LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Learns the parameter types of `{statement}` without leaving anything on the server
 /// connection: one simple query (one implicit transaction, so one server connection even behind
