@@ -337,9 +337,9 @@ impl Connection {
 const DEADLOCK_RETRIES: u32 = 3;
 
 /// Sends a consumer statement again when PostgreSQL aborted it to break a deadlock (40P01), or
-/// when it gave up waiting for a lock (55P03; for up to `lock_retry_for`). Safe because each is one statement in its own
-/// implicit transaction: the abort undid all of it (acks fenced by lease token, claims,
-/// renewals), and sending it again does the same work once. Why they can deadlock at all: see
+/// when it gave up waiting for a lock (55P03; for up to `lock_retry_for`). Safe because each is
+/// one statement in its own implicit transaction: the abort undid all of it (acks fenced by
+/// lease token, claims, renewals), and sending it again does the same work once. Why they can deadlock at all: see
 /// the lean round in `sql.rs` (a `SKIP LOCKED` walk may still lock, or wait for, rows another
 /// round is changing). The detector needs `deadlock_timeout` (1 s by default) to break one, and
 /// a round gives up after `sql::ROUND_LOCK_WAIT`, so neither is a busy loop.
