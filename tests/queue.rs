@@ -1331,6 +1331,58 @@ fn round_plans_stay_on_the_indexes_beside_many_scheduled_jobs() {
     assert_round_plans_use_the_indexes(&schema);
 }
 
+/// A durable worker's rounds carry one ack and claim one job, and so do a quiet queue's (one
+/// ack, room for a prefetch of 100): the plan cache must keep one generic plan for them. When the
+/// custom plan of a one-element ack array looked cheaper than the generic plan (which guesses ten
+/// acks), PostgreSQL planned every round afresh, 0.6 ms of server time each, and durable mode
+/// drained at 0.6x the raw loop beside it.
+#[test]
+fn rounds_of_one_keep_their_generic_plan() {
+    let schema = TestSchema::new("plancache");
+    schema.enqueue_n("default", "noop", json!({}), 5_000);
+    exec(&schema, "ANALYZE {s}.jobs");
+    let mut client = connect();
+    for settle in [
+        sql::Settle::Archiving,
+        sql::Settle::Deleting,
+        sql::Settle::Nothing,
+    ] {
+        for cap in [1, 100] {
+            let form = sql::RoundForm {
+                settle,
+                promotes: false,
+            };
+            let round = render(&sql::round(1, cap, form), &schema.name);
+            client
+                .batch_execute(&format!(
+                    "DEALLOCATE ALL; PREPARE round(bigint[], bigint[], jsonb[], boolean, text, \
+                     bigint, float8, text[], int, int, int) AS {round}"
+                ))
+                .unwrap();
+            for _ in 0..20 {
+                client
+                    .batch_execute(
+                        "EXECUTE round('{1}', '{1}', '{null}', true, 'w', 1, 30, '{default}', 1, 0, 0)",
+                    )
+                    .unwrap();
+            }
+            let row = client
+                .query_one(
+                    "SELECT generic_plans, custom_plans FROM pg_prepared_statements \
+                     WHERE name = 'round'",
+                    &[],
+                )
+                .unwrap();
+            let (generic, custom): (i64, i64) = (row.get(0), row.get(1));
+            assert!(
+                custom <= 5 && generic >= 15,
+                "{settle:?} round (cap {cap}) of one ack: {custom} custom and {generic} generic \
+                 plans in 20 runs; the plan cache should keep the generic plan after 5"
+            );
+        }
+    }
+}
+
 #[test]
 fn claim_plan_stays_on_the_index_with_stale_statistics() {
     const JOBS: usize = 50_000;

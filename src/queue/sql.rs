@@ -150,9 +150,14 @@ const ROUND: &str = "
 /// by their lease tokens `$2`), archiving them with their results `$3` when `$4`. Each ack finds
 /// its job through the primary key, one probe each (a nested loop): joining the acks to a scan of
 /// `id = ANY($1)` instead built a hash table at every round, 3 % of the server's time per job.
+/// The arrays go in through `(SELECT $n)` so that no plan can see their length: a custom plan
+/// counted one ack where the generic plan guesses ten, looked cheaper, and the plan cache then
+/// planned every round of one ack afresh (0.6 ms of server time each; durable mode drained at
+/// 0.6x the raw loop). Both now guess ten, and the generic plan is kept.
 const ARCHIVING_ACKS: &str = ", done AS (
         DELETE FROM {s}.jobs j
-        USING unnest($1::bigint[], $2::bigint[], $3::jsonb[]) AS a(id, token, result)
+        USING unnest((SELECT $1::bigint[]), (SELECT $2::bigint[]), (SELECT $3::jsonb[]))
+              AS a(id, token, result)
         WHERE j.id = a.id AND j.lease_token = a.token AND (SELECT bounded FROM turn) IS NOT NULL
         RETURNING j.id, j.queue, j.task, j.payload, j.priority, j.attempt, j.max_attempts,
                   j.unique_key, j.created_at, j.last_error, a.result
@@ -166,10 +171,12 @@ const ARCHIVING_ACKS: &str = ", done AS (
 
 /// The acks of a round that keeps no archive (`FORKQ_RETENTION_SECONDS=0`; see [`round`]): deletes
 /// the jobs acknowledged (`$1`, fenced by `$2`) and keeps only their ids, leaving `$3` and `$4`
-/// unread. The archiving form, sent with `$4` false, still copied every deleted row into the
-/// statement's memory and received every result for nothing.
+/// unread (its arrays hidden from the planner as [`ARCHIVING_ACKS`]'s are). The archiving form,
+/// sent with `$4` false, still copied every deleted row into the statement's memory and received
+/// every result for nothing.
 const DELETING_ACKS: &str = ", done AS (
-        DELETE FROM {s}.jobs j USING unnest($1::bigint[], $2::bigint[]) AS a(id, token)
+        DELETE FROM {s}.jobs j
+        USING unnest((SELECT $1::bigint[]), (SELECT $2::bigint[])) AS a(id, token)
         WHERE j.id = a.id AND j.lease_token = a.token AND (SELECT bounded FROM turn) IS NOT NULL
         RETURNING j.id
     )";
