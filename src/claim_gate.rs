@@ -64,8 +64,9 @@ pub fn share(claimers: usize, hosts: u32, fallback: usize) -> usize {
 /// A host alone (`hosts` 1) sends no gate at all: the database would grant it one turn more
 /// than its own gate ever lets through, so the advisory locks could only cost it: without them a
 /// durable round (one ack, one claim) ran in 343-376 µs of server time instead of 396-415
-/// (pg_stat_statements, 3 drains each). A host joining later counts two hosts from its first
-/// presence write, and this one within a presence interval.
+/// (pg_stat_statements, 3 drains each). Until the probe has counted the hosts (`hosts` 0) the
+/// gate stays: another host may be serving. A host joining later counts two hosts from its
+/// first presence write, and this one within a presence interval.
 pub fn fleet(claimers: usize, hosts: u32) -> usize {
     if claimers == 0 || hosts == 1 {
         return 0;
@@ -95,7 +96,7 @@ mod tests {
 
     #[test]
     fn the_database_grants_every_hosts_share_and_one_more() {
-        assert_eq!(fleet(4, 0), 5, "host count unknown: this host alone");
+        assert_eq!(fleet(4, 0), 5, "host count unknown: the gate kept");
         assert_eq!(fleet(4, 1), 0, "a host alone: its own gate is enough");
         assert_eq!(fleet(4, 2), 6);
         assert_eq!(fleet(4, 3), 9, "two each");
