@@ -156,33 +156,70 @@ pub fn commit_latency(url: &str, n: usize) -> BenchResult<Vec<f64>> {
     Ok(out)
 }
 
-/// The other floor under W2: what claiming one waiting job costs a hand-written loop, as its
-/// client sees it. `n` times, one job is enqueued (untimed), then one connection runs the baseline
-/// round of 1 (acknowledging nothing: an idle worker's acks went with its last empty round) with
-/// `synchronous_commit = off`, as forkq's workers do; milliseconds per round, sorted. A worker
-/// woken for a job can start it no sooner than one such round after the notification.
-pub fn claim_latency(url: &str, n: usize) -> BenchResult<Vec<f64>> {
-    let schema = BenchSchema::new(url, "claim")?;
-    let mut client = connect(url, "forkq-bench raw")?;
-    client.batch_execute("SET synchronous_commit = off")?;
-    let enqueue = client.prepare(
-        &schema.sql("INSERT INTO {s}.jobs (queue, task, payload) VALUES ('default', 'noop', '{}')"),
-    )?;
-    let round = client.prepare(&schema.sql(&statement(Baseline {
+/// W2's work done by hand, its floor: `n` jobs enqueued one by one, each in one autocommit
+/// statement (synchronous commit, as forkq's producers) that inserts the job and notifies, one
+/// every 10 ms; one connection LISTENs, and at each notification claims the job with the baseline
+/// round of 1 (acknowledging nothing, with `synchronous_commit = off`, as forkq's woken workers
+/// do), then acknowledges it in a round of its own (untimed, as forkq's worker acks before it
+/// idles). Milliseconds from the moment the enqueue call returned to the moment the claim
+/// returned the job, sorted. Between enqueues both connections sit idle, as W2's do, so each
+/// claim runs on a backend (and a CPU) that has been asleep: what the hot loop of rounds never
+/// shows.
+pub fn listen_claim_latency(url: &str, n: usize) -> BenchResult<Vec<f64>> {
+    let schema = BenchSchema::new(url, "wake")?;
+    let channel = format!("forkq_bench_wake_{}", std::process::id());
+    let mut worker = connect(url, "forkq-bench raw")?;
+    worker.batch_execute(&format!("SET synchronous_commit = off; LISTEN {channel}"))?;
+    let round = worker.prepare(&schema.sql(&statement(Baseline {
         batch: 1,
         archive: true,
     })))?;
-    let none: Vec<i64> = Vec::new();
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        client.execute(&enqueue, &[])?;
-        let t = Instant::now();
-        let rows = client.query(&round, &[&none, &0i64, &"raw", &fastrand::i64(..), &1i64])?;
-        out.push(t.elapsed().as_secs_f64() * 1e3);
-        if rows.len() != 1 {
-            return Err(format!("the claim round took {} jobs, not 1", rows.len()).into());
+    let waiter = std::thread::spawn(move || -> BenchResult<Vec<u64>> {
+        let mut held = Vec::with_capacity(n);
+        let none: Vec<i64> = Vec::new();
+        while held.len() < n {
+            let heard = worker
+                .notifications()
+                .timeout_iter(std::time::Duration::from_secs(10))
+                .next()?;
+            if heard.is_none() {
+                return Err(format!("no notification after {} jobs", held.len()).into());
+            }
+            let token = fastrand::i64(..);
+            let rows = worker.query(&round, &[&none, &0i64, &"raw", &token, &1i64])?;
+            held.push(sys::mono_ns());
+            let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+            if ids.len() != 1 {
+                return Err(format!("the claim round took {} jobs, not 1", ids.len()).into());
+            }
+            worker.query(&round, &[&ids, &token, &"raw", &0i64, &0i64])?;
         }
+        Ok(held)
+    });
+    let mut producer = connect(url, "forkq-bench raw")?;
+    let enqueue = producer.prepare(&schema.sql(
+        "WITH job AS (INSERT INTO {s}.jobs (queue, task, payload)
+                      VALUES ('default', 'noop', '{}') RETURNING id)
+         SELECT pg_notify($1, '') FROM job",
+    ))?;
+    let start = Instant::now();
+    let mut returned = Vec::with_capacity(n);
+    for i in 0..n {
+        let due = start + std::time::Duration::from_millis(10 * i as u64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        producer.execute(&enqueue, &[&channel])?;
+        returned.push(sys::mono_ns());
     }
+    let held = waiter
+        .join()
+        .map_err(|_| "the raw worker thread panicked")??;
+    let mut out: Vec<f64> = returned
+        .iter()
+        .zip(&held)
+        .map(|(&r, &h)| (h as f64 - r as f64) / 1e6)
+        .collect();
     out.sort_by(f64::total_cmp);
     Ok(out)
 }

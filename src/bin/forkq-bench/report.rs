@@ -151,10 +151,15 @@ const METHOD: &str = "
   whose first line writes CLOCK_MONOTONIC to a file), 2 idle children, jobs enqueued one by one
   with the library's `forkq::queue::producer::enqueue` at a fixed rate. Two spans: from just before
   the enqueue call, and from the moment the call (and so its commit) returned. Its floors: raw
-  (d), a bare `NOTIFY` reaching a listening connection; and *claim 1 waiting job*, the raw round
-  of 1 with nothing to acknowledge on one connection with `synchronous_commit = off` (what a
-  worker woken for one job must do before it can start it), timed from the client, each after an
-  untimed one-row insert, 300 times (quick: 200).
+  (d), a bare `NOTIFY` reaching a listening connection; and *W2 by hand*: W2's work without
+  forkq, 300 times (quick: 200), one every 10 ms: one autocommit statement inserts a job and
+  notifies (synchronous commit), and the one connection that LISTENs claims it at once with the
+  raw round of 1 (`synchronous_commit = off`, nothing to acknowledge: a woken worker's acks went
+  with its last round), then acknowledges it in a round of its own, untimed; from the moment the
+  enqueue call returned to the moment the claim returned. Both of its connections sit idle
+  between jobs, as W2's do: a claim on a backend (and a CPU) that has been asleep costs more
+  than one in a loop of rounds. W2 is given beside it as a ratio of p50s and of p99s; forkq's
+  path has one hop more (the host's one listener wakes an idle child, which then claims).
 * **W3**: builtin `sleep` jobs of 50 ms, 2 children, spawn to empty.
 * **Recovery**: a 5 s job in the stamping worker; 1.2 s into each run the child running it is
   killed with SIGKILL; time to the handler's next start (any child) and to the replacement child's
