@@ -43,6 +43,9 @@ struct Plan {
     /// Raw and forkq drains back to back, per W1 and durable row (see `paired`).
     pairs: usize,
     crowd: Crowd,
+    /// Clean and crowded drains back to back (see `workloads::crowded_pairs`); more pairs than
+    /// W1's: one pair's ratio moved between 0.83 and 1.18 within a run.
+    crowded_pairs: usize,
     durable: usize,
     w2: usize,
     w3: usize,
@@ -64,6 +67,7 @@ impl Plan {
                     scheduled: 100_000,
                     archived: 1_000_000,
                 },
+                crowded_pairs: 1,
                 durable: 5_000,
                 w2: 200,
                 w3: 100,
@@ -82,6 +86,7 @@ impl Plan {
                     scheduled: 1_000_000,
                     archived: 10_000_000,
                 },
+                crowded_pairs: 5,
                 durable: 20_000,
                 w2: 500,
                 w3: 400,
@@ -243,8 +248,6 @@ fn run() -> BenchResult<()> {
     }
 
     let retain0 = ("FORKQ_RETENTION_SECONDS", "0".to_string());
-    let noop = || ("noop", json!({}));
-    let mut clean_w1: Option<Drain> = None;
     if wants("w1") {
         for (archive, extra) in [(true, vec![]), (false, vec![retain0.clone()])] {
             let baseline = round100(archive);
@@ -259,47 +262,34 @@ fn run() -> BenchResult<()> {
             );
             match paired(&ctx, "w1", baseline, plan.w1, &extra, plan.pairs) {
                 Ok(pairs) => {
-                    let median = paired_rows(&mut report, &label, baseline, &pairs, ISSUE_TARGETS);
-                    if archive {
-                        clean_w1 = Some(median);
-                    }
+                    paired_rows(&mut report, &label, raw_names(baseline), &pairs, ISSUE_TARGETS);
                 }
                 Err(e) => report.add(label, format!("error: {e}"), "", ""),
             }
         }
-    } else if wants("crowded") {
-        let result = workloads::drain(&ctx, "w1", plan.w1, noop(), &[2], &[], Crowd::default());
-        if let Ok(d) = &result {
-            clean_w1 = Some(d.clone());
-        }
-        let label = format!(
-            "W1 {}k noop, 2 children, default retention (archive)",
-            plan.w1 / 1000
-        );
-        drain_row(&mut report, &label, result, None, None);
     }
     if wants("crowded") {
-        let n = plan.w1;
-        let crowd = plan.crowd;
-        let result = workloads::drain(&ctx, "crowded", n, noop(), &[2], &[], crowd);
-        drain_row(
-            &mut report,
-            &format!(
-                "W1 {}k crowded: {}k scheduled for tomorrow in the same queue, {}M archived",
-                n / 1000,
-                crowd.scheduled / 1000,
-                crowd.archived as f64 / 1e6
-            ),
-            result,
-            clean_w1.as_ref().map(|d| {
-                (
-                    d.rate(),
-                    d.pg_cpu_s * 1e6 / d.n as f64,
-                    "the clean W1 above",
-                )
-            }),
-            Some((0.9, f64::INFINITY)),
+        let (n, crowd) = (plan.w1, plan.crowd);
+        let label = format!(
+            "W1 {}k crowded: {}k scheduled for tomorrow in the same queue, {}M archived",
+            n / 1000,
+            crowd.scheduled / 1000,
+            crowd.archived as f64 / 1e6
         );
+        match workloads::crowded_pairs(&ctx, n, crowd, plan.crowded_pairs) {
+            Ok(pairs) => {
+                let pairs: Vec<(RawResult, Drain)> = pairs
+                    .into_iter()
+                    .map(|p| (measured(&p.clean), p.crowded))
+                    .collect();
+                let clean = (
+                    format!("W1 {}k noop, 2 children, clean tables", n / 1000),
+                    "the clean drain".to_string(),
+                );
+                paired_rows(&mut report, &label, clean, &pairs, (0.9, f64::INFINITY));
+            }
+            Err(e) => report.add(label, format!("error: {e}"), "", ""),
+        }
     }
     if wants("durable") {
         let durable = ("FORKQ_DURABLE", "1".to_string());
@@ -319,7 +309,8 @@ fn run() -> BenchResult<()> {
             );
             match paired(&ctx, "durable", baseline, one_commit_n, &extra, plan.pairs) {
                 Ok(pairs) => {
-                    paired_rows(&mut report, &label, baseline, &pairs, (0.9, f64::INFINITY));
+                    let names = raw_names(baseline);
+                    paired_rows(&mut report, &label, names, &pairs, (0.9, f64::INFINITY));
                 }
                 Err(e) => report.add(label, format!("error: {e}"), "", ""),
             }
@@ -669,16 +660,39 @@ fn paired(
         .collect()
 }
 
-/// The rows of a [`paired`] drain: the baseline's median drain, then forkq's median drain with
-/// the median of the pairs' ratios and each pair's, judged against `targets` (least jobs/s
-/// ratio, most server CPU ratio); returns that drain.
+/// A raw baseline's row label and its short name in the ratios (see [`paired_rows`]).
+fn raw_names(baseline: Baseline) -> (String, String) {
+    let name = format!(
+        "raw round of {} ({})",
+        baseline.batch,
+        if baseline.archive {
+            "archive"
+        } else {
+            "delete"
+        }
+    );
+    (baseline.label(), name)
+}
+
+/// A drain's figures as the side a drain is compared with in [`paired_rows`].
+fn measured(d: &Drain) -> RawResult {
+    RawResult {
+        rate: d.rate(),
+        pg_us_per_job: d.pg_cpu_s * 1e6 / d.n as f64,
+    }
+}
+
+/// The rows of drains taken in pairs, each right after what it is compared with (a raw loop of
+/// the same work, see [`paired`], or a clean drain): the base's median, labelled and named by
+/// `base`, then forkq's median drain with the median of the pairs' ratios and each pair's,
+/// judged against `targets` (least jobs/s ratio, most server CPU ratio).
 fn paired_rows(
     report: &mut Report,
     label: &str,
-    baseline: Baseline,
+    base: (String, String),
     pairs: &[(RawResult, Drain)],
     targets: (f64, f64),
-) -> Drain {
+) {
     // The pair whose `key` is the median of the pairs'.
     let middle = |key: &dyn Fn(&(RawResult, Drain)) -> f64| {
         let mut sorted: Vec<&(RawResult, Drain)> = pairs.iter().collect();
@@ -691,7 +705,7 @@ fn paired_rows(
     let rates: Vec<f64> = pairs.iter().map(rate_of).collect();
     let cpus: Vec<f64> = pairs.iter().map(cpu_of).collect();
     let raw = middle(&|(r, _)| r.rate).0;
-    let drain = middle(&|(_, d)| d.rate()).1.clone();
+    let drain = &middle(&|(_, d)| d.rate()).1;
     let of = |k: usize| {
         if k == 1 {
             String::new()
@@ -699,10 +713,10 @@ fn paired_rows(
             format!(", median of {k} drains")
         }
     };
+    let (base_label, name) = base;
     report.add(
         format!(
-            "{} ({}k jobs{})",
-            baseline.label(),
+            "{base_label} ({}k jobs{})",
             drain.n as f64 / 1000.0,
             of(pairs.len())
         ),
@@ -716,15 +730,6 @@ fn paired_rows(
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let name = format!(
-        "raw round of {} ({})",
-        baseline.batch,
-        if baseline.archive {
-            "archive"
-        } else {
-            "delete"
-        }
-    );
     let (least, most) = targets;
     let goal = if most.is_finite() {
         format!(
@@ -736,7 +741,7 @@ fn paired_rows(
     };
     report.add(
         format!("{label}{}", of(pairs.len())),
-        drain_text(&drain),
+        drain_text(drain),
         format!(
             "spawn→empty {rate_ratio:.2}x {name}; PG CPU/job {cpu_ratio:.2}x \
              (each pair, drained back to back: {} and {})",
@@ -745,7 +750,6 @@ fn paired_rows(
         ),
         goal,
     );
-    drain
 }
 
 /// Sorted milliseconds as a row gives them: "p50 … / p95 … / p99 … / max … ms".
@@ -759,7 +763,7 @@ fn spans(v: &[f64]) -> String {
     )
 }
 
-/// What a raw baseline measured, for its row.
+/// What a baseline (a raw loop, or a clean drain) measured, for its row.
 fn raw_text(r: &RawResult) -> String {
     format!("{:.0} jobs/s; PG CPU {:.1} µs/job", r.rate, r.pg_us_per_job)
 }
@@ -781,33 +785,3 @@ fn drain_text(d: &Drain) -> String {
     )
 }
 
-/// `targets` (least rate ratio, most CPU ratio).
-fn drain_row(
-    report: &mut Report,
-    label: &str,
-    result: BenchResult<Drain>,
-    baseline: Option<(f64, f64, &str)>,
-    targets: Option<(f64, f64)>,
-) {
-    let d = match result {
-        Ok(d) => d,
-        Err(e) => return report.add(label, format!("error: {e}"), "", ""),
-    };
-    let per_job = |s: f64| s * 1e6 / d.n as f64;
-    let measured = drain_text(&d);
-    let Some((rate, cpu, name)) = baseline else {
-        return report.add(label, measured, "", "");
-    };
-    let rate_ratio = d.rate() / rate;
-    let cpu_ratio = per_job(d.pg_cpu_s) / cpu;
-    let versus = format!("spawn→empty {rate_ratio:.2}x {name}; PG CPU/job {cpu_ratio:.2}x");
-    let goal = match targets {
-        None => String::new(),
-        Some((least, most)) if most.is_finite() => format!(
-            "≥ {least}x and CPU ≤ {most}x: {}",
-            verdict(rate_ratio >= least && cpu_ratio <= most)
-        ),
-        Some((least, _)) => format!("≥ {least}x: {}", verdict(rate_ratio >= least)),
-    };
-    report.add(label, measured, versus, goal);
-}

@@ -62,8 +62,9 @@ pub struct Crowd {
 
 impl Crowd {
     /// Adds the rows to `schema` (one statement each), then vacuums and analyzes both tables, as
-    /// autovacuum would have done while the rows built up: otherwise the drain would time a
-    /// one-off catch-up over 11M rows that arrived at once.
+    /// autovacuum would have done while the rows built up, and checkpoints, as the server would
+    /// have done meanwhile: otherwise the drain would time a one-off catch-up over 11M rows that
+    /// arrived at once, or the checkpoint of their gigabytes of WAL.
     fn fill(self, schema: &BenchSchema) -> BenchResult<()> {
         if self.scheduled == 0 && self.archived == 0 {
             return Ok(());
@@ -91,12 +92,48 @@ impl Crowd {
         for table in ["jobs", "jobs_archive"] {
             client.batch_execute(&schema.sql(&format!("VACUUM (ANALYZE) {{s}}.{table}")))?;
         }
+        client.batch_execute("CHECKPOINT")?;
         Ok(())
     }
 }
 
-/// One drain: `fleets` daemons (their concurrency each) on one schema holding `n` jobs, and
-/// `crowd` around them.
+/// Drains of W1 in a crowded schema, each right after a clean one (see [`paired_drains`]).
+pub struct CrowdedPair {
+    /// The clean drain: a schema of its own, nothing around the jobs.
+    pub clean: Drain,
+    /// The crowded drain.
+    pub crowded: Drain,
+}
+
+/// `pairs` times, a clean drain of `n` noops, then a drain of `n` noops beside `crowd`, so each
+/// crowded drain has a clean one to be compared with, taken seconds before it: the machine's
+/// speed moves within minutes, and the crowded drain compared with a clean one taken minutes
+/// earlier moved with it (0.84x in one full run, 0.96x in a run right after). The crowd is filled
+/// once; before each drain after the first, the hot table is vacuumed, as autovacuum would have
+/// done after the 100k deletes of the drain before (the archive only grows, by `n` a drain).
+pub fn crowded_pairs(
+    ctx: &Ctx,
+    n: usize,
+    crowd: Crowd,
+    pairs: usize,
+) -> BenchResult<Vec<CrowdedPair>> {
+    let crowded = BenchSchema::new(&ctx.url, "crowded")?;
+    crowd.fill(&crowded)?;
+    let mut client = connect(&ctx.url, "forkq-bench")?;
+    (0..pairs)
+        .map(|pair| {
+            let clean = drain(ctx, "w1", n, ("noop", json!({})), &[2], &[], Crowd::default())?;
+            if pair > 0 {
+                client.batch_execute(&crowded.sql("VACUUM {s}.jobs"))?;
+            }
+            let crowded = drain_in(ctx, &crowded, n, ("noop", json!({})), &[2], &[])?;
+            Ok(CrowdedPair { clean, crowded })
+        })
+        .collect()
+}
+
+/// One drain: `fleets` daemons (their concurrency each) on a schema of its own holding `n` jobs,
+/// and `crowd` around them.
 pub fn drain(
     ctx: &Ctx,
     label: &str,
@@ -108,6 +145,18 @@ pub fn drain(
 ) -> BenchResult<Drain> {
     let schema = BenchSchema::new(&ctx.url, label)?;
     crowd.fill(&schema)?;
+    drain_in(ctx, &schema, n, job, fleets, extra)
+}
+
+/// [`drain`] in `schema` as it is: adds the `n` jobs, spawns the fleets, times them to empty.
+fn drain_in(
+    ctx: &Ctx,
+    schema: &BenchSchema,
+    n: usize,
+    job: (&str, Value),
+    fleets: &[usize],
+    extra: &[(&str, String)],
+) -> BenchResult<Drain> {
     schema.fill(n, job.0, &job.1)?;
     let mut monitor = connect(&ctx.url, "forkq-bench monitor")?;
     let timeout = Duration::from_secs(60 + n as u64 / 500);
@@ -122,7 +171,7 @@ pub fn drain(
         daemons.push(Daemon::spawn(
             &ctx.programs,
             Program::Forkq,
-            &schema,
+            schema,
             concurrency,
             &env,
         )?);
