@@ -119,7 +119,7 @@ const METHOD: &str = "
   `FORKQ_RETENTION_SECONDS=0` (delete on completion) unless the row says *archive*, so the work
   matches the raw round of 100 it is compared with. CPU is the summed user+system time of all
   forkq processes and of the PostgreSQL backends serving them (found by an `application_name`
-  tag), per job. *Pairs*: each W1 and W1-durable row drains 3 times (quick: once), each time
+  tag), per job. *Pairs*: each W1 and W1-durable row drains 5 times (quick: once), each time
   right after a raw drain of the same work; the ratios are taken pair by pair and the row gives
   their median and each pair's (the machine's speed and its disk's fsync rate move within
   minutes, so only drains seconds apart compare). The raw row above each is the median of its

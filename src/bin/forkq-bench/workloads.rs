@@ -122,7 +122,15 @@ pub fn crowded_pairs(
     let mut client = connect(&ctx.url, "forkq-bench")?;
     (0..pairs)
         .map(|pair| {
-            let clean = drain(ctx, "w1", n, ("noop", json!({})), &[2], &[], Crowd::default())?;
+            let clean = drain(
+                ctx,
+                "w1",
+                n,
+                ("noop", json!({})),
+                &[2],
+                &[],
+                Crowd::default(),
+            )?;
             if pair > 0 {
                 client.batch_execute(&crowded.sql("VACUUM {s}.jobs"))?;
             }
