@@ -289,7 +289,7 @@ fn run() -> BenchResult<()> {
                     .map(|p| (measured(&p.clean), p.crowded))
                     .collect();
                 let clean = (
-                    format!("W1 {}k noop, 2 children, clean tables", n / 1000),
+                    format!("W1 {}k noop, 2 children, no crowd", n / 1000),
                     "the clean drain".to_string(),
                 );
                 paired_rows(&mut report, &label, clean, &pairs, (0.9, f64::INFINITY));

@@ -127,9 +127,9 @@ const METHOD: &str = "
 * **Crowded**: one schema gets 1M jobs scheduled for tomorrow (priority -1, same queue) and 10M
   completed rows in the archive (quick: 100k and 1M), then `VACUUM (ANALYZE)` of both tables and
   a `CHECKPOINT`, as a server would have done while the rows built up. Then 5 times (quick: once)
-  a W1 archive drain on a fresh clean schema, and right after it the same drain in the crowded
-  schema (the hot table vacuumed first, after the previous drain's deletes); the ratio is taken
-  pair by pair, as above.
+  a W1 archive drain in a schema with no crowd, and right after it the same drain in the crowded
+  schema; both schemas serve every pair (each hot table vacuumed before each drain but the first,
+  after the previous drain's deletes), and the ratio is taken pair by pair, as above.
 * **Scale curve** (rows `D daemon(s) x C children`, and the chart): on `BENCH_SCALE_URL`, a
   private cluster with stock settings and `max_connections=400` that `scripts/bench.sh` starts, so
   8 x 32 children fit and nothing else runs there. D daemons of C children each on one schema,
