@@ -202,6 +202,19 @@ pub fn listen_claim_latency(url: &str, n: usize) -> BenchResult<Vec<f64>> {
                       VALUES ('default', 'noop', '{}') RETURNING id)
          SELECT pg_notify($1, '') FROM job",
     ))?;
+    paced(&mut producer, &enqueue, &channel, n, waiter)
+}
+
+/// Runs `statement` on `client` `n` times, one every 10 ms, with `channel` as its parameter, then
+/// joins `waiter`, whose moments pair with those at which each call returned: milliseconds from
+/// each return to its moment, sorted.
+fn paced(
+    client: &mut Client,
+    statement: &postgres::Statement,
+    channel: &str,
+    n: usize,
+    waiter: std::thread::JoinHandle<BenchResult<Vec<u64>>>,
+) -> BenchResult<Vec<f64>> {
     let start = Instant::now();
     let mut returned = Vec::with_capacity(n);
     for i in 0..n {
@@ -209,16 +222,16 @@ pub fn listen_claim_latency(url: &str, n: usize) -> BenchResult<Vec<f64>> {
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
-        producer.execute(&enqueue, &[&channel])?;
+        client.execute(statement, &[&channel])?;
         returned.push(sys::mono_ns());
     }
-    let held = waiter
+    let moments = waiter
         .join()
-        .map_err(|_| "the raw worker thread panicked")??;
+        .map_err(|_| "the listening thread panicked")??;
     let mut out: Vec<f64> = returned
         .iter()
-        .zip(&held)
-        .map(|(&r, &h)| (h as f64 - r as f64) / 1e6)
+        .zip(&moments)
+        .map(|(&r, &m)| (m as f64 - r as f64) / 1e6)
         .collect();
     out.sort_by(f64::total_cmp);
     Ok(out)
@@ -245,26 +258,7 @@ pub fn notify_latency(url: &str, n: usize) -> BenchResult<Vec<f64>> {
     });
     let mut sender = connect(url, "forkq-bench raw")?;
     let notify = sender.prepare("SELECT pg_notify($1, '')")?;
-    let start = Instant::now();
-    let mut returned = Vec::with_capacity(n);
-    for i in 0..n {
-        let due = start + std::time::Duration::from_millis(10 * i as u64);
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
-        }
-        sender.execute(&notify, &[&channel])?;
-        returned.push(sys::mono_ns());
-    }
-    let arrivals = waiter
-        .join()
-        .map_err(|_| "the listener thread panicked")??;
-    let mut out: Vec<f64> = returned
-        .iter()
-        .zip(&arrivals)
-        .map(|(&r, &a)| (a as f64 - r as f64) / 1e6)
-        .collect();
-    out.sort_by(f64::total_cmp);
-    Ok(out)
+    paced(&mut sender, &notify, &channel, n, waiter)
 }
 
 /// What one notification costs when many hosts listen.
