@@ -684,7 +684,7 @@ fn raw_names(baseline: Baseline) -> (String, String) {
 fn measured(d: &Drain) -> RawResult {
     RawResult {
         rate: d.rate(),
-        pg_us_per_job: d.pg_cpu_s * 1e6 / d.n as f64,
+        pg_us_per_job: d.pg_us_per_job(),
     }
 }
 
@@ -706,7 +706,7 @@ fn paired_rows(
         sorted[(sorted.len() - 1) / 2]
     };
     let rate_of = |(r, d): &(RawResult, Drain)| d.rate() / r.rate;
-    let cpu_of = |(r, d): &(RawResult, Drain)| d.pg_cpu_s * 1e6 / d.n as f64 / r.pg_us_per_job;
+    let cpu_of = |(r, d): &(RawResult, Drain)| d.pg_us_per_job() / r.pg_us_per_job;
     let (rate_ratio, cpu_ratio) = (rate_of(middle(&rate_of)), cpu_of(middle(&cpu_of)));
     let rates: Vec<f64> = pairs.iter().map(rate_of).collect();
     let cpus: Vec<f64> = pairs.iter().map(cpu_of).collect();

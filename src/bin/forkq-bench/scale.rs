@@ -116,7 +116,7 @@ impl Point {
     }
 
     fn pg_us_per_job(&self) -> f64 {
-        self.drain.pg_cpu_s * 1e6 / self.drain.n as f64
+        self.drain.pg_us_per_job()
     }
 
     fn label(&self) -> String {

@@ -49,6 +49,11 @@ impl Drain {
     pub fn rate(&self) -> f64 {
         self.n as f64 / self.total_s
     }
+
+    /// PostgreSQL backend CPU per job, µs.
+    pub fn pg_us_per_job(&self) -> f64 {
+        self.pg_cpu_s * 1e6 / self.n as f64
+    }
 }
 
 /// Rows that crowd the tables around the jobs a drain runs: never claimed, never purged.
