@@ -350,6 +350,13 @@ fn every_consumer_statement_and_the_maintenance_pass_work_through_pgbouncer() {
     .expect("nobody else holds the maintenance lock");
     assert_eq!(report.rescued, 1, "{report}");
     assert_eq!(schema.job(e).unwrap()["state"], "available");
+
+    // A claim queued for a turn of the claim gate (more hosts than turns) takes its turn and
+    // claims in a transaction of its own, which the pooler keeps on one server connection.
+    w2.set_claim_turns(1);
+    let queued = w2.claim_in_turn(10).unwrap();
+    assert_eq!((queued.no_turn, queued.claimed.len()), (false, 1));
+    assert_eq!(schema.job(e).unwrap()["state"], "running");
 }
 
 #[test]

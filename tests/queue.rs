@@ -104,6 +104,62 @@ fn enqueue_claim_ack_round_trip() {
     assert_eq!(row["attempt"], 1);
 }
 
+/// The database's claim gate (more hosts than claim turns): with every turn taken a round
+/// claims nothing and says so; a claim queued for a turn waits for one, gives up empty-handed
+/// after `TURN_WAIT` with its transaction rolled back, and claims once the turn is given back.
+#[test]
+fn a_refused_round_queues_in_the_database_for_a_claim_turn() {
+    let schema = TestSchema::new("turns");
+    for _ in 0..3 {
+        enqueue(&schema, NewJob::new("default", "noop", json!({})));
+    }
+    let mut c = consumer(&schema, "w", &[]);
+    c.set_claim_turns(1);
+    let key = (sql::advisory_key("claim", &schema.name) >> 32) as i32;
+    let (held_tx, held) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let mut db = connect();
+        let mut tx = db.transaction().unwrap();
+        tx.execute("SELECT pg_advisory_xact_lock($1, 0)", &[&key])
+            .unwrap();
+        held_tx.send(()).unwrap();
+        std::thread::sleep(sql::TURN_WAIT * 3);
+        let released = Instant::now();
+        tx.commit().unwrap();
+        released
+    });
+    held.recv_timeout(Duration::from_secs(10)).unwrap();
+    let refused = c.settle_and_claim(&[], 10).unwrap();
+    assert!(refused.no_turn && refused.claimed.is_empty());
+    let started = Instant::now();
+    let gave_up = c.claim_in_turn(10).unwrap();
+    assert!(gave_up.no_turn && gave_up.claimed.is_empty());
+    assert!(
+        started.elapsed() >= sql::TURN_WAIT,
+        "{:?}",
+        started.elapsed()
+    );
+    let mut claimed = Vec::new();
+    while claimed.is_empty() && started.elapsed() < Duration::from_secs(30) {
+        claimed = c.claim_in_turn(10).unwrap().claimed;
+    }
+    let claimed_at = Instant::now();
+    let released = holder.join().unwrap();
+    assert_eq!(claimed.len(), 3);
+    assert!(
+        claimed_at > released,
+        "claimed before the turn was given back"
+    );
+    // The claims committed: the jobs are running under this consumer's name.
+    assert_eq!(
+        float(
+            &schema,
+            "SELECT count(*)::float8 FROM {s}.jobs WHERE state = 'running' AND lease_owner = 'w'"
+        ),
+        3.0
+    );
+}
+
 #[test]
 fn concurrent_claimers_never_share_a_job() {
     const JOBS: usize = 10_000;

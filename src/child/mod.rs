@@ -17,7 +17,7 @@ use crate::backoff;
 use crate::config::Config;
 use crate::handler::{process, Handler, Job, JobContext, Outcome};
 use crate::logging::{self, Activity};
-use crate::queue::consumer::{Ack, Claimed, Consumer, Flow, Settlement};
+use crate::queue::consumer::{Ack, Claimed, Consumer, Flow, Round, Settlement};
 use crate::queue::{maintenance, QueueError, WorkerTimeouts};
 use crate::slots::{monotonic_ms, take_turn, Header, Slot, SlotState, SlotTable};
 use crate::{claim_gate, futex, wakeup};
@@ -447,14 +447,41 @@ impl Worker<'_> {
     /// it still refuses is dead-lettered with the database's reason, so a single bad result can
     /// neither hold back the others nor crash this child at every re-run.
     fn send_acks_and_claim(&mut self, limit: usize, ahead: bool) -> Result<Brought, QueueError> {
-        let acks = self.held.acks_for_round();
         let hosts = self.header.hosts_serving.load(Ordering::Acquire);
         if limit > 0 {
             self.slot.claims.fetch_add(1, Ordering::Relaxed);
             let turns = claim_gate::share(self.config.claimers, hosts, 2 * self.cpus);
             claim_gate::enter(self.table, self.index, turns);
         }
-        let fleet = claim_gate::fleet(self.config.claimers, hosts);
+        let round = self.claim_round(claim_gate::fleet(self.config.claimers, hosts), limit, ahead);
+        if limit > 0 {
+            claim_gate::leave(self.table, self.index);
+        }
+        let round = round?;
+        self.report_refused(&round.refused);
+        let brought = Brought {
+            claimed: round.claimed.len(),
+            promoted: round.promoted,
+            due: round.due,
+            retry_in: round.retry_in,
+            no_turn: round.no_turn,
+        };
+        self.held.add_claimed(round.claimed);
+        self.notice_changes(round.changes)?;
+        Ok(brought)
+    }
+
+    /// The round trip of [`Worker::send_acks_and_claim`], under the database's claim gate of
+    /// `fleet` turns (see `claim_gate::fleet`). A round the gate refused claims again at once,
+    /// queueing in the database for a turn (see `Consumer::claim_in_turn`), still holding this
+    /// host's; a claim ahead does not: it is not worth a wait.
+    fn claim_round(
+        &mut self,
+        fleet: usize,
+        limit: usize,
+        ahead: bool,
+    ) -> Result<Round, QueueError> {
+        let acks = self.held.acks_for_round();
         let claim = |db: &mut Consumer, acks: &[Ack]| {
             db.set_claim_turns(fleet);
             match ahead {
@@ -462,11 +489,7 @@ impl Worker<'_> {
                 false => db.settle_and_claim(acks, limit),
             }
         };
-        let sent = self.db(|db| claim(db, &acks));
-        if limit > 0 {
-            claim_gate::leave(self.table, self.index);
-        }
-        let round = match sent {
+        let round = match self.db(|db| claim(db, &acks)) {
             Ok(round) => {
                 self.held.acks_sent();
                 round
@@ -488,20 +511,24 @@ impl Worker<'_> {
                 self.db(|db| claim(db, &[]))?
             }
         };
-        self.report_refused(&round.refused);
-        if round.no_turn {
-            self.slot.turns_missed.fetch_add(1, Ordering::Relaxed);
+        if !round.no_turn {
+            return Ok(round);
         }
-        let brought = Brought {
-            claimed: round.claimed.len(),
-            promoted: round.promoted,
-            due: round.due,
-            retry_in: round.retry_in,
-            no_turn: round.no_turn,
-        };
-        self.held.add_claimed(round.claimed);
-        self.notice_changes(round.changes)?;
-        Ok(brought)
+        self.slot.turns_missed.fetch_add(1, Ordering::Relaxed);
+        if ahead {
+            return Ok(round);
+        }
+        let waited = self.db(|db| {
+            db.set_claim_turns(fleet);
+            db.claim_in_turn(limit)
+        })?;
+        Ok(match waited.no_turn {
+            true => round,
+            false => Round {
+                refused: round.refused,
+                ..waited
+            },
+        })
     }
 
     /// When the queue's count of changes moved since the last round (a cancel, a batch stopped by
@@ -732,10 +759,10 @@ impl Worker<'_> {
     }
 
     /// Pauses before trying for a claim turn again, after `self.turn_waits` rounds in a row
-    /// found none: half to one ms at first, doubling up to 8-16 ms, cut short when a claim round
-    /// of this host ends. A round never waits for a turn in the database (see `GATE` in
-    /// `queue::sql`), so the wait is here, and the next round takes a fresh snapshot; the
-    /// doubling keeps many waiting children from spending the server's time on empty rounds.
+    /// found none, even queued in the database for `queue::sql::TURN_WAIT` (see
+    /// [`Worker::claim_round`]): half to one ms at first, doubling up to 8-16 ms, cut short when
+    /// a claim round of this host ends. The doubling keeps many waiting children from spending
+    /// the server's time on empty rounds.
     fn wait_for_turn(&mut self) {
         self.turn_waits = self.turn_waits.saturating_add(1);
         let ceiling = 1u64 << (self.turn_waits - 1).min(4);

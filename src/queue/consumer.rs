@@ -565,6 +565,48 @@ impl Consumer {
         self.settle_and_claim_through(acks, limit, false)
     }
 
+    /// Claims up to `limit` jobs as [`Consumer::settle_and_claim`] does, after a round the claim
+    /// gate refused: takes a turn that freed meanwhile, or else waits in the database for one,
+    /// and claims while holding it, in one transaction (see [`sql::turn_wait`]). So more hosts
+    /// than turns (see `claim_gate::fleet`) queue for them and are served in turn, instead of
+    /// all picking at once or sending refused rounds again and again; three round trips, taken
+    /// only by a round that found no turn. A wait that runs out, or a round that fails inside
+    /// the transaction, rolls it back and claims nothing (`no_turn`): the worker sends its next
+    /// round outside, where an error that persists is reported.
+    pub fn claim_in_turn(&mut self, limit: usize) -> Result<Round, QueueError> {
+        let turns = self.claimers;
+        if turns <= 0 {
+            return self.settle_and_claim(&[], limit);
+        }
+        let wait = sql::turn_wait(self.claim_gate_key, turns, fastrand::i32(0..turns));
+        let claimed = match self.client.client.batch_execute(&wait) {
+            Ok(()) => {
+                self.claimers = 0;
+                let round = self.settle_and_claim(&[], limit);
+                self.claimers = turns;
+                round
+            }
+            Err(e) => Err(e.into()),
+        };
+        match claimed {
+            Ok(round) => {
+                // Only a committed claim is one: a commit that fails loses the jobs to lease
+                // expiry, as a lost reply to a round does, and none of them runs here.
+                self.client.client.batch_execute("COMMIT")?;
+                Ok(round)
+            }
+            Err(e) if e.is_connection_lost() => Err(e),
+            Err(e) => {
+                log::debug!("a claim waiting for its turn claimed nothing: {e}");
+                self.client.client.batch_execute("ROLLBACK")?;
+                Ok(Round {
+                    no_turn: true,
+                    ..Round::default()
+                })
+            }
+        }
+    }
+
     /// [`Consumer::settle_and_claim`] for a claim ahead of time, while a job runs: it stops before
     /// the first limited queue, whose jobs are claimed only to start at once.
     pub fn settle_and_claim_ahead(

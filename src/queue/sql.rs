@@ -244,7 +244,8 @@ const PICK: &str = "SELECT c.id FROM {s}.jobs c
 /// transaction-level advisory locks (`$11`, slot) without waiting, from a slot of its own so
 /// rounds spread over them, and stops at the first it gets; the lock is gone with the statement's
 /// commit. A round that gets none claims nothing and says so (`turn_taken` false); its acks are
-/// settled all the same, and the worker tries again after a short pause, in a new statement.
+/// settled all the same, and the worker queues for a turn in a transaction of its own (see
+/// [`turn_wait`]).
 /// Why a gate: claimers that walk the head of the claim index together mostly skip each other's
 /// locked rows; past a few per database core that costs far more than the jobs (each host's own
 /// gate, `claim_gate`, does not see the other hosts). Why it never waits: a round that waited here
@@ -316,6 +317,31 @@ pub fn round(queues: usize, cap: usize, form: RoundForm) -> String {
 /// are its own jobs; what it may wait on is another statement about to commit (a round, or a
 /// command changing the same job), or a cycle.
 pub const ROUND_LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Opens the transaction in which a round the claim gate refused queues for a turn (see
+/// `Consumer::claim_in_turn`): takes one of the `{turns}` turns of the gate `{key}` if one is
+/// free by now, as [`GATE`] does, or else waits, up to [`TURN_WAIT`], for turn `{slot}`; either
+/// is held until the transaction ends, so the round that follows in it claims with the turn
+/// already its own (sent with `$10` = 0). That round is a statement of its own, with a snapshot
+/// taken after the wait, so the wait does not make its walk stale (see [`ROUND`]). Sent as
+/// text: every value in it is a number.
+pub fn turn_wait(key: i32, turns: i32, slot: i32) -> String {
+    let free = GATE
+        .replace("$10::int", &format!("{turns}::int"))
+        .replace("$11::int", &format!("{key}::int"))
+        .replace("$9::int", "1::int");
+    format!(
+        "BEGIN; SET LOCAL lock_timeout = '{}ms';
+         SELECT CASE WHEN {free} THEN true
+                ELSE (SELECT true FROM pg_advisory_xact_lock({key}, {slot})) END",
+        TURN_WAIT.as_millis()
+    )
+}
+
+/// The longest a worker waits in the database for a claim turn (see [`turn_wait`]): a turn is
+/// held for one round, a few milliseconds; a wait that runs out ends with no claim, and the
+/// worker tries again.
+pub const TURN_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Learns the parameter types of `{statement}` without leaving anything on the server
 /// connection: one simple query (one implicit transaction, so one server connection even behind
