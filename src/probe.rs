@@ -293,7 +293,7 @@ fn metrics(table: &SlotTable, config: &Config, db: &Mutex<Database>) -> String {
         (
             "forkq_claim_turns_missed_total",
             "Claim round trips that found every claim turn of the fleet taken (FORKQ_CLAIMERS) \
-             and claimed nothing.",
+             and queued for one.",
             sum(&|s| s.turns_missed.load(Ordering::Relaxed)),
         ),
         (

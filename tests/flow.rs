@@ -360,6 +360,65 @@ fn max_running_is_exact_across_daemons_under_prefetch() {
     assert_eq!(schema.archived("completed"), 640);
 }
 
+/// Two daemons sharing one claim turn (`FORKQ_CLAIMERS=1`), so rounds often find it taken,
+/// serving a lean queue before a capped one: a round refused its turn for the lean queue still
+/// claims from the capped queue (a limited claim takes no turn), and those jobs run at once
+/// rather than waiting, leased, for their lease to run out (120 s here). Every job runs once.
+#[test]
+fn claims_made_while_turns_are_scarce_all_run() {
+    let schema = TestSchema::new("fscarce");
+    let dir = temp_dir("scarce");
+    let record = dir.join("record");
+    let handler = recording_coproc(&dir, &record);
+    forkq_ok(&schema, &["queue", "set", "capped", "--max-running", "2"]);
+    let env = [
+        ("FORKQ_HANDLER", handler.as_str()),
+        ("FORKQ_QUEUES", "free,capped"),
+        ("FORKQ_CONCURRENCY", "2"),
+        ("FORKQ_CLAIMERS", "1"),
+        ("FORKQ_HOST_INTERVAL_SECONDS", "1"),
+        ("FORKQ_LEASE_SECONDS", "120"),
+    ];
+    let a = Daemon::start(&schema, &env);
+    let b = Daemon::start(&schema, &env);
+    // Each counts two hosts from the other's first host row, read at its own next write.
+    assert!(wait_until(Duration::from_secs(20), || {
+        schema.count("SELECT count(*) FROM {s}.hosts") == 2
+    }));
+    std::thread::sleep(Duration::from_secs(2));
+    let mut jobs: Vec<NewJob> = (0..400)
+        .map(|_| NewJob::new("free", "work", json!({"ms": 1})))
+        .collect();
+    jobs.extend((0..30).map(|_| NewJob::new("capped", "work", json!({"ms": 10}))));
+    enqueue_all(&schema, &jobs);
+    assert!(
+        wait_until(Duration::from_secs(60), || live_jobs(&schema) == 0),
+        "not drained: {} live ({} running)",
+        live_jobs(&schema),
+        schema.count("SELECT count(*) FROM {s}.jobs WHERE state = 'running'")
+    );
+    let (done, events) = runs(&record);
+    assert!(events.is_empty(), "{events:?}");
+    let ids: std::collections::HashSet<i64> = done.iter().map(|r| r.id).collect();
+    assert_eq!((done.len(), ids.len()), (430, 430), "each job runs once");
+    let missed: u64 = [&a, &b]
+        .iter()
+        .map(|d| {
+            let (_, metrics) = d.get("/metrics").expect("metrics");
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("forkq_claim_turns_missed_total "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .expect("forkq_claim_turns_missed_total")
+        })
+        .sum();
+    println!("claim rounds that found no turn: {missed}");
+    assert!(
+        missed > 0,
+        "turns were never scarce: the test did not test the gate"
+    );
+}
+
 /// A per-key cap of 1: jobs of one key never overlap, while different keys run side by side; a
 /// burst of one key enqueued first does not hold back another key's jobs enqueued after it.
 #[test]

@@ -511,11 +511,12 @@ impl Worker<'_> {
                 self.db(|db| claim(db, &[]))?
             }
         };
-        if !round.no_turn {
-            return Ok(round);
+        if round.no_turn {
+            self.slot.turns_missed.fetch_add(1, Ordering::Relaxed);
         }
-        self.slot.turns_missed.fetch_add(1, Ordering::Relaxed);
-        if ahead {
+        // A round that claimed anyway (from a limited queue, which takes no turn) keeps what it
+        // claimed: those jobs are this worker's now.
+        if !round.no_turn || ahead || !round.claimed.is_empty() {
             return Ok(round);
         }
         let waited = self.db(|db| {

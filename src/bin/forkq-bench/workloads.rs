@@ -40,7 +40,7 @@ pub struct Drain {
     pub pg_cpu_s: f64,
     /// Claim round trips of all the children.
     pub claims: u64,
-    /// How many of those found no claim turn in the database (and claimed nothing).
+    /// How many of those found no claim turn in the database (and then queued for one).
     pub turns_missed: u64,
 }
 
