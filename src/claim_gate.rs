@@ -7,7 +7,8 @@
 //! ([`share`]), so that claimers wait here, on a futex, rather than at the database's own gate
 //! (the lean round's advisory locks, [`fleet`]): a claimer waiting in the database holds a
 //! connection and costs more. The database's gate catches the moments the host count is out of
-//! date, and holds the fleet to its turns when the hosts outnumber them (each host keeps one).
+//! date, and holds the fleet to its turns when the hosts' shares add up to more (each host
+//! keeps at least one).
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;

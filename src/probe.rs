@@ -292,8 +292,7 @@ fn metrics(table: &SlotTable, config: &Config, db: &Mutex<Database>) -> String {
         ),
         (
             "forkq_claim_turns_missed_total",
-            "Claim round trips that found every claim turn of the fleet taken (FORKQ_CLAIMERS) \
-             and queued for one.",
+            "Claim round trips that found every claim turn of the fleet taken (FORKQ_CLAIMERS).",
             sum(&|s| s.turns_missed.load(Ordering::Relaxed)),
         ),
         (

@@ -16,7 +16,7 @@ use std::time::Duration;
 use common::pgbouncer::PgBouncer;
 use common::*;
 use forkq::queue::consumer::{Ack, Consumer, Settlement};
-use forkq::queue::{admin, maintenance};
+use forkq::queue::{admin, maintenance, sql};
 use serde_json::{json, Value};
 
 /// Server connections per PgBouncer: fewer than the clients of every test here.
@@ -351,9 +351,19 @@ fn every_consumer_statement_and_the_maintenance_pass_work_through_pgbouncer() {
     assert_eq!(report.rescued, 1, "{report}");
     assert_eq!(schema.job(e).unwrap()["state"], "available");
 
-    // A claim queued for a turn of the claim gate (more hosts than turns) takes its turn and
-    // claims in a transaction of its own, which the pooler keeps on one server connection.
+    // A claim queued for a turn of the claim gate (more hosts than turns) waits and claims in a
+    // transaction of its own, which the pooler keeps on one server connection: with the turn
+    // held elsewhere it gives up and rolls back, leaving the session clean; then it claims.
     w2.set_claim_turns(1);
+    let key = (sql::advisory_key("claim", &schema.name) >> 32) as i32;
+    let mut direct = connect();
+    let mut holder = direct.transaction().unwrap();
+    holder
+        .execute("SELECT pg_advisory_xact_lock($1, 0)", &[&key])
+        .unwrap();
+    let gave_up = w2.claim_in_turn(10).unwrap();
+    assert_eq!((gave_up.no_turn, gave_up.claimed.len()), (true, 0));
+    holder.commit().unwrap();
     let queued = w2.claim_in_turn(10).unwrap();
     assert_eq!((queued.no_turn, queued.claimed.len()), (false, 1));
     assert_eq!(schema.job(e).unwrap()["state"], "running");

@@ -105,8 +105,9 @@ fn enqueue_claim_ack_round_trip() {
 }
 
 /// The database's claim gate (more hosts than claim turns): with every turn taken a round
-/// claims nothing and says so; a claim queued for a turn waits for one, gives up empty-handed
-/// after `TURN_WAIT` with its transaction rolled back, and claims once the turn is given back.
+/// claims nothing and says so; a claim queued for a turn gives up empty-handed after
+/// `TURN_WAIT` with its transaction rolled back, and one that is waiting when the turn is given
+/// back takes it and claims.
 #[test]
 fn a_refused_round_queues_in_the_database_for_a_claim_turn() {
     let schema = TestSchema::new("turns");
@@ -117,13 +118,16 @@ fn a_refused_round_queues_in_the_database_for_a_claim_turn() {
     c.set_claim_turns(1);
     let key = (sql::advisory_key("claim", &schema.name) >> 32) as i32;
     let (held_tx, held) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
     let holder = std::thread::spawn(move || {
         let mut db = connect();
         let mut tx = db.transaction().unwrap();
         tx.execute("SELECT pg_advisory_xact_lock($1, 0)", &[&key])
             .unwrap();
         held_tx.send(()).unwrap();
-        std::thread::sleep(sql::TURN_WAIT * 3);
+        release_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        // Given back while the claim below waits (it waits up to TURN_WAIT).
+        std::thread::sleep(sql::TURN_WAIT / 4);
         let released = Instant::now();
         tx.commit().unwrap();
         released
@@ -139,16 +143,15 @@ fn a_refused_round_queues_in_the_database_for_a_claim_turn() {
         "{:?}",
         started.elapsed()
     );
-    let mut claimed = Vec::new();
-    while claimed.is_empty() && started.elapsed() < Duration::from_secs(30) {
-        claimed = c.claim_in_turn(10).unwrap().claimed;
-    }
+    release.send(()).unwrap();
+    let asked = Instant::now();
+    let claimed = c.claim_in_turn(10).unwrap().claimed;
     let claimed_at = Instant::now();
     let released = holder.join().unwrap();
     assert_eq!(claimed.len(), 3);
     assert!(
-        claimed_at > released,
-        "claimed before the turn was given back"
+        asked < released && released < claimed_at,
+        "the claim did not wait for the turn to be given back"
     );
     // The claims committed: the jobs are running under this consumer's name.
     assert_eq!(

@@ -171,7 +171,7 @@ struct Worker<'a> {
     recycling: bool,
     /// Set once the job at hand has claimed its successor (see `look_ahead`).
     looked_ahead: bool,
-    /// Rounds in a row that found no claim turn free (see `wait_for_turn`).
+    /// Claims in a row that found no claim turn, even queued for one (see `wait_for_turn`).
     turn_waits: u32,
     /// CPUs this process may use: without a fleet-wide limit, two claimers per CPU of the host.
     cpus: usize,
@@ -523,10 +523,11 @@ impl Worker<'_> {
             db.set_claim_turns(fleet);
             db.claim_in_turn(limit)
         })?;
-        Ok(match waited.no_turn {
+        Ok(match waited.no_turn && waited.claimed.is_empty() {
             true => round,
             false => Round {
                 refused: round.refused,
+                promoted: round.promoted + waited.promoted,
                 ..waited
             },
         })

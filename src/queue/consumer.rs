@@ -111,9 +111,10 @@ pub struct Round {
     pub due: bool,
     /// When a rate-limited queue allows its next start, if one refused this round's claim.
     pub retry_in: Option<Duration>,
-    /// The round claimed nothing because every claim turn of the schema was taken
+    /// The round's lean queues claimed nothing because every claim turn of the schema was taken
     /// (`FORKQ_CLAIMERS` rounds were picking at once, across the hosts): jobs may well be
-    /// waiting, so try again shortly rather than going idle.
+    /// waiting, so try again shortly rather than going idle. (A limited queue's claim takes no
+    /// turn: the round may have claimed from one all the same.)
     pub no_turn: bool,
 }
 
@@ -199,6 +200,8 @@ struct Connection {
     /// half a statement's budget, so a job held by a slow command is settled late rather than
     /// refused, and the call still ends well within the time the child announced for it.
     lock_retry_for: Duration,
+    /// An explicit transaction is open (see [`Consumer::claim_in_turn`]).
+    in_transaction: bool,
 }
 
 /// A statement ready to be sent on one connection (see [`prepared`]).
@@ -298,13 +301,19 @@ impl Connection {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, postgres::Error> {
         let client = &mut self.client;
-        retried(self.lock_retry_for, || match statement {
+        let mut send = || match statement {
             Prepared::Named(named) => client.query(named, params),
             Prepared::Unnamed(unnamed) => {
                 let (text, types) = &**unnamed;
                 client.query_typed(text, &typed(text, types, params))
             }
-        })
+        };
+        // Inside a transaction an aborted statement aborted the transaction: sending it again
+        // could only fail; the transaction's owner rolls back instead.
+        match self.in_transaction {
+            true => send(),
+            false => retried(self.lock_retry_for, send),
+        }
     }
 
     /// Sends `statement` (which returns at most one row) with `params`; the row, if any.
@@ -477,6 +486,7 @@ impl Consumer {
                 client,
                 pooled,
                 lock_retry_for: budget / 2,
+                in_transaction: false,
             },
             schema: config.schema.clone(),
             owner: owner.to_string(),
@@ -565,29 +575,33 @@ impl Consumer {
         self.settle_and_claim_through(acks, limit, false)
     }
 
-    /// Claims up to `limit` jobs as [`Consumer::settle_and_claim`] does, after a round the claim
-    /// gate refused: takes a turn that freed meanwhile, or else waits in the database for one,
-    /// and claims while holding it, in one transaction (see [`sql::turn_wait`]). So more hosts
-    /// than turns (see `claim_gate::fleet`) queue for them and are served in turn, instead of
-    /// all picking at once or sending refused rounds again and again; three round trips, taken
-    /// only by a round that found no turn. A wait that runs out, or a round that fails inside
-    /// the transaction, rolls it back and claims nothing (`no_turn`): the worker sends its next
-    /// round outside, where an error that persists is reported.
+    /// Claims up to `limit` jobs from this worker's queues without limits, after a round the
+    /// claim gate refused: takes a turn freed meanwhile, or else waits in the database for one
+    /// of them (chosen at random), and claims while holding it, in one transaction (see
+    /// [`sql::turn_wait`]). So hosts whose shares of the turns add up to more than the fleet's
+    /// (see `claim_gate::fleet`) queue for them and are served in turn, instead of all picking
+    /// at once or sending refused rounds again and again. At least three round trips, taken only
+    /// after a refused round. Limited queues are left to the next round (as a claim ahead
+    /// leaves them), so the transaction holds no lock of theirs. A wait that runs out, or a
+    /// round that fails inside the transaction, rolls it back and claims nothing (`no_turn`):
+    /// the worker sends its next round outside, where an error that persists is reported.
     pub fn claim_in_turn(&mut self, limit: usize) -> Result<Round, QueueError> {
         let turns = self.claimers;
         if turns <= 0 {
             return self.settle_and_claim(&[], limit);
         }
         let wait = sql::turn_wait(self.claim_gate_key, turns, fastrand::i32(0..turns));
+        self.client.in_transaction = true;
         let claimed = match self.client.client.batch_execute(&wait) {
             Ok(()) => {
                 self.claimers = 0;
-                let round = self.settle_and_claim(&[], limit);
+                let round = self.settle_and_claim_ahead(&[], limit);
                 self.claimers = turns;
                 round
             }
             Err(e) => Err(e.into()),
         };
+        self.client.in_transaction = false;
         match claimed {
             Ok(round) => {
                 // Only a committed claim is one: a commit that fails loses the jobs to lease
@@ -595,6 +609,7 @@ impl Consumer {
                 self.client.client.batch_execute("COMMIT")?;
                 Ok(round)
             }
+            // The caller drops the connection, and the transaction with it.
             Err(e) if e.is_connection_lost() => Err(e),
             Err(e) => {
                 log::debug!("a claim waiting for its turn claimed nothing: {e}");
@@ -729,6 +744,11 @@ impl Consumer {
         };
         let token = fastrand::i64(..);
         let limit = limit as i32;
+        // A step with no queue (a worker whose first queue is limited) picks nothing: no turn.
+        let gate = match queues.is_empty() {
+            true => 0,
+            false => self.claimers,
+        };
         let rows = self.client.query(
             &round,
             &[
@@ -741,7 +761,7 @@ impl Consumer {
                 &self.lease_seconds,
                 &queues,
                 &limit,
-                &self.claimers,
+                &gate,
                 &self.claim_gate_key,
             ],
         )?;

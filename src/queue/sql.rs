@@ -323,15 +323,15 @@ pub const ROUND_LOCK_WAIT: std::time::Duration = std::time::Duration::from_milli
 /// free by now, as [`GATE`] does, or else waits, up to [`TURN_WAIT`], for turn `{slot}`; either
 /// is held until the transaction ends, so the round that follows in it claims with the turn
 /// already its own (sent with `$10` = 0). That round is a statement of its own, with a snapshot
-/// taken after the wait, so the wait does not make its walk stale (see [`ROUND`]). Sent as
-/// text: every value in it is a number.
+/// taken after the wait (read committed, whatever the server's default), so the wait does not
+/// make its walk stale (see [`ROUND`]). Sent as text: every value in it is a number.
 pub fn turn_wait(key: i32, turns: i32, slot: i32) -> String {
     let free = GATE
         .replace("$10::int", &format!("{turns}::int"))
-        .replace("$11::int", &format!("{key}::int"))
+        .replace("$11::int", &format!("({key})::int"))
         .replace("$9::int", "1::int");
     format!(
-        "BEGIN; SET LOCAL lock_timeout = '{}ms';
+        "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL lock_timeout = '{}ms';
          SELECT CASE WHEN {free} THEN true
                 ELSE (SELECT true FROM pg_advisory_xact_lock({key}, {slot})) END",
         TURN_WAIT.as_millis()
