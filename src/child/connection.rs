@@ -58,13 +58,14 @@ impl<'a> Connection<'a> {
         self.lost = true;
     }
 
-    /// Runs `op` (one round trip) on the connection, opening or re-opening it with backoff while
-    /// the database is unreachable (heartbeating meanwhile). Errors other than a lost connection
-    /// are returned. Each blocking call is announced in the slot with its bound. `held` is what
-    /// a re-opened connection renews first.
+    /// Runs `op` (one round trip, and up to `longer` besides) on the connection, opening or
+    /// re-opening it with backoff while the database is unreachable (heartbeating meanwhile).
+    /// Errors other than a lost connection are returned. Each blocking call is announced in the
+    /// slot with its bound. `held` is what a re-opened connection renews first.
     pub(super) fn run<T>(
         &mut self,
         held: &mut Holdings,
+        longer: Duration,
         mut op: impl FnMut(&mut Consumer) -> Result<T, QueueError>,
     ) -> Result<T, QueueError> {
         let timeouts = WorkerTimeouts::new(self.config.health_stale);
@@ -91,7 +92,7 @@ impl<'a> Connection<'a> {
                 }
             }
             let db = self.consumer.as_mut().expect("connected above");
-            self.slot.wait_on_database(timeouts.round_trip());
+            self.slot.wait_on_database(timeouts.round_trip() + longer);
             let done = op(db);
             self.slot.database_returned();
             match done {

@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::handler::{process, Handler, Job, JobContext, Outcome};
 use crate::logging::{self, Activity};
 use crate::queue::consumer::{Ack, Claimed, Consumer, Flow, Round, Settlement};
+use crate::queue::sql::TURN_WAIT;
 use crate::queue::{maintenance, QueueError, WorkerTimeouts};
 use crate::slots::{monotonic_ms, take_turn, Header, Slot, SlotState, SlotTable};
 use crate::{claim_gate, futex, wakeup};
@@ -519,7 +520,9 @@ impl Worker<'_> {
         if !round.no_turn || ahead || !round.claimed.is_empty() {
             return Ok(round);
         }
-        let waited = self.db(|db| {
+        // Its round trips: the wait (cut at TURN_WAIT), the round, the commit.
+        let longer = WorkerTimeouts::new(self.config.health_stale).round_trip() * 2 + TURN_WAIT;
+        let waited = self.db_waiting(longer, |db| {
             db.set_claim_turns(fleet);
             db.claim_in_turn(limit)
         })?;
@@ -875,7 +878,16 @@ impl Worker<'_> {
         &mut self,
         op: impl FnMut(&mut Consumer) -> Result<T, QueueError>,
     ) -> Result<T, QueueError> {
-        self.conn.run(&mut self.held, op)
+        self.db_waiting(Duration::ZERO, op)
+    }
+
+    /// [`Worker::db`] for an `op` that takes longer than one round trip: up to `longer` more.
+    fn db_waiting<T>(
+        &mut self,
+        longer: Duration,
+        op: impl FnMut(&mut Consumer) -> Result<T, QueueError>,
+    ) -> Result<T, QueueError> {
+        self.conn.run(&mut self.held, longer, op)
     }
 }
 
