@@ -76,9 +76,9 @@ pub fn fleet(claimers: usize, hosts: u32) -> usize {
     if claimers == 0 || hosts == 1 {
         return 0;
     }
-    let hosts = hosts.max(1) as usize;
-    match share(claimers, hosts as u32, 0) * hosts == claimers {
-        true => claimers + hosts,
+    let counted = hosts.max(1) as usize;
+    match share(claimers, hosts, 0) * counted == claimers {
+        true => claimers + counted,
         false => claimers,
     }
 }

@@ -391,7 +391,7 @@ fn claims_made_while_turns_are_scarce_all_run() {
         schema.count("SELECT count(*) FROM {s}.hosts") == 2
     }));
     std::thread::sleep(Duration::from_secs(2));
-    let key = (sql::advisory_key("claim", &schema.name) >> 32) as i32;
+    let key = sql::claim_gate_key(&schema.name);
     let mut direct = connect();
     let mut turn = direct.transaction().unwrap();
     turn.execute("SELECT pg_advisory_xact_lock($1, 0)", &[&key])

@@ -355,7 +355,7 @@ fn every_consumer_statement_and_the_maintenance_pass_work_through_pgbouncer() {
     // transaction of its own, which the pooler keeps on one server connection: with the turn
     // held elsewhere it gives up and rolls back, leaving the session clean; then it claims.
     w2.set_claim_turns(1);
-    let key = (sql::advisory_key("claim", &schema.name) >> 32) as i32;
+    let key = sql::claim_gate_key(&schema.name);
     let mut direct = connect();
     let mut holder = direct.transaction().unwrap();
     holder

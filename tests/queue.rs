@@ -116,7 +116,7 @@ fn a_refused_round_queues_in_the_database_for_a_claim_turn() {
     }
     let mut c = consumer(&schema, "w", &[]);
     c.set_claim_turns(1);
-    let key = (sql::advisory_key("claim", &schema.name) >> 32) as i32;
+    let key = sql::claim_gate_key(&schema.name);
     let (held_tx, held) = std::sync::mpsc::channel();
     let (release, release_rx) = std::sync::mpsc::channel::<()>();
     let holder = std::thread::spawn(move || {

@@ -498,7 +498,7 @@ impl Consumer {
             claimers: config.claimers as i32,
             // The high half of the schema's key: advisory locks of two keys live apart from the
             // one-key locks forkq takes elsewhere.
-            claim_gate_key: (sql::advisory_key("claim", &config.schema) >> 32) as i32,
+            claim_gate_key: sql::claim_gate_key(&config.schema),
             claim_cap: config.prefetch,
             promote_next: false,
             statements: Statements::default(),

@@ -27,6 +27,12 @@ pub fn advisory_key(purpose: &str, schema: &str) -> i64 {
     hash as i64
 }
 
+/// The first key of the claim gate's advisory locks in `schema` (see [`GATE`]; the second is
+/// the turn): the high half of [`advisory_key`], as the two-key lock functions take `int`s.
+pub fn claim_gate_key(schema: &str) -> i32 {
+    (advisory_key("claim", schema) >> 32) as i32
+}
+
 /// What the LISTEN/NOTIFY channel of a schema starts with.
 pub const CHANNEL_PREFIX: &str = "forkq_";
 
