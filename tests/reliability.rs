@@ -284,8 +284,10 @@ fn spawn_on(
     url: &str,
     extra: &[(&str, &str)],
 ) -> (std::process::Child, std::net::SocketAddr, PathBuf) {
+    static SPAWNED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = SPAWNED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("private-{}.log", std::process::id()));
+        .join(format!("private-{}-{n}.log", std::process::id()));
     let file = std::fs::File::create(&log).unwrap();
     let mut cmd = Command::new(common::forkq_bin());
     cmd.arg("run")
@@ -978,6 +980,160 @@ fn database_crash_under_load_strands_nothing() {
     assert_eq!(
         db.count("SELECT count(*) FROM forkq.jobs_archive WHERE state = 'failed'"),
         Some(0)
+    );
+}
+
+/// Two daemons share one claim turn (`FORKQ_CLAIMERS=1`), so most of their claims queue for it
+/// in a transaction of their own (`Consumer::claim_in_turn`: a lock wait, the round, a commit),
+/// while a random child of either is killed every 50 ms and PostgreSQL crashes once (immediate
+/// stop) mid-drain. A claim cut off anywhere in that transaction claimed nothing; one that
+/// committed is the worker's, and its jobs run or go back. Every job runs at least once and
+/// completes; none is lost, failed or left running.
+#[test]
+fn scarce_claim_turns_through_kills_and_a_crash_lose_nothing() {
+    let jobs: i64 = if long_run() { 20_000 } else { 3_000 };
+    let cluster = PrivateCluster::start("turncrash");
+    let url = cluster.url();
+    let db = ClusterSchema::migrate(&url);
+    let dir = temp_dir("turncrash-record");
+    let record = dir.join("executions");
+    let handler = recording_coproc(&dir, &record);
+    let env = [
+        ("FORKQ_CONCURRENCY", "3"),
+        ("FORKQ_PREFETCH", "10"),
+        ("FORKQ_CLAIMERS", "1"),
+        ("FORKQ_HOST_INTERVAL_SECONDS", "1"),
+        ("FORKQ_HANDLER", handler.as_str()),
+        ("FORKQ_HEALTHY_UPTIME_SECONDS", "1"),
+        ("FORKQ_CRASH_LOOP_THRESHOLD", "1000"),
+        ("FORKQ_RESTART_BACKOFF_BASE_MS", "10"),
+        ("FORKQ_RESTART_BACKOFF_MAX_MS", "50"),
+        ("FORKQ_LEASE_SECONDS", "5"),
+    ];
+    let (a, a_addr, a_log) = spawn_on(&url, &env);
+    let _a = Killed(a);
+    let (b, b_addr, b_log) = spawn_on(&url, &env);
+    let _b = Killed(b);
+    // Each daemon counts two hosts from the other's first row, read at its own next write; from
+    // then on the database grants the one turn alone (see claim_gate::fleet).
+    assert!(wait_until(Duration::from_secs(20), || {
+        db.count("SELECT count(*) FROM forkq.hosts") == Some(2)
+    }));
+    std::thread::sleep(Duration::from_secs(2));
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let all: std::collections::HashSet<i64> = client
+        .query(
+            "INSERT INTO forkq.jobs (queue, task, payload)
+             SELECT 'default', 'record', '{}' FROM generate_series(1, $1::bigint) RETURNING id",
+            &[&jobs],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    client
+        .execute(
+            "SELECT pg_notify($1, '')",
+            &[&forkq::queue::sql::channel("forkq")],
+        )
+        .unwrap();
+    let completed = || {
+        db.count("SELECT count(*) FROM forkq.jobs_archive WHERE state = 'completed'")
+            .unwrap_or(0)
+    };
+    let child_pids = |addr| -> Vec<i32> {
+        common::http_get(addr, "/livez")
+            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .and_then(|body| {
+                let slots = body["slots"].as_array()?.clone();
+                Some(
+                    slots
+                        .iter()
+                        .filter_map(|s| s["pid"].as_i64())
+                        .map(|p| p as i32)
+                        .collect(),
+                )
+            })
+            .unwrap_or_default()
+    };
+    // Each turn missed is counted by the daemon that missed it, kills and restarts included
+    // (the slots outlive their children); the highest reading of each is kept.
+    let missed = |addr| -> u64 {
+        common::http_get(addr, "/metrics")
+            .and_then(|(_, text)| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("forkq_claim_turns_missed_total "))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let (mut kills, mut crashed, mut most_missed) = (0u64, false, [0u64; 2]);
+    let started = Instant::now();
+    let drained = wait_until(Duration::from_secs(180), || {
+        let done = completed();
+        if !crashed && done >= jobs / 3 {
+            cluster.pg_ctl(&["stop", "-m", "immediate", "-w"]);
+            cluster.pg_ctl(&["start", "-w"]);
+            crashed = true;
+        }
+        if done < jobs * 9 / 10 {
+            let pids: Vec<i32> = [a_addr, b_addr]
+                .into_iter()
+                .flat_map(child_pids)
+                .filter(|&p| p > 0)
+                .collect();
+            if !pids.is_empty() {
+                let victim = pids[fastrand::usize(..pids.len())];
+                if kill(Pid::from_raw(victim), Signal::SIGKILL).is_ok() {
+                    kills += 1;
+                }
+            }
+        }
+        for (most, addr) in most_missed.iter_mut().zip([a_addr, b_addr]) {
+            *most = (*most).max(missed(addr));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        done == jobs
+    });
+    let logs = || {
+        format!(
+            "--- daemon a ---\n{}\n--- daemon b ---\n{}",
+            std::fs::read_to_string(&a_log).unwrap_or_default(),
+            std::fs::read_to_string(&b_log).unwrap_or_default()
+        )
+    };
+    let executions = std::fs::read_to_string(&record).unwrap_or_default();
+    let ran: std::collections::HashSet<i64> =
+        executions.lines().filter_map(|l| l.parse().ok()).collect();
+    println!(
+        "scarce turns: {jobs} jobs, {kills} kills and one crash in {:.1?}, {} executions \
+         ({} distinct), {} claim rounds found no turn",
+        started.elapsed(),
+        executions.lines().count(),
+        ran.len(),
+        most_missed.iter().sum::<u64>()
+    );
+    assert!(
+        drained,
+        "{} of {jobs} completed ({:?} left running); {}",
+        completed(),
+        db.count("SELECT count(*) FROM forkq.jobs WHERE state = 'running'"),
+        logs()
+    );
+    assert!(crashed, "the drain ended before the crash; {}", logs());
+    assert_eq!(db.count("SELECT count(*) FROM forkq.jobs"), Some(0));
+    assert_eq!(
+        db.count("SELECT count(*) FROM forkq.jobs_archive WHERE state <> 'completed'"),
+        Some(0)
+    );
+    assert_eq!(
+        all.difference(&ran).count(),
+        0,
+        "jobs completed without running"
+    );
+    assert!(
+        most_missed.iter().sum::<u64>() > 0,
+        "no round found the turn taken: the queue for turns was not tested"
     );
 }
 
