@@ -985,8 +985,8 @@ fn database_crash_under_load_strands_nothing() {
 
 /// Two daemons share one claim turn (`FORKQ_CLAIMERS=1`), so most of their claims queue for it
 /// in a transaction of their own (`Consumer::claim_in_turn`: a lock wait, the round, a commit),
-/// while a random child of either is killed every 50 ms and PostgreSQL crashes once (immediate
-/// stop) mid-drain. A claim cut off anywhere in that transaction claimed nothing; one that
+/// while a random child of either is killed at every look (about every 130 ms: a 50 ms sleep and
+/// the probes' answers) and PostgreSQL crashes once (immediate stop) mid-drain. A claim cut off anywhere in that transaction claimed nothing; one that
 /// committed is the worker's, and its jobs run or go back. Every job runs at least once and
 /// completes; none is lost, failed or left running.
 #[test]
