@@ -59,6 +59,12 @@ impl BenchSchema {
     /// Pre-enqueues `n` jobs of `task` in queue `default` in one statement, then analyzes the
     /// table (what autovacuum does shortly after a bulk load), so runs start from the same plan.
     pub fn fill(&self, n: usize, task: &str, payload: &serde_json::Value) -> BenchResult<()> {
+        self.insert(n, task, payload)?;
+        self.analyze()
+    }
+
+    /// Adds `n` jobs of `task` in queue `default` in one statement, unannounced.
+    pub fn insert(&self, n: usize, task: &str, payload: &serde_json::Value) -> BenchResult<()> {
         let mut client = connect(&self.url, "forkq-bench")?;
         client.execute(
             &self.sql(
@@ -67,7 +73,21 @@ impl BenchSchema {
             ),
             &[&task, payload, &(n as i32)],
         )?;
+        Ok(())
+    }
+
+    /// Analyzes the hot table (see [`BenchSchema::fill`]).
+    pub fn analyze(&self) -> BenchResult<()> {
+        let mut client = connect(&self.url, "forkq-bench")?;
         client.batch_execute(&self.sql("ANALYZE {s}.jobs"))?;
+        Ok(())
+    }
+
+    /// Notifies the schema's channel as an enqueue does, which wakes an idle fleet.
+    pub fn announce(&self) -> BenchResult<()> {
+        let mut client = connect(&self.url, "forkq-bench")?;
+        let channel = forkq::queue::sql::channel(&self.name);
+        client.execute("SELECT pg_notify($1, 'default')", &[&channel])?;
         Ok(())
     }
 

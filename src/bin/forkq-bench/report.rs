@@ -114,8 +114,8 @@ const METHOD: &str = "
 * Every workload runs on a fresh schema (migrated with `forkq::queue::migrations::migrate`, dropped
   afterwards) against the release `forkq` binary, spawned as a real daemon and killed by its pid.
   Jobs are pre-enqueued with one `INSERT … SELECT generate_series` and the table is analyzed.
-* **W1 / scale**: time from spawning `forkq run` to an empty hot table (start-up included), and the
-  steady rate between 10 % and 90 % done (sampled every 10 ms from `/metrics`, i.e. shared memory).
+* **W1**: time from spawning `forkq run` to an empty hot table (start-up included), and the
+  steady rate between 10 % and 90 % done (sampled every 10 ms from `/livez`, i.e. shared memory).
   `FORKQ_RETENTION_SECONDS=0` (delete on completion) unless the row says *archive*, so the work
   matches the raw round of 100 it is compared with. CPU is the summed user+system time of all
   forkq processes and of the PostgreSQL backends serving them (found by an `application_name`
@@ -133,14 +133,23 @@ const METHOD: &str = "
 * **Scale curve** (rows `D daemon(s) x C children`, and the chart): on `BENCH_SCALE_URL`, a
   private cluster with stock settings and `max_connections=400` that `scripts/bench.sh` starts, so
   8 x 32 children fit and nothing else runs there. D daemons of C children each on one schema,
-  max(60k, 500 x D x C) noop jobs (quick: 5k, 100 per child), retention 0. Each point drains 3
-  times (quick: once), the whole curve in turn each time, and the median drain by throughput is
-  the row. Throughput is the steady rate (10 % to 90 % done; spawn→empty when too fast to
-  sample), compared with the best point with the same children in all. *Through PgBouncer*: the
+  max(60k, 500 x D x C) noop jobs (quick: 5k, 100 per child), retention 0. The fleet starts on
+  the empty schema and settles (every child idle, every daemon's host row written after the last
+  one appeared, so each counts the others, as the claim gate needs); then the jobs are added in
+  one statement and analyzed, the clock starts, and one NOTIFY announces them, as an enqueue
+  does, so the idle fleet wakes itself up (the first job's time is in the row). The fleet's start
+  is measured apart: seconds from spawn to settled, and the CPU of its backends and processes
+  until then. Until 2026-12-02 the jobs were there before the spawn and the clock ran from it, so
+  eight daemons' start-up (50 runs of `psql -c 'SELECT 1'` cost the scale cluster 300 ms of CPU) weighed on
+  their drains of a second or two. Each point drains 3 times (quick: once), the whole curve in
+  turn each time, and the median drain by throughput is the row. Throughput is the steady rate
+  (10 % to 90 % done; enqueue→empty when too fast to sample), compared with the best point with
+  the same children in all. *Through PgBouncer*: the
   same drain with the daemons on a PgBouncer 1.18 in transaction mode (`scripts/pgbouncer.sh`, 8
   server connections whose `connect_query` sets what a direct worker sets for its session:
-  `synchronous_commit = off`, `statement_timeout = 5000`) and `FORKQ_POOLER=transaction`,
-  compared with the direct point of the same fleet; PgBouncer's own CPU is counted per job.
+  `synchronous_commit = off`, `statement_timeout = 5000`) and `FORKQ_POOLER=transaction`, each
+  daemon's listener on a direct connection (`FORKQ_LISTEN_DATABASE_URL`), compared with the
+  direct point of the same fleet; PgBouncer's own CPU is counted per job.
 * **At rest / busy with long jobs**: 8 daemons x 8 children on one schema, from 8 s after
   start-up (past the quick first host rows), watched for 10 s (quick: 3 s): their backends' CPU,
   the forkq processes' CPU and the statements they sent, by kind, with their mean server time

@@ -11,7 +11,7 @@ use serde_json::json;
 use crate::db::BenchResult;
 use crate::pooler::PgBouncer;
 use crate::report::{verdict, Report};
-use crate::workloads::{self, Crowd, Ctx, Drain, Rest};
+use crate::workloads::{self, Ctx, Drain, Rest};
 
 /// Server connections of the benchmark's PgBouncer: a few per core of this 2-core server, the
 /// size a transaction-mode pool in front of a small database would have.
@@ -109,7 +109,7 @@ impl Point {
         self.daemons * self.children
     }
 
-    /// Jobs per second: the steady rate (10 % to 90 % done), or spawn→empty when the drain was
+    /// Jobs per second: the steady rate (10 % to 90 % done), or enqueue→empty when the drain was
     /// too fast to sample.
     fn throughput(&self) -> f64 {
         self.drain.steady.unwrap_or_else(|| self.drain.rate())
@@ -148,10 +148,11 @@ impl Point {
             ),
         };
         let mut text = format!(
-            "{runs}{steady}; spawn→empty {:.0} jobs/s (start-up {:.2} s); {:.1} jobs per claim round, \
-             {:.0} % of rounds found no turn; CPU/job: PG {:.1} µs, forkq {:.1} µs",
+            "{runs}{steady}; enqueue→empty {:.0} jobs/s (first job done {:.0} ms after the \
+             enqueue); {:.1} jobs per claim round, {:.0} % of rounds found no turn; CPU/job: PG \
+             {:.1} µs, forkq {:.1} µs",
             d.rate(),
-            d.first_job_s,
+            d.first_job_s * 1e3,
             d.n as f64 / d.claims.max(1) as f64,
             100.0 * d.turns_missed as f64 / d.claims.max(1) as f64,
             per_job(d.pg_cpu_s),
@@ -159,6 +160,14 @@ impl Point {
         );
         if self.pooled {
             text.push_str(&format!(", PgBouncer {:.1} µs", per_job(self.pooler_cpu_s)));
+        }
+        if let Some(f) = &d.fleet_start {
+            text.push_str(&format!(
+                "; the fleet's start before it (spawn to settled, {:.1} s): PG {:.0} ms, forkq {:.0} ms of CPU",
+                f.seconds,
+                f.pg_cpu_s * 1e3,
+                f.forkq_cpu_s * 1e3
+            ));
         }
         text
     }
@@ -212,14 +221,13 @@ fn drain_point(
         ..ctx.clone()
     };
     let before = bouncer.as_ref().map_or(0.0, PgBouncer::cpu_seconds);
-    let drain = workloads::drain(
+    let drain = workloads::drain_ready(
         &ctx,
         "scale",
         plan.jobs(daemons * children),
         ("noop", json!({})),
         &vec![children; daemons],
         &[("FORKQ_RETENTION_SECONDS", "0".to_string())],
-        Crowd::default(),
     )?;
     let mut point = Point {
         daemons,

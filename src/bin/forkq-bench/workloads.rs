@@ -23,29 +23,56 @@ pub struct Ctx {
     pub via: Option<String>,
 }
 
-/// A drain: pre-enqueued jobs, fleets started, time until the hot table is empty.
+/// A drain: jobs, fleets, time until the hot table is empty; when the clock starts depends on
+/// the [`Start`].
 #[derive(Debug, Clone)]
 pub struct Drain {
     /// Jobs drained.
     pub n: usize,
-    /// Seconds from spawning the first daemon to an empty hot table (start-up included).
+    /// Seconds from the start of the clock to an empty hot table.
     pub total_s: f64,
-    /// Seconds from spawning to the first finished job (start-up).
+    /// Seconds from the start of the clock to the first finished job.
     pub first_job_s: f64,
     /// Jobs per second between 10 % and 90 % done.
     pub steady: Option<f64>,
-    /// CPU seconds of every forkq process (supervisors, probes, children).
+    /// CPU seconds of every forkq process (supervisors, probes, children) while the clock ran.
     pub forkq_cpu_s: f64,
-    /// CPU seconds of the PostgreSQL backends serving them.
+    /// CPU seconds of the PostgreSQL backends serving them while the clock ran.
     pub pg_cpu_s: f64,
     /// Claim round trips of all the children.
     pub claims: u64,
     /// How many of those found no claim turn in the database (and then queued for one).
     pub turns_missed: u64,
+    /// What the fleets cost to start, when that was before the clock ([`Start::Ready`]).
+    pub fleet_start: Option<FleetStart>,
+}
+
+/// How a drain's fleets meet its jobs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// The jobs are in the table when the fleets are spawned, and the clock runs from the spawn:
+    /// the fleets' start-up is part of the drain.
+    Spawned,
+    /// The fleets are spawned on the empty schema and left until every child idles and every
+    /// daemon has counted the others (the claim gate shares its turns by that count); then the
+    /// jobs are added (and analyzed), the clock starts, and they are announced (one NOTIFY, as an
+    /// enqueue sends). What the fleets cost to start is kept apart ([`Drain::fleet_start`]).
+    Ready,
+}
+
+/// What a drain's fleets cost from their spawn until they had settled ([`Start::Ready`]).
+#[derive(Debug, Clone)]
+pub struct FleetStart {
+    /// Seconds from the spawn to settled.
+    pub seconds: f64,
+    /// CPU seconds of the PostgreSQL backends serving the fleets (those still connected then).
+    pub pg_cpu_s: f64,
+    /// CPU seconds of the forkq processes.
+    pub forkq_cpu_s: f64,
 }
 
 impl Drain {
-    /// Jobs per second from start to empty, start-up included.
+    /// Jobs per second from the start of the clock to empty.
     pub fn rate(&self) -> f64 {
         self.n as f64 / self.total_s
     }
@@ -132,7 +159,7 @@ pub fn crowded_pairs(
         if pair > 0 {
             client.batch_execute(&schema.sql("VACUUM {s}.jobs"))?;
         }
-        drain_in(ctx, schema, n, ("noop", json!({})), &[2], &[])
+        drain_in(ctx, schema, n, ("noop", json!({})), &[2], &[], Start::Spawned)
     };
     (0..pairs)
         .map(|pair| {
@@ -157,10 +184,24 @@ pub fn drain(
 ) -> BenchResult<Drain> {
     let schema = BenchSchema::new(&ctx.url, label)?;
     crowd.fill(&schema)?;
-    drain_in(ctx, &schema, n, job, fleets, extra)
+    drain_in(ctx, &schema, n, job, fleets, extra, Start::Spawned)
 }
 
-/// [`drain`] in `schema` as it is: adds the `n` jobs, spawns the fleets, times them to empty.
+/// [`drain`] with no crowd, the fleets settled before the jobs arrive ([`Start::Ready`]).
+pub fn drain_ready(
+    ctx: &Ctx,
+    label: &str,
+    n: usize,
+    job: (&str, Value),
+    fleets: &[usize],
+    extra: &[(&str, String)],
+) -> BenchResult<Drain> {
+    let schema = BenchSchema::new(&ctx.url, label)?;
+    drain_in(ctx, &schema, n, job, fleets, extra, Start::Ready)
+}
+
+/// [`drain`] in `schema` as it is: adds the `n` jobs, spawns the fleets (in the order `start`
+/// says), times them to empty.
 fn drain_in(
     ctx: &Ctx,
     schema: &BenchSchema,
@@ -168,16 +209,21 @@ fn drain_in(
     job: (&str, Value),
     fleets: &[usize],
     extra: &[(&str, String)],
+    start: Start,
 ) -> BenchResult<Drain> {
-    schema.fill(n, job.0, &job.1)?;
+    if start == Start::Spawned {
+        schema.fill(n, job.0, &job.1)?;
+    }
     let mut monitor = connect(&ctx.url, "forkq-bench monitor")?;
     let timeout = Duration::from_secs(60 + n as u64 / 500);
     let mut env = extra.to_vec();
     if let Some(pooler) = &ctx.via {
         env.push(("DATABASE_URL", schema.tagged(pooler)));
         env.push(("FORKQ_POOLER", "transaction".into()));
+        // Wake-ups on a direct connection of their own, as docs/pooler.md advises.
+        env.push(("FORKQ_LISTEN_DATABASE_URL", schema.tagged(&ctx.url)));
     }
-    let started = Instant::now();
+    let spawned = Instant::now();
     let mut daemons = Vec::new();
     for &concurrency in fleets {
         daemons.push(Daemon::spawn(
@@ -188,6 +234,32 @@ fn drain_in(
             &env,
         )?);
     }
+    let cpu_now = |daemons: &[Daemon], monitor: &mut postgres::Client| -> BenchResult<(f64, f64)> {
+        let pids: Vec<i32> = daemons.iter().flat_map(Daemon::all_pids).collect();
+        Ok((
+            sys::cpu_total(&schema.backend_pids(monitor)?),
+            sys::cpu_total(&pids),
+        ))
+    };
+    let (started, fleet_start) = match start {
+        Start::Spawned => (spawned, None),
+        Start::Ready => {
+            settle(&mut daemons, fleets, schema, &mut monitor, timeout)?;
+            let (pg_cpu_s, forkq_cpu_s) = cpu_now(&daemons, &mut monitor)?;
+            let seconds = spawned.elapsed().as_secs_f64();
+            // The jobs are analyzed before the clock starts, as `fill` does, and announced once
+            // it runs; a child's poll may find them in between (at most one a second per host).
+            schema.fill(n, job.0, &job.1)?;
+            let started = Instant::now();
+            schema.announce()?;
+            let before = FleetStart {
+                seconds,
+                pg_cpu_s,
+                forkq_cpu_s,
+            };
+            (started, Some(before))
+        }
+    };
     let mut samples: Vec<(f64, u64)> = Vec::new();
     let mut first_job_s = None;
     loop {
@@ -219,8 +291,11 @@ fn drain_in(
         std::thread::sleep(Duration::from_millis(2));
     }
     let total_s = started.elapsed().as_secs_f64();
-    let pids: Vec<i32> = daemons.iter().flat_map(Daemon::all_pids).collect();
-    let forkq_cpu_s = sys::cpu_total(&pids);
+    let (pg_cpu_s, forkq_cpu_s) = cpu_now(&daemons, &mut monitor)?;
+    let (pg_cpu_s, forkq_cpu_s) = match &fleet_start {
+        Some(f) => (pg_cpu_s - f.pg_cpu_s, forkq_cpu_s - f.forkq_cpu_s),
+        None => (pg_cpu_s, forkq_cpu_s),
+    };
     let counted = |counter: &str| -> u64 {
         daemons
             .iter()
@@ -228,7 +303,6 @@ fn drain_in(
             .sum()
     };
     let (claims, turns_missed) = (counted("claims"), counted("claim_turns_missed"));
-    let pg_cpu_s = sys::cpu_total(&schema.backend_pids(&mut monitor)?);
     let crossing = |fraction: f64| {
         let goal = fraction * n as f64;
         samples.windows(2).find_map(|w| {
@@ -250,7 +324,50 @@ fn drain_in(
         pg_cpu_s,
         claims,
         turns_missed,
+        fleet_start,
     })
+}
+
+/// Waits until every child of `daemons` (of `fleets` children each) idles and every daemon has
+/// counted all of them: each host row was written after the last of them appeared, and a daemon
+/// counts the hosts in the statement that writes its row.
+fn settle(
+    daemons: &mut [Daemon],
+    fleets: &[usize],
+    schema: &BenchSchema,
+    monitor: &mut postgres::Client,
+    timeout: Duration,
+) -> BenchResult<()> {
+    for (daemon, &concurrency) in daemons.iter_mut().zip(fleets) {
+        daemon.wait_ready(concurrency, timeout)?;
+    }
+    let deadline = Instant::now() + timeout;
+    let mut all_seen_at: Option<std::time::SystemTime> = None;
+    loop {
+        let idle = daemons
+            .iter()
+            .all(|d| d.slots().iter().all(|(_, state)| state == "idle"));
+        let row = monitor.query_one(
+            &schema.sql(
+                "SELECT count(*), now(), coalesce(bool_and(last_seen > $1), false) FROM {s}.hosts",
+            ),
+            &[&all_seen_at.unwrap_or(std::time::UNIX_EPOCH)],
+        )?;
+        let (hosts, now, written_since): (i64, std::time::SystemTime, bool) =
+            (row.get(0), row.get(1), row.get(2));
+        if hosts as usize == daemons.len() && all_seen_at.is_none() {
+            all_seen_at = Some(now);
+        } else if idle && all_seen_at.is_some() && written_since {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the fleets did not settle within {timeout:?} ({hosts} host rows, children idle: {idle})"
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// How long after start-up the fleets at rest are watched from: past the first claims, the first
