@@ -59,36 +59,38 @@ impl BenchSchema {
     /// Pre-enqueues `n` jobs of `task` in queue `default` in one statement, then analyzes the
     /// table (what autovacuum does shortly after a bulk load), so runs start from the same plan.
     pub fn fill(&self, n: usize, task: &str, payload: &serde_json::Value) -> BenchResult<()> {
-        self.insert(n, task, payload)?;
-        self.analyze()
+        self.fill_announced(n, task, payload, false)?;
+        Ok(())
     }
 
-    /// Adds `n` jobs of `task` in queue `default` in one statement, unannounced.
-    pub fn insert(&self, n: usize, task: &str, payload: &serde_json::Value) -> BenchResult<()> {
+    /// [`BenchSchema::fill`] in one transaction (ANALYZE counts the rows its own transaction
+    /// inserted), announced in it when `announce` (one NOTIFY, as an enqueue sends, which wakes
+    /// an idle fleet), so the jobs, their statistics and the wake-up arrive together at commit.
+    /// Returns the moment the commit was sent.
+    pub fn fill_announced(
+        &self,
+        n: usize,
+        task: &str,
+        payload: &serde_json::Value,
+        announce: bool,
+    ) -> BenchResult<std::time::Instant> {
         let mut client = connect(&self.url, "forkq-bench")?;
-        client.execute(
+        let mut tx = client.transaction()?;
+        tx.execute(
             &self.sql(
                 "INSERT INTO {s}.jobs (queue, task, payload)
                  SELECT 'default', $1, $2 FROM generate_series(1, $3)",
             ),
             &[&task, payload, &(n as i32)],
         )?;
-        Ok(())
-    }
-
-    /// Analyzes the hot table (see [`BenchSchema::fill`]).
-    pub fn analyze(&self) -> BenchResult<()> {
-        let mut client = connect(&self.url, "forkq-bench")?;
-        client.batch_execute(&self.sql("ANALYZE {s}.jobs"))?;
-        Ok(())
-    }
-
-    /// Notifies the schema's channel as an enqueue does, which wakes an idle fleet.
-    pub fn announce(&self) -> BenchResult<()> {
-        let mut client = connect(&self.url, "forkq-bench")?;
-        let channel = forkq::queue::sql::channel(&self.name);
-        client.execute("SELECT pg_notify($1, 'default')", &[&channel])?;
-        Ok(())
+        tx.batch_execute(&self.sql("ANALYZE {s}.jobs"))?;
+        if announce {
+            let channel = forkq::queue::sql::channel(&self.name);
+            tx.execute("SELECT pg_notify($1, 'default')", &[&channel])?;
+        }
+        let committed = std::time::Instant::now();
+        tx.commit()?;
+        Ok(committed)
     }
 
     /// Whether every job that could run was run and acknowledged (rows scheduled for later do

@@ -136,8 +136,8 @@ const METHOD: &str = "
   max(60k, 500 x D x C) noop jobs (quick: 5k, 100 per child), retention 0. The fleet starts on
   the empty schema and settles (every child idle, every daemon's host row written after the last
   one appeared, so each counts the others, as the claim gate needs); then the jobs are added in
-  one statement and analyzed, the clock starts, and one NOTIFY announces them, as an enqueue
-  does, so the idle fleet wakes itself up (the first job's time is in the row). The fleet's start
+  one statement, analyzed and announced by one NOTIFY (as an enqueue sends) in one transaction,
+  and the clock runs from its commit, so the idle fleet wakes itself up. The fleet's start
   is measured apart: seconds from spawn to settled, and the CPU of its backends and processes
   until then. Until 2026-12-02 the jobs were there before the spawn and the clock ran from it, so
   eight daemons' start-up (50 runs of `psql -c 'SELECT 1'` cost the scale cluster 300 ms of CPU) weighed on

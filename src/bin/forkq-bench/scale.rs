@@ -148,11 +148,9 @@ impl Point {
             ),
         };
         let mut text = format!(
-            "{runs}{steady}; enqueue→empty {:.0} jobs/s (first job done {:.0} ms after the \
-             enqueue); {:.1} jobs per claim round, {:.0} % of rounds found no turn; CPU/job: PG \
-             {:.1} µs, forkq {:.1} µs",
+            "{runs}{steady}; enqueue→empty {:.0} jobs/s; {:.1} jobs per claim round, {:.0} % of \
+             rounds found no turn; CPU/job: PG {:.1} µs, forkq {:.1} µs",
             d.rate(),
-            d.first_job_s * 1e3,
             d.n as f64 / d.claims.max(1) as f64,
             100.0 * d.turns_missed as f64 / d.claims.max(1) as f64,
             per_job(d.pg_cpu_s),

@@ -55,8 +55,9 @@ pub enum Start {
     Spawned,
     /// The fleets are spawned on the empty schema and left until every child idles and every
     /// daemon has counted the others (the claim gate shares its turns by that count); then the
-    /// jobs are added (and analyzed), the clock starts, and they are announced (one NOTIFY, as an
-    /// enqueue sends). What the fleets cost to start is kept apart ([`Drain::fleet_start`]).
+    /// jobs are added, analyzed and announced (one NOTIFY, as an enqueue sends) in one
+    /// transaction, and the clock runs from its commit. What the fleets cost to start is kept
+    /// apart ([`Drain::fleet_start`]).
     Ready,
 }
 
@@ -159,7 +160,15 @@ pub fn crowded_pairs(
         if pair > 0 {
             client.batch_execute(&schema.sql("VACUUM {s}.jobs"))?;
         }
-        drain_in(ctx, schema, n, ("noop", json!({})), &[2], &[], Start::Spawned)
+        drain_in(
+            ctx,
+            schema,
+            n,
+            ("noop", json!({})),
+            &[2],
+            &[],
+            Start::Spawned,
+        )
     };
     (0..pairs)
         .map(|pair| {
@@ -247,11 +256,7 @@ fn drain_in(
             settle(&mut daemons, fleets, schema, &mut monitor, timeout)?;
             let (pg_cpu_s, forkq_cpu_s) = cpu_now(&daemons, &mut monitor)?;
             let seconds = spawned.elapsed().as_secs_f64();
-            // The jobs are analyzed before the clock starts, as `fill` does, and announced once
-            // it runs; a child's poll may find them in between (at most one a second per host).
-            schema.fill(n, job.0, &job.1)?;
-            let started = Instant::now();
-            schema.announce()?;
+            let started = schema.fill_announced(n, job.0, &job.1, true)?;
             let before = FleetStart {
                 seconds,
                 pg_cpu_s,
