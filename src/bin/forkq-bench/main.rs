@@ -685,6 +685,7 @@ fn measured(d: &Drain) -> RawResult {
     RawResult {
         rate: d.rate(),
         pg_us_per_job: d.pg_us_per_job(),
+        client_us_per_job: d.forkq_cpu_s * 1e6 / d.n as f64,
     }
 }
 
@@ -707,7 +708,12 @@ fn paired_rows(
     };
     let rate_of = |(r, d): &(RawResult, Drain)| d.rate() / r.rate;
     let cpu_of = |(r, d): &(RawResult, Drain)| d.pg_us_per_job() / r.pg_us_per_job;
+    let both_of = |(r, d): &(RawResult, Drain)| {
+        let forkq = measured(d);
+        (forkq.pg_us_per_job + forkq.client_us_per_job) / (r.pg_us_per_job + r.client_us_per_job)
+    };
     let (rate_ratio, cpu_ratio) = (rate_of(middle(&rate_of)), cpu_of(middle(&cpu_of)));
+    let both_ratio = both_of(middle(&both_of));
     let rates: Vec<f64> = pairs.iter().map(rate_of).collect();
     let cpus: Vec<f64> = pairs.iter().map(cpu_of).collect();
     let raw = middle(&|(r, _)| r.rate).0;
@@ -749,8 +755,8 @@ fn paired_rows(
         format!("{label}{}", of(pairs.len())),
         drain_text(drain),
         format!(
-            "spawn→empty {rate_ratio:.2}x {name}; PG CPU/job {cpu_ratio:.2}x \
-             (each pair, drained back to back: {} and {})",
+            "spawn→empty {rate_ratio:.2}x {name}; PG CPU/job {cpu_ratio:.2}x; client and PG \
+             CPU/job {both_ratio:.2}x (each pair, drained back to back: {} and {})",
             each(&rates),
             each(&cpus)
         ),
@@ -771,7 +777,10 @@ fn spans(v: &[f64]) -> String {
 
 /// What a baseline (a raw loop, or a clean drain) measured, for its row.
 fn raw_text(r: &RawResult) -> String {
-    format!("{:.0} jobs/s; PG CPU {:.1} µs/job", r.rate, r.pg_us_per_job)
+    format!(
+        "{:.0} jobs/s; CPU/job: client {:.1} µs, PG {:.1} µs",
+        r.rate, r.client_us_per_job, r.pg_us_per_job
+    )
 }
 
 /// What a drain measured, for its row.

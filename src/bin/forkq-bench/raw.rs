@@ -50,6 +50,8 @@ pub struct RawResult {
     pub rate: f64,
     /// PostgreSQL backend CPU per job, µs.
     pub pg_us_per_job: f64,
+    /// The client's own CPU per job, µs: the loop's threads (forkq's processes, for a drain).
+    pub client_us_per_job: f64,
 }
 
 /// Drains `n` pre-enqueued jobs with two connections running `baseline`.
@@ -65,24 +67,29 @@ pub fn run(url: &str, baseline: Baseline, n: usize) -> BenchResult<RawResult> {
         backends.push(backend);
         let schema = Arc::clone(&schema);
         let barrier = Arc::clone(&barrier);
-        threads.push(std::thread::spawn(move || -> BenchResult<(u64, f64)> {
-            let owner = format!("raw-{worker}");
-            client.batch_execute("SET synchronous_commit = on")?;
-            let round = client.prepare(&schema.sql(&statement(baseline)))?;
-            barrier.wait();
-            let done = drain(&mut client, &round, baseline.batch, &owner)?;
-            // Read while the connection (and so its backend) is still alive.
-            Ok((done, sys::cpu_seconds(backend)))
-        }));
+        threads.push(std::thread::spawn(
+            move || -> BenchResult<(u64, f64, f64)> {
+                let owner = format!("raw-{worker}");
+                client.batch_execute("SET synchronous_commit = on")?;
+                let round = client.prepare(&schema.sql(&statement(baseline)))?;
+                barrier.wait();
+                let client_before = sys::thread_cpu_seconds();
+                let done = drain(&mut client, &round, baseline.batch, &owner)?;
+                let client_cpu = sys::thread_cpu_seconds() - client_before;
+                // Read while the connection (and so its backend) is still alive.
+                Ok((done, sys::cpu_seconds(backend), client_cpu))
+            },
+        ));
     }
     let cpu_before = sys::cpu_total(&backends);
     barrier.wait();
     let started = Instant::now();
-    let (mut done, mut cpu_after) = (0, 0.0);
+    let (mut done, mut cpu_after, mut client_cpu) = (0, 0.0, 0.0);
     for t in threads {
-        let (d, c) = t.join().map_err(|_| "a baseline thread panicked")??;
+        let (d, c, own) = t.join().map_err(|_| "a baseline thread panicked")??;
         done += d;
         cpu_after += c;
+        client_cpu += own;
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_after - cpu_before;
@@ -92,6 +99,7 @@ pub fn run(url: &str, baseline: Baseline, n: usize) -> BenchResult<RawResult> {
     Ok(RawResult {
         rate: n as f64 / elapsed,
         pg_us_per_job: cpu * 1e6 / n as f64,
+        client_us_per_job: client_cpu * 1e6 / n as f64,
     })
 }
 

@@ -119,7 +119,9 @@ const METHOD: &str = "
   `FORKQ_RETENTION_SECONDS=0` (delete on completion) unless the row says *archive*, so the work
   matches the raw round of 100 it is compared with. CPU is the summed user+system time of all
   forkq processes and of the PostgreSQL backends serving them (found by an `application_name`
-  tag), per job. *Pairs*: each W1 and W1-durable row drains 5 times (quick: once), each time
+  tag), per job; the raw loops' own client CPU is their two threads' (`CLOCK_THREAD_CPUTIME_ID`),
+  and *client and PG CPU/job* compares the two sums: on a machine whose cores the drain keeps
+  busy, the jobs/s ratio follows that sum more closely than the server's share. *Pairs*: each W1 and W1-durable row drains 5 times (quick: once), each time
   right after a raw drain of the same work; the ratios are taken pair by pair and the row gives
   their median and each pair's (the machine's speed and its disk's fsync rate move within
   minutes, so only drains seconds apart compare). The raw row above each is the median of its

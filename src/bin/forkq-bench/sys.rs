@@ -34,6 +34,13 @@ pub fn cpu_seconds(pid: i32) -> f64 {
         / 1e9
 }
 
+/// CPU seconds the calling thread has run so far.
+pub fn thread_cpu_seconds() -> f64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .expect("CLOCK_THREAD_CPUTIME_ID is always available");
+    t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9
+}
+
 /// Summed CPU seconds of `pids`.
 pub fn cpu_total(pids: &[i32]) -> f64 {
     pids.iter().map(|&p| cpu_seconds(p)).sum()
