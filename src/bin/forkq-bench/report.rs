@@ -121,11 +121,11 @@ const METHOD: &str = "
   forkq processes and of the PostgreSQL backends serving them (found by an `application_name`
   tag), per job; the raw loops' own client CPU is their two threads' (`CLOCK_THREAD_CPUTIME_ID`),
   and *client and PG CPU/job* compares the two sums: on a machine whose cores the drain keeps
-  busy, the jobs/s ratio follows that sum more closely than the server's share. *Pairs*: each W1 and W1-durable row drains 5 times (quick: once), each time
-  right after a raw drain of the same work; the ratios are taken pair by pair and the row gives
-  their median and each pair's (the machine's speed and its disk's fsync rate move within
-  minutes, so only drains seconds apart compare). The raw row above each is the median of its
-  raw drains.
+  busy, the jobs/s ratio follows that sum more closely than the server's share. *Pairs*: each
+  W1 and W1-durable row drains 5 times (quick: once), each time right after a raw drain of the
+  same work; the ratios are taken pair by pair and the row gives their median and each pair's
+  (the machine's speed and its disk's fsync rate move within minutes, so only drains seconds
+  apart compare). The raw row above each is the median of its raw drains.
 * **Crowded**: one schema gets 1M jobs scheduled for tomorrow (priority -1, same queue) and 10M
   completed rows in the archive (quick: 100k and 1M), then `VACUUM (ANALYZE)` of both tables and
   a `CHECKPOINT`, as a server would have done while the rows built up. Then 5 times (quick: once)
