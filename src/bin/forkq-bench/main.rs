@@ -685,7 +685,7 @@ fn measured(d: &Drain) -> RawResult {
     RawResult {
         rate: d.rate(),
         pg_us_per_job: d.pg_us_per_job(),
-        client_us_per_job: d.forkq_cpu_s * 1e6 / d.n as f64,
+        client_us_per_job: d.forkq_us_per_job(),
     }
 }
 
@@ -709,8 +709,7 @@ fn paired_rows(
     let rate_of = |(r, d): &(RawResult, Drain)| d.rate() / r.rate;
     let cpu_of = |(r, d): &(RawResult, Drain)| d.pg_us_per_job() / r.pg_us_per_job;
     let both_of = |(r, d): &(RawResult, Drain)| {
-        let forkq = measured(d);
-        (forkq.pg_us_per_job + forkq.client_us_per_job) / (r.pg_us_per_job + r.client_us_per_job)
+        (d.pg_us_per_job() + d.forkq_us_per_job()) / (r.pg_us_per_job + r.client_us_per_job)
     };
     let (rate_ratio, cpu_ratio) = (rate_of(middle(&rate_of)), cpu_of(middle(&cpu_of)));
     let both_ratio = both_of(middle(&both_of));

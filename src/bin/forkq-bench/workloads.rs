@@ -82,6 +82,11 @@ impl Drain {
     pub fn pg_us_per_job(&self) -> f64 {
         self.pg_cpu_s * 1e6 / self.n as f64
     }
+
+    /// The forkq processes' CPU per job, µs.
+    pub fn forkq_us_per_job(&self) -> f64 {
+        self.forkq_cpu_s * 1e6 / self.n as f64
+    }
 }
 
 /// Rows that crowd the tables around the jobs a drain runs: never claimed, never purged.
