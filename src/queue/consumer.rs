@@ -16,7 +16,7 @@ use postgres::types::{ToSql, Type};
 use postgres::{Client, Row, Statement};
 use serde_json::Value;
 
-use super::sql::{self, render};
+use super::sql::{self, claim_column, render};
 use super::{connect_with_timeout, hosts, migrations, QueueError};
 use crate::config::{Config, Pooler};
 use crate::handler::Job;
@@ -410,13 +410,15 @@ struct AckColumns<'a> {
 
 impl<'a> AckColumns<'a> {
     fn of(acks: impl IntoIterator<Item = &'a Ack>) -> AckColumns<'a> {
+        let acks = acks.into_iter();
+        let n = acks.size_hint().0;
         let mut c = AckColumns {
-            ids: Vec::new(),
-            tokens: Vec::new(),
-            outcomes: Vec::new(),
-            results: Vec::new(),
-            errors: Vec::new(),
-            delays: Vec::new(),
+            ids: Vec::with_capacity(n),
+            tokens: Vec::with_capacity(n),
+            outcomes: Vec::with_capacity(n),
+            results: Vec::with_capacity(n),
+            errors: Vec::with_capacity(n),
+            delays: Vec::with_capacity(n),
         };
         for ack in acks {
             let (outcome, result, error, delay) = match &ack.settlement {
@@ -779,10 +781,10 @@ impl Consumer {
                 continue;
             };
             let position = queues.iter().position(|q| *q == claimed.job.queue);
-            let run_at: std::time::SystemTime = row.get("run_at");
+            let run_at: std::time::SystemTime = row.get(claim_column::RUN_AT);
             order.push((
                 position,
-                row.get::<_, i16>("priority"),
+                row.get::<_, i16>(claim_column::PRIORITY),
                 run_at,
                 claimed.job.id,
             ));
@@ -826,26 +828,26 @@ impl Consumer {
 
     /// The job a claim's `row` describes (`None` for a row without a job).
     fn claimed(&self, row: &postgres::Row, token: i64, limited: bool) -> Option<Claimed> {
-        let id = row.get::<_, Option<i64>>("id")?;
-        let seconds = |column: &str| {
+        let id = row.get::<_, Option<i64>>(claim_column::ID)?;
+        let seconds = |column: usize| {
             row.get::<_, Option<f64>>(column)
                 .map(|s| Duration::from_secs_f64(s.max(0.0)))
         };
         Some(Claimed {
             job: Job {
                 id,
-                queue: row.get("queue"),
-                task: row.get("task"),
-                payload: row.get("payload"),
-                attempt: row.get("attempt"),
-                max_attempts: row.get("max_attempts"),
-                batch_id: row.get("batch_id"),
+                queue: row.get(claim_column::QUEUE),
+                task: row.get(claim_column::TASK),
+                payload: row.get(claim_column::PAYLOAD),
+                attempt: row.get(claim_column::ATTEMPT),
+                max_attempts: row.get(claim_column::MAX_ATTEMPTS),
+                batch_id: row.get(claim_column::BATCH_ID),
             },
             lease_token: token,
-            suspect: row.get::<_, i16>("expiries") > 0,
+            suspect: row.get::<_, i16>(claim_column::EXPIRIES) > 0,
             limited,
-            timeout: seconds("timeout_seconds"),
-            backoff: seconds("backoff_seconds"),
+            timeout: seconds(claim_column::TIMEOUT_SECONDS),
+            backoff: seconds(claim_column::BACKOFF_SECONDS),
         })
     }
 

@@ -102,6 +102,44 @@ pub const ENQUEUE_EACH: &str = "
 /// Wakes idle workers once the enqueuing transaction commits.
 pub const NOTIFY: &str = "SELECT pg_notify('{c}', $1)";
 
+/// The columns of a claimed job, first in every row a claiming statement returns ([`round`],
+/// [`CLAIM_LIMITED`]), in this order: the consumer reads them by position ([`claim_column`]), not
+/// by name, which searched the row's columns a dozen times per job.
+macro_rules! claim_columns {
+    () => {
+        "id, queue, task, payload, priority, run_at, attempt, max_attempts, batch_id, expiries, \
+         timeout_seconds, backoff_seconds"
+    };
+}
+
+/// Where each column of [`claim_columns`] is in a claiming statement's rows.
+pub mod claim_column {
+    /// `id`: null in the lean round's one row that carries no job.
+    pub const ID: usize = 0;
+    /// `queue`.
+    pub const QUEUE: usize = 1;
+    /// `task`.
+    pub const TASK: usize = 2;
+    /// `payload`.
+    pub const PAYLOAD: usize = 3;
+    /// `priority`.
+    pub const PRIORITY: usize = 4;
+    /// `run_at`.
+    pub const RUN_AT: usize = 5;
+    /// `attempt`.
+    pub const ATTEMPT: usize = 6;
+    /// `max_attempts`.
+    pub const MAX_ATTEMPTS: usize = 7;
+    /// `batch_id`.
+    pub const BATCH_ID: usize = 8;
+    /// `expiries`.
+    pub const EXPIRIES: usize = 9;
+    /// `timeout_seconds`.
+    pub const TIMEOUT_SECONDS: usize = 10;
+    /// `backoff_seconds`.
+    pub const BACKOFF_SECONDS: usize = 11;
+}
+
 /// The lean round: settles plain completed jobs (in its settling form: fenced by lease token,
 /// archived when `$4`), claims up to `$9` jobs from the queues `$8`, and either says whether due
 /// scheduled or retryable jobs wait (one probe of `jobs_due_idx`) or, in its promoting form,
@@ -129,7 +167,8 @@ pub const NOTIFY: &str = "SELECT pg_notify('{c}', $1)";
 /// `lock_timeout`, set first thing in its transaction: `turn` sets it, and the walk and the acks'
 /// delete wait for `turn`), and the consumer sends a round that gave up, or that PostgreSQL
 /// aborted to break a cycle, again (`retried` in `consumer.rs`).
-const ROUND: &str = "
+const ROUND: &str = concat!(
+    "
     WITH turn AS (
         SELECT {gate} AS taken, set_config('lock_timeout', '{lock_wait}', true) AS bounded
     ){settle}, claimed AS (
@@ -141,8 +180,9 @@ const ROUND: &str = "
         RETURNING j.id, j.queue, j.task, j.payload, j.priority, j.run_at, j.attempt,
                   j.max_attempts, j.batch_id, j.expiries, j.timeout_seconds, j.backoff_seconds
     ){promote}
-    SELECT id, queue, task, payload, priority, run_at, attempt, max_attempts, batch_id, expiries,
-           timeout_seconds, backoff_seconds, NULL::bigint[] AS refused, NULL::bigint AS changes,
+    SELECT ",
+    claim_columns!(),
+    ", NULL::bigint[] AS refused, NULL::bigint AS changes,
            NULL::bigint AS promoted, NULL::boolean AS due, NULL::boolean AS turn_taken
     FROM claimed
     UNION ALL
@@ -150,7 +190,8 @@ const ROUND: &str = "
            {refused},
            (SELECT coalesce(sum(weight), 0)::bigint FROM {s}.changes),
            {promotion},
-           (SELECT taken FROM turn)";
+           (SELECT taken FROM turn)"
+);
 
 /// The acks of a round that archives (see [`round`]): deletes the jobs acknowledged (`$1`, fenced
 /// by their lease tokens `$2`), archiving them with their results `$3` when `$4`. Each ack finds
@@ -369,10 +410,11 @@ pub const RENEW: &str = "SELECT id, cancel_requested FROM {s}.renew($1, $2, $3, 
 /// Claims at most one job of a limited queue (see `claim_limited` in migration 004): the columns
 /// of the lean round's claim, or a row with a null id whose `retry_in` says when the rate limit
 /// allows the next start.
-pub const CLAIM_LIMITED: &str = "
-    SELECT id, queue, task, payload, priority, run_at, attempt, max_attempts, batch_id, expiries,
-           timeout_seconds, backoff_seconds, retry_in
-    FROM {s}.claim_limited($1, $2, $3, $4)";
+pub const CLAIM_LIMITED: &str = concat!(
+    "SELECT ",
+    claim_columns!(),
+    ", retry_in FROM {s}.claim_limited($1, $2, $3, $4)"
+);
 
 /// Sends snoozed jobs back to the queue, uncharged (see `snooze` in migration 004); returns the
 /// ids refused.
@@ -770,3 +812,44 @@ pub const QUEUE_OVERVIEW: &str = "
               WHERE a.queue = n.queue AND a.state <> 'completed' LIMIT $1::bigint + 1) x
     ) d
     ORDER BY n.queue";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claim_column_positions_follow_the_claim_columns() {
+        let names: Vec<&str> = claim_columns!().split(',').map(str::trim).collect();
+        let positions = [
+            ("id", claim_column::ID),
+            ("queue", claim_column::QUEUE),
+            ("task", claim_column::TASK),
+            ("payload", claim_column::PAYLOAD),
+            ("priority", claim_column::PRIORITY),
+            ("run_at", claim_column::RUN_AT),
+            ("attempt", claim_column::ATTEMPT),
+            ("max_attempts", claim_column::MAX_ATTEMPTS),
+            ("batch_id", claim_column::BATCH_ID),
+            ("expiries", claim_column::EXPIRIES),
+            ("timeout_seconds", claim_column::TIMEOUT_SECONDS),
+            ("backoff_seconds", claim_column::BACKOFF_SECONDS),
+        ];
+        assert_eq!(names.len(), positions.len());
+        for (name, position) in positions {
+            assert_eq!(names[position], name);
+        }
+        let round = round(
+            2,
+            100,
+            RoundForm {
+                settle: Settle::Archiving,
+                promotes: false,
+            },
+        );
+        assert!(round.contains(&format!(
+            "SELECT {}, NULL::bigint[] AS refused",
+            claim_columns!()
+        )));
+        assert!(CLAIM_LIMITED.starts_with(&format!("SELECT {}, retry_in", claim_columns!())));
+    }
+}
