@@ -25,7 +25,7 @@ struct HashFiles {
 
 impl Handler for HashFiles {
     fn handle(&mut self, job: &Job, ctx: &mut dyn JobContext) -> Outcome {
-        if job.task != "hash" {
+        if &*job.task != "hash" {
             return Outcome::Fatal(format!("no handler for task {}", job.task));
         }
         let Some(path) = job.payload.get("path").and_then(Value::as_str) else {

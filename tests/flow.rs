@@ -566,7 +566,7 @@ fn queue_order_holds_across_lean_and_limited_queues() {
     }
     let mut c = Consumer::connect(&schema.config(&[("FORKQ_QUEUES", "a,b,c")]), "w/").unwrap();
     let queues = |claimed: &[forkq::queue::consumer::Claimed]| -> Vec<String> {
-        claimed.iter().map(|c| c.job.queue.clone()).collect()
+        claimed.iter().map(|c| c.job.queue.to_string()).collect()
     };
     let first = c.settle_and_claim(&[], 10).unwrap().claimed;
     assert_eq!(queues(&first), ["a", "a", "a"]);

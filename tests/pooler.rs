@@ -295,7 +295,7 @@ fn every_consumer_statement_and_the_maintenance_pass_work_through_pgbouncer() {
     let mut c = Consumer::connect(&config, "pool/w1/").unwrap();
     let claimed = c.settle_and_claim(&[], 4).unwrap().claimed;
     assert_eq!(claimed.len(), 4);
-    let by_task = |t: &str| claimed.iter().find(|c| c.job.task == t).unwrap().clone();
+    let by_task = |t: &str| claimed.iter().find(|c| &*c.job.task == t).unwrap().clone();
     let held: Vec<(i64, i64)> = claimed.iter().map(|c| (c.job.id, c.lease_token)).collect();
     assert_eq!(c.renew(&held, Some(by_task("a").job.id)).unwrap().len(), 4);
     assert!(c.mark_started(&by_task("a")).unwrap());

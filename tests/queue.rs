@@ -77,10 +77,7 @@ fn enqueue_claim_ack_round_trip() {
     let claimed = claim(&mut c, 10);
     assert_eq!(claimed.len(), 1);
     let job = &claimed[0].job;
-    assert_eq!(
-        (job.id, job.task.as_str(), job.queue.as_str()),
-        (id, "noop", "default")
-    );
+    assert_eq!((job.id, &*job.task, &*job.queue), (id, "noop", "default"));
     assert_eq!(job.payload, json!({"n": 7}));
     assert_eq!((job.attempt, job.max_attempts), (1, 25));
     let row = schema.job(id).unwrap();

@@ -579,8 +579,8 @@ impl Worker<'_> {
     /// round claimed them (they would not count against the caps).
     fn give_back_gated(&mut self, flow: &Flow) {
         let gated = |c: &Claimed| {
-            flow.paused.contains(&c.job.queue)
-                || (flow.limited.contains(&c.job.queue) && !c.limited)
+            flow.paused.contains(&*c.job.queue)
+                || (flow.limited.contains(&*c.job.queue) && !c.limited)
         };
         let n = self.held.prefetched().iter().filter(|c| gated(c)).count();
         if n > 0 {

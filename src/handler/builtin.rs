@@ -34,7 +34,7 @@ impl Builtin {
 
 impl Handler for Builtin {
     fn handle(&mut self, job: &Job, ctx: &mut dyn JobContext) -> Outcome {
-        match job.task.as_str() {
+        match &*job.task {
             demo if !self.demo_tasks && DEMO_TASKS.contains(&demo) => Outcome::Fatal(format!(
                 "the builtin task {demo} is a demo task, off unless FORKQ_DEMO_TASKS=1 (it can \
                  crash or wedge a worker, or read its environment)"

@@ -126,8 +126,8 @@ impl Handler for Coproc {
     fn handle(&mut self, job: &Job, ctx: &mut dyn JobContext) -> Outcome {
         let request = json!({
             "id": job.id,
-            "queue": job.queue,
-            "task": job.task,
+            "queue": &*job.queue,
+            "task": &*job.task,
             "payload": job.payload,
             "attempt": job.attempt,
             "max_attempts": job.max_attempts,

@@ -57,8 +57,8 @@ impl Exec {
 pub fn job_env(job: &Job) -> Vec<(&'static str, String)> {
     let mut env = vec![
         ("FORKQ_JOB_ID", job.id.to_string()),
-        ("FORKQ_QUEUE", job.queue.clone()),
-        ("FORKQ_TASK", job.task.clone()),
+        ("FORKQ_QUEUE", job.queue.to_string()),
+        ("FORKQ_TASK", job.task.to_string()),
         ("FORKQ_ATTEMPT", job.attempt.to_string()),
         ("FORKQ_MAX_ATTEMPTS", job.max_attempts.to_string()),
     ];

@@ -10,6 +10,7 @@ pub mod process;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -19,10 +20,10 @@ use serde_json::Value;
 pub struct Job {
     /// The job's id.
     pub id: i64,
-    /// The queue it was claimed from.
-    pub queue: String,
-    /// The task name, which picks the handler.
-    pub task: String,
+    /// The queue it was claimed from (shared with the other jobs of its queue a worker claims).
+    pub queue: Arc<str>,
+    /// The task name, which picks the handler (shared likewise).
+    pub task: Arc<str>,
     /// The payload given at enqueue.
     pub payload: Value,
     /// This run's attempt number, starting at 1.
@@ -184,7 +185,7 @@ fn build(spec: &HandlerSpec, config: &crate::config::Config) -> Box<dyn Handler>
 
 impl Handler for Router {
     fn handle(&mut self, job: &Job, ctx: &mut dyn JobContext) -> Outcome {
-        let spec = self.routes.get(&job.task).unwrap_or(&self.default);
+        let spec = self.routes.get(&*job.task).unwrap_or(&self.default);
         if !self.handlers.contains_key(spec) {
             self.handlers
                 .insert(spec.clone(), build(spec, &self.config));

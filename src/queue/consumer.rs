@@ -174,6 +174,31 @@ pub struct Consumer {
     /// The last round said jobs are due: the next one that claims promotes them.
     promote_next: bool,
     statements: Statements,
+    names: Names,
+}
+
+/// The queue and task names of the jobs a consumer claims, each allocated once and shared by
+/// every job that bears it, instead of twice per job.
+#[derive(Default)]
+struct Names(Vec<Arc<str>>);
+
+/// The most names [`Names`] keeps: past it, it starts again empty (a worker serves a few
+/// queues and tasks; a search through many would cost more than the allocation it saves).
+const MAX_NAMES: usize = 16;
+
+impl Names {
+    /// The shared copy of `name`.
+    fn shared(&mut self, name: &str) -> Arc<str> {
+        if let Some(known) = self.0.iter().find(|known| ***known == *name) {
+            return Arc::clone(known);
+        }
+        if self.0.len() == MAX_NAMES {
+            self.0.clear();
+        }
+        let name: Arc<str> = Arc::from(name);
+        self.0.push(Arc::clone(&name));
+        name
+    }
 }
 
 /// The statements of one connection, by what they do.
@@ -504,6 +529,7 @@ impl Consumer {
             claim_cap: config.prefetch,
             promote_next: false,
             statements: Statements::default(),
+            names: Names::default(),
         };
         consumer.refresh_flow()?;
         Ok(consumer)
@@ -780,7 +806,7 @@ impl Consumer {
                 out.no_turn = limit > 0 && row.get::<_, Option<bool>>("turn_taken") == Some(false);
                 continue;
             };
-            let position = queues.iter().position(|q| *q == claimed.job.queue);
+            let position = queues.iter().position(|q| **q == *claimed.job.queue);
             let run_at: std::time::SystemTime = row.get(claim_column::RUN_AT);
             order.push((
                 position,
@@ -827,7 +853,7 @@ impl Consumer {
     }
 
     /// The job a claim's `row` describes (`None` for a row without a job).
-    fn claimed(&self, row: &postgres::Row, token: i64, limited: bool) -> Option<Claimed> {
+    fn claimed(&mut self, row: &postgres::Row, token: i64, limited: bool) -> Option<Claimed> {
         let id = row.get::<_, Option<i64>>(claim_column::ID)?;
         let seconds = |column: usize| {
             row.get::<_, Option<f64>>(column)
@@ -836,8 +862,8 @@ impl Consumer {
         Some(Claimed {
             job: Job {
                 id,
-                queue: row.get(claim_column::QUEUE),
-                task: row.get(claim_column::TASK),
+                queue: self.names.shared(row.get(claim_column::QUEUE)),
+                task: self.names.shared(row.get(claim_column::TASK)),
                 payload: row.get(claim_column::PAYLOAD),
                 attempt: row.get(claim_column::ATTEMPT),
                 max_attempts: row.get(claim_column::MAX_ATTEMPTS),
