@@ -23,6 +23,28 @@ pub fn monotonic_ms() -> u64 {
     ts.tv_sec() as u64 * 1000 + ts.tv_nsec() as u64 / 1_000_000
 }
 
+/// [`monotonic_ms`] at `at`, without reading the clock again: on Linux `Instant` reads the same
+/// clock, and the offset between the two is taken once per process (two reads nanoseconds
+/// apart, so a result may be a millisecond off when `at` falls that close to a millisecond's
+/// edge).
+pub fn monotonic_ms_at(at: std::time::Instant) -> u64 {
+    static ORIGIN: std::sync::OnceLock<(std::time::Instant, u64)> = std::sync::OnceLock::new();
+    let &(origin, origin_ns) = ORIGIN.get_or_init(|| {
+        let origin = std::time::Instant::now();
+        let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .expect("CLOCK_MONOTONIC is always available on Linux");
+        (
+            origin,
+            ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64,
+        )
+    });
+    let ns = match at.checked_duration_since(origin) {
+        Some(after) => origin_ns + after.as_nanos() as u64,
+        None => origin_ns.saturating_sub(origin.duration_since(at).as_nanos() as u64),
+    };
+    ns / 1_000_000
+}
+
 /// Takes the turn recorded in `last` when at least `interval` has passed since it was last taken
 /// (and records now): how processes of one host share a periodic task without a lock.
 pub fn take_turn(last: &AtomicU64, interval: std::time::Duration) -> bool {
@@ -251,9 +273,14 @@ impl Slot {
         now_ms.saturating_sub(last)
     }
 
-    /// Marks the start of `job_id`, with its own timeout if it has one.
-    pub fn start_job(&self, job_id: i64, timeout: Option<std::time::Duration>) {
-        let now = monotonic_ms();
+    /// Marks the start of `job_id` at `at`, with its own timeout if it has one.
+    pub fn start_job(
+        &self,
+        job_id: i64,
+        timeout: Option<std::time::Duration>,
+        at: std::time::Instant,
+    ) {
+        let now = monotonic_ms_at(at);
         self.job_started_ms.store(now, Ordering::Release);
         self.job_timeout_ms.store(
             timeout.map_or(0, |t| (t.as_millis() as u64).max(1)),
@@ -264,8 +291,8 @@ impl Slot {
         self.set_state(SlotState::Running);
     }
 
-    /// Marks the end of the current job and records its duration.
-    pub fn finish_job(&self, duration_us: u64) {
+    /// Marks the end of the current job at `at` and records its duration.
+    pub fn finish_job(&self, duration_us: u64, at: std::time::Instant) {
         self.job_id.store(0, Ordering::Release);
         let ms = duration_us / 1000;
         let bucket = LATENCY_BUCKETS_MS
@@ -275,7 +302,8 @@ impl Slot {
         self.duration_buckets[bucket].fetch_add(1, Ordering::Relaxed);
         self.duration_sum_us
             .fetch_add(duration_us, Ordering::Relaxed);
-        self.beat();
+        self.heartbeat_ms
+            .store(monotonic_ms_at(at), Ordering::Release);
         // Between jobs a child is busy, not idle: the waker must not spend a wake-up on it.
         self.set_state(SlotState::Claiming);
     }
@@ -478,10 +506,22 @@ mod tests {
     }
 
     #[test]
+    fn an_instant_reads_as_the_monotonic_clock() {
+        let before = monotonic_ms();
+        let at = std::time::Instant::now();
+        let after = monotonic_ms();
+        // A millisecond either side: the two clocks' offset is taken from two reads.
+        assert!((before.saturating_sub(1)..=after + 1).contains(&monotonic_ms_at(at)));
+        let earlier = at - std::time::Duration::from_millis(1500);
+        assert_eq!(monotonic_ms_at(at) - monotonic_ms_at(earlier), 1500);
+    }
+
+    #[test]
     fn histogram_buckets_by_duration() {
         let slot = Slot::default();
-        slot.finish_job(500); // 0.5 ms
-        slot.finish_job(60_000_000); // 60 s
+        let now = std::time::Instant::now();
+        slot.finish_job(500, now); // 0.5 ms
+        slot.finish_job(60_000_000, now); // 60 s
         assert_eq!(slot.duration_buckets[0].load(Ordering::Relaxed), 1);
         assert_eq!(
             slot.duration_buckets[LATENCY_BUCKETS_MS.len()].load(Ordering::Relaxed),

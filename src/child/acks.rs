@@ -91,10 +91,10 @@ impl Holdings {
         self.prefetched.retain(|c| !ids.contains(&c.job.id));
     }
 
-    /// Queues a finished job's acknowledgement; it stays held until sent.
-    pub(super) fn push_ack(&mut self, ack: Ack) {
+    /// Queues the acknowledgement of a job that finished `at`; it stays held until sent.
+    pub(super) fn push_ack(&mut self, ack: Ack, at: Instant) {
         self.acks.push(ack);
-        self.oldest_ack.get_or_insert_with(Instant::now);
+        self.oldest_ack.get_or_insert(at);
     }
 
     /// Whether acknowledgements wait to be sent.
@@ -103,14 +103,20 @@ impl Holdings {
     }
 
     /// Acks are sent early when batching them would only add latency: durable mode, a slow job
-    /// (`last_job_took`: batching gains nothing), or the oldest one waited `FORKQ_ACK_DELAY_MS`.
-    pub(super) fn ack_flush_due(&self, config: &Config, last_job_took: Duration) -> bool {
+    /// (`last_job_took`: batching gains nothing), or the oldest one waited `FORKQ_ACK_DELAY_MS`
+    /// by `now`.
+    pub(super) fn ack_flush_due(
+        &self,
+        config: &Config,
+        last_job_took: Duration,
+        now: Instant,
+    ) -> bool {
         match self.oldest_ack {
             None => false,
             Some(oldest) => {
                 config.durable
                     || last_job_took >= config.ack_delay
-                    || oldest.elapsed() >= config.ack_delay
+                    || now.saturating_duration_since(oldest) >= config.ack_delay
             }
         }
     }

@@ -244,13 +244,13 @@ impl Worker<'_> {
                 if claimed.suspect && !self.report_start(&claimed)? {
                     continue;
                 }
-                self.run_job(claimed, handler);
+                let ended = self.run_job(claimed, handler);
                 // After the last buffered job the next claim is one step away and carries the
                 // acks: flushing them alone would cost a second round trip (and, in durable mode,
                 // a second commit) per batch. Likewise after a job that claimed its successor
                 // while it ran: that successor's own look-ahead carries them, while it runs.
                 let carried = self.looked_ahead && !self.config.durable;
-                if !self.held.prefetched().is_empty() && !carried && self.ack_flush_due() {
+                if !self.held.prefetched().is_empty() && !carried && self.ack_flush_due(ended) {
                     self.flush_acks()?;
                 }
             }
@@ -305,12 +305,12 @@ impl Worker<'_> {
         }
     }
 
-    /// Runs one job through the handler and queues its acknowledgement.
-    fn run_job(&mut self, claimed: Claimed, handler: &mut dyn Handler) {
+    /// Runs one job through the handler and queues its acknowledgement; returns when it ended.
+    fn run_job(&mut self, claimed: Claimed, handler: &mut dyn Handler) -> Instant {
         let job = claimed.job;
         let _running = logging::activity(Activity::Job(job.id));
-        self.slot.start_job(job.id, claimed.timeout);
         let started = Instant::now();
+        self.slot.start_job(job.id, claimed.timeout, started);
         self.held.start(job.id, claimed.lease_token, started);
         self.job_timeout = claimed.timeout.or(self.config.job_timeout);
         self.progress = Progress::default();
@@ -327,7 +327,8 @@ impl Worker<'_> {
         };
         // The handler is done with its programs for this job (see runs_in_process_group).
         self.slot.handler_pgid.store(0, Ordering::Release);
-        let elapsed = started.elapsed();
+        let ended = Instant::now();
+        let elapsed = ended - started;
         self.send_progress(true);
         self.held.finish();
         self.last_job_took = elapsed;
@@ -336,14 +337,14 @@ impl Worker<'_> {
             // 0.8 avg + 0.2 elapsed, in integers: no float conversions per job.
             Some(avg) => (avg * 4 + elapsed) / 5,
         });
-        self.slot.finish_job(elapsed.as_micros() as u64);
+        self.slot.finish_job(elapsed.as_micros() as u64, ended);
         self.jobs_done += 1;
         self.note_recycling();
         let cancelled = self.held.cancel_requested() && !matches!(outcome, Outcome::Success(_));
         if !cancelled && immediate_stop_requested() && !matches!(outcome, Outcome::Success(_)) {
             // Abandoned by an immediate stop: released uncharged at shut-down, not failed.
             self.held.put_back(Claimed { job, ..claimed });
-            return;
+            return ended;
         }
         let settlement = if cancelled {
             log::info!(
@@ -355,12 +356,16 @@ impl Worker<'_> {
         } else {
             self.settlement_for(&job, claimed.backoff, outcome, elapsed)
         };
-        self.held.push_ack(Ack {
-            id: job.id,
-            lease_token: claimed.lease_token,
-            batch_id: job.batch_id,
-            settlement,
-        });
+        self.held.push_ack(
+            Ack {
+                id: job.id,
+                lease_token: claimed.lease_token,
+                batch_id: job.batch_id,
+                settlement,
+            },
+            ended,
+        );
+        ended
     }
 
     /// Turns a handler's outcome into what the queue should do, and counts it. `backoff` is the
@@ -432,10 +437,11 @@ impl Worker<'_> {
         }
     }
 
-    /// Whether the pending acks should go now rather than with the next claim (see
+    /// Whether the pending acks should go now (at `now`) rather than with the next claim (see
     /// [`Holdings::ack_flush_due`]).
-    fn ack_flush_due(&self) -> bool {
-        self.held.ack_flush_due(self.config, self.last_job_took)
+    fn ack_flush_due(&self, now: Instant) -> bool {
+        self.held
+            .ack_flush_due(self.config, self.last_job_took, now)
     }
 
     fn flush_acks(&mut self) -> Result<(), QueueError> {
@@ -903,7 +909,7 @@ impl JobContext for Context<'_, '_> {
         self.worker.give_back_if_overdue();
         self.worker.renew_if_due();
         self.worker.look_ahead();
-        if self.worker.ack_flush_due() {
+        if self.worker.ack_flush_due(Instant::now()) {
             if let Err(e) = self.worker.flush_acks() {
                 log::warn!(
                     "worker {}: could not send acknowledgements: {e}",
