@@ -380,6 +380,7 @@ fn claim(conn: &mut postgres::Client, schema: &TestSchema, owner: &str) -> (i64,
                     forkq::queue::sql::RoundForm {
                         settle: forkq::queue::sql::Settle::Archiving,
                         promotes: false,
+                        direct: false,
                     },
                 ),
                 &schema.name,

@@ -1325,15 +1325,22 @@ fn the_purge_reads_a_few_pages_when_nothing_has_expired() {
 /// primary key; nothing scans or sorts the hot table.
 fn assert_round_plans_use_the_indexes(schema: &TestSchema) {
     let mut client = connect();
-    for (queues, settle, promotes) in [
-        (1, sql::Settle::Archiving, false),
-        (2, sql::Settle::Archiving, false),
-        (1, sql::Settle::Deleting, false),
-        (1, sql::Settle::Nothing, false),
-        (1, sql::Settle::Archiving, true),
-        (2, sql::Settle::Nothing, true),
+    for (queues, settle, promotes, direct) in [
+        (1, sql::Settle::Archiving, false, false),
+        (2, sql::Settle::Archiving, false, false),
+        (1, sql::Settle::Deleting, false, false),
+        (1, sql::Settle::Nothing, false, false),
+        (1, sql::Settle::Archiving, true, false),
+        (2, sql::Settle::Nothing, true, false),
+        (1, sql::Settle::Archiving, false, true),
+        (2, sql::Settle::Deleting, false, true),
+        (1, sql::Settle::Nothing, false, true),
     ] {
-        let form = sql::RoundForm { settle, promotes };
+        let form = sql::RoundForm {
+            settle,
+            promotes,
+            direct,
+        };
         let round = render(&sql::round(queues, 100, form), &schema.name);
         client
             .batch_execute(&format!(
@@ -1403,10 +1410,11 @@ fn rounds_of_one_keep_their_generic_plan() {
         sql::Settle::Deleting,
         sql::Settle::Nothing,
     ] {
-        for cap in [1, 100] {
+        for (cap, direct) in [(1, false), (100, false), (1, true), (100, true)] {
             let form = sql::RoundForm {
                 settle,
                 promotes: false,
+                direct,
             };
             let round = render(&sql::round(1, cap, form), &schema.name);
             client
@@ -1432,8 +1440,9 @@ fn rounds_of_one_keep_their_generic_plan() {
             let (generic, custom): (i64, i64) = (row.get(0), row.get(1));
             assert!(
                 custom <= 5 && generic >= 15,
-                "{settle:?} round (cap {cap}) of one ack: {custom} custom and {generic} generic \
-                 plans in 20 runs; the plan cache should keep the generic plan after 5"
+                "{settle:?} round (cap {cap}, direct {direct}) of one ack: {custom} custom and \
+                 {generic} generic plans in 20 runs; the plan cache should keep the generic plan \
+                 after 5"
             );
         }
     }
@@ -1719,4 +1728,66 @@ fn a_round_held_up_by_a_row_lock_is_sent_again_until_it_settles() {
         "the round cannot have settled while the job was locked: {waited:?}"
     );
     assert_eq!(schema.archived("completed"), 1);
+}
+
+/// After a round that claimed all it asked for, the next goes in the direct form, whose claim is
+/// the statement itself and whose first job carries what the round has to say. It says what the
+/// other form says: the jobs in the order they are to run, the count of changes, the acks it
+/// refused; and so does a direct round that claims nothing, which returns no row.
+#[test]
+fn a_direct_round_says_what_the_other_form_says() {
+    let schema = TestSchema::new("direct");
+    let mut expected = Vec::new();
+    for p in [5i16, -3, 0, 10, -3, 0] {
+        let job = NewJob::new("default", "noop", json!({})).with_priority(p);
+        expected.push((p, enqueue(&schema, job)));
+    }
+    expected.sort();
+    let expected: Vec<i64> = expected.into_iter().map(|(_, id)| id).collect();
+    let mut c = consumer(&schema, "w", &[]);
+    let acks = |round: &Round| -> Vec<Ack> {
+        round
+            .claimed
+            .iter()
+            .map(|cl| Ack::new(cl, done()))
+            .collect()
+    };
+    let ids = |round: &Round| -> Vec<i64> { round.claimed.iter().map(|cl| cl.job.id).collect() };
+
+    // The other form (no round before), claiming all it asked for...
+    let first = c.settle_and_claim(&[], 2).unwrap();
+    assert_eq!(ids(&first), expected[..2]);
+    // ...so the next is direct; a change (a cancel, a queue paused) since moves the count.
+    exec(&schema, "SELECT {s}.note_change()");
+    let second = c.settle_and_claim(&acks(&first), 3).unwrap();
+    assert_eq!(ids(&second), expected[2..5]);
+    assert!(second.changes > first.changes, "{second:?} after {first:?}");
+    assert!(second.refused.is_empty() && !second.no_turn && !second.due);
+    assert_eq!(schema.archived("completed"), 2);
+
+    // A direct round that claims nothing and one of whose acks is refused (its job taken over).
+    let (taken, kept) = (second.claimed[0].job.id, second.claimed[1].job.id);
+    exec(
+        &schema,
+        &format!("UPDATE {{s}}.jobs SET lease_token = lease_token + 1 WHERE id = {taken}"),
+    );
+    let last = c.settle_and_claim(&acks(&second)[1..], 1).unwrap();
+    assert_eq!(ids(&last), expected[5..]);
+    let mut with_taken = acks(&last);
+    with_taken.push(Ack::new(&second.claimed[0], done()));
+    let empty = c.settle_and_claim(&with_taken, 1).unwrap();
+    assert!(empty.claimed.is_empty());
+    assert_eq!(empty.refused, vec![taken]);
+    assert_eq!(empty.changes, second.changes);
+    assert!(!empty.no_turn && !empty.due);
+    assert_eq!(
+        schema.archived("completed"),
+        5,
+        "{kept} and the rest were archived"
+    );
+    assert_eq!(
+        schema.live("running"),
+        1,
+        "the job taken over is still running"
+    );
 }

@@ -173,6 +173,9 @@ pub struct Consumer {
     claim_cap: usize,
     /// The last round said jobs are due: the next one that claims promotes them.
     promote_next: bool,
+    /// The last first-step round claimed all it asked for: the next is sent in the direct form
+    /// (see [`sql::RoundForm::direct`]).
+    claimed_in_full: bool,
     statements: Statements,
     names: Names,
 }
@@ -528,6 +531,7 @@ impl Consumer {
             claim_gate_key: sql::claim_gate_key(&config.schema),
             claim_cap: config.prefetch,
             promote_next: false,
+            claimed_in_full: false,
             statements: Statements::default(),
             names: Names::default(),
         };
@@ -701,17 +705,29 @@ impl Consumer {
             let claimed = match self.steps[index].clone() {
                 Step::Lean(queues) => {
                     let acks: Vec<&Ack> = lean_acks.take().into_iter().flatten().collect();
+                    // Only a round that claims promotes: `$9` bounds the promotion too.
+                    let promotes = index == 0 && limit > 0 && self.promote_next;
                     let form = sql::RoundForm {
                         settle: match (acks.is_empty(), self.retain) {
                             (true, _) => sql::Settle::Nothing,
                             (false, true) => sql::Settle::Archiving,
                             (false, false) => sql::Settle::Deleting,
                         },
-                        // Only a round that claims promotes: `$9` bounds the promotion too.
-                        promotes: index == 0 && limit > 0 && self.promote_next,
+                        promotes,
+                        // After a round that claimed all it asked for, when more jobs most
+                        // likely wait; only without a gate, which refuses rounds a turn (the
+                        // direct form would learn it only from a second round trip), and outside
+                        // the transaction that queues for a turn.
+                        direct: index == 0
+                            && !promotes
+                            && self.claimed_in_full
+                            && self.claimers == 0
+                            && !queues.is_empty()
+                            && !self.client.in_transaction,
                     };
-                    let round = self.round(index, &queues, acks, limit, form)?;
+                    let round = self.round(index, &queues, &acks, limit, form)?;
                     if index == 0 {
+                        self.claimed_in_full = limit > 0 && round.claimed.len() == limit;
                         out.refused = round.refused;
                         out.changes = round.changes;
                         out.due = round.due;
@@ -740,16 +756,40 @@ impl Consumer {
         Ok(out)
     }
 
-    /// The lean round of step `index` over `queues`, in `form` (see [`sql::round`]).
-    fn round<'a>(
+    /// The lean round of step `index` over `queues`, in `form` (see [`sql::round`]). A direct
+    /// round that claims nothing returns no row, so nothing of what the round has to say, and
+    /// settles nothing: the same round goes again in the other form, which says it all (and
+    /// claims whatever came meanwhile).
+    fn round(
         &mut self,
         index: usize,
         queues: &[String],
-        acks: impl IntoIterator<Item = &'a Ack>,
+        acks: &[&Ack],
         limit: usize,
         form: sql::RoundForm,
     ) -> Result<Round, QueueError> {
-        let c = AckColumns::of(acks);
+        let (round, summarized) = self.send_round(index, queues, acks, limit, form)?;
+        if summarized {
+            return Ok(round);
+        }
+        let form = sql::RoundForm {
+            direct: false,
+            ..form
+        };
+        Ok(self.send_round(index, queues, acks, limit, form)?.0)
+    }
+
+    /// Sends the lean round of [`Consumer::round`] once; also says whether a row brought its
+    /// summary.
+    fn send_round(
+        &mut self,
+        index: usize,
+        queues: &[String],
+        acks: &[&Ack],
+        limit: usize,
+        form: sql::RoundForm,
+    ) -> Result<(Round, bool), QueueError> {
+        let c = AckColumns::of(acks.iter().copied());
         let round = match self.statements.rounds.get(&(index, form)) {
             Some(round) => round.clone(),
             // Built only when it is to be prepared: rendering the few kilobytes of text at every
@@ -794,16 +834,25 @@ impl Consumer {
             ],
         )?;
         let mut out = Round::default();
+        let mut summarized = false;
         let mut order = Vec::with_capacity(rows.len());
         for row in rows {
+            if let Some(summary) = row.get::<_, Option<Vec<i64>>>(sql::ROUND_SUMMARY) {
+                // See sql::SUMMARY.
+                let [changes, promoted, due, taken, refused @ ..] = summary.as_slice() else {
+                    return Err(QueueError::Unavailable(format!(
+                        "a round's summary {summary:?} is too short: is the schema's migration \
+                         intact? (run `forkq migrate`)"
+                    )));
+                };
+                out.changes = *changes;
+                out.promoted = *promoted;
+                out.due = *due != 0;
+                out.no_turn = limit > 0 && *taken == 0;
+                out.refused = refused.to_vec();
+                summarized = true;
+            }
             let Some(claimed) = self.claimed(&row, token, false) else {
-                out.refused = row
-                    .get::<_, Option<Vec<i64>>>("refused")
-                    .unwrap_or_default();
-                out.changes = row.get("changes");
-                out.promoted = row.get("promoted");
-                out.due = row.get("due");
-                out.no_turn = limit > 0 && row.get::<_, Option<bool>>("turn_taken") == Some(false);
                 continue;
             };
             let position = queues.iter().position(|q| **q == *claimed.job.queue);
@@ -820,7 +869,7 @@ impl Consumer {
         let mut ranked: Vec<(_, Claimed)> = order.into_iter().zip(out.claimed).collect();
         ranked.sort_by_key(|r| r.0);
         out.claimed = ranked.into_iter().map(|(_, c)| c).collect();
-        Ok(out)
+        Ok((out, summarized))
     }
 
     /// Claims at most one job of the limited queue `queue`; also says when its rate limit allows

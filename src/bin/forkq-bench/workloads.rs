@@ -772,9 +772,11 @@ pub struct Rest {
 
 /// What kind of statement `query` (as pg_stat_statements shows it) is, by the SQL forkq sends.
 fn statement_kind(query: &str) -> &'static str {
-    const KINDS: [(&str, &str); 8] = [
-        // The claim round's claim (its first CTE is the claim gate's turn, as is maintenance's).
+    const KINDS: [(&str, &str); 9] = [
+        // The claim round's claim, in either form (its first CTE is the claim gate's turn, as is
+        // maintenance's).
         ("claimed AS", "claim rounds"),
+        ("picked AS", "claim rounds"),
         (".renew(", "renewals"),
         (".settle(", "settlements"),
         ("hosts", "host rows"),
@@ -915,13 +917,19 @@ mod tests {
 
     #[test]
     fn claim_rounds_and_maintenance_are_told_apart() {
-        for (queues, settle, promotes) in [
-            (1, sql::Settle::Archiving, false),
-            (1, sql::Settle::Deleting, false),
-            (3, sql::Settle::Nothing, true),
-            (1, sql::Settle::Nothing, false),
+        for (queues, settle, promotes, direct) in [
+            (1, sql::Settle::Archiving, false, false),
+            (1, sql::Settle::Deleting, false, false),
+            (3, sql::Settle::Nothing, true, false),
+            (1, sql::Settle::Nothing, false, false),
+            (1, sql::Settle::Archiving, false, true),
+            (2, sql::Settle::Deleting, false, true),
         ] {
-            let form = sql::RoundForm { settle, promotes };
+            let form = sql::RoundForm {
+                settle,
+                promotes,
+                direct,
+            };
             assert_eq!(
                 super::statement_kind(&sql::round(queues, 100, form)),
                 "claim rounds"
