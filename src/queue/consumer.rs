@@ -841,8 +841,8 @@ impl Consumer {
                 // See sql::SUMMARY.
                 let [changes, promoted, due, taken, refused @ ..] = summary.as_slice() else {
                     return Err(QueueError::Unavailable(format!(
-                        "a round's summary {summary:?} is too short: is the schema's migration \
-                         intact? (run `forkq migrate`)"
+                        "a claim round returned the summary {summary:?}, where at least four \
+                         values belong: a bug in forkq's round statement; please report it"
                     )));
                 };
                 out.changes = *changes;

@@ -144,12 +144,12 @@ pub mod claim_column {
 /// archived when `$4`), claims up to `$9` jobs from the queues `$8`, and either says whether due
 /// scheduled or retryable jobs wait (one probe of `jobs_due_idx`) or, in its promoting form,
 /// makes up to `$9` of them claimable for the next round, in one statement, with no procedural
-/// code in the way (see [`round`]). Jobs come back in index order per queue, not in claim order: the caller sorts them
-/// (by queue position, priority, run_at, id). The round's [`SUMMARY`] comes in a column of its
-/// own after the claim columns (see [`ROUND_SUMMARY`]), on one row only: a row of its own with a
-/// null id in the form that claims in a CTE, the first job picked in the direct form (see
-/// [`RoundForm::direct`]). `$1` ids, `$2` tokens, `$3` results, `$5` owner, `$6` this claim's
-/// lease token, `$7` lease seconds, `$10` and `$11` the claim gate.
+/// code in the way (see [`round`]). Jobs come back in index order per queue, not in claim order:
+/// the caller sorts them (by queue position, priority, run_at, id). The round's [`SUMMARY`] comes
+/// in a column of its own after the claim columns ([`ROUND_SUMMARY`]), on one row only: a row of
+/// its own with a null id in the form that claims in a CTE, the first job picked in the direct
+/// form (see [`RoundForm::direct`]). `$1` ids, `$2` tokens, `$3` results, `$5` owner, `$6` this
+/// claim's lease token, `$7` lease seconds, `$10` and `$11` the claim gate.
 ///
 /// Two rounds can deadlock: a walk whose snapshot predates another worker's claim can reach
 /// that job through a stale index entry and lock its newest version before finding it no longer
@@ -209,7 +209,7 @@ const SUMMARY: &str = "ARRAY[(SELECT coalesce(sum(weight), 0)::bigint FROM {s}.c
 
 /// Where the lean round's [`SUMMARY`] is in its rows: the column after the claim columns, null
 /// on every row but one.
-pub const ROUND_SUMMARY: usize = 12;
+pub const ROUND_SUMMARY: usize = claim_column::BACKOFF_SECONDS + 1;
 
 /// The acks of a round that archives (see [`round`]): deletes the jobs acknowledged (`$1`, fenced
 /// by their lease tokens `$2`), archiving them with their results `$3` when `$4`. Each ack finds
@@ -273,10 +273,10 @@ pub struct RoundForm {
     pub promotes: bool,
     /// The direct form: the claim's `UPDATE` is the statement itself, so its rows go to the
     /// worker as it returns them, and the summary rides on the first job picked. Claiming in a
-    /// CTE and returning its rows beside a row of their own cost the server 1.1-1.4 µs more per
-    /// job in rounds of 100 (the raw loop written both ways, 3 drains of 100k each). A direct
-    /// round that claims nothing returns no row, and with it no summary: so it settles nothing
-    /// either, and the worker sends the same acks again in the other form (see
+    /// CTE and returning its rows beside a row of their own cost the server 1.0-1.4 µs more per
+    /// job in rounds of 100 (the raw loop written both ways, two runs of 3-4 drains of 100k). A
+    /// direct round that claims nothing returns no row, and with it no summary: so it settles
+    /// nothing either, and the worker sends the same acks again in the other form (see
     /// `Consumer::round`), which says which it refused. It never promotes.
     pub direct: bool,
 }
@@ -318,7 +318,7 @@ const PICK: &str = "SELECT c.id FROM {s}.jobs c
 /// acks alone) takes no turn. A round tries each of `$10`
 /// transaction-level advisory locks (`$11`, slot) without waiting, from a slot of its own so
 /// rounds spread over them, and stops at the first it gets; the lock is gone with the statement's
-/// commit. A round that gets none claims nothing and says so (`turn_taken` false); its acks are
+/// commit. A round that gets none claims nothing and says so (in its [`SUMMARY`]); its acks are
 /// settled all the same, and the worker queues for a turn in a transaction of its own (see
 /// [`turn_wait`]).
 /// Why a gate: claimers that walk the head of the claim index together mostly skip each other's
