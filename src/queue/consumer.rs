@@ -727,7 +727,17 @@ impl Consumer {
                             && !queues.is_empty()
                             && !self.client.in_transaction,
                     };
-                    let round = self.round(index, &queues, &acks, limit, form)?;
+                    let (mut round, summarized) = self.round(index, &queues, &acks, limit, form)?;
+                    if !summarized {
+                        // A direct round that claimed nothing said nothing and settled nothing:
+                        // the same round again in the other form says it all (and claims
+                        // whatever came meanwhile).
+                        let form = sql::RoundForm {
+                            direct: false,
+                            ..form
+                        };
+                        round = self.round(index, &queues, &acks, limit, form)?.0;
+                    }
                     if index == 0 {
                         self.claimed_in_full = limit > 0 && round.claimed.len() == limit;
                         out.refused = round.refused;
@@ -758,32 +768,10 @@ impl Consumer {
         Ok(out)
     }
 
-    /// The lean round of step `index` over `queues`, in `form` (see [`sql::round`]). A direct
-    /// round that claims nothing returns no row, so nothing of what the round has to say, and
-    /// settles nothing: the same round goes again in the other form, which says it all (and
-    /// claims whatever came meanwhile).
+    /// The lean round of step `index` over `queues`, in `form` (see [`sql::round`]); also says
+    /// whether a row brought the round's summary (a direct round that claims nothing returns
+    /// none).
     fn round(
-        &mut self,
-        index: usize,
-        queues: &[String],
-        acks: &[&Ack],
-        limit: usize,
-        form: sql::RoundForm,
-    ) -> Result<Round, QueueError> {
-        let (round, summarized) = self.send_round(index, queues, acks, limit, form)?;
-        if summarized {
-            return Ok(round);
-        }
-        let form = sql::RoundForm {
-            direct: false,
-            ..form
-        };
-        Ok(self.send_round(index, queues, acks, limit, form)?.0)
-    }
-
-    /// Sends the lean round of [`Consumer::round`] once; also says whether a row brought its
-    /// summary.
-    fn send_round(
         &mut self,
         index: usize,
         queues: &[String],

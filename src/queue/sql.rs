@@ -277,7 +277,7 @@ pub struct RoundForm {
     /// job in rounds of 100 (the raw loop written both ways, two runs of 3-4 drains of 100k). A
     /// direct round that claims nothing returns no row, and with it no summary: so it settles
     /// nothing either, and the worker sends the same acks again in the other form (see
-    /// `Consumer::round`), which says which it refused. It never promotes.
+    /// `Consumer::settle_and_claim`), which says which it refused. It never promotes.
     pub direct: bool,
 }
 
