@@ -18,9 +18,14 @@ pub const LATENCY_BUCKETS_MS: [u64; 11] = [1, 5, 10, 25, 50, 100, 250, 500, 1_00
 
 /// Milliseconds on the system-wide monotonic clock, comparable between processes of one boot.
 pub fn monotonic_ms() -> u64 {
+    monotonic_ns() / 1_000_000
+}
+
+/// Nanoseconds on the clock of [`monotonic_ms`].
+fn monotonic_ns() -> u64 {
     let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .expect("CLOCK_MONOTONIC is always available on Linux");
-    ts.tv_sec() as u64 * 1000 + ts.tv_nsec() as u64 / 1_000_000
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
 /// [`monotonic_ms`] at `at`, without reading the clock again: on Linux `Instant` reads the same
@@ -29,15 +34,7 @@ pub fn monotonic_ms() -> u64 {
 /// edge).
 pub fn monotonic_ms_at(at: std::time::Instant) -> u64 {
     static ORIGIN: std::sync::OnceLock<(std::time::Instant, u64)> = std::sync::OnceLock::new();
-    let &(origin, origin_ns) = ORIGIN.get_or_init(|| {
-        let origin = std::time::Instant::now();
-        let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-            .expect("CLOCK_MONOTONIC is always available on Linux");
-        (
-            origin,
-            ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64,
-        )
-    });
+    let &(origin, origin_ns) = ORIGIN.get_or_init(|| (std::time::Instant::now(), monotonic_ns()));
     let ns = match at.checked_duration_since(origin) {
         Some(after) => origin_ns + after.as_nanos() as u64,
         None => origin_ns.saturating_sub(origin.duration_since(at).as_nanos() as u64),

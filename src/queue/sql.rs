@@ -184,13 +184,13 @@ const CLAIM: &str = "UPDATE {s}.jobs j
 const PICKED: &str = "ARRAY(SELECT p.id FROM ({pick}) p WHERE (SELECT taken FROM turn))";
 
 /// The claim of the form that claims in a CTE (see [`round`]): the claimed jobs, then a row
-/// with a null id that carries the summary.
+/// with a null in every claim column that carries the summary.
 const CLAIM_IN_CTE: &str = ", claimed AS (
         {claim}
     ){promote}
     SELECT {columns}, NULL::bigint[] AS summary FROM claimed
     UNION ALL
-    SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, {summary}";
+    SELECT {nulls}, {summary}";
 
 /// The jobs the direct form picks (see [`RoundForm::direct`]), before its acks, which it settles
 /// only when it picks a job ([`PICKED_SOME`]); its claim is the statement itself, the first job
@@ -397,6 +397,7 @@ pub fn round(queues: usize, cap: usize, form: RoundForm) -> String {
         false => CLAIM_IN_CTE
             .replace("{promote}", promote)
             .replace("{columns}", claim_columns!())
+            .replace("{nulls}", &["NULL"; ROUND_SUMMARY].join(", "))
             .replace("{summary}", &summary)
             .replace(
                 "{claim}",
