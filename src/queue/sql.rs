@@ -552,30 +552,30 @@ pub const PURGE_EXPIRED_WINDOWS: &str = "
 /// listens on, whether this session's backend was started within the last `$1` seconds (not a
 /// pooled one), `max_connections`, the slots this role cannot use, the client connections in use
 /// by others, and what the role's and the database's `CONNECTION LIMIT` leave (NULL: none).
-/// Superusers may use the reserved slots and ignore the limits.
+/// Superusers may use the reserved slots and ignore the limits. The sessions come from
+/// `pg_stat_get_activity`, read once, rather than from the `pg_stat_activity` view four times:
+/// the view joins two catalogs more at each reference, and a new session planned the query in
+/// 4.6-5.9 ms instead of 2.1-2.9 (psql, fresh connections; it runs at every start-up).
 pub const CONNECTION_HEADROOM: &str = "
+    WITH a AS (SELECT pid, datid, usesysid, backend_start FROM pg_stat_get_activity(NULL)
+               WHERE backend_type = 'client backend')
     SELECT current_setting('port')::int AS port,
-           s.backend_start > now() - make_interval(secs => $1) AS own_session,
+           coalesce((SELECT backend_start FROM a WHERE pid = pg_backend_pid())
+                    > now() - make_interval(secs => $1), false) AS own_session,
            current_setting('max_connections')::int AS max_connections,
            CASE WHEN r.rolsuper THEN 0
                 ELSE current_setting('superuser_reserved_connections')::int
                      + coalesce(current_setting('reserved_connections', true), '0')::int
            END AS reserved,
-           (SELECT count(*) FROM pg_stat_activity
-            WHERE backend_type = 'client backend')::int - 1 AS in_use,
+           (SELECT count(*) FROM a)::int - 1 AS in_use,
            CASE WHEN r.rolsuper OR r.rolconnlimit < 0 THEN NULL
-                ELSE r.rolconnlimit + 1
-                     - (SELECT count(*) FROM pg_stat_activity
-                        WHERE usesysid = r.oid AND backend_type = 'client backend')::int
+                ELSE r.rolconnlimit + 1 - (SELECT count(*) FROM a WHERE usesysid = r.oid)::int
            END AS role_free,
            CASE WHEN r.rolsuper OR d.datconnlimit < 0 THEN NULL
-                ELSE d.datconnlimit + 1
-                     - (SELECT count(*) FROM pg_stat_activity
-                        WHERE datid = d.oid AND backend_type = 'client backend')::int
+                ELSE d.datconnlimit + 1 - (SELECT count(*) FROM a WHERE datid = d.oid)::int
            END AS database_free
-    FROM pg_stat_activity s, pg_roles r, pg_database d
-    WHERE s.pid = pg_backend_pid() AND r.rolname = current_user
-      AND d.datname = current_database()";
+    FROM pg_roles r, pg_database d
+    WHERE r.rolname = current_user AND d.datname = current_database()";
 
 /// Takes this schema's maintenance turn if the last pass anywhere began at least `$2` seconds ago
 /// (and no pass is taking it right now), and if so rescues expired leases; returns null when it
