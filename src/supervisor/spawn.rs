@@ -213,14 +213,15 @@ pub(super) fn run_forked(what: &str, limit: Duration, work: impl FnOnce() -> i32
             Ok(WaitStatus::Exited(_, code)) => return Some(code),
             Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
                 // The socket reads as closed a moment before the process can be reaped: from
-                // then on the poll returns at once, and the steps of 1 ms cover that moment.
+                // then on the poll returns at once, and steps of 1 ms cover that moment (and a
+                // poll a signal interrupted).
                 let left = deadline.saturating_duration_since(Instant::now());
                 match &exited {
                     Some(watch) => {
                         let timeout = PollTimeout::try_from(left.as_millis().min(60_000) as i32)
                             .unwrap_or(PollTimeout::ZERO);
                         let mut fds = [PollFd::new(watch.as_fd(), PollFlags::POLLIN)];
-                        if matches!(poll(&mut fds, timeout), Ok(n) if n > 0) {
+                        if !matches!(poll(&mut fds, timeout), Ok(0)) {
                             std::thread::sleep(Duration::from_millis(1).min(left));
                         }
                     }
