@@ -554,7 +554,7 @@ pub const PURGE_EXPIRED_WINDOWS: &str = "
 /// by others, and what the role's and the database's `CONNECTION LIMIT` leave (NULL: none).
 /// Superusers may use the reserved slots and ignore the limits. The sessions come from
 /// `pg_stat_get_activity`, read once, rather than from the `pg_stat_activity` view four times:
-/// the view joins two catalogs more at each reference, and a new session planned the query in
+/// the view joins two catalogs more at each reference, and a new session ran the query in
 /// 4.6-5.9 ms instead of 2.1-2.9 (psql, fresh connections; it runs at every start-up).
 pub const CONNECTION_HEADROOM: &str = "
     WITH a AS (SELECT pid, datid, usesysid, backend_start FROM pg_stat_get_activity(NULL)

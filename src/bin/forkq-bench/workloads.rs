@@ -292,7 +292,7 @@ fn drain_in(
         // About a hundred /livez requests a second in all, whatever the number of daemons: the
         // probes answering them run on the machine being measured. Over the last 3 % of the
         // jobs, one request a millisecond, so the end is seen when it comes: the raw loops'
-        // clocks stop exactly at theirs, and 5 ms late on average is 0.5 % of a W1 drain.
+        // clocks stop exactly at theirs, and 5 ms late on average was up to 0.5 % of a W1 drain.
         let near_end = done as f64 >= 0.97 * n as f64;
         std::thread::sleep(match near_end {
             true => Duration::from_millis(1),
