@@ -1791,3 +1791,41 @@ fn a_direct_round_says_what_the_other_form_says() {
         "the job taken over is still running"
     );
 }
+
+/// The maintenance pass names a session that holds a snapshot (while it does, no vacuum can
+/// remove the jobs claimed since, and claims slow down as a backlog drains): one in a repeatable
+/// read transaction for over a second is found, and after it commits it no longer is.
+#[test]
+fn a_session_holding_an_old_snapshot_is_named() {
+    let mut holder = connect();
+    holder
+        .batch_execute(
+            "SET application_name = 'forkq-test snapshot holder';
+             BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1",
+        )
+        .unwrap();
+    let holder_pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    std::thread::sleep(Duration::from_millis(1500));
+    let found = maintenance::snapshot_holder(&mut connect(), Duration::from_secs(1))
+        .unwrap()
+        .expect("a session has held a snapshot for more than a second");
+    println!("held: {found:?}");
+    // Another test's session may have held one longer; it would be named first.
+    if found.pid == holder_pid {
+        assert_eq!(found.application_name, "forkq-test snapshot holder");
+        assert_eq!(found.state, "idle in transaction");
+        assert!(found.open_for >= Duration::from_secs(1), "{found:?}");
+        assert!(found.query.contains("pg_backend_pid"), "{found:?}");
+    } else {
+        assert!(found.open_for >= Duration::from_millis(1500), "{found:?}");
+    }
+    holder.batch_execute("COMMIT").unwrap();
+    let after = maintenance::snapshot_holder(&mut connect(), Duration::from_secs(1)).unwrap();
+    assert!(
+        after.as_ref().is_none_or(|h| h.pid != holder_pid),
+        "a session that committed holds no snapshot: {after:?}"
+    );
+}

@@ -4,6 +4,7 @@
 //! table's header makes one attempt per host per interval. Each service is one function with one
 //! job, in the spirit of River's maintenance services.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use postgres::types::Type;
@@ -212,6 +213,9 @@ fn vacuum_bloated(
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
+    if let Some((_, dead)) = bloated.iter().find(|(table, _)| table == "jobs") {
+        warn_of_snapshot_holder(client, *dead, before_each);
+    }
     let mut vacuumed = Vec::new();
     for (table, dead) in bloated {
         let Some(&(name, _, _)) = VACUUMED.iter().find(|v| v.0 == table) else {
@@ -234,6 +238,78 @@ fn vacuum_bloated(
         }
     }
     Ok(vacuumed)
+}
+
+/// A session whose snapshot is older than this is named when the hot table is found bloated.
+const SNAPSHOT_HOLDER_AGE: Duration = Duration::from_secs(60);
+/// At most one warning about it per process and this long.
+const SNAPSHOT_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// Logs a warning naming the session that has held a snapshot for more than
+/// [`SNAPSHOT_HOLDER_AGE`], if any, once the hot table has `dead` dead rows to vacuum: while it
+/// holds it, no vacuum can remove them and every claim walks past the index entries of the jobs
+/// claimed since (a drain of 200k jobs took 17-22 s instead of 5.6, docs/performance.md). A
+/// diagnostic only: an error reading it is left to the debug log.
+fn warn_of_snapshot_holder(client: &mut Client, dead: i64, before_each: &mut dyn FnMut()) {
+    static LAST_WARNED_MS: AtomicU64 = AtomicU64::new(0);
+    let now_ms = crate::slots::monotonic_ms();
+    let last = LAST_WARNED_MS.load(Ordering::Relaxed);
+    if last != 0 && now_ms.saturating_sub(last) < SNAPSHOT_WARNING_EVERY.as_millis() as u64 {
+        return;
+    }
+    before_each();
+    match snapshot_holder(client, SNAPSHOT_HOLDER_AGE) {
+        Ok(Some(h)) => {
+            LAST_WARNED_MS.store(now_ms.max(1), Ordering::Relaxed);
+            log::warn!(
+                "the queue's hot table has {dead} dead rows that no vacuum can remove while \
+                 session {} ({}, {}, transaction open {:.0} s: {:?}) holds a snapshot; claims \
+                 slow down as jobs drain until it ends: end or shorten that transaction (see \
+                 'A drain that slows down as it goes' in docs/operations.md)",
+                h.pid,
+                h.application_name,
+                h.state,
+                h.open_for.as_secs_f64(),
+                h.query
+            );
+        }
+        Ok(None) => {}
+        Err(e) => log::debug!("cannot look for a session holding an old snapshot: {e}"),
+    }
+}
+
+/// A session holding a snapshot (see [`snapshot_holder`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotHolder {
+    /// Its backend's process id.
+    pub pid: i32,
+    /// Its `application_name`.
+    pub application_name: String,
+    /// Its state (`active`, `idle in transaction`, ...).
+    pub state: String,
+    /// How long its transaction has been open.
+    pub open_for: Duration,
+    /// The start of its current or last query.
+    pub query: String,
+}
+
+/// The client session of this database, other than `client`'s own, that has held a snapshot or
+/// a transaction id longest, if its transaction has been open for more than `older_than`.
+pub fn snapshot_holder(
+    client: &mut Client,
+    older_than: Duration,
+) -> Result<Option<SnapshotHolder>, QueueError> {
+    let row = client.query_typed(
+        sql::SNAPSHOT_HOLDER,
+        &[(&older_than.as_secs_f64(), Type::FLOAT8)],
+    )?;
+    Ok(row.first().map(|r| SnapshotHolder {
+        pid: r.get(0),
+        application_name: r.get(1),
+        state: r.get(2),
+        open_for: Duration::from_secs_f64(r.get::<_, f64>(3).max(0.0)),
+        query: r.get(4),
+    }))
 }
 
 /// The batch repair service: fixes open batches whose counters disagree with their children and

@@ -597,6 +597,20 @@ pub const BLOATED_TABLES: &str = "
     JOIN pg_stat_user_tables t ON t.schemaname = $1 AND t.relname = w.name
     WHERE t.n_dead_tup > w.base + w.fraction * t.n_live_tup";
 
+/// The client session of this database, other than the caller's, that has held a snapshot or a
+/// transaction id longest, if its transaction began more than `$1` seconds ago: its pid,
+/// application name, state, seconds open and the start of its query. Other roles' sessions show
+/// only to a superuser or a member of `pg_read_all_stats`.
+pub const SNAPSHOT_HOLDER: &str = "
+    SELECT pid, coalesce(application_name, ''), coalesce(state, ''),
+           extract(epoch FROM now() - xact_start)::float8, left(coalesce(query, ''), 80)
+    FROM pg_stat_activity
+    WHERE datname = current_database() AND pid <> pg_backend_pid()
+      AND backend_type = 'client backend'
+      AND (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)
+      AND xact_start < now() - make_interval(secs => $1)
+    ORDER BY xact_start LIMIT 1";
+
 /// Counts live jobs per queue and effective state (a due scheduled job counts as available), and
 /// the failed and cancelled jobs of the archive (through their partial index).
 pub const STATUS_COUNTS: &str = "
