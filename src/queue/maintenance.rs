@@ -299,11 +299,11 @@ pub fn snapshot_holder(
     client: &mut Client,
     older_than: Duration,
 ) -> Result<Option<SnapshotHolder>, QueueError> {
-    let row = client.query_typed(
+    let rows = client.query_typed(
         sql::SNAPSHOT_HOLDER,
         &[(&older_than.as_secs_f64(), Type::FLOAT8)],
     )?;
-    Ok(row.first().map(|r| SnapshotHolder {
+    Ok(rows.first().map(|r| SnapshotHolder {
         pid: r.get(0),
         application_name: r.get(1),
         state: r.get(2),
