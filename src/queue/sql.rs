@@ -589,27 +589,57 @@ pub const TAKE_TURN_AND_RESCUE: &str = "
     )
     SELECT CASE WHEN EXISTS (SELECT 1 FROM turn) THEN {s}.rescue_expired($1::boolean) END";
 
+/// When a session's snapshot began, as far as `pg_stat_activity` (as `a`) tells: the running
+/// statement's start for an active session (under read committed each statement takes its own,
+/// so a long transaction of short statements holds none for long), else its transaction's start
+/// (an idle transaction keeps a snapshot only under repeatable read or with a transaction id).
+macro_rules! held_since {
+    () => {
+        "coalesce(CASE WHEN a.state = 'active' THEN a.query_start END, a.xact_start)"
+    };
+}
+
 /// The watched tables of schema `$1` (names `$2`) whose dead rows exceed `$3 + $4 × live rows`
-/// (per table, in the same order), with their dead rows.
-pub const BLOATED_TABLES: &str = "
-    SELECT w.name, t.n_dead_tup
+/// (per table, in the same order), with their dead rows, and whether another client session of
+/// the database has held a snapshot (or a transaction id) since before the table's last vacuum:
+/// that vacuum removed all it could, and until the session ends another one would remove nothing
+/// (dead rows it cannot remove still count in `n_dead_tup`).
+pub const BLOATED_TABLES: &str = concat!(
+    "
+    SELECT w.name, t.n_dead_tup,
+           EXISTS (SELECT 1 FROM pg_stat_activity a
+                   WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+                     AND a.backend_type = 'client backend'
+                     AND (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)
+                     AND ",
+    held_since!(),
+    " < greatest(t.last_vacuum, t.last_autovacuum))
     FROM unnest($2::text[], $3::bigint[], $4::float8[]) AS w(name, base, fraction)
     JOIN pg_stat_user_tables t ON t.schemaname = $1 AND t.relname = w.name
-    WHERE t.n_dead_tup > w.base + w.fraction * t.n_live_tup";
+    WHERE t.n_dead_tup > w.base + w.fraction * t.n_live_tup"
+);
 
 /// The client session of this database, other than the caller's, that has held a snapshot or a
-/// transaction id longest, if its transaction began more than `$1` seconds ago: its pid,
-/// application name, state, seconds open and the start of its query. Other roles' sessions show
+/// transaction id longest, if it has for more than `$1` seconds (see `held_since!`): its pid,
+/// application name, state, seconds held and the start of its query. Other roles' sessions show
 /// only to a superuser or a member of `pg_read_all_stats`.
-pub const SNAPSHOT_HOLDER: &str = "
-    SELECT pid, coalesce(application_name, ''), coalesce(state, ''),
-           extract(epoch FROM now() - xact_start)::float8, left(coalesce(query, ''), 80)
-    FROM pg_stat_activity
-    WHERE datname = current_database() AND pid <> pg_backend_pid()
-      AND backend_type = 'client backend'
-      AND (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)
-      AND xact_start < now() - make_interval(secs => $1)
-    ORDER BY xact_start LIMIT 1";
+pub const SNAPSHOT_HOLDER: &str = concat!(
+    "
+    SELECT a.pid, coalesce(a.application_name, ''), coalesce(a.state, ''),
+           extract(epoch FROM now() - ",
+    held_since!(),
+    ")::float8, left(coalesce(a.query, ''), 80)
+    FROM pg_stat_activity a
+    WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+      AND a.backend_type = 'client backend'
+      AND (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)
+      AND ",
+    held_since!(),
+    " < now() - make_interval(secs => $1)
+    ORDER BY ",
+    held_since!(),
+    " LIMIT 1"
+);
 
 /// Counts live jobs per queue and effective state (a due scheduled job counts as available), and
 /// the failed and cancelled jobs of the archive (through their partial index).
