@@ -599,6 +599,17 @@ macro_rules! held_since {
     };
 }
 
+/// The client sessions of this database, other than the caller's, that hold a snapshot or a
+/// transaction id, as `a` (a `FROM` item and its `WHERE`, to be extended with `AND`).
+macro_rules! snapshot_holders {
+    () => {
+        "pg_stat_activity a
+         WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+           AND a.backend_type = 'client backend'
+           AND (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)"
+    };
+}
+
 /// The watched tables of schema `$1` (names `$2`) whose dead rows exceed `$3 + $4 × live rows`
 /// (per table, in the same order), with their dead rows, and whether another client session of
 /// the database has held a snapshot (or a transaction id) since before the table's last vacuum:
@@ -607,11 +618,9 @@ macro_rules! held_since {
 pub const BLOATED_TABLES: &str = concat!(
     "
     SELECT w.name, t.n_dead_tup,
-           EXISTS (SELECT 1 FROM pg_stat_activity a
-                   WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
-                     AND a.backend_type = 'client backend'
-                     AND (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)
-                     AND ",
+           EXISTS (SELECT 1 FROM ",
+    snapshot_holders!(),
+    " AND ",
     held_since!(),
     " < greatest(t.last_vacuum, t.last_autovacuum))
     FROM unnest($2::text[], $3::bigint[], $4::float8[]) AS w(name, base, fraction)
@@ -620,20 +629,18 @@ pub const BLOATED_TABLES: &str = concat!(
 );
 
 /// The client session of this database, other than the caller's, that has held a snapshot or a
-/// transaction id longest, if it has for more than `$1` seconds (see `held_since!`): its pid,
-/// application name, state, seconds held and the start of its query. Other roles' sessions show
-/// only to a superuser or a member of `pg_read_all_stats`.
+/// transaction id longest (see `snapshot_holders!`), if it has for more than `$1` seconds (see
+/// `held_since!`): its pid, application name, state, seconds held and the start of its query.
+/// Other roles' sessions show only to a superuser or a member of `pg_read_all_stats`.
 pub const SNAPSHOT_HOLDER: &str = concat!(
     "
     SELECT a.pid, coalesce(a.application_name, ''), coalesce(a.state, ''),
            extract(epoch FROM now() - ",
     held_since!(),
     ")::float8, left(coalesce(a.query, ''), 80)
-    FROM pg_stat_activity a
-    WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
-      AND a.backend_type = 'client backend'
-      AND (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)
-      AND ",
+    FROM ",
+    snapshot_holders!(),
+    " AND ",
     held_since!(),
     " < now() - make_interval(secs => $1)
     ORDER BY ",
