@@ -922,10 +922,14 @@ fn database_crash_under_load_strands_nothing() {
             }
         })
     };
-    assert!(wait_until(Duration::from_secs(30), || db
-        .count("SELECT count(*) FROM forkq.jobs_archive")
-        .unwrap_or(0)
-        >= 100));
+    assert!(
+        wait_until(Duration::from_secs(30), || db
+            .count("SELECT count(*) FROM forkq.jobs_archive")
+            .unwrap_or(0)
+            >= 100),
+        "fewer than 100 jobs done in 30 s before the crash; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     cluster.pg_ctl(&["stop", "-m", "immediate", "-w"]);
     cluster.pg_ctl(&["start", "-w"]);
     let before = db
@@ -933,10 +937,14 @@ fn database_crash_under_load_strands_nothing() {
         .unwrap()
         .max(db.count("SELECT max(id) FROM forkq.jobs_archive").unwrap());
     // A stray: a waiting job made to look claimed by a busy worker under its own name.
-    assert!(wait_until(Duration::from_secs(30), || db
-        .count("SELECT count(*) FROM forkq.jobs WHERE state = 'running'")
-        .unwrap_or(0)
-        > 0));
+    assert!(
+        wait_until(Duration::from_secs(30), || db
+            .count("SELECT count(*) FROM forkq.jobs WHERE state = 'running'")
+            .unwrap_or(0)
+            > 0),
+        "no job running within 30 s of the restart; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     let stray: i64 = client
         .query_one(
