@@ -1865,15 +1865,11 @@ fn a_table_is_not_vacuumed_again_while_a_snapshot_older_than_its_last_vacuum_is_
             .get(0)
     };
     // The deleting session's statistics reach the server within a second or so.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while dead() < 10_000 {
-        assert!(
-            Instant::now() < deadline,
-            "the dead rows never showed: {}",
-            dead()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    assert!(
+        wait_until(Duration::from_secs(20), || dead() >= 10_000),
+        "the dead rows never showed: {}",
+        dead()
+    );
     let pass = || {
         maintenance::run_pass(
             &mut connect(),
@@ -1899,10 +1895,9 @@ fn a_table_is_not_vacuumed_again_while_a_snapshot_older_than_its_last_vacuum_is_
     );
     holder.batch_execute("COMMIT").unwrap();
     // Another test's transaction, open since before that vacuum, would hold it back as well.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while pass().is_empty() {
-        assert!(Instant::now() < deadline, "never vacuumed again");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    assert!(
+        wait_until(Duration::from_secs(20), || !pass().is_empty()),
+        "never vacuumed again"
+    );
     assert!(dead() < 10_000, "the dead rows are gone: {}", dead());
 }
