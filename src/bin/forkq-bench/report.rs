@@ -145,10 +145,15 @@ const METHOD: &str = "
   is measured apart: seconds from spawn to settled, and the CPU of its backends and processes
   until then. Until 2026-12-02 the jobs were there before the spawn and the clock ran from it, so
   eight daemons' start-up (50 runs of `psql -c 'SELECT 1'` cost the scale cluster 300 ms of CPU) weighed on
-  their drains of a second or two. Each point drains 3 times (quick: once), the whole curve in
-  turn each time, and the median drain by throughput is the row. Throughput is the steady rate
-  (10 % to 90 % done; enqueue→empty when too fast to sample), compared with the best point with
-  the same children in all. *Through PgBouncer*: the
+  their drains of a second or two. Each point drains 5 times (quick: once), in five passes over
+  the curve; in each pass the points with as many children in all drain one right after the
+  other, in the opposite order every other pass (this machine's speed wanders by several times
+  over minutes, so peers a minute apart compared its moments as much as the fleets; until
+  2026-12-03 each pass ran the points in the order of the table). The row is the median drain
+  by throughput. Throughput is the steady rate (10 % to 90 % done; enqueue→empty when too fast
+  to sample); the comparison with the best point with the same children in all is the median of
+  the point's drains over the best's drain of the same pass, each pass's ratio given (the best:
+  the point that drained fastest beside the others). *Through PgBouncer*: the
   same drain with the daemons on a PgBouncer 1.18 in transaction mode (`scripts/pgbouncer.sh`, 8
   server connections whose `connect_query` sets what a direct worker sets for its session:
   `synchronous_commit = off`, `statement_timeout = 5000`) and `FORKQ_POOLER=transaction`, each

@@ -29,10 +29,11 @@ pub struct Plan {
     pub pooled: Vec<(usize, usize)>,
     /// How long the fleets at rest are watched.
     pub rest_seconds: f64,
-    /// Drains per point, taken in turn over the whole curve (a slow minute of the shared machine
-    /// then hits every point once rather than one point several times); the median counts. Five:
-    /// with three, one point's drains spread over up to 1.5x within a run, and a point that drains
-    /// as fast as its peer when the two alternate outside the bench read 0.79x of it.
+    /// Passes over the curve, each draining every point once (see [`pass_order`]): a point's
+    /// row gives its median drain, and its comparison the median of its drains over its peer's
+    /// of the same pass. Five: with three, one point's drains spread over up to 1.5x within a
+    /// run, and a point that drains as fast as its peer when the two alternate outside the bench
+    /// read 0.79x of it.
     pub repeats: usize,
 }
 
@@ -101,9 +102,9 @@ pub struct Point {
     drain: Drain,
     /// CPU seconds of PgBouncer during the drain (pooled points).
     pooler_cpu_s: f64,
-    /// The slowest and fastest throughput of the point's drains, and how many there were.
-    spread: (f64, f64),
-    drains: usize,
+    /// The throughput of the point's drain in each pass over the curve (none where it failed):
+    /// its peers' drains of the same pass ran right beside it.
+    passes: Vec<Option<f64>>,
 }
 
 impl Point {
@@ -142,12 +143,12 @@ impl Point {
         let steady = d
             .steady
             .map_or("n/a".into(), |r| format!("{r:.0} jobs/s steady"));
-        let runs = match self.drains {
-            1 => String::new(),
-            n => format!(
-                "median of {n} drains ({:.0}-{:.0} jobs/s): ",
-                self.spread.0, self.spread.1
-            ),
+        let drained: Vec<f64> = self.passes.iter().flatten().copied().collect();
+        let slowest = drained.iter().copied().fold(f64::INFINITY, f64::min);
+        let fastest = drained.iter().copied().fold(0.0, f64::max);
+        let runs = match drained.len() {
+            0 | 1 => String::new(),
+            n => format!("median of {n} drains ({slowest:.0}-{fastest:.0} jobs/s): "),
         };
         let mut text = format!(
             "{runs}{steady}; enqueue→empty {:.0} jobs/s; {:.1} jobs per claim round, {:.0} % of \
@@ -183,18 +184,20 @@ pub fn run(ctx: &Ctx, plan: &Plan, report: &mut Report) -> Vec<Point> {
         .map(|&(d, c)| (d, c, false))
         .chain(plan.pooled.iter().map(|&(d, c)| (d, c, true)))
         .collect();
-    let mut drains: Vec<Vec<Point>> = fleets.iter().map(|_| Vec::new()).collect();
-    for _ in 0..plan.repeats {
-        for (i, &(daemons, children, pooled)) in fleets.iter().enumerate() {
-            match drain_point(ctx, plan, daemons, children, pooled) {
-                Ok(point) => drains[i].push(point),
-                Err(e) => report.add(
+    let mut drains: Vec<Vec<Option<Point>>> = fleets.iter().map(|_| Vec::new()).collect();
+    for pass in 0..plan.repeats {
+        for i in pass_order(&fleets, pass) {
+            let (daemons, children, pooled) = fleets[i];
+            let drained = drain_point(ctx, plan, daemons, children, pooled);
+            if let Err(e) = &drained {
+                report.add(
                     format!("scale: {daemons} daemon(s) x {children} children"),
                     format!("error: {e}"),
                     "",
                     "",
-                ),
+                );
             }
+            drains[i].push(drained.ok());
         }
     }
     let points: Vec<Point> = drains.into_iter().filter_map(median).collect();
@@ -203,6 +206,35 @@ pub fn run(ctx: &Ctx, plan: &Plan, report: &mut Report) -> Vec<Point> {
         report.add(p.label(), p.measured(), versus, target);
     }
     points
+}
+
+/// The order in which pass `pass` drains `fleets` (indexes into it): the direct points with as
+/// many children in all one right after the other, so that the ones compared (see [`compare`])
+/// drain within seconds of each other, and in the opposite order every other pass, so that
+/// neither always drains first. This shared machine's speed wanders by several times over
+/// minutes (a fixed loop timed every few seconds took 72-192 ms in one minute, 193-446 ms two
+/// minutes later, on an otherwise idle machine): points a minute apart in one pass compared
+/// the machine's moments as much as the fleets. The pooled points come last.
+fn pass_order(fleets: &[(usize, usize, bool)], pass: usize) -> Vec<usize> {
+    let mut totals: Vec<usize> = fleets
+        .iter()
+        .filter(|f| !f.2)
+        .map(|&(d, c, _)| d * c)
+        .collect();
+    totals.sort_unstable();
+    totals.dedup();
+    let mut order = Vec::with_capacity(fleets.len());
+    for total in totals {
+        let mut peers: Vec<usize> = (0..fleets.len())
+            .filter(|&i| !fleets[i].2 && fleets[i].0 * fleets[i].1 == total)
+            .collect();
+        if pass % 2 == 1 {
+            peers.reverse();
+        }
+        order.extend(peers);
+    }
+    order.extend((0..fleets.len()).filter(|&i| fleets[i].2));
+    order
 }
 
 /// One drain of one point, through a PgBouncer of its own when `pooled`.
@@ -229,28 +261,30 @@ fn drain_point(
         &vec![children; daemons],
         &[("FORKQ_RETENTION_SECONDS", "0".to_string())],
     )?;
-    let mut point = Point {
+    Ok(Point {
         daemons,
         children,
         pooled,
         pooler_cpu_s: bouncer.as_ref().map_or(0.0, PgBouncer::cpu_seconds) - before,
         drain,
-        spread: (0.0, 0.0),
-        drains: 1,
-    };
-    point.spread = (point.throughput(), point.throughput());
-    Ok(point)
+        passes: Vec::new(),
+    })
 }
 
 /// The median drain of a point by throughput (the lower middle one of an even count), with the
-/// spread of them all.
-fn median(mut runs: Vec<Point>) -> Option<Point> {
+/// throughput of each pass's drain (`passes`, in pass order; none where it failed).
+fn median(passes: Vec<Option<Point>>) -> Option<Point> {
+    let throughputs: Vec<Option<f64>> = passes
+        .iter()
+        .map(|p| p.as_ref().map(Point::throughput))
+        .collect();
+    let mut runs: Vec<Point> = passes.into_iter().flatten().collect();
     runs.sort_by(|a, b| a.throughput().total_cmp(&b.throughput()));
-    let spread = (runs.first()?.throughput(), runs.last()?.throughput());
-    let drains = runs.len();
-    let mut point = runs.swap_remove((drains - 1) / 2);
-    point.spread = spread;
-    point.drains = drains;
+    if runs.is_empty() {
+        return None;
+    }
+    let mut point = runs.swap_remove((runs.len() - 1) / 2);
+    point.passes = throughputs;
     Some(point)
 }
 
@@ -308,26 +342,89 @@ fn compare(p: &Point, points: &[Point]) -> (String, String) {
         .iter()
         .filter(|q| !q.pooled && q.total() == p.total())
         .collect();
-    let best = peers
-        .iter()
-        .max_by(|a, b| a.throughput().total_cmp(&b.throughput()))
-        .expect("p is among its peers");
     if peers.len() < 2 {
         return (
             format!("the only point with {} children in all", p.total()),
             String::new(),
         );
     }
-    let ratio = p.throughput() / best.throughput();
+    // The best is the peer that drained fastest beside the others, pass by pass.
+    let standing = |q: &Point| -> f64 {
+        peers
+            .iter()
+            .filter_map(|o| paired(q, o))
+            .map(|(ratio, _)| ratio.ln())
+            .sum()
+    };
+    let best = peers
+        .iter()
+        .max_by(|a, b| standing(a).total_cmp(&standing(b)))
+        .expect("p is among its peers");
+    let by_pass = |each: Vec<f64>| -> String {
+        let each: Vec<String> = each.iter().map(|r| format!("{r:.2}")).collect();
+        each.join(", ")
+    };
+    if std::ptr::eq(p, *best) {
+        let next = peers
+            .iter()
+            .filter(|q| !std::ptr::eq(**q, p))
+            .max_by(|a, b| standing(a).total_cmp(&standing(b)))
+            .expect("there are at least two peers");
+        return (
+            match paired(p, next) {
+                Some((ratio, each)) => format!(
+                    "the best with {} children in all: {ratio:.2}x {} x {} (its drains over \
+                     that point's drain of the same pass: {})",
+                    p.total(),
+                    next.daemons,
+                    next.children,
+                    by_pass(each)
+                ),
+                None => format!("the best with {} children in all", p.total()),
+            },
+            format!("≥ 0.9x: {}", verdict(true)),
+        );
+    }
+    let Some((ratio, each)) = paired(p, best) else {
+        return (
+            format!(
+                "no pass drained both this point and {} x {}",
+                best.daemons, best.children
+            ),
+            String::new(),
+        );
+    };
     (
         format!(
-            "{ratio:.2}x the best with {} children in all ({} x {})",
+            "{ratio:.2}x the best with {} children in all ({} x {}): the median of its drains \
+             over that point's drain of the same pass (each pass: {})",
             p.total(),
             best.daemons,
-            best.children
+            best.children,
+            by_pass(each)
         ),
         format!("≥ 0.9x: {}", verdict(ratio >= 0.9)),
     )
+}
+
+/// `p`'s throughput over `q`'s in each pass both drained in, in pass order, and their median;
+/// none when no pass drained both.
+fn paired(p: &Point, q: &Point) -> Option<(f64, Vec<f64>)> {
+    let each: Vec<f64> = p
+        .passes
+        .iter()
+        .zip(&q.passes)
+        .filter_map(|(a, b)| Some((*a)? / (*b)?))
+        .collect();
+    let mut sorted = each.clone();
+    sorted.sort_by(f64::total_cmp);
+    let middle = sorted.len() / 2;
+    let median = match sorted.len() {
+        0 => return None,
+        n if n % 2 == 1 => sorted[middle],
+        _ => (sorted[middle - 1] + sorted[middle]) / 2.0,
+    };
+    Some((median, each))
 }
 
 fn rest_text(r: &Rest) -> String {
@@ -426,4 +523,102 @@ pub fn chart(points: &[Point], path: &Path, subtitle: &str) -> BenchResult<()> {
     }
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(daemons: usize, children: usize, passes: &[Option<f64>]) -> Point {
+        Point {
+            daemons,
+            children,
+            pooled: false,
+            drain: Drain {
+                n: 60_000,
+                total_s: 1.0,
+                first_job_s: 0.0,
+                steady: passes.iter().flatten().next().copied(),
+                forkq_cpu_s: 0.0,
+                pg_cpu_s: 0.0,
+                claims: 0,
+                turns_missed: 0,
+                fleet_start: None,
+            },
+            pooler_cpu_s: 0.0,
+            passes: passes.to_vec(),
+        }
+    }
+
+    #[test]
+    fn peers_drain_side_by_side_and_swap_places_every_other_pass() {
+        let fleets = [
+            (1, 8, false),
+            (2, 8, false),
+            (1, 2, false),
+            (8, 2, false),
+            (4, 2, false),
+            (4, 2, true),
+        ];
+        // 2 children: 1 x 2; 8: 1 x 8, 4 x 2; 16: 2 x 8, 8 x 2; then the pooled point.
+        assert_eq!(pass_order(&fleets, 0), vec![2, 0, 4, 1, 3, 5]);
+        assert_eq!(pass_order(&fleets, 1), vec![2, 4, 0, 3, 1, 5]);
+        assert_eq!(pass_order(&fleets, 2), pass_order(&fleets, 0));
+    }
+
+    #[test]
+    fn a_point_is_compared_pass_by_pass_with_its_best_peer() {
+        // Pass by pass: 2 x 8's fastest drain came in the one pass 8 x 2 missed, which
+        // therefore does not count.
+        let fast = point(
+            8,
+            2,
+            &[
+                Some(30e3),
+                Some(20e3),
+                Some(40e3),
+                None,
+                Some(33e3),
+                Some(31e3),
+            ],
+        );
+        let slow = point(
+            2,
+            8,
+            &[
+                Some(27e3),
+                Some(22e3),
+                Some(36e3),
+                Some(50e3),
+                Some(30e3),
+                Some(60e3),
+            ],
+        );
+        let alone = point(1, 2, &[Some(40e3)]);
+        let points = [fast, slow, alone];
+        let (ratio, each) = paired(&points[1], &points[0]).unwrap();
+        assert_eq!(each.len(), 5, "the pass 8 x 2 missed is left out");
+        assert!(
+            (ratio - 30.0 / 33.0).abs() < 1e-9,
+            "{ratio}: the median of 0.9, 1.1, 0.9, 0.91, 1.94"
+        );
+        let (versus, target) = compare(&points[1], &points);
+        assert!(
+            versus.starts_with("0.91x the best with 16 children in all (8 x 2)"),
+            "{versus}"
+        );
+        assert_eq!(target, "≥ 0.9x: met");
+        let (versus, target) = compare(&points[0], &points);
+        assert!(
+            versus.starts_with("the best with 16 children in all: 1.10x 2 x 8"),
+            "{versus}"
+        );
+        assert_eq!(target, "≥ 0.9x: met");
+        let (versus, target) = compare(&points[2], &points);
+        assert_eq!(
+            (versus.as_str(), target.as_str()),
+            ("the only point with 2 children in all", "")
+        );
+        assert!(paired(&points[0], &point(8, 2, &[None, None])).is_none());
+    }
 }
