@@ -589,13 +589,16 @@ pub const TAKE_TURN_AND_RESCUE: &str = "
     )
     SELECT CASE WHEN EXISTS (SELECT 1 FROM turn) THEN {s}.rescue_expired($1::boolean) END";
 
-/// When a session's snapshot began, as far as `pg_stat_activity` (as `a`) tells: the running
-/// statement's start for an active session (under read committed each statement takes its own,
-/// so a long transaction of short statements holds none for long), else its transaction's start
-/// (an idle transaction keeps a snapshot only under repeatable read or with a transaction id).
+/// When a session began to hold back the removal of dead rows, as far as `pg_stat_activity` (as
+/// `a`) tells: the running statement's start for an active session without a transaction id
+/// (under read committed each statement takes its own snapshot, so a long transaction of short
+/// statements holds none for long), else its transaction's start (an idle transaction keeps a
+/// snapshot only under repeatable read; a transaction id holds from when it was taken, which
+/// `pg_stat_activity` does not tell, until the transaction ends, whatever statement runs now).
 macro_rules! held_since {
     () => {
-        "coalesce(CASE WHEN a.state = 'active' THEN a.query_start END, a.xact_start)"
+        "coalesce(CASE WHEN a.state = 'active' AND a.backend_xid IS NULL THEN a.query_start END,
+                  a.xact_start)"
     };
 }
 

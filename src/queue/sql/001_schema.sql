@@ -11,7 +11,8 @@ CREATE TABLE {s}.jobs (
     run_at           timestamptz NOT NULL DEFAULT now(),
     attempt          int NOT NULL DEFAULT 0,
     max_attempts     int NOT NULL DEFAULT 25 CHECK (max_attempts >= 1),
-    lease_owner      text,
+    -- Compared byte by byte (see leased_under): owners are names forkq makes, never sorted for people.
+    lease_owner      text COLLATE "C",
     lease_token      bigint,
     lease_expires_at timestamptz,
     unique_key       text,
@@ -42,7 +43,7 @@ CREATE TABLE {s}.jobs (
 CREATE INDEX jobs_claim_idx ON {s}.jobs (queue, priority, run_at, id) WHERE state = 'available';
 -- Serves the claim round's promotion: scheduled and retryable rows by the time they fall due.
 CREATE INDEX jobs_due_idx ON {s}.jobs (run_at) WHERE state IN ('scheduled', 'retryable');
--- Serves lease renewal and release by owner, and the rescue of expired leases.
+-- Serves lease renewal and release by owner (see leased_under), and the rescue of expired leases.
 CREATE INDEX jobs_running_idx ON {s}.jobs (lease_owner) WHERE state = 'running';
 -- A live unique key: a second enqueue returns the existing job.
 CREATE UNIQUE INDEX jobs_unique_key_idx ON {s}.jobs (unique_key) WHERE unique_key IS NOT NULL;
@@ -407,6 +408,16 @@ $$;
 -- started (or finished and their acknowledgement was lost) and go back uncharged, except those
 -- cancelled meanwhile, which end cancelled instead of running later. Returns how many jobs went back
 -- to the queue.
+-- Whether lease owner o is p or begins with it (as starts_with(o, p), for a non-empty p): as a
+-- range of the C-collated lease_owner, which jobs_running_idx serves, up to p with its last
+-- character's successor. Inlined into the statements that call it, so the range reaches their
+-- plans; starts_with() is matched to an index only when the prefix is a constant, never in the
+-- generic plan of a function's statement, and every renewal scanned all the running rows of the
+-- schema: 193 ms per renewal at 8 daemons x 8 children draining 60k jobs.
+CREATE FUNCTION {s}.leased_under(o text, p text) RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
+    SELECT o COLLATE "C" >= p AND o COLLATE "C" < left(p, -1) || chr(ascii(right(p, 1)) + 1)
+$$;
+
 CREATE FUNCTION {s}.release(p_owner text, p_in_flight bigint, p_error text, p_retain boolean,
                             p_keep bigint[] DEFAULT '{}')
 RETURNS int LANGUAGE plpgsql AS $$
@@ -423,7 +434,7 @@ BEGIN
     FROM (
         SELECT j.id, j.lease_token
         FROM {s}.jobs j
-        WHERE starts_with(j.lease_owner, p_owner) AND j.state = 'running'
+        WHERE {s}.leased_under(j.lease_owner, p_owner) AND j.state = 'running'
           AND j.id <> ALL(p_keep)
           AND (j.cancel_requested OR (j.id = p_in_flight AND j.attempt >= j.max_attempts))
         FOR UPDATE
@@ -444,7 +455,7 @@ BEGIN
         last_error = CASE WHEN j.id = p_in_flight THEN coalesce(p_error, j.last_error)
                           ELSE j.last_error END,
         lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, started = false
-    WHERE starts_with(j.lease_owner, p_owner) AND j.state = 'running' AND j.id <> ALL(p_keep);
+    WHERE {s}.leased_under(j.lease_owner, p_owner) AND j.state = 'running' AND j.id <> ALL(p_keep);
     GET DIAGNOSTICS released = ROW_COUNT;
     IF released > 0 THEN
         PERFORM pg_notify('{c}', '');

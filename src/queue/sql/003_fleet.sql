@@ -63,7 +63,7 @@ BEGIN
     LOOP
         CONTINUE WHEN NOT pg_try_advisory_xact_lock(h.lock_key);
         UPDATE {s}.jobs j SET lease_expires_at = '-infinity'
-        WHERE starts_with(j.lease_owner, h.lease_prefix) AND j.state = 'running';
+        WHERE {s}.leased_under(j.lease_owner, h.lease_prefix) AND j.state = 'running';
         GET DIAGNOSTICS n = ROW_COUNT;
         UPDATE {s}.hosts x SET released_at = now() WHERE x.boot = h.boot;
         boot := h.boot;
