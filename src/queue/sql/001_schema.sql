@@ -399,6 +399,16 @@ BEGIN
 END
 $$;
 
+-- Whether lease owner o is p or begins with it, as starts_with(o, p) for a non-empty p, but
+-- written as a range of the C-collated lease_owner (up to p with its last character's successor)
+-- so that jobs_running_idx serves it: the function is inlined into the statements that call it,
+-- and the range reaches their generic plans, where starts_with() is no index condition. With
+-- starts_with(), a renewal read every running row of the schema, twice: 60 ms for a worker's 100
+-- rows among 80,000 running, against 3 ms.
+CREATE FUNCTION {s}.leased_under(o text, p text) RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
+    SELECT o COLLATE "C" >= p AND o COLLATE "C" < left(p, -1) || chr(ascii(right(p, 1)) + 1)
+$$;
+
 -- Gives back the running jobs of every lease owner that starts with p_owner, except those in
 -- p_keep: one worker (owners end with '/', so a whole owner names only itself), or every past
 -- occupant of a slot (the slot's prefix), so jobs of a child that died before it could release its
@@ -408,16 +418,6 @@ $$;
 -- started (or finished and their acknowledgement was lost) and go back uncharged, except those
 -- cancelled meanwhile, which end cancelled instead of running later. Returns how many jobs went back
 -- to the queue.
--- Whether lease owner o is p or begins with it (as starts_with(o, p), for a non-empty p): as a
--- range of the C-collated lease_owner, which jobs_running_idx serves, up to p with its last
--- character's successor. Inlined into the statements that call it, so the range reaches their
--- plans; starts_with() is matched to an index only when the prefix is a constant, never in the
--- generic plan of a function's statement, and every renewal scanned all the running rows of the
--- schema: 193 ms per renewal at 8 daemons x 8 children draining 60k jobs.
-CREATE FUNCTION {s}.leased_under(o text, p text) RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
-    SELECT o COLLATE "C" >= p AND o COLLATE "C" < left(p, -1) || chr(ascii(right(p, 1)) + 1)
-$$;
-
 CREATE FUNCTION {s}.release(p_owner text, p_in_flight bigint, p_error text, p_retain boolean,
                             p_keep bigint[] DEFAULT '{}')
 RETURNS int LANGUAGE plpgsql AS $$
