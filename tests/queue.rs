@@ -1952,6 +1952,51 @@ fn a_session_holding_an_old_transaction_id_is_named_while_a_new_statement_runs()
     assert!(found.held_for >= Duration::from_millis(1500), "{found:?}");
 }
 
+/// Leaves 12,000 dead rows in `schema`'s hot table (its vacuum threshold is 10,000 and a tenth of
+/// the live rows), their statistics flushed at once, and waits until the server's statistics show
+/// them; returns a reader of the table's dead rows.
+fn bloat_hot_table(schema: &str) -> impl Fn() -> i64 + '_ {
+    connect()
+        .batch_execute(&render(
+            "INSERT INTO {s}.jobs (queue, task, payload)
+             SELECT 'default', 'noop', '{}' FROM generate_series(1, 12000);
+             DELETE FROM {s}.jobs;
+             SELECT pg_stat_force_next_flush()",
+            schema,
+        ))
+        .unwrap();
+    let dead = move || -> i64 {
+        connect()
+            .query_one(
+                "SELECT n_dead_tup FROM pg_stat_user_tables WHERE schemaname = $1 AND relname = 'jobs'",
+                &[&schema],
+            )
+            .unwrap()
+            .get(0)
+    };
+    // The deleting session's statistics reach the server within a second or so.
+    assert!(
+        wait_until(Duration::from_secs(20), || dead() >= 10_000),
+        "the dead rows never showed: {}",
+        dead()
+    );
+    dead
+}
+
+/// The tables one maintenance pass on `client` vacuumed in `schema`.
+fn vacuumed_by_a_pass(client: &mut postgres::Client, schema: &str) -> Vec<&'static str> {
+    maintenance::run_pass(
+        client,
+        schema,
+        Duration::from_secs(3600),
+        Duration::ZERO,
+        &mut || {},
+    )
+    .unwrap()
+    .expect("the maintenance turn was free")
+    .vacuumed
+}
+
 /// The vacuum service vacuums a hot table that was just drained while workers' statements hold
 /// their usual lock on it: it keeps the empty pages instead of trying, for longer than its
 /// statement timeout, to lock the table exclusively to cut them off (which ended in the timeout,
@@ -1960,29 +2005,7 @@ fn a_session_holding_an_old_transaction_id_is_named_while_a_new_statement_runs()
 fn a_drained_hot_table_is_vacuumed_while_workers_hold_it() {
     let schema = TestSchema::new("drainedvacuum");
     let s = schema.name.as_str();
-    connect()
-        .batch_execute(&render(
-            "INSERT INTO {s}.jobs (queue, task, payload)
-             SELECT 'default', 'noop', '{}' FROM generate_series(1, 12000);
-             DELETE FROM {s}.jobs;
-             SELECT pg_stat_force_next_flush()",
-            s,
-        ))
-        .unwrap();
-    let dead = || -> i64 {
-        connect()
-            .query_one(
-                "SELECT n_dead_tup FROM pg_stat_user_tables WHERE schemaname = $1 AND relname = 'jobs'",
-                &[&s],
-            )
-            .unwrap()
-            .get(0)
-    };
-    assert!(
-        wait_until(Duration::from_secs(20), || dead() >= 10_000),
-        "the dead rows never showed: {}",
-        dead()
-    );
+    let _dead = bloat_hot_table(s);
     // What a worker's statement holds on the table while it runs (no snapshot, no rows).
     let mut worker = connect();
     worker
@@ -1995,16 +2018,7 @@ fn a_drained_hot_table_is_vacuumed_while_workers_hold_it() {
     maintainer
         .batch_execute("SET statement_timeout = '2s'")
         .unwrap();
-    let vacuumed = maintenance::run_pass(
-        &mut maintainer,
-        s,
-        Duration::from_secs(3600),
-        Duration::ZERO,
-        &mut || {},
-    )
-    .unwrap()
-    .expect("the maintenance turn was free")
-    .vacuumed;
+    let vacuumed = vacuumed_by_a_pass(&mut maintainer, s);
     worker.batch_execute("COMMIT").unwrap();
     assert_eq!(vacuumed, vec!["jobs"]);
 }
@@ -2021,46 +2035,9 @@ fn a_table_is_not_vacuumed_again_while_a_snapshot_older_than_its_last_vacuum_is_
     holder
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1")
         .unwrap();
-    // 12,000 dead rows (the hot table's threshold is 10,000 and a tenth of the live ones), which
-    // the holder's snapshot keeps; the statistics flushed at once.
-    let mut writer = connect();
-    writer
-        .batch_execute(&render(
-            "INSERT INTO {s}.jobs (queue, task, payload)
-             SELECT 'default', 'noop', '{}' FROM generate_series(1, 12000);
-             DELETE FROM {s}.jobs;
-             SELECT pg_stat_force_next_flush()",
-            s,
-        ))
-        .unwrap();
-    drop(writer);
-    let dead = || -> i64 {
-        connect()
-            .query_one(
-                "SELECT n_dead_tup FROM pg_stat_user_tables WHERE schemaname = $1 AND relname = 'jobs'",
-                &[&s],
-            )
-            .unwrap()
-            .get(0)
-    };
-    // The deleting session's statistics reach the server within a second or so.
-    assert!(
-        wait_until(Duration::from_secs(20), || dead() >= 10_000),
-        "the dead rows never showed: {}",
-        dead()
-    );
-    let pass = || {
-        maintenance::run_pass(
-            &mut connect(),
-            s,
-            Duration::from_secs(3600),
-            Duration::ZERO,
-            &mut || {},
-        )
-        .unwrap()
-        .expect("the maintenance turn was free")
-        .vacuumed
-    };
+    // The dead rows, which the holder's snapshot keeps.
+    let dead = bloat_hot_table(s);
+    let pass = || vacuumed_by_a_pass(&mut connect(), s);
     assert_eq!(pass(), vec!["jobs"], "bloated, and never vacuumed yet");
     assert!(
         dead() >= 10_000,
