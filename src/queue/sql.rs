@@ -595,6 +595,9 @@ pub const TAKE_TURN_AND_RESCUE: &str = "
 /// statements holds none for long), else its transaction's start (an idle transaction keeps a
 /// snapshot only under repeatable read; a transaction id holds from when it was taken, which
 /// `pg_stat_activity` does not tell, until the transaction ends, whatever statement runs now).
+/// It can still be late: a statement's snapshot keeps back what the oldest transaction running
+/// when it began kept back, so a statement begun just before such a transaction ended holds the
+/// removal back as far until it ends; the vacuum then run removes nothing.
 macro_rules! held_since {
     () => {
         "coalesce(CASE WHEN a.state = 'active' AND a.backend_xid IS NULL THEN a.query_start END,
