@@ -288,17 +288,25 @@ fn median(passes: Vec<Option<Point>>) -> Option<Point> {
     Some(point)
 }
 
-/// 8 hosts of 8 children at rest and busy with long jobs: what hosts cost when no job finishes.
+/// 8 hosts of 8 children at rest and busy with long jobs, the latter also beside many jobs that
+/// other hosts hold: what hosts cost when no job finishes.
 pub fn rest(ctx: &Ctx, plan: &Plan, report: &mut Report) {
-    for (what, busy) in [
-        ("at rest: empty queue", false),
+    for (what, busy, elsewhere) in [
+        ("at rest: empty queue", false, 0),
         (
             "busy with long jobs (FORKQ_LEASE_SECONDS=4: a renewal per child every 1.3 s)",
             true,
+            0,
+        ),
+        (
+            "busy with long jobs (as above), and 80,000 more jobs running under other hosts' \
+             leases, as 100 hosts of 8 children holding 100 each would",
+            true,
+            80_000,
         ),
     ] {
         let label = format!("8 daemons x 8 children {what}");
-        match workloads::rest(ctx, 8, 8, plan.rest_seconds, busy) {
+        match workloads::rest(ctx, 8, 8, plan.rest_seconds, busy, elsewhere) {
             Ok(r) => report.add(label, rest_text(&r), "", ""),
             Err(e) => report.add(label, format!("error: {e}"), "", ""),
         }

@@ -800,6 +800,9 @@ fn statement_kind(query: &str) -> &'static str {
 /// `hosts` daemons of `children` on one schema, either idle on an empty queue or (`busy`) each
 /// child running a job far longer than the window with `FORKQ_LEASE_SECONDS=4` (the shortest),
 /// so every child renews its lease every 1.3 s: what the fleet costs the database when no job finishes.
+/// With `elsewhere` > 0, that many more jobs are running under other lease owners (hosts that are
+/// not in the fleet, 100 jobs each, leased for an hour), as a big fleet's other hosts would hold
+/// them: a renewal should not cost more for them.
 /// Statements are counted with pg_stat_statements when the server loads it (reset at the start
 /// of the window: run it on a server of its own).
 pub fn rest(
@@ -808,6 +811,7 @@ pub fn rest(
     children: usize,
     seconds: f64,
     busy: bool,
+    elsewhere: usize,
 ) -> BenchResult<Rest> {
     let schema = BenchSchema::new(&ctx.url, "rest")?;
     let total = hosts * children;
@@ -816,6 +820,16 @@ pub fn rest(
         schema.fill(total, "sleep", &json!({"ms": 3_600_000}))?;
         extra.push(("FORKQ_LEASE_SECONDS", "4".into()));
     }
+    if elsewhere > 0 {
+        connect(&ctx.url, "forkq-bench")?.batch_execute(&schema.sql(&format!(
+            "INSERT INTO {{s}}.jobs (queue, task, state, attempt, lease_owner, lease_token,
+                                    lease_expires_at)
+             SELECT 'elsewhere', 'noop', 'running', 1, 'elsewhere/' || g / 100 || '/1/', g,
+                    now() + interval '1 hour'
+             FROM generate_series(1, {elsewhere}) g;
+             ANALYZE {{s}}.jobs"
+        )))?;
+    }
     let mut daemons = Vec::new();
     for _ in 0..hosts {
         let mut d = Daemon::spawn(&ctx.programs, Program::Forkq, &schema, children, &extra)?;
@@ -823,7 +837,8 @@ pub fn rest(
         daemons.push(d);
     }
     let mut monitor = connect(&ctx.url, "forkq-bench monitor")?;
-    let running = schema.sql("SELECT count(*) FROM {s}.jobs WHERE state = 'running'");
+    let running = schema
+        .sql("SELECT count(*) FROM {s}.jobs WHERE state = 'running' AND queue <> 'elsewhere'");
     let deadline = Instant::now() + Duration::from_secs(60);
     let busy_now = |monitor: &mut postgres::Client| -> BenchResult<usize> {
         Ok(monitor.query_one(&running, &[])?.get::<_, i64>(0) as usize)
