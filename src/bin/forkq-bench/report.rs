@@ -165,7 +165,8 @@ const METHOD: &str = "
   (`pg_stat_statements`, reset at the start of the window, which is why it runs on a server of
   its own), per host.
   *Busy*: each child runs an hour-long `sleep` job with `FORKQ_LEASE_SECONDS=4` (the shortest), so
-  it renews its lease every 1.3 s.
+  it renews its lease every 1.3 s; the third row adds 80,000 jobs running under other lease owners
+  (100 each, leased for an hour, in a queue of their own), so a renewal's cost beside them shows.
 * **Raw (e)**: `pg_notify` back to back, each in its own transaction, from one connection, to 1 or
   100 connections that LISTEN on the channel (a thread each); CPU of the sending backend and of the
   listening backends per notification.
