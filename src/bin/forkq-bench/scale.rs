@@ -415,8 +415,9 @@ fn compare(p: &Point, points: &[Point]) -> (String, String) {
     )
 }
 
-/// `p`'s throughput over `q`'s in each pass both drained in, in pass order, and their median;
-/// none when no pass drained both.
+/// `p`'s throughput over `q`'s in each pass both drained in, in pass order, and their median
+/// (the lower middle one of an even count, as [`median`] and the paired W1 rows take it); none
+/// when no pass drained both.
 fn paired(p: &Point, q: &Point) -> Option<(f64, Vec<f64>)> {
     let each: Vec<f64> = p
         .passes
@@ -426,13 +427,8 @@ fn paired(p: &Point, q: &Point) -> Option<(f64, Vec<f64>)> {
         .collect();
     let mut sorted = each.clone();
     sorted.sort_by(f64::total_cmp);
-    let middle = sorted.len() / 2;
-    let median = match sorted.len() {
-        0 => return None,
-        n if n % 2 == 1 => sorted[middle],
-        _ => (sorted[middle - 1] + sorted[middle]) / 2.0,
-    };
-    Some((median, each))
+    let middle = *sorted.get(sorted.len().checked_sub(1)? / 2)?;
+    Some((middle, each))
 }
 
 fn rest_text(r: &Rest) -> String {
