@@ -2,6 +2,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 /// CLOCK_MONOTONIC in nanoseconds: the same clock in every process of this machine, so the
@@ -86,12 +87,28 @@ pub fn rss_pss_kib(pid: i32) -> Option<(u64, u64)> {
     Some((field("Rss:")?, field("Pss:")?))
 }
 
-/// A free TCP port on loopback (bound and released; the daemon binds it right after).
+/// A free TCP port on loopback (bound and released; the daemon binds it right after), none of the
+/// last 12,000 this process handed out, and below the kernel's ephemeral ports (32768 and up by
+/// default), which the fleets' own client connections take. Ports the kernel picked (binding
+/// port 0) did not stay free: a 4 x 32 fleet once got one port for two of its daemons, the second
+/// supervisor could not bind it and exited, and the first daemon's probe answered for both, so
+/// the bench waited out its timeout for a host row that never came.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("loopback has free ports")
+    const FIRST: u32 = 20_000;
+    const PORTS: u32 = 12_000;
+    static HANDED_OUT: AtomicU32 = AtomicU32::new(0);
+    // Apart from another bench process started at the same time, if any.
+    let offset = std::process::id() % 1_000 * 12;
+    for _ in 0..PORTS {
+        let port = (FIRST + (offset + HANDED_OUT.fetch_add(1, Ordering::Relaxed)) % PORTS) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!(
+        "no free port on loopback between {FIRST} and {}",
+        FIRST + PORTS - 1
+    )
 }
 
 /// A minimal HTTP/1.0 GET: (status, body), or `None` when nothing answers within 2 s.

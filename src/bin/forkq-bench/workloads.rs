@@ -360,9 +360,11 @@ fn settle(
     let deadline = Instant::now() + timeout;
     let mut all_seen_at: Option<std::time::SystemTime> = None;
     loop {
-        let idle = daemons
-            .iter()
-            .all(|d| d.slots().iter().all(|(_, state)| state == "idle"));
+        // A daemon whose probe does not answer shows no slots: that is not idle.
+        let idle = daemons.iter().zip(fleets).all(|(d, &concurrency)| {
+            let slots = d.slots();
+            slots.len() == concurrency && slots.iter().all(|(_, state)| state == "idle")
+        });
         let row = monitor.query_one(
             &schema.sql(
                 "SELECT count(*), now(), coalesce(bool_and(last_seen > $1), false) FROM {s}.hosts",
