@@ -154,9 +154,7 @@ impl Daemon {
             {
                 return Ok(());
             }
-            if let Some(status) = self.child.try_wait()? {
-                return Err(format!("forkq exited with {status}; log: {}", tail(&self.log)).into());
-            }
+            self.still_running()?;
             std::thread::sleep(Duration::from_millis(20));
         }
         Err(format!(
@@ -164,6 +162,16 @@ impl Daemon {
             tail(&self.log)
         )
         .into())
+    }
+
+    /// An error naming the exit and the log's tail if the supervisor has exited.
+    pub fn still_running(&mut self) -> BenchResult<()> {
+        match self.child.try_wait()? {
+            Some(status) => {
+                Err(format!("forkq exited with {status}; log: {}", tail(&self.log)).into())
+            }
+            None => Ok(()),
+        }
     }
 }
 

@@ -191,4 +191,17 @@ mod tests {
         assert!(rss_pss_kib(me).is_some_and(|(rss, _)| rss > 0));
         assert!(cpu_seconds(me) >= 0.0);
     }
+
+    #[test]
+    fn ports_handed_out_differ_and_stay_below_the_ephemeral_range() {
+        let ports: Vec<u16> = (0..50).map(|_| free_port()).collect();
+        let mut distinct = ports.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+        assert!(
+            ports.iter().all(|&p| (20_000..32_000).contains(&p)),
+            "{ports:?}"
+        );
+    }
 }

@@ -360,6 +360,9 @@ fn settle(
     let deadline = Instant::now() + timeout;
     let mut all_seen_at: Option<std::time::SystemTime> = None;
     loop {
+        for daemon in daemons.iter_mut() {
+            daemon.still_running()?;
+        }
         // A daemon whose probe does not answer shows no slots: that is not idle.
         let idle = daemons.iter().zip(fleets).all(|(d, &concurrency)| {
             let slots = d.slots();
