@@ -52,9 +52,10 @@ fn total_attempts_beyond_first(schema: &TestSchema) -> i64 {
     schema.count("SELECT coalesce(sum(attempt - 1), 0)::bigint FROM {s}.jobs_archive")
 }
 
-/// Kill storm: a random child is killed with SIGKILL every 20 ms or so while jobs drain. Every job
-/// must complete exactly once in the archive, none lost or failed; re-runs are bounded by
-/// kills × prefetch, and only the job in flight at each kill is charged an attempt.
+/// Kill storm: a random child is killed with SIGKILL about every 50 ms (a 20 ms sleep, the probe's
+/// answer and a count) while jobs drain. Every job must complete exactly once in the archive, none
+/// lost or failed; re-runs are bounded by kills × prefetch, and only the job in flight at each kill
+/// is charged an attempt.
 #[test]
 fn kill_storm_loses_nothing() {
     let jobs = if long_run() { 20_000 } else { 3_000 };
@@ -64,7 +65,7 @@ fn kill_storm_loses_nothing() {
     let handler = recording_coproc(&dir, &record);
     schema.enqueue_n("default", "record", json!({}), jobs);
     // Each kill charges the job in flight an attempt (it may be what killed its worker). One of
-    // the four children dies every 20 ms or so, so each lives about 80 ms, while a fresh child's
+    // the four children dies about every 50 ms, so each lives about 200 ms, while a fresh child's
     // first job waits for its coprocess to start: in a fresh-clone `.ci/run` the last job left
     // was killed in every child that took it until its 25 attempts were spent, and was
     // dead-lettered. The storm is no job's fault: the attempts are made plenty, so this test sees
