@@ -70,13 +70,7 @@ fn kill_storm_loses_nothing() {
     // was killed in every child that took it until its 25 attempts were spent, and was
     // dead-lettered. The storm is no job's fault: the attempts are made plenty, so this test sees
     // what it is about, loss and wrong charges.
-    schema
-        .client()
-        .execute(
-            &format!("UPDATE \"{}\".jobs SET max_attempts = 1000", schema.name),
-            &[],
-        )
-        .unwrap();
+    schema.set_max_attempts(1000);
     let prefetch = 10;
     let daemon = Daemon::start(
         &schema,
@@ -1151,13 +1145,7 @@ fn host_death_charges_only_jobs_that_started() {
     let handler = stamping_coproc(&dir, &record);
     let jobs = 3_000;
     schema.enqueue_n("default", "stamp", json!({}), jobs);
-    schema
-        .client()
-        .batch_execute(&format!(
-            "UPDATE \"{}\".jobs SET max_attempts = 1",
-            schema.name
-        ))
-        .unwrap();
+    schema.set_max_attempts(1);
     let env = [
         ("FORKQ_HANDLER", handler.as_str()),
         ("FORKQ_CONCURRENCY", "4"),

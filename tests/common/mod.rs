@@ -142,6 +142,16 @@ impl TestSchema {
             .unwrap();
     }
 
+    /// Gives every job in the hot table `n` attempts in all.
+    pub fn set_max_attempts(&self, n: i32) {
+        connect()
+            .batch_execute(&format!(
+                "UPDATE \"{}\".jobs SET max_attempts = {n}",
+                self.name
+            ))
+            .unwrap();
+    }
+
     /// Runs a query returning one bigint.
     pub fn count(&self, sql: &str) -> i64 {
         let sql = sql.replace("{s}", &format!("\"{}\"", self.name));
